@@ -1,0 +1,119 @@
+//! Building the daemon from validated settings and running it until shutdown.
+//!
+//! [`App::build`] starts the bus and binds both listeners (port 0 works, and the bound
+//! addresses are returned), so tests and `main` share one path. [`App::run`] serves until the
+//! shutdown signal, then stops accepting, lets in-flight callbacks finish their publishes within
+//! the grace period, and flushes the bus.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+
+use crate::bus::Bus;
+use crate::config::Settings;
+use crate::ingress::{self, State};
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+pub struct App {
+    pub ingress_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    bus: Arc<Bus>,
+    metrics: Metrics,
+    shutdown: Shutdown,
+    admin_stop: Shutdown,
+    grace: Duration,
+    ingress: BoxFuture<'static, ()>,
+    admin: BoxFuture<'static, ()>,
+}
+
+impl App {
+    pub async fn build(settings: Settings, shutdown: Shutdown) -> anyhow::Result<App> {
+        let metrics = Metrics::new();
+        let bus = Arc::new(
+            Bus::start(&settings.bus, metrics.clone(), shutdown.clone())
+                .await
+                .context("starting the bus")?,
+        );
+        let state = Arc::new(State {
+            dingtalk: settings.dingtalk_apps.clone(),
+            bus: bus.clone(),
+            metrics: metrics.clone(),
+            replay_window: settings.server.replay_window,
+            subject_prefix: settings.bus.subject_prefix.clone(),
+        });
+
+        let stop = shutdown.clone();
+        let (ingress_addr, ingress) = warp::serve(ingress::routes(state, settings.server.max_body_bytes))
+            .try_bind_with_graceful_shutdown(settings.server.listen, async move {
+                stop.cancelled().await
+            })
+            .with_context(|| format!("binding server.listen {}", settings.server.listen))?;
+
+        // The admin listener outlives the ingress drain, so probes and metrics answer (readyz
+        // with 503) while in-flight callbacks finish.
+        let admin_stop = Shutdown::new();
+        let stop = admin_stop.clone();
+        let (admin_addr, admin) = warp::serve(ingress::admin::routes(
+            bus.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ))
+        .try_bind_with_graceful_shutdown(settings.server.admin_listen, async move {
+            stop.cancelled().await
+        })
+        .with_context(|| format!("binding server.admin_listen {}", settings.server.admin_listen))?;
+
+        Ok(App {
+            ingress_addr,
+            admin_addr,
+            bus,
+            metrics,
+            shutdown,
+            admin_stop,
+            grace: settings.server.shutdown_grace,
+            ingress: ingress.boxed(),
+            admin: admin.boxed(),
+        })
+    }
+
+    pub fn bus(&self) -> &Arc<Bus> {
+        &self.bus
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Serves until the shutdown signal, then drains and returns.
+    pub async fn run(self) -> anyhow::Result<()> {
+        tracing::info!(ingress = %self.ingress_addr, admin = %self.admin_addr, bus = self.bus.engine(), "imbridge serving");
+        let mut ingress = tokio::spawn(self.ingress);
+        let admin = tokio::spawn(self.admin);
+        tokio::select! {
+            _ = self.shutdown.cancelled() => {}
+            r = &mut ingress => {
+                self.admin_stop.trigger();
+                r.context("ingress listener task")?;
+                anyhow::bail!("ingress listener stopped unexpectedly");
+            }
+        }
+        tracing::info!(grace = ?self.grace, "shutdown: no longer accepting; finishing in-flight callbacks");
+        match tokio::time::timeout(self.grace, &mut ingress).await {
+            Ok(r) => r.context("ingress listener task")?,
+            Err(_) => {
+                tracing::warn!(in_flight = self.metrics.requests_in_flight.get(), "grace period over; abandoning in-flight callbacks (the platform will retry them)");
+                ingress.abort();
+            }
+        }
+        self.bus.close().await;
+        self.admin_stop.trigger();
+        let _ = tokio::time::timeout(Duration::from_secs(5), admin).await;
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}

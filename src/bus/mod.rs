@@ -1,0 +1,286 @@
+//! The message bus: one small interface, one engine per file.
+//!
+//! Every engine carries the same contract (DESIGN.md §1): subject `<platform>.<event_type>`
+//! (optionally prefixed), the platform's payload as the body, CloudEvents attributes as headers,
+//! and a publish that returns only once the bus has the message. `ce-id` is the dedupe key.
+
+pub mod memory;
+pub mod nats;
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use crate::config::{BusSettings, EngineSettings};
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+/// Why a publish failed. Every variant means "not stored": the platform must be told to retry.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// Not connected, or the stream is not (yet) in place.
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+    /// No acknowledgement within the publish timeout; the message may or may not be stored,
+    /// and a retry with the same id is deduplicated.
+    #[error("publish not acknowledged within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The bus refused or lost the publish.
+    #[error("publish failed: {0}")]
+    Publish(String),
+}
+
+impl BusError {
+    /// Metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            BusError::Unavailable(_) => "unavailable",
+            BusError::Timeout(_) => "timeout",
+            BusError::Publish(_) => "error",
+        }
+    }
+}
+
+/// CloudEvents 1.0 attributes of one event plus the bridge's own two (app and tenant).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudEvent {
+    /// Stable across platform retries; the dedupe key.
+    pub id: String,
+    /// `<platform>/<app>`.
+    pub source: String,
+    /// The subject without prefix, e.g. `dingtalk.bpms_instance_change`.
+    pub ty: String,
+    pub time: SystemTime,
+    pub content_type: &'static str,
+    /// The configured app name.
+    pub app: String,
+    /// The platform's tenant id (DingTalk corpId, WeCom corpId, Lark tenant_key) when known.
+    pub tenant: Option<String>,
+}
+
+/// Header names of the bridge's own attributes, the same on every engine.
+pub const HEADER_APP: &str = "imbridge-app";
+pub const HEADER_TENANT: &str = "imbridge-tenant";
+
+impl CloudEvent {
+    /// The headers in CloudEvents binary content mode. `ce_prefix` is `ce-` for NATS (and the
+    /// memory engine, which mirrors it) and `ce_` for Kafka's protocol binding.
+    pub fn headers(&self, ce_prefix: &str) -> Vec<(String, String)> {
+        let mut h = vec![
+            (format!("{ce_prefix}specversion"), "1.0".to_owned()),
+            (format!("{ce_prefix}id"), self.id.clone()),
+            (format!("{ce_prefix}source"), self.source.clone()),
+            (format!("{ce_prefix}type"), self.ty.clone()),
+            (
+                format!("{ce_prefix}time"),
+                humantime::format_rfc3339_millis(self.time).to_string(),
+            ),
+            ("content-type".to_owned(), self.content_type.to_owned()),
+            (HEADER_APP.to_owned(), self.app.clone()),
+        ];
+        if let Some(t) = &self.tenant {
+            h.push((HEADER_TENANT.to_owned(), t.clone()));
+        }
+        h
+    }
+}
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Full subject, prefix included.
+    pub subject: String,
+    pub event: CloudEvent,
+    pub payload: Bytes,
+}
+
+/// A publish the bus has acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// The bus already had a message with this id inside its duplicate window.
+    pub duplicate: bool,
+}
+
+/// The bus the daemon publishes to: the configured engine plus the metrics every publish
+/// records, whatever the engine.
+pub struct Bus {
+    engine: Engine,
+    metrics: Metrics,
+}
+
+/// The engines. A small enum, not a trait object: there are few and they are known.
+pub enum Engine {
+    Memory(memory::MemoryBus),
+    Nats(nats::NatsBus),
+}
+
+impl Bus {
+    /// Starts the configured engine. Remote engines connect in the background and report
+    /// readiness through [`Bus::is_ready`]; starting never waits for a broker.
+    pub async fn start(
+        settings: &BusSettings,
+        metrics: Metrics,
+        shutdown: Shutdown,
+    ) -> Result<Bus, BusError> {
+        let engine = match &settings.engine {
+            EngineSettings::Memory(m) => Engine::Memory(memory::MemoryBus::new(m, metrics.clone())),
+            EngineSettings::Nats(n) => Engine::Nats(
+                nats::NatsBus::start(n, &settings.subject_prefix, metrics.clone(), shutdown)
+                    .await?,
+            ),
+        };
+        Ok(Bus { engine, metrics })
+    }
+
+    pub fn engine(&self) -> &'static str {
+        match &self.engine {
+            Engine::Memory(_) => "memory",
+            Engine::Nats(_) => "nats",
+        }
+    }
+
+    /// The in-process engine, for in-process subscribers.
+    pub fn memory(&self) -> Option<&memory::MemoryBus> {
+        match &self.engine {
+            Engine::Memory(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Publishes and waits for the bus to acknowledge it.
+    pub async fn publish(&self, msg: &Message) -> Result<Ack, BusError> {
+        let started = std::time::Instant::now();
+        let result = match &self.engine {
+            Engine::Memory(b) => b.publish(msg),
+            Engine::Nats(b) => b.publish(msg).await,
+        };
+        let outcome = match &result {
+            Ok(Ack { duplicate: false }) => "stored",
+            Ok(Ack { duplicate: true }) => "duplicate",
+            Err(e) => e.label(),
+        };
+        self.metrics
+            .bus_publish_duration_seconds
+            .with_label_values(&[self.engine(), outcome])
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// Connected and ready to store (streams in place).
+    pub fn is_ready(&self) -> bool {
+        match &self.engine {
+            Engine::Memory(_) => true,
+            Engine::Nats(b) => b.is_ready(),
+        }
+    }
+
+    /// Flushes what is buffered; called once at the end of a shutdown.
+    pub async fn close(&self) {
+        if let Engine::Nats(b) = &self.engine {
+            b.close().await;
+        }
+    }
+}
+
+/// A valid subject token and Kafka topic part: non-empty `[A-Za-z0-9_-]`.
+pub fn is_valid_token(s: &str) -> bool {
+    !s.is_empty()
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Makes a platform event type safe as subject tokens: characters outside `[A-Za-z0-9_.-]`
+/// become `_`, and empty tokens (leading, trailing or doubled dots) are dropped, so that
+/// `im.message.receive_v1` stays as it is and `a b..c*` becomes `a_b.c_`.
+pub fn sanitize_event_type(s: &str) -> String {
+    let mapped: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let joined = mapped
+        .split('.')
+        .filter(|t| !t.is_empty())
+        .collect::<Vec<_>>()
+        .join(".");
+    if joined.is_empty() {
+        "unknown".to_owned()
+    } else {
+        joined
+    }
+}
+
+/// Prepends the configured prefix (if any) with a dot.
+pub fn with_prefix(prefix: &str, subject: &str) -> String {
+    if prefix.is_empty() {
+        subject.to_owned()
+    } else {
+        format!("{prefix}.{subject}")
+    }
+}
+
+/// NATS subject matching: `*` matches one token, `>` one or more trailing tokens.
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut p = pattern.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (p.next(), s.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sanitizes_event_types() {
+        assert_eq!(sanitize_event_type("bpms_instance_change"), "bpms_instance_change");
+        assert_eq!(sanitize_event_type("im.message.receive_v1"), "im.message.receive_v1");
+        assert_eq!(sanitize_event_type("a b..c*"), "a_b.c_");
+        assert_eq!(sanitize_event_type(".>."), "_");
+        assert_eq!(sanitize_event_type(""), "unknown");
+        assert_eq!(sanitize_event_type("..."), "unknown");
+        assert_eq!(sanitize_event_type("审批"), "__");
+    }
+
+    #[test]
+    fn matches_subjects_like_nats() {
+        assert!(subject_matches("dingtalk.>", "dingtalk.user_add_org"));
+        assert!(subject_matches("dingtalk.>", "dingtalk.a.b"));
+        assert!(!subject_matches("dingtalk.>", "dingtalk"));
+        assert!(subject_matches("*.user_add_org", "dingtalk.user_add_org"));
+        assert!(!subject_matches("dingtalk.*", "dingtalk.a.b"));
+        assert!(subject_matches("a.b", "a.b"));
+        assert!(!subject_matches("a.b", "a.b.c"));
+    }
+
+    #[test]
+    fn cloudevent_headers_in_both_spellings() {
+        let ev = CloudEvent {
+            id: "id1".into(),
+            source: "dingtalk/main".into(),
+            ty: "dingtalk.user_add_org".into(),
+            time: std::time::UNIX_EPOCH,
+            content_type: "application/json",
+            app: "main".into(),
+            tenant: Some("dingcorp".into()),
+        };
+        let h = ev.headers("ce-");
+        assert!(h.contains(&("ce-id".into(), "id1".into())));
+        assert!(h.contains(&("ce-time".into(), "1970-01-01T00:00:00.000Z".into())));
+        assert!(h.contains(&(HEADER_TENANT.into(), "dingcorp".into())));
+        assert!(ev.headers("ce_").contains(&("ce_type".into(), "dingtalk.user_add_org".into())));
+    }
+}

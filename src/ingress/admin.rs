@@ -1,0 +1,49 @@
+//! The admin listener: `/metrics`, `/healthz` (the process is up) and `/readyz` (the bus is
+//! connected with its streams in place, and no shutdown has begun).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use serde_json::json;
+use warp::http::StatusCode;
+use warp::{Filter, Reply};
+
+use crate::bus::Bus;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+pub fn routes(
+    bus: Arc<Bus>,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let metrics = warp::path!("metrics").and(warp::get()).map(move || {
+        warp::reply::with_header(
+            metrics.render(),
+            "content-type",
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+    });
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::json(&json!({"status": "ok"})));
+    let readyz = warp::path!("readyz").and(warp::get()).map(move || {
+        let (status, reason) = if shutdown.is_triggered() {
+            (StatusCode::SERVICE_UNAVAILABLE, Some("shutting down"))
+        } else if !bus.is_ready() {
+            (StatusCode::SERVICE_UNAVAILABLE, Some("bus not ready"))
+        } else {
+            (StatusCode::OK, None)
+        };
+        let body = json!({
+            "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
+            "bus": bus.engine(),
+            "reason": reason,
+        });
+        warp::reply::with_status(warp::reply::json(&body), status)
+    });
+    metrics
+        .or(healthz)
+        .or(readyz)
+        .recover(super::reply::recover)
+}

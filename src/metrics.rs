@@ -1,0 +1,125 @@
+//! Prometheus metrics, in a registry of their own (not the global one) so that several daemons
+//! can live in one test process. Names follow the Prometheus conventions: `imbridge_` prefix,
+//! unit suffix, `_total` for counters, low-cardinality labels only.
+
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Label used for the app of a request naming no configured app, so that arbitrary URLs cannot
+/// create new series.
+pub const UNKNOWN_APP: &str = "_unknown";
+
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+pub struct Inner {
+    registry: Registry,
+    /// Callbacks by platform, app and outcome (`published`, `duplicate`, `check_url`, or the
+    /// error code of a refusal).
+    pub callbacks_total: IntCounterVec,
+    /// Time from request to reply, by platform.
+    pub callback_duration_seconds: HistogramVec,
+    /// Time from publish to acknowledgement, by engine and outcome.
+    pub bus_publish_duration_seconds: HistogramVec,
+    /// 1 while connected to the bus, by engine.
+    pub bus_connected: IntGaugeVec,
+    /// Requests being handled right now.
+    pub requests_in_flight: IntGauge,
+}
+
+impl std::ops::Deref for Metrics {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let latency_buckets = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ];
+        let inner = Inner {
+            callbacks_total: IntCounterVec::new(
+                Opts::new("imbridge_callbacks_total", "Platform callbacks by outcome"),
+                &["platform", "app", "outcome"],
+            )
+            .unwrap(),
+            callback_duration_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "imbridge_callback_duration_seconds",
+                    "Time from callback request to reply",
+                )
+                .buckets(latency_buckets.clone()),
+                &["platform"],
+            )
+            .unwrap(),
+            bus_publish_duration_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "imbridge_bus_publish_duration_seconds",
+                    "Time from publish to bus acknowledgement",
+                )
+                .buckets(latency_buckets),
+                &["engine", "outcome"],
+            )
+            .unwrap(),
+            bus_connected: IntGaugeVec::new(
+                Opts::new("imbridge_bus_connected", "1 while connected to the bus"),
+                &["engine"],
+            )
+            .unwrap(),
+            requests_in_flight: IntGauge::new(
+                "imbridge_requests_in_flight",
+                "Ingress requests being handled",
+            )
+            .unwrap(),
+            registry,
+        };
+        let build_info = IntGaugeVec::new(
+            Opts::new("imbridge_build_info", "Always 1; labels give the version"),
+            &["version"],
+        )
+        .unwrap();
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let r = &inner.registry;
+        r.register(Box::new(inner.callbacks_total.clone())).unwrap();
+        r.register(Box::new(inner.callback_duration_seconds.clone()))
+            .unwrap();
+        r.register(Box::new(inner.bus_publish_duration_seconds.clone()))
+            .unwrap();
+        r.register(Box::new(inner.bus_connected.clone())).unwrap();
+        r.register(Box::new(inner.requests_in_flight.clone()))
+            .unwrap();
+        r.register(Box::new(build_info)).unwrap();
+        Metrics(Arc::new(inner))
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding of valid metrics cannot fail");
+        String::from_utf8(buf).expect("text exposition is UTF-8")
+    }
+
+    /// Counts one callback outcome.
+    pub fn callback(&self, platform: &str, app: &str, outcome: &str) {
+        self.callbacks_total
+            .with_label_values(&[platform, app, outcome])
+            .inc();
+    }
+}

@@ -1,0 +1,314 @@
+//! Opening a DingTalk HTTP callback and building its reply.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::platform::msgcrypt::{self, DecryptError, MsgCrypt};
+
+/// The event type of the URL-verification handshake; answered, never published.
+pub const CHECK_URL: &str = "check_url";
+
+/// Why a callback was refused. Each variant is a distinct reply code and metric label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallbackError {
+    #[error("missing query parameter {0}")]
+    MissingParameter(&'static str),
+    #[error("body is not a JSON object with a string field \"encrypt\"")]
+    InvalidBody,
+    #[error("signature does not match")]
+    Signature,
+    #[error("timestamp is not a number of milliseconds")]
+    InvalidTimestamp,
+    #[error("timestamp is outside the replay window")]
+    StaleTimestamp,
+    #[error(transparent)]
+    Decrypt(#[from] DecryptError),
+    #[error("decrypted message is not valid UTF-8")]
+    Utf8,
+    #[error("decrypted message is not a JSON object")]
+    Json,
+}
+
+impl CallbackError {
+    /// Short stable code, used in error replies and metric labels.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CallbackError::MissingParameter(_) => "missing_parameter",
+            CallbackError::InvalidBody => "invalid_body",
+            CallbackError::Signature => "invalid_signature",
+            CallbackError::InvalidTimestamp => "invalid_timestamp",
+            CallbackError::StaleTimestamp => "stale_timestamp",
+            CallbackError::Decrypt(e) => e.code(),
+            CallbackError::Utf8 => "invalid_utf8",
+            CallbackError::Json => "invalid_json",
+        }
+    }
+}
+
+/// The query parameters of a callback, with both spellings DingTalk has used accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Params<'a> {
+    pub signature: &'a str,
+    pub timestamp: &'a str,
+    pub nonce: &'a str,
+}
+
+impl<'a> Params<'a> {
+    pub fn from_query(query: &'a HashMap<String, String>) -> Result<Self, CallbackError> {
+        let get = |names: &[&'static str]| {
+            names
+                .iter()
+                .find_map(|n| query.get(*n).map(String::as_str))
+                .ok_or(CallbackError::MissingParameter(names[0]))
+        };
+        Ok(Params {
+            signature: get(&["msg_signature", "signature"])?,
+            timestamp: get(&["timestamp", "timeStamp"])?,
+            nonce: get(&["nonce"])?,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    encrypt: String,
+}
+
+/// A verified, decrypted callback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The decrypted JSON exactly as DingTalk sent it.
+    pub plaintext: Vec<u8>,
+    /// `EventType`, as sent (not yet sanitised for a subject).
+    pub event_type: Option<String>,
+    /// `CorpId`/`corpId` when the payload names the organisation.
+    pub corp_id: Option<String>,
+}
+
+impl Event {
+    pub fn is_check_url(&self) -> bool {
+        self.event_type.as_deref() == Some(CHECK_URL)
+    }
+}
+
+/// Verifies, checks the replay window and decrypts one callback.
+pub fn open(
+    crypt: &MsgCrypt,
+    params: &Params<'_>,
+    body: &[u8],
+    now_ms: u64,
+    replay_window: Option<Duration>,
+) -> Result<Event, CallbackError> {
+    let envelope: Envelope = serde_json::from_slice(body).map_err(|_| CallbackError::InvalidBody)?;
+    if !crypt.verify(
+        params.signature,
+        params.timestamp,
+        params.nonce,
+        &envelope.encrypt,
+    ) {
+        return Err(CallbackError::Signature);
+    }
+    if let Some(window) = replay_window {
+        let ts: u64 = params
+            .timestamp
+            .parse()
+            .map_err(|_| CallbackError::InvalidTimestamp)?;
+        if now_ms.abs_diff(ts) > window.as_millis() as u64 {
+            return Err(CallbackError::StaleTimestamp);
+        }
+    }
+    let decrypted = crypt.decrypt(&envelope.encrypt)?;
+    let text = std::str::from_utf8(&decrypted.message).map_err(|_| CallbackError::Utf8)?;
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|_| CallbackError::Json)?;
+    let object = value.as_object().ok_or(CallbackError::Json)?;
+    let field = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| object.get(*n).and_then(|v| v.as_str()))
+            .map(str::to_owned)
+    };
+    // [U] Payload key casing is not confirmed for every event family (PROTOCOLS.md §1.5), so
+    // both spellings are read.
+    let event_type = field(&["EventType", "eventType"]);
+    let corp_id = field(&["CorpId", "corpId"]);
+    Ok(Event {
+        plaintext: decrypted.message,
+        event_type,
+        corp_id,
+    })
+}
+
+/// The reply DingTalk requires: an encrypted `success` signed over the reply's own timestamp and
+/// nonce. Note the camel-case `timeStamp`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub msg_signature: String,
+    #[serde(rename = "timeStamp")]
+    pub time_stamp: String,
+    pub nonce: String,
+    pub encrypt: String,
+}
+
+/// Builds the `success` reply with the given timestamp, nonce and random prefix.
+pub fn reply_with(crypt: &MsgCrypt, time_stamp: &str, nonce: &str, random: &[u8; 16]) -> Reply {
+    let encrypt = crypt.encrypt(random, b"success");
+    Reply {
+        msg_signature: crypt.signature(time_stamp, nonce, &encrypt),
+        time_stamp: time_stamp.to_owned(),
+        nonce: nonce.to_owned(),
+        encrypt,
+    }
+}
+
+/// Builds the `success` reply with the current time, a fresh 16-character nonce (the Java SDK
+/// rejects other lengths) and a fresh random prefix.
+pub fn reply(crypt: &MsgCrypt, now_ms: u64) -> Reply {
+    let nonce = msgcrypt::random_alnum::<16>();
+    let random = msgcrypt::random_alnum::<16>();
+    reply_with(
+        crypt,
+        &now_ms.to_string(),
+        std::str::from_utf8(&nonce).expect("ascii"),
+        &random,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vectors() -> serde_json::Value {
+        serde_json::from_str(include_str!("../../../tests/data/platform-vectors.json")).unwrap()
+    }
+
+    fn crypt_of(v: &serde_json::Value) -> MsgCrypt {
+        MsgCrypt::new(
+            v["token"].as_str().unwrap(),
+            v["encoding_aes_key"].as_str().unwrap(),
+            v["owner_key(corpId)"].as_str().unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn query_of(v: &serde_json::Value) -> HashMap<String, String> {
+        v["query"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn d1_vendor_ciphertext_opens_to_check_url() {
+        let all = vectors();
+        let v = &all["dingtalk_callback"]["D1_vendor_decrypt"];
+        let crypt = crypt_of(v);
+        let query = query_of(v);
+        let body = serde_json::to_vec(&v["body"]).unwrap();
+        let params = Params::from_query(&query).unwrap();
+        let event = open(&crypt, &params, &body, 0, None).unwrap();
+        assert_eq!(event.plaintext, v["expected_plaintext"].as_str().unwrap().as_bytes());
+        assert!(event.is_check_url());
+        let d = crypt.decrypt(v["body"]["encrypt"].as_str().unwrap()).unwrap();
+        assert_eq!(&d.random, v["random_prefix"].as_str().unwrap().as_bytes());
+        let raw = base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            v["body"]["encrypt"].as_str().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(raw.len() % 32, 0);
+        // Pad byte 31: 16 + 4 + 25 + 20 = 65 bytes, padded to 96.
+        assert_eq!(96 - (16 + 4 + 25 + 20), v["pad_byte"].as_u64().unwrap() as usize);
+    }
+
+    #[test]
+    fn d2_reply_matches_vendor_bytes() {
+        let all = vectors();
+        let v = &all["dingtalk_callback"]["D2_reply_success"];
+        let crypt = crypt_of(v);
+        let random: [u8; 16] = v["random16"].as_str().unwrap().as_bytes().try_into().unwrap();
+        let reply = reply_with(
+            &crypt,
+            v["timeStamp"].as_str().unwrap(),
+            v["nonce"].as_str().unwrap(),
+            &random,
+        );
+        let expected: Reply = serde_json::from_value(v["expected_reply_json"].clone()).unwrap();
+        assert_eq!(reply, expected);
+        assert_eq!(
+            serde_json::to_value(&reply).unwrap(),
+            v["expected_reply_json"]
+        );
+    }
+
+    #[test]
+    fn d3_utf8_event_with_full_pad_block() {
+        let all = vectors();
+        let v = &all["dingtalk_callback"]["D3_event_full_pad_block"];
+        let crypt = crypt_of(v);
+        let plaintext = v["plaintext_utf8"].as_str().unwrap();
+        let random: [u8; 16] = v["random16"].as_str().unwrap().as_bytes().try_into().unwrap();
+        let encrypt = crypt.encrypt(&random, plaintext.as_bytes());
+        assert_eq!(encrypt, v["expected_encrypt"].as_str().unwrap());
+        let query = query_of(v);
+        let params = Params::from_query(&query).unwrap();
+        assert_eq!(
+            crypt.signature(params.timestamp, params.nonce, &encrypt),
+            params.signature
+        );
+        let body = serde_json::json!({ "encrypt": encrypt }).to_string();
+        let event = open(&crypt, &params, body.as_bytes(), 0, None).unwrap();
+        assert_eq!(event.plaintext, plaintext.as_bytes());
+        assert_eq!(event.plaintext.len(), 344);
+        assert_eq!(event.event_type.as_deref(), Some("bpms_instance_change"));
+        assert_eq!(event.corp_id.as_deref(), Some("ding6ccabc44d2c8d38b"));
+    }
+
+    #[test]
+    fn alternative_parameter_spellings() {
+        let q: HashMap<String, String> = [("signature", "s"), ("timeStamp", "1"), ("nonce", "n")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let p = Params::from_query(&q).unwrap();
+        assert_eq!((p.signature, p.timestamp, p.nonce), ("s", "1", "n"));
+        let mut missing = q.clone();
+        missing.remove("nonce");
+        assert_eq!(
+            Params::from_query(&missing),
+            Err(CallbackError::MissingParameter("nonce"))
+        );
+    }
+
+    #[test]
+    fn replay_window_is_checked_after_the_signature() {
+        let all = vectors();
+        let v = &all["dingtalk_callback"]["D1_vendor_decrypt"];
+        let crypt = crypt_of(v);
+        let query = query_of(v);
+        let params = Params::from_query(&query).unwrap();
+        let body = serde_json::to_vec(&v["body"]).unwrap();
+        let hour = Some(Duration::from_secs(3600));
+        let ts: u64 = params.timestamp.parse().unwrap();
+        assert!(open(&crypt, &params, &body, ts + 3_600_000, hour).is_ok());
+        assert_eq!(
+            open(&crypt, &params, &body, ts + 3_600_001, hour),
+            Err(CallbackError::StaleTimestamp)
+        );
+        assert_eq!(
+            open(&crypt, &params, &body, ts - 3_600_001, hour),
+            Err(CallbackError::StaleTimestamp)
+        );
+        let forged = Params {
+            timestamp: "1608001896815",
+            ..params.clone()
+        };
+        assert_eq!(
+            open(&crypt, &forged, &body, ts, hour),
+            Err(CallbackError::Signature)
+        );
+    }
+}

@@ -1,0 +1,5 @@
+//! DingTalk. HTTP event callbacks (PROTOCOLS.md §1): a JSON envelope `{"encrypt": …}` around
+//! the shared AES scheme, query parameters `msg_signature`|`signature`, `timestamp`|`timeStamp`
+//! (milliseconds) and `nonce`, and an encrypted `success` as the required reply.
+
+pub mod callback;

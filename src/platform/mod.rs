@@ -1,0 +1,13 @@
+//! Platform protocols: pure functions over bytes, no HTTP server here. One module per
+//! platform; the AES scheme DingTalk and WeCom share is in [`msgcrypt`].
+
+pub mod dingtalk;
+pub mod msgcrypt;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
