@@ -38,14 +38,18 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address of the ingress (callbacks) listener.
+    #[serde(deserialize_with = "lenient_string")]
     pub listen: String,
     /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`).
+    #[serde(deserialize_with = "lenient_string")]
     pub admin_listen: String,
     /// Largest request body accepted; larger bodies get 413.
     pub max_body_bytes: u64,
     /// Callbacks whose timestamp is further than this from now are rejected; "0" disables.
+    #[serde(deserialize_with = "lenient_string")]
     pub replay_window: String,
     /// How long a shutdown waits for in-flight requests (and their publishes) to finish.
+    #[serde(deserialize_with = "lenient_string")]
     pub shutdown_grace: String,
 }
 
@@ -65,8 +69,10 @@ impl Default for ServerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// "text" or "json".
+    #[serde(deserialize_with = "lenient_string")]
     pub format: String,
     /// A tracing filter such as "info" or "imbridge=debug,warn"; `RUST_LOG` overrides it.
+    #[serde(deserialize_with = "lenient_string")]
     pub level: String,
 }
 
@@ -83,8 +89,10 @@ impl Default for LogConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct BusConfig {
     /// "memory" (in-process, the default) or "nats" (JetStream).
+    #[serde(deserialize_with = "lenient_string")]
     pub kind: String,
     /// Prepended with a dot to every subject, e.g. "prod" gives "prod.dingtalk.user_add_org".
+    #[serde(deserialize_with = "lenient_string")]
     pub subject_prefix: String,
     pub memory: MemoryConfig,
     pub nats: NatsConfig,
@@ -107,6 +115,7 @@ pub struct MemoryConfig {
     /// Messages buffered per in-process subscriber before a slow one starts missing messages.
     pub capacity: usize,
     /// Messages with the same `ce-id` within this window are stored once, as on JetStream.
+    #[serde(deserialize_with = "lenient_string")]
     pub duplicate_window: String,
 }
 
@@ -123,8 +132,10 @@ impl Default for MemoryConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
     /// Server URL(s), comma-separated.
+    #[serde(deserialize_with = "lenient_string")]
     pub url: String,
     /// Client name shown in the server's connection list.
+    #[serde(deserialize_with = "lenient_string")]
     pub client_name: String,
     /// Path of a `.creds` file (JWT + nkey seed).
     pub credentials_file: Option<String>,
@@ -134,20 +145,27 @@ pub struct NatsConfig {
     /// Token authentication.
     pub token: Option<Secret>,
     /// Stream created or updated on start to hold the inbound subjects.
+    #[serde(deserialize_with = "lenient_string")]
     pub stream: String,
     /// "file" or "memory".
+    #[serde(deserialize_with = "lenient_string")]
     pub storage: String,
     /// Stream replicas (1 for a single server, 3 for a typical cluster).
     pub replicas: usize,
     /// Publishes with the same `Nats-Msg-Id` within this window are stored once.
+    #[serde(deserialize_with = "lenient_string")]
     pub duplicate_window: String,
     /// How long events are kept; "0" keeps them until limits are reached.
+    #[serde(deserialize_with = "lenient_string")]
     pub max_age: String,
     /// How long a publish waits for the PubAck before the callback is refused (503).
+    #[serde(deserialize_with = "lenient_string")]
     pub publish_timeout: String,
     /// Timeout of one connection attempt.
+    #[serde(deserialize_with = "lenient_string")]
     pub connect_timeout: String,
     /// Upper bound of the reconnect backoff.
+    #[serde(deserialize_with = "lenient_string")]
     pub reconnect_max_delay: String,
 }
 

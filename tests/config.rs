@@ -1,0 +1,249 @@
+//! Configuration: the example loads, layers apply in order, every problem names its key, and
+//! `imbridge check-config` exits 64 on errors.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use figment::Jail;
+use imbridge::config::{self, EngineSettings};
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("imbridge.example.toml")
+}
+
+fn keys(err: &config::ConfigError) -> Vec<&str> {
+    err.problems.iter().map(|p| p.key.as_str()).collect()
+}
+
+#[test]
+fn example_config_loads_with_documented_defaults() {
+    Jail::expect_with(|_| {
+        let s = config::load(Some(&example())).expect("example config is valid");
+        assert_eq!(s.server.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(s.server.admin_listen.to_string(), "0.0.0.0:9090");
+        assert_eq!(s.server.replay_window, Some(Duration::from_secs(3600)));
+        assert!(matches!(s.bus.engine, EngineSettings::Memory(_)));
+        assert_eq!(s.dingtalk_apps["main"].crypt.receiver_id(), "ding6ccabc44d2c8d38b");
+        Ok(())
+    });
+}
+
+#[test]
+fn example_config_documents_every_default() {
+    // Every key the daemon knows appears in the example with its default value: the example
+    // is the reference, so it must not drift from the code.
+    let example: toml::Value = toml::from_str(&std::fs::read_to_string(example()).unwrap()).unwrap();
+    let defaults = toml::Value::try_from(config::Config::default()).unwrap();
+    fn walk(path: &str, default: &toml::Value, example: &toml::Value) {
+        match default {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let p = format!("{path}.{k}");
+                    let e = example.get(k).unwrap_or_else(|| panic!("{p} missing from the example"));
+                    walk(&p, v, e);
+                }
+            }
+            _ => assert_eq!(default, example, "{path} differs from its default"),
+        }
+    }
+    walk("", &defaults, &example);
+}
+
+#[test]
+fn environment_overrides_file_and_nests_with_double_underscore() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "imbridge.toml",
+            r#"
+            [bus]
+            kind = "memory"
+            [apps.dingtalk.main]
+            token = "from-file"
+            aes_key = "Yue0EfdN5900c1ce5cf6A152c63DDe1808a60c5ecd7"
+            receiver_id = "ding1"
+            "#,
+        )?;
+        jail.set_env("IMBRIDGE_BUS__KIND", "nats");
+        jail.set_env("IMBRIDGE_BUS__NATS__URL", "nats://10.0.0.1:4222");
+        jail.set_env("IMBRIDGE_BUS__NATS__DUPLICATE_WINDOW", "30m");
+        // A numeric token arrives from the environment as a number; it is still a string.
+        jail.set_env("IMBRIDGE_APPS__DINGTALK__MAIN__TOKEN", "123456");
+        jail.set_env("IMBRIDGE_APPS__DINGTALK__OTHER__TOKEN", "t2");
+        jail.set_env(
+            "IMBRIDGE_APPS__DINGTALK__OTHER__AES_KEY",
+            "abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
+        );
+        jail.set_env("IMBRIDGE_APPS__DINGTALK__OTHER__RECEIVER_ID", "dingkey");
+        let s = config::load(Some(Path::new("imbridge.toml"))).expect("valid");
+        let EngineSettings::Nats(n) = &s.bus.engine else {
+            panic!("env did not select nats")
+        };
+        assert_eq!(n.url, "nats://10.0.0.1:4222");
+        assert_eq!(n.duplicate_window, Duration::from_secs(1800));
+        assert_eq!(n.stream, "IMBRIDGE_EVENTS");
+        let main = &s.dingtalk_apps["main"].crypt;
+        assert_eq!(main.receiver_id(), "ding1");
+        // The token from the environment is the one used for signatures.
+        let by_env = imbridge::platform::msgcrypt::MsgCrypt::new(
+            "123456",
+            "Yue0EfdN5900c1ce5cf6A152c63DDe1808a60c5ecd7",
+            "ding1",
+        )
+        .unwrap();
+        assert_eq!(main.signature("1", "n", "e"), by_env.signature("1", "n", "e"));
+        assert!(s.dingtalk_apps.contains_key("other"));
+        Ok(())
+    });
+}
+
+#[test]
+fn every_problem_is_reported_with_its_key() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "bad.toml",
+            r#"
+            [server]
+            listen = "localhost"
+            admin_listen = "0.0.0.0:99999"
+            replay_window = "an hour"
+            shutdown_grace = "5 parsecs"
+            [log]
+            format = "xml"
+            [bus]
+            kind = "rabbitmq"
+            [apps.dingtalk.main]
+            token = ""
+            aes_key = "too-short"
+            receiver_id = "ding1"
+            [apps.dingtalk.second]
+            token = "t"
+            aes_key = "Yue0EfdN5900c1ce5cf6A152c63DDe1808a60c5ec!7"
+            receiver_id = ""
+            "#,
+        )?;
+        let err = config::load(Some(Path::new("bad.toml"))).unwrap_err();
+        let keys = keys(&err);
+        for expected in [
+            "server.listen",
+            "server.admin_listen",
+            "server.replay_window",
+            "server.shutdown_grace",
+            "log.format",
+            "bus.kind",
+            "apps.dingtalk.main.token",
+            "apps.dingtalk.main.aes_key",
+            "apps.dingtalk.second.aes_key",
+            "apps.dingtalk.second.receiver_id",
+        ] {
+            assert!(keys.contains(&expected), "{expected} not reported in {err}");
+        }
+        // The message never echoes a secret value back.
+        assert!(!err.to_string().contains("too-short"));
+        Ok(())
+    });
+}
+
+#[test]
+fn nats_settings_are_validated() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "nats.toml",
+            r#"
+            [bus]
+            kind = "nats"
+            [bus.nats]
+            storage = "tape"
+            replicas = 0
+            duplicate_window = "2d"
+            max_age = "1d"
+            publish_timeout = "0"
+            user = "only-user"
+            "#,
+        )?;
+        let err = config::load(Some(Path::new("nats.toml"))).unwrap_err();
+        let keys = keys(&err);
+        for expected in [
+            "bus.nats.storage",
+            "bus.nats.replicas",
+            "bus.nats.duplicate_window",
+            "bus.nats.publish_timeout",
+            "bus.nats.user",
+        ] {
+            assert!(keys.contains(&expected), "{expected} not reported in {err}");
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn unknown_keys_and_wrong_types_are_errors_naming_the_key() {
+    Jail::expect_with(|jail| {
+        jail.create_file("typo.toml", "[server]\nlisten_addr = \"0.0.0.0:1\"\n")?;
+        let err = config::load(Some(Path::new("typo.toml"))).unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+
+        jail.create_file("type.toml", "[server]\nmax_body_bytes = \"big\"\n")?;
+        let err = config::load(Some(Path::new("type.toml"))).unwrap_err();
+        assert_eq!(keys(&err), ["server.max_body_bytes"], "{err}");
+
+        jail.set_env("IMBRIDGE_BUS__NATSS__URL", "x");
+        let err = config::load(None).unwrap_err();
+        assert!(err.to_string().contains("natss"), "{err}");
+        Ok(())
+    });
+}
+
+#[test]
+fn replay_window_zero_disables_the_check() {
+    Jail::expect_with(|jail| {
+        jail.set_env("IMBRIDGE_SERVER__REPLAY_WINDOW", "0");
+        let s = config::load(None).expect("valid");
+        assert_eq!(s.server.replay_window, None);
+        Ok(())
+    });
+}
+
+fn check_config(args: &[&str], dir: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_imbridge"))
+        .arg("check-config")
+        .args(args)
+        .current_dir(dir)
+        // Other tests in this process set IMBRIDGE_ variables inside their jails.
+        .env_clear()
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_config_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = check_config(&["--config", example().to_str().unwrap()], dir.path());
+    assert_eq!(ok.status.code(), Some(0), "{ok:?}");
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("valid"));
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[bus]\nkind = \"kafkaa\"\n[server]\nlisten = \"nope\"\n").unwrap();
+    let out = check_config(&["--config", bad.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bus.kind") && stderr.contains("server.listen"), "{stderr}");
+
+    let missing = check_config(&["--config", "/nonexistent/imbridge.toml"], dir.path());
+    assert_eq!(missing.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("does not exist"));
+}
+
+#[test]
+fn serve_refuses_an_invalid_config_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[server]\nreplay_window = \"soon\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_imbridge"))
+        .args(["serve", "--config", bad.to_str().unwrap()])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.replay_window"));
+}
