@@ -1,0 +1,330 @@
+//! Test harness: a real `nats-server -js` per test on a random port, the daemon built from a
+//! TOML string on port 0, and a DingTalk client that encrypts and signs like the platform.
+//! Every wait is bounded.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use figment::providers::{Format, Toml};
+use imbridge::app::App;
+use imbridge::bus::Bus;
+use imbridge::config;
+use imbridge::metrics::Metrics;
+use imbridge::platform::dingtalk::callback::Reply;
+use imbridge::platform::msgcrypt::MsgCrypt;
+use imbridge::shutdown::Shutdown;
+use tempfile::TempDir;
+
+/// Bound of every wait in the tests.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// The D1 credentials of the shared vectors.
+pub const TOKEN: &str = "mryue";
+pub const AES_KEY: &str = "Yue0EfdN5900c1ce5cf6A152c63DDe1808a60c5ecd7";
+pub const CORP_ID: &str = "ding6ccabc44d2c8d38b";
+
+/// A `nats-server -js` owned by the test, killed on drop.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    store: TempDir,
+}
+
+impl NatsServer {
+    /// Starts on a random port.
+    pub fn start() -> Self {
+        let store = tempfile::tempdir().unwrap();
+        let (child, port) = spawn_nats(None, store.path());
+        NatsServer {
+            child: Some(child),
+            port,
+            store,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (the store directory is kept).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.stop();
+        let (child, port) = spawn_nats(Some(self.port), self.store.path());
+        assert_eq!(port, self.port);
+        self.child = Some(child);
+    }
+
+    /// Pauses (SIGSTOP) or resumes (SIGCONT) the server process: connections stay open but
+    /// nothing is answered, like a stalled broker.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    pub async fn client(&self) -> async_nats::Client {
+        tokio::time::timeout(WAIT, async_nats::connect(self.url()))
+            .await
+            .expect("connect timed out")
+            .expect("connect")
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn spawn_nats(port: Option<u16>, store: &std::path::Path) -> (Child, u16) {
+    let port_arg = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let mut child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
+            .arg(store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nats-server must be installed (see .ci/run)");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut port = None;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
+                    port = rest.rsplit(':').next().and_then(|p| p.trim().parse::<u16>().ok());
+                }
+                if line.contains("Server is ready") {
+                    let _ = tx.send(port);
+                }
+            }
+            // The pipe is drained until the server exits so it never blocks on logging.
+        });
+        match rx.recv_timeout(WAIT) {
+            Ok(Some(p)) => return (child, p),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                // The old process may still hold the port for a moment after a restart.
+                assert!(std::time::Instant::now() < deadline, "nats-server did not start");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+/// A running daemon and the handles a test needs.
+pub struct TestApp {
+    pub ingress: SocketAddr,
+    pub admin: SocketAddr,
+    pub bus: Arc<Bus>,
+    pub metrics: Metrics,
+    pub shutdown: Shutdown,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub http: reqwest::Client,
+}
+
+/// The configuration tests start from: both listeners on port 0, plus `extra` TOML.
+pub fn toml_with(extra: &str) -> String {
+    format!(
+        r#"
+        [server]
+        listen = "127.0.0.1:0"
+        admin_listen = "127.0.0.1:0"
+        {extra}
+        "#
+    )
+}
+
+pub const MAIN_APP: &str = r#"
+[apps.dingtalk.main]
+token = "mryue"
+aes_key = "Yue0EfdN5900c1ce5cf6A152c63DDe1808a60c5ecd7"
+receiver_id = "ding6ccabc44d2c8d38b"
+"#;
+
+/// The `[bus]` section for a test NATS server (its own stream, fast timeouts).
+pub fn nats_bus(url: &str) -> String {
+    format!(
+        r#"
+        [bus]
+        kind = "nats"
+        [bus.nats]
+        url = "{url}"
+        stream = "TEST_EVENTS"
+        duplicate_window = "2m"
+        publish_timeout = "2s"
+        reconnect_max_delay = "250ms"
+        "#
+    )
+}
+
+impl TestApp {
+    /// Builds and starts the daemon from TOML (which must set the `[server]` listeners).
+    pub async fn start(toml: &str) -> TestApp {
+        let settings = config::from_figment(figment::Figment::from(Toml::string(toml)))
+            .unwrap_or_else(|e| panic!("test config invalid: {e}"));
+        let shutdown = Shutdown::new();
+        let app = App::build(settings, shutdown.clone()).await.expect("build");
+        let (ingress, admin) = (app.ingress_addr, app.admin_addr);
+        let bus = app.bus().clone();
+        let metrics = app.metrics().clone();
+        let task = tokio::spawn(app.run());
+        TestApp {
+            ingress,
+            admin,
+            bus,
+            metrics,
+            shutdown,
+            task,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.ingress, path)
+    }
+
+    pub async fn get_admin(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("http://{}{}", self.admin, path))
+            .timeout(WAIT)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if self.get_admin("/readyz").await.status() == 200 {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Value of `imbridge_callbacks_total` for these labels.
+    pub fn callbacks(&self, app: &str, outcome: &str) -> u64 {
+        self.metrics
+            .callbacks_total
+            .with_label_values(&["dingtalk", app, outcome])
+            .get()
+    }
+
+    /// Stops the daemon and waits for it to finish.
+    pub async fn stop(self) {
+        self.shutdown.trigger();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("shutdown timed out")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Plays DingTalk: encrypts with a fresh random prefix, signs, posts, and checks replies.
+#[derive(Clone)]
+pub struct DingTalk {
+    pub crypt: MsgCrypt,
+}
+
+/// A signed callback, before sending (so tests can tamper with it).
+#[derive(Clone, Debug)]
+pub struct Callback {
+    pub query: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl DingTalk {
+    pub fn new(token: &str, aes_key: &str, receiver: &str) -> Self {
+        DingTalk {
+            crypt: MsgCrypt::new(token, aes_key, receiver).unwrap(),
+        }
+    }
+
+    pub fn main() -> Self {
+        Self::new(TOKEN, AES_KEY, CORP_ID)
+    }
+
+    /// Signs an already encrypted payload with the current time.
+    pub fn sign(&self, encrypt: &str) -> Callback {
+        let ts = imbridge::platform::now_ms().to_string();
+        let nonce = "nonce123";
+        let sig = self.crypt.signature(&ts, nonce, encrypt);
+        Callback {
+            query: vec![
+                ("msg_signature".into(), sig),
+                ("timestamp".into(), ts),
+                ("nonce".into(), nonce.into()),
+            ],
+            body: serde_json::json!({ "encrypt": encrypt }).to_string(),
+        }
+    }
+
+    pub fn callback(&self, plaintext: &str) -> Callback {
+        self.sign(&self.crypt.encrypt_fresh(plaintext.as_bytes()))
+    }
+
+    /// Checks a reply the way DingTalk does: signature over the reply's fields, `success`.
+    pub fn check_reply(&self, reply: &Reply) {
+        assert_eq!(reply.nonce.len(), 16, "reply nonce must have 16 characters");
+        assert!(reply.nonce.bytes().all(|b| b.is_ascii_alphanumeric()));
+        let ts: u64 = reply.time_stamp.parse().expect("timeStamp is ms");
+        assert!(imbridge::platform::now_ms().abs_diff(ts) < 60_000);
+        assert!(self
+            .crypt
+            .verify(&reply.msg_signature, &reply.time_stamp, &reply.nonce, &reply.encrypt));
+        let d = self.crypt.decrypt(&reply.encrypt).expect("reply decrypts");
+        assert_eq!(d.message, b"success");
+    }
+}
+
+impl Callback {
+    pub fn set(&mut self, key: &str, value: &str) {
+        self.query.retain(|(k, _)| k != key);
+        self.query.push((key.into(), value.into()));
+    }
+
+    pub fn remove(&mut self, key: &str) {
+        self.query.retain(|(k, _)| k != key);
+    }
+
+    pub async fn post(&self, app: &TestApp, name: &str) -> reqwest::Response {
+        app.http
+            .post(app.url(&format!("/callbacks/dingtalk/{name}")))
+            .query(&self.query)
+            .header("content-type", "application/json")
+            .body(self.body.clone())
+            .timeout(WAIT)
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// A bpms_instance_change event with a unique instance id (so tests don't dedupe each other).
+pub fn approval_event(instance: &str) -> String {
+    format!(
+        r#"{{"EventType":"bpms_instance_change","processInstanceId":"{instance}","corpId":"ding6ccabc44d2c8d38b","createTime":1608001800000,"title":"张三提交的请假","type":"finish","staffId":"manager75","result":"agree","processCode":"PROC-EXAMPLE"}}"#
+    )
+}
