@@ -48,11 +48,12 @@ impl App {
         });
 
         let stop = shutdown.clone();
-        let (ingress_addr, ingress) = warp::serve(ingress::routes(state, settings.server.max_body_bytes))
-            .try_bind_with_graceful_shutdown(settings.server.listen, async move {
-                stop.cancelled().await
-            })
-            .with_context(|| format!("binding server.listen {}", settings.server.listen))?;
+        let (ingress_addr, ingress) =
+            warp::serve(ingress::routes(state, settings.server.max_body_bytes))
+                .try_bind_with_graceful_shutdown(settings.server.listen, async move {
+                    stop.cancelled().await
+                })
+                .with_context(|| format!("binding server.listen {}", settings.server.listen))?;
 
         // The admin listener outlives the ingress drain, so probes and metrics answer (readyz
         // with 503) while in-flight callbacks finish.
@@ -66,7 +67,12 @@ impl App {
         .try_bind_with_graceful_shutdown(settings.server.admin_listen, async move {
             stop.cancelled().await
         })
-        .with_context(|| format!("binding server.admin_listen {}", settings.server.admin_listen))?;
+        .with_context(|| {
+            format!(
+                "binding server.admin_listen {}",
+                settings.server.admin_listen
+            )
+        })?;
 
         Ok(App {
             ingress_addr,

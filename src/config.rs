@@ -335,7 +335,7 @@ pub struct BusSettings {
 #[derive(Debug, Clone)]
 pub enum EngineSettings {
     Memory(MemorySettings),
-    Nats(NatsSettings),
+    Nats(Box<NatsSettings>),
 }
 
 #[derive(Debug, Clone)]
@@ -413,7 +413,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if s == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(s).map_err(|e| format!("{e} (expected e.g. \"30s\", \"10m\", \"1h\")"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (expected e.g. \"30s\", \"10m\", \"1h\")"))
 }
 
 /// Collects problems while validating, so every one of them is reported.
@@ -479,7 +480,10 @@ impl Config {
             ),
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            c.problem("log.level", format!("invalid filter {:?}: {e}", self.log.level));
+            c.problem(
+                "log.level",
+                format!("invalid filter {:?}: {e}", self.log.level),
+            );
         }
 
         let prefix = self.bus.subject_prefix.trim_matches('.');
@@ -497,7 +501,7 @@ impl Config {
                     &self.bus.memory.duplicate_window,
                 ),
             }),
-            "nats" => EngineSettings::Nats(self.bus.nats.validate(&mut c)),
+            "nats" => EngineSettings::Nats(Box::new(self.bus.nats.validate(&mut c))),
             other => {
                 c.problem(
                     "bus.kind",
@@ -549,7 +553,10 @@ impl NatsConfig {
                 .chars()
                 .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
         {
-            c.problem("bus.nats.stream", "must be a non-empty name of [A-Za-z0-9_-]");
+            c.problem(
+                "bus.nats.stream",
+                "must be a non-empty name of [A-Za-z0-9_-]",
+            );
         }
         let memory_storage = match self.storage.as_str() {
             "file" => false,

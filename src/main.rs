@@ -10,7 +10,10 @@ use imbridge::config::{self, ConfigError};
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(version, about = "Bridge DingTalk, WeCom and Lark with NATS JetStream or Kafka")]
+#[command(
+    version,
+    about = "Bridge DingTalk, WeCom and Lark with NATS JetStream or Kafka"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -84,5 +87,8 @@ fn main() -> ExitCode {
 async fn serve(settings: config::Settings) -> anyhow::Result<()> {
     let shutdown = imbridge::shutdown::Shutdown::new();
     shutdown.on_signals();
-    imbridge::app::App::build(settings, shutdown).await?.run().await
+    imbridge::app::App::build(settings, shutdown)
+        .await?
+        .run()
+        .await
 }

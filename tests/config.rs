@@ -1,6 +1,9 @@
 //! Configuration: the example loads, layers apply in order, every problem names its key, and
 //! `imbridge check-config` exits 64 on errors.
 
+// figment::Jail closures return figment::Error, which is large by design.
+#![allow(clippy::result_large_err)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -24,7 +27,10 @@ fn example_config_loads_with_documented_defaults() {
         assert_eq!(s.server.admin_listen.to_string(), "0.0.0.0:9090");
         assert_eq!(s.server.replay_window, Some(Duration::from_secs(3600)));
         assert!(matches!(s.bus.engine, EngineSettings::Memory(_)));
-        assert_eq!(s.dingtalk_apps["main"].crypt.receiver_id(), "ding6ccabc44d2c8d38b");
+        assert_eq!(
+            s.dingtalk_apps["main"].crypt.receiver_id(),
+            "ding6ccabc44d2c8d38b"
+        );
         Ok(())
     });
 }
@@ -33,14 +39,17 @@ fn example_config_loads_with_documented_defaults() {
 fn example_config_documents_every_default() {
     // Every key the daemon knows appears in the example with its default value: the example
     // is the reference, so it must not drift from the code.
-    let example: toml::Value = toml::from_str(&std::fs::read_to_string(example()).unwrap()).unwrap();
+    let example: toml::Value =
+        toml::from_str(&std::fs::read_to_string(example()).unwrap()).unwrap();
     let defaults = toml::Value::try_from(config::Config::default()).unwrap();
     fn walk(path: &str, default: &toml::Value, example: &toml::Value) {
         match default {
             toml::Value::Table(t) => {
                 for (k, v) in t {
                     let p = format!("{path}.{k}");
-                    let e = example.get(k).unwrap_or_else(|| panic!("{p} missing from the example"));
+                    let e = example
+                        .get(k)
+                        .unwrap_or_else(|| panic!("{p} missing from the example"));
                     walk(&p, v, e);
                 }
             }
@@ -91,7 +100,10 @@ fn environment_overrides_file_and_nests_with_double_underscore() {
             "ding1",
         )
         .unwrap();
-        assert_eq!(main.signature("1", "n", "e"), by_env.signature("1", "n", "e"));
+        assert_eq!(
+            main.signature("1", "n", "e"),
+            by_env.signature("1", "n", "e")
+        );
         assert!(s.dingtalk_apps.contains_key("other"));
         Ok(())
     });
@@ -223,11 +235,18 @@ fn check_config_exit_codes() {
     assert!(String::from_utf8_lossy(&ok.stdout).contains("valid"));
 
     let bad = dir.path().join("bad.toml");
-    std::fs::write(&bad, "[bus]\nkind = \"kafkaa\"\n[server]\nlisten = \"nope\"\n").unwrap();
+    std::fs::write(
+        &bad,
+        "[bus]\nkind = \"kafkaa\"\n[server]\nlisten = \"nope\"\n",
+    )
+    .unwrap();
     let out = check_config(&["--config", bad.to_str().unwrap()], dir.path());
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("bus.kind") && stderr.contains("server.listen"), "{stderr}");
+    assert!(
+        stderr.contains("bus.kind") && stderr.contains("server.listen"),
+        "{stderr}"
+    );
 
     let missing = check_config(&["--config", "/nonexistent/imbridge.toml"], dir.path());
     assert_eq!(missing.status.code(), Some(64));

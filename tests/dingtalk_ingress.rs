@@ -20,7 +20,10 @@ async fn check_url_is_answered_and_not_published() {
     let app = memory_app("").await;
     let mut sub = app.bus.memory().unwrap().subscribe(">");
     let dt = DingTalk::main();
-    let res = dt.callback(r#"{"EventType":"check_url"}"#).post(&app, "main").await;
+    let res = dt
+        .callback(r#"{"EventType":"check_url"}"#)
+        .post(&app, "main")
+        .await;
     assert_eq!(res.status(), 200);
     dt.check_reply(&res.json::<Reply>().await.unwrap());
     assert_eq!(app.callbacks("main", "check_url"), 1);
@@ -63,7 +66,10 @@ async fn event_is_published_byte_for_byte_with_cloudevents_headers() {
     assert_eq!(res.status(), 200);
     dt.check_reply(&res.json().await.unwrap());
 
-    let msg = tokio::time::timeout(WAIT, sub.next()).await.unwrap().unwrap();
+    let msg = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(msg.subject, "dingtalk.bpms_instance_change");
     assert_eq!(&msg.payload[..], event.as_bytes());
     assert_eq!(msg.header("ce-specversion"), Some("1.0"));
@@ -95,7 +101,10 @@ async fn subject_prefix_and_sanitised_event_types() {
         .post(&app, "main")
         .await;
     assert_eq!(res.status(), 200);
-    let msg = tokio::time::timeout(WAIT, sub.next()).await.unwrap().unwrap();
+    let msg = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(msg.subject, "prod.dingtalk.weird_type__");
     assert_eq!(msg.header("ce-type"), Some("dingtalk.weird_type__"));
     app.stop().await;
@@ -121,7 +130,10 @@ async fn several_apps_with_different_keys_on_one_server() {
     let res = hr.callback(ev_hr).post(&app, "hr").await;
     assert_eq!(res.status(), 200);
     hr.check_reply(&res.json().await.unwrap());
-    let msg = tokio::time::timeout(WAIT, sub.next()).await.unwrap().unwrap();
+    let msg = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(msg.header("ce-source"), Some("dingtalk/hr"));
     assert_eq!(&msg.payload[..], ev_hr.as_bytes());
     // No tenant in this payload: no tenant header.
@@ -146,10 +158,16 @@ async fn refused(app: &TestApp, name: &str, cb: &Callback, status: u16, code: &s
     let message = body["message"].as_str().unwrap();
     assert!(!message.is_empty());
     for secret in [TOKEN, AES_KEY] {
-        assert!(!message.contains(secret), "secret in error message: {message}");
+        assert!(
+            !message.contains(secret),
+            "secret in error message: {message}"
+        );
     }
     assert_eq!(app.callbacks(label, code), before + 1, "metric for {code}");
-    assert!(sub.try_next().is_none(), "{code}: refused input was published");
+    assert!(
+        sub.try_next().is_none(),
+        "{code}: refused input was published"
+    );
 }
 
 /// Encrypts a raw (already padded) plaintext with the D1 key, to forge broken ciphertexts.
@@ -157,7 +175,8 @@ fn raw_encrypt(plain: &[u8]) -> String {
     use aes::cipher::{block_padding::NoPadding, BlockEncryptMut, KeyIvInit};
     // The D1 key's last base64 character carries non-zero spare bits, so use its documented
     // decoded form rather than a strict base64 decoder.
-    let key = hex::decode("62e7b411f74de7dd3473571ee5c7fa035e7673adc30ded7cd3c6bad1ce5e71de").unwrap();
+    let key =
+        hex::decode("62e7b411f74de7dd3473571ee5c7fa035e7673adc30ded7cd3c6bad1ce5e71de").unwrap();
     let mut buf = plain.to_vec();
     let n = buf.len();
     cbc::Encryptor::<aes::Aes256>::new(key[..].into(), key[..16].into())
@@ -198,13 +217,27 @@ async fn bad_input_is_refused_counted_and_never_published() {
 
     // A signature that is valid, but for another timestamp than the one sent.
     let mut cb = good.clone();
-    let ts: u64 = cb.query.iter().find(|(k, _)| k == "timestamp").unwrap().1.parse().unwrap();
+    let ts: u64 = cb
+        .query
+        .iter()
+        .find(|(k, _)| k == "timestamp")
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
     cb.set("timestamp", &(ts + 1).to_string());
     refused(&app, "main", &cb, 401, "invalid_signature").await;
 
     // Receiver id of another organisation, correctly signed with our token and key.
     let other = DingTalk::new(TOKEN, AES_KEY, "dingotherorg");
-    refused(&app, "main", &other.callback(&approval_event("r")), 403, "receiver_mismatch").await;
+    refused(
+        &app,
+        "main",
+        &other.callback(&approval_event("r")),
+        403,
+        "receiver_mismatch",
+    )
+    .await;
 
     let mut cb = good.clone();
     cb.body = "not json".into();
@@ -213,11 +246,32 @@ async fn bad_input_is_refused_counted_and_never_published() {
     cb.body = r#"{"encrypted":"abc"}"#.into();
     refused(&app, "main", &cb, 400, "invalid_body").await;
 
-    refused(&app, "main", &dt.sign("!!!not base64!!!"), 400, "invalid_base64").await;
+    refused(
+        &app,
+        "main",
+        &dt.sign("!!!not base64!!!"),
+        400,
+        "invalid_base64",
+    )
+    .await;
     let not_block = base64::engine::general_purpose::STANDARD.encode([7u8; 40]);
-    refused(&app, "main", &dt.sign(&not_block), 400, "invalid_ciphertext_length").await;
+    refused(
+        &app,
+        "main",
+        &dt.sign(&not_block),
+        400,
+        "invalid_ciphertext_length",
+    )
+    .await;
     let short = base64::engine::general_purpose::STANDARD.encode([7u8; 8]);
-    refused(&app, "main", &dt.sign(&short), 400, "invalid_ciphertext_length").await;
+    refused(
+        &app,
+        "main",
+        &dt.sign(&short),
+        400,
+        "invalid_ciphertext_length",
+    )
+    .await;
     refused(&app, "main", &dt.sign(""), 400, "invalid_ciphertext_length").await;
 
     let msg = br#"{"EventType":"x"}"#;
@@ -233,12 +287,26 @@ async fn bad_input_is_refused_counted_and_never_published() {
         p.extend(std::iter::repeat_n(fill as u8, fill));
         p
     });
-    refused(&app, "main", &dt.sign(&too_long), 400, "invalid_length_prefix").await;
+    refused(
+        &app,
+        "main",
+        &dt.sign(&too_long),
+        400,
+        "invalid_length_prefix",
+    )
+    .await;
 
     let crypt = MsgCrypt::new(TOKEN, AES_KEY, CORP_ID).unwrap();
     let not_utf8 = crypt.encrypt_fresh(&[0xff, 0xfe, b'{', b'}']);
     refused(&app, "main", &dt.sign(&not_utf8), 400, "invalid_utf8").await;
-    refused(&app, "main", &dt.callback("not json at all"), 400, "invalid_json").await;
+    refused(
+        &app,
+        "main",
+        &dt.callback("not json at all"),
+        400,
+        "invalid_json",
+    )
+    .await;
     refused(&app, "main", &dt.callback("[1,2,3]"), 400, "invalid_json").await;
 
     // Outside the one-hour replay window, either way.
@@ -253,7 +321,10 @@ async fn bad_input_is_refused_counted_and_never_published() {
     let enc = crypt.encrypt_fresh(approval_event("nan").as_bytes());
     let mut cb = dt.sign(&enc);
     cb.set("timestamp", "yesterday");
-    cb.set("msg_signature", &crypt.signature("yesterday", "nonce123", &enc));
+    cb.set(
+        "msg_signature",
+        &crypt.signature("yesterday", "nonce123", &enc),
+    );
     refused(&app, "main", &cb, 400, "invalid_timestamp").await;
 
     // A malformed query string, sent by hand since reqwest would encode it.
@@ -314,12 +385,23 @@ async fn oversized_bodies_get_413_with_or_without_content_length() {
 #[tokio::test]
 async fn errors_for_routes_and_methods_are_json() {
     let app = memory_app("").await;
-    let res = app.http.get(app.url("/callbacks/dingtalk/main")).send().await.unwrap();
+    let res = app
+        .http
+        .get(app.url("/callbacks/dingtalk/main"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 405);
-    assert_eq!(res.json::<serde_json::Value>().await.unwrap()["code"], "method_not_allowed");
+    assert_eq!(
+        res.json::<serde_json::Value>().await.unwrap()["code"],
+        "method_not_allowed"
+    );
     let res = app.http.get(app.url("/nope")).send().await.unwrap();
     assert_eq!(res.status(), 404);
-    assert_eq!(res.json::<serde_json::Value>().await.unwrap()["code"], "not_found");
+    assert_eq!(
+        res.json::<serde_json::Value>().await.unwrap()["code"],
+        "not_found"
+    );
     app.stop().await;
 }
 
@@ -329,9 +411,14 @@ async fn admin_endpoints() {
     assert_eq!(app.get_admin("/healthz").await.status(), 200);
     let ready = app.get_admin("/readyz").await;
     assert_eq!(ready.status(), 200);
-    assert_eq!(ready.json::<serde_json::Value>().await.unwrap()["bus"], "memory");
+    assert_eq!(
+        ready.json::<serde_json::Value>().await.unwrap()["bus"],
+        "memory"
+    );
     let dt = DingTalk::main();
-    dt.callback(&approval_event("metrics")).post(&app, "main").await;
+    dt.callback(&approval_event("metrics"))
+        .post(&app, "main")
+        .await;
     let metrics = app.get_admin("/metrics").await.text().await.unwrap();
     for name in [
         "imbridge_callbacks_total{app=\"main\",outcome=\"published\",platform=\"dingtalk\"} 1",

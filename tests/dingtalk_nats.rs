@@ -37,7 +37,9 @@ async fn event_stored_byte_for_byte_with_headers_and_deduplicated() {
     let info = stream(&server).await.info().await.unwrap().config.clone();
     assert_eq!(
         info.subjects,
-        ["dingtalk.>", "wecom.>", "lark.>"].map(String::from).to_vec()
+        ["dingtalk.>", "wecom.>", "lark.>"]
+            .map(String::from)
+            .to_vec()
     );
     assert_eq!(info.duplicate_window, Duration::from_secs(120));
 
@@ -53,7 +55,10 @@ async fn event_stored_byte_for_byte_with_headers_and_deduplicated() {
     let h = msg.headers;
     let get = |k: &str| h.get(k).map(|v| v.as_str().to_owned());
     assert_eq!(get("ce-specversion").as_deref(), Some("1.0"));
-    assert_eq!(get("ce-type").as_deref(), Some("dingtalk.bpms_instance_change"));
+    assert_eq!(
+        get("ce-type").as_deref(),
+        Some("dingtalk.bpms_instance_change")
+    );
     assert_eq!(get("ce-source").as_deref(), Some("dingtalk/main"));
     assert_eq!(get("content-type").as_deref(), Some("application/json"));
     assert_eq!(get("imbridge-app").as_deref(), Some("main"));
@@ -71,12 +76,18 @@ async fn event_stored_byte_for_byte_with_headers_and_deduplicated() {
     assert_eq!(app.callbacks("main", "duplicate"), 1);
 
     // A different event is stored.
-    let res = dt.callback(&approval_event("nats-2")).post(&app, "main").await;
+    let res = dt
+        .callback(&approval_event("nats-2"))
+        .post(&app, "main")
+        .await;
     assert_eq!(res.status(), 200);
     assert_eq!(stored(&server).await, 2);
 
     // check_url is not stored.
-    let res = dt.callback(r#"{"EventType":"check_url"}"#).post(&app, "main").await;
+    let res = dt
+        .callback(r#"{"EventType":"check_url"}"#)
+        .post(&app, "main")
+        .await;
     assert_eq!(res.status(), 200);
     assert_eq!(stored(&server).await, 2);
     app.stop().await;
@@ -132,7 +143,10 @@ async fn bus_down_gives_503_and_not_ready_then_recovers() {
     // The client notices the closed connection; from then on, fail fast.
     let deadline = tokio::time::Instant::now() + WAIT;
     while app.get_admin("/readyz").await.status() != 503 {
-        assert!(tokio::time::Instant::now() < deadline, "readyz never turned 503");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz never turned 503"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let res = callback.post(&app, "main").await;
@@ -141,9 +155,15 @@ async fn bus_down_gives_503_and_not_ready_then_recovers() {
     assert_eq!(body["code"], "bus_unavailable");
     assert_eq!(app.callbacks("main", "bus_unavailable"), 1);
     let metrics = app.get_admin("/metrics").await.text().await.unwrap();
-    assert!(metrics.contains("imbridge_bus_connected{engine=\"nats\"} 0"), "{metrics}");
+    assert!(
+        metrics.contains("imbridge_bus_connected{engine=\"nats\"} 0"),
+        "{metrics}"
+    );
     // check_url needs no bus and is still answered.
-    let res = dt.callback(r#"{"EventType":"check_url"}"#).post(&app, "main").await;
+    let res = dt
+        .callback(r#"{"EventType":"check_url"}"#)
+        .post(&app, "main")
+        .await;
     assert_eq!(res.status(), 200);
 
     server.restart();
@@ -152,10 +172,17 @@ async fn bus_down_gives_503_and_not_ready_then_recovers() {
     let res = callback.post(&app, "main").await;
     assert_eq!(res.status(), 200);
     dt.check_reply(&res.json().await.unwrap());
-    let msg = stream(&server).await.get_last_raw_message_by_subject("dingtalk.bpms_instance_change").await.unwrap();
+    let msg = stream(&server)
+        .await
+        .get_last_raw_message_by_subject("dingtalk.bpms_instance_change")
+        .await
+        .unwrap();
     assert_eq!(&msg.payload[..], event.as_bytes());
     let metrics = app.get_admin("/metrics").await.text().await.unwrap();
-    assert!(metrics.contains("imbridge_bus_connected{engine=\"nats\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("imbridge_bus_connected{engine=\"nats\"} 1"),
+        "{metrics}"
+    );
     app.stop().await;
 }
 
@@ -250,7 +277,10 @@ async fn shutdown_finishes_in_flight_publishes() {
     }
     app.shutdown.trigger();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!app.task.is_finished(), "shutdown must wait for the in-flight publish");
+    assert!(
+        !app.task.is_finished(),
+        "shutdown must wait for the in-flight publish"
+    );
     // New connections are no longer accepted.
     let refused = reqwest::Client::new()
         .get(app.url("/healthz"))
@@ -263,6 +293,10 @@ async fn shutdown_finishes_in_flight_publishes() {
     let res = in_flight.await.unwrap();
     assert_eq!(res.status(), 200);
     dt.check_reply(&res.json().await.unwrap());
-    tokio::time::timeout(WAIT, app.task).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(WAIT, app.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(stored(&server).await, 1);
 }

@@ -77,11 +77,11 @@ impl MemoryBus {
     }
 
     pub fn publish(&self, msg: &Message) -> Result<Ack, BusError> {
-        let fresh = self
-            .seen
-            .lock()
-            .expect("not poisoned")
-            .insert(&msg.event.id, Instant::now(), self.window);
+        let fresh = self.seen.lock().expect("not poisoned").insert(
+            &msg.event.id,
+            Instant::now(),
+            self.window,
+        );
         if fresh {
             // No subscriber is not an error: like a stream nobody reads yet.
             let _ = self.tx.send(Arc::new(Received {

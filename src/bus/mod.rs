@@ -111,7 +111,7 @@ pub struct Bus {
 /// The engines. A small enum, not a trait object: there are few and they are known.
 pub enum Engine {
     Memory(memory::MemoryBus),
-    Nats(nats::NatsBus),
+    Nats(Box<nats::NatsBus>),
 }
 
 impl Bus {
@@ -124,10 +124,10 @@ impl Bus {
     ) -> Result<Bus, BusError> {
         let engine = match &settings.engine {
             EngineSettings::Memory(m) => Engine::Memory(memory::MemoryBus::new(m, metrics.clone())),
-            EngineSettings::Nats(n) => Engine::Nats(
+            EngineSettings::Nats(n) => Engine::Nats(Box::new(
                 nats::NatsBus::start(n, &settings.subject_prefix, metrics.clone(), shutdown)
                     .await?,
-            ),
+            )),
         };
         Ok(Bus { engine, metrics })
     }
@@ -185,8 +185,7 @@ impl Bus {
 /// A valid subject token and Kafka topic part: non-empty `[A-Za-z0-9_-]`.
 pub fn is_valid_token(s: &str) -> bool {
     !s.is_empty()
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
@@ -246,8 +245,14 @@ mod tests {
 
     #[test]
     fn sanitizes_event_types() {
-        assert_eq!(sanitize_event_type("bpms_instance_change"), "bpms_instance_change");
-        assert_eq!(sanitize_event_type("im.message.receive_v1"), "im.message.receive_v1");
+        assert_eq!(
+            sanitize_event_type("bpms_instance_change"),
+            "bpms_instance_change"
+        );
+        assert_eq!(
+            sanitize_event_type("im.message.receive_v1"),
+            "im.message.receive_v1"
+        );
         assert_eq!(sanitize_event_type("a b..c*"), "a_b.c_");
         assert_eq!(sanitize_event_type(".>."), "_");
         assert_eq!(sanitize_event_type(""), "unknown");
@@ -281,6 +286,8 @@ mod tests {
         assert!(h.contains(&("ce-id".into(), "id1".into())));
         assert!(h.contains(&("ce-time".into(), "1970-01-01T00:00:00.000Z".into())));
         assert!(h.contains(&(HEADER_TENANT.into(), "dingcorp".into())));
-        assert!(ev.headers("ce_").contains(&("ce_type".into(), "dingtalk.user_add_org".into())));
+        assert!(ev
+            .headers("ce_")
+            .contains(&("ce_type".into(), "dingtalk.user_add_org".into())));
     }
 }

@@ -130,7 +130,8 @@ impl NatsBus {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.client.connection_state() == State::Connected && self.stream_ready.load(Ordering::SeqCst)
+        self.client.connection_state() == State::Connected
+            && self.stream_ready.load(Ordering::SeqCst)
     }
 
     pub async fn publish(&self, msg: &Message) -> Result<Ack, BusError> {

@@ -50,9 +50,7 @@ fn with<T: Clone + Send>(value: T) -> impl Filter<Extract = (T,), Error = Infall
 /// The raw query string ("" when there is none); the handler parses it, so that a malformed
 /// one is refused and counted like any other bad input.
 fn query() -> impl Filter<Extract = (String,), Error = Infallible> + Copy {
-    warp::query::raw()
-        .or(warp::any().map(String::new))
-        .unify()
+    warp::query::raw().or(warp::any().map(String::new)).unify()
 }
 
 /// Parses a query string into a map; the first value of a repeated key wins.

@@ -68,7 +68,11 @@ pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
             "method not allowed on this route",
         )
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", "request body too large")
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "request body too large",
+        )
     } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
         ApiError::bad_request("invalid_query", "query string could not be parsed")
     } else if rejection.find::<warp::reject::InvalidHeader>().is_some() {

@@ -82,7 +82,8 @@ impl std::fmt::Debug for MsgCrypt {
 
 impl MsgCrypt {
     pub fn new(token: &str, encoding_aes_key: &str, receiver_id: &str) -> Result<Self, KeyError> {
-        if encoding_aes_key.len() != 43 || !encoding_aes_key.bytes().all(|b| b.is_ascii_alphanumeric())
+        if encoding_aes_key.len() != 43
+            || !encoding_aes_key.bytes().all(|b| b.is_ascii_alphanumeric())
         {
             return Err(KeyError);
         }
@@ -230,8 +231,14 @@ mod tests {
 
     #[test]
     fn rejects_malformed_keys() {
-        assert_eq!(MsgCrypt::new("t", &D1_KEY[..42], "r").unwrap_err(), KeyError);
-        assert_eq!(MsgCrypt::new("t", &format!("{D1_KEY}a"), "r").unwrap_err(), KeyError);
+        assert_eq!(
+            MsgCrypt::new("t", &D1_KEY[..42], "r").unwrap_err(),
+            KeyError
+        );
+        assert_eq!(
+            MsgCrypt::new("t", &format!("{D1_KEY}a"), "r").unwrap_err(),
+            KeyError
+        );
         let with_symbol = format!("{}+", &D1_KEY[..42]);
         assert_eq!(MsgCrypt::new("t", &with_symbol, "r").unwrap_err(), KeyError);
     }
@@ -251,9 +258,15 @@ mod tests {
         // Pad byte 0 and 33.
         let mut block = vec![b'a'; 64];
         block[63] = 0;
-        assert_eq!(c.decrypt(&tampered(&c, &block)), Err(DecryptError::Padding(0)));
+        assert_eq!(
+            c.decrypt(&tampered(&c, &block)),
+            Err(DecryptError::Padding(0))
+        );
         block[63] = 33;
-        assert_eq!(c.decrypt(&tampered(&c, &block)), Err(DecryptError::Padding(33)));
+        assert_eq!(
+            c.decrypt(&tampered(&c, &block)),
+            Err(DecryptError::Padding(33))
+        );
         // Length prefix larger than what follows.
         let mut plain = Vec::new();
         plain.extend_from_slice(b"0123456789abcdef");
@@ -267,11 +280,20 @@ mod tests {
         // Too short after unpadding to hold the header.
         let mut short = vec![b'x'; 16];
         short.resize(32, 16);
-        assert_eq!(c.decrypt(&tampered(&c, &short)), Err(DecryptError::Truncated));
+        assert_eq!(
+            c.decrypt(&tampered(&c, &short)),
+            Err(DecryptError::Truncated)
+        );
         // Not base64, not a block multiple, empty.
         assert_eq!(c.decrypt("***"), Err(DecryptError::Base64));
-        assert!(matches!(c.decrypt(&STANDARD.encode([0u8; 20])), Err(DecryptError::CiphertextLength(20))));
-        assert!(matches!(c.decrypt(""), Err(DecryptError::CiphertextLength(0))));
+        assert!(matches!(
+            c.decrypt(&STANDARD.encode([0u8; 20])),
+            Err(DecryptError::CiphertextLength(20))
+        ));
+        assert!(matches!(
+            c.decrypt(""),
+            Err(DecryptError::CiphertextLength(0))
+        ));
     }
 
     #[test]

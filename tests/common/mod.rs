@@ -109,7 +109,10 @@ fn spawn_nats(port: Option<u16>, store: &std::path::Path) -> (Child, u16) {
             let mut port = None;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
-                    port = rest.rsplit(':').next().and_then(|p| p.trim().parse::<u16>().ok());
+                    port = rest
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.trim().parse::<u16>().ok());
                 }
                 if line.contains("Server is ready") {
                     let _ = tx.send(port);
@@ -123,7 +126,10 @@ fn spawn_nats(port: Option<u16>, store: &std::path::Path) -> (Child, u16) {
                 let _ = child.kill();
                 let _ = child.wait();
                 // The old process may still hold the port for a moment after a restart.
-                assert!(std::time::Instant::now() < deadline, "nats-server did not start");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "nats-server did not start"
+                );
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
@@ -291,9 +297,12 @@ impl DingTalk {
         assert!(reply.nonce.bytes().all(|b| b.is_ascii_alphanumeric()));
         let ts: u64 = reply.time_stamp.parse().expect("timeStamp is ms");
         assert!(imbridge::platform::now_ms().abs_diff(ts) < 60_000);
-        assert!(self
-            .crypt
-            .verify(&reply.msg_signature, &reply.time_stamp, &reply.nonce, &reply.encrypt));
+        assert!(self.crypt.verify(
+            &reply.msg_signature,
+            &reply.time_stamp,
+            &reply.nonce,
+            &reply.encrypt
+        ));
         let d = self.crypt.decrypt(&reply.encrypt).expect("reply decrypts");
         assert_eq!(d.message, b"success");
     }

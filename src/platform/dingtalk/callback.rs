@@ -101,7 +101,8 @@ pub fn open(
     now_ms: u64,
     replay_window: Option<Duration>,
 ) -> Result<Event, CallbackError> {
-    let envelope: Envelope = serde_json::from_slice(body).map_err(|_| CallbackError::InvalidBody)?;
+    let envelope: Envelope =
+        serde_json::from_slice(body).map_err(|_| CallbackError::InvalidBody)?;
     if !crypt.verify(
         params.signature,
         params.timestamp,
@@ -210,9 +211,14 @@ mod tests {
         let body = serde_json::to_vec(&v["body"]).unwrap();
         let params = Params::from_query(&query).unwrap();
         let event = open(&crypt, &params, &body, 0, None).unwrap();
-        assert_eq!(event.plaintext, v["expected_plaintext"].as_str().unwrap().as_bytes());
+        assert_eq!(
+            event.plaintext,
+            v["expected_plaintext"].as_str().unwrap().as_bytes()
+        );
         assert!(event.is_check_url());
-        let d = crypt.decrypt(v["body"]["encrypt"].as_str().unwrap()).unwrap();
+        let d = crypt
+            .decrypt(v["body"]["encrypt"].as_str().unwrap())
+            .unwrap();
         assert_eq!(&d.random, v["random_prefix"].as_str().unwrap().as_bytes());
         let raw = base64::Engine::decode(
             &base64::engine::general_purpose::STANDARD,
@@ -221,7 +227,10 @@ mod tests {
         .unwrap();
         assert_eq!(raw.len() % 32, 0);
         // Pad byte 31: 16 + 4 + 25 + 20 = 65 bytes, padded to 96.
-        assert_eq!(96 - (16 + 4 + 25 + 20), v["pad_byte"].as_u64().unwrap() as usize);
+        assert_eq!(
+            96 - (16 + 4 + 25 + 20),
+            v["pad_byte"].as_u64().unwrap() as usize
+        );
     }
 
     #[test]
@@ -229,7 +238,12 @@ mod tests {
         let all = vectors();
         let v = &all["dingtalk_callback"]["D2_reply_success"];
         let crypt = crypt_of(v);
-        let random: [u8; 16] = v["random16"].as_str().unwrap().as_bytes().try_into().unwrap();
+        let random: [u8; 16] = v["random16"]
+            .as_str()
+            .unwrap()
+            .as_bytes()
+            .try_into()
+            .unwrap();
         let reply = reply_with(
             &crypt,
             v["timeStamp"].as_str().unwrap(),
@@ -250,7 +264,12 @@ mod tests {
         let v = &all["dingtalk_callback"]["D3_event_full_pad_block"];
         let crypt = crypt_of(v);
         let plaintext = v["plaintext_utf8"].as_str().unwrap();
-        let random: [u8; 16] = v["random16"].as_str().unwrap().as_bytes().try_into().unwrap();
+        let random: [u8; 16] = v["random16"]
+            .as_str()
+            .unwrap()
+            .as_bytes()
+            .try_into()
+            .unwrap();
         let encrypt = crypt.encrypt(&random, plaintext.as_bytes());
         assert_eq!(encrypt, v["expected_encrypt"].as_str().unwrap());
         let query = query_of(v);
