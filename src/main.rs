@@ -86,7 +86,7 @@ fn main() -> ExitCode {
 
 async fn serve(settings: config::Settings) -> anyhow::Result<()> {
     let shutdown = imbridge::shutdown::Shutdown::new();
-    shutdown.on_signals();
+    shutdown.on_signals()?;
     imbridge::app::App::build(settings, shutdown)
         .await?
         .run()

@@ -26,30 +26,56 @@ impl Shutdown {
         self.0.cancelled().await
     }
 
-    /// Trips this signal on the first SIGTERM or SIGINT.
-    pub fn on_signals(&self) {
+    /// Trips this signal on the first SIGTERM or SIGINT. The handlers are installed before
+    /// this returns, so a signal that arrives right after start-up is not lost to the default
+    /// action (which would kill the process without draining).
+    pub fn on_signals(&self) -> std::io::Result<()> {
+        let signals = Signals::install()?;
         let this = self.clone();
         tokio::spawn(async move {
-            let name = wait_for_signal().await;
+            let name = signals.recv().await;
             tracing::info!(signal = name, "shutting down");
             this.trigger();
         });
+        Ok(())
     }
 }
 
 #[cfg(unix)]
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signal() -> &'static str {
-    let _ = tokio::signal::ctrl_c().await;
-    "ctrl-c"
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Signals)
+    }
+
+    async fn recv(self) -> &'static str {
+        let _ = tokio::signal::ctrl_c().await;
+        "ctrl-c"
+    }
 }
