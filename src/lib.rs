@@ -22,6 +22,7 @@ pub mod bus;
 pub mod config;
 pub mod ingress;
 pub mod metrics;
+pub mod notify;
 pub mod platform;
 pub mod shutdown;
 pub mod telemetry;

@@ -2,7 +2,10 @@
 //! platform; the AES scheme DingTalk and WeCom share is in [`msgcrypt`].
 
 pub mod dingtalk;
+pub mod lark;
 pub mod msgcrypt;
+pub mod outbound;
+pub mod wecom;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

@@ -1,0 +1,4 @@
+//! The outbound direction: consume `notify.<target>`, render, rate-limit, send, retry,
+//! dead-letter (DESIGN.md §3).
+
+pub mod message;

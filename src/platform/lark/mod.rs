@@ -1,0 +1,1 @@
+//! Lark / Feishu.
