@@ -14,9 +14,11 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 
 use crate::bus::Bus;
-use crate::config::Settings;
+use crate::config::{LimiterKind, Settings};
 use crate::ingress::{self, State};
 use crate::metrics::Metrics;
+use crate::notify::limiter::Limiter;
+use crate::notify::pipeline::Notifier;
 use crate::shutdown::Shutdown;
 
 pub struct App {
@@ -24,6 +26,7 @@ pub struct App {
     pub admin_addr: SocketAddr,
     bus: Arc<Bus>,
     metrics: Metrics,
+    notifier: Arc<Notifier>,
     shutdown: Shutdown,
     admin_stop: Shutdown,
     grace: Duration,
@@ -35,9 +38,35 @@ impl App {
     pub async fn build(settings: Settings, shutdown: Shutdown) -> anyhow::Result<App> {
         let metrics = Metrics::new();
         let bus = Arc::new(
-            Bus::start(&settings.bus, metrics.clone(), shutdown.clone())
-                .await
-                .context("starting the bus")?,
+            Bus::start(
+                &settings.bus,
+                &settings.notify,
+                metrics.clone(),
+                shutdown.clone(),
+            )
+            .await
+            .context("starting the bus")?,
+        );
+        let limiter = match (settings.notify.limiter, bus.nats()) {
+            (LimiterKind::NatsKv, Some(nats)) => {
+                let (storage, replicas) = nats.storage();
+                Limiter::nats_kv(
+                    nats.jetstream().clone(),
+                    &settings.notify.limiter_bucket,
+                    storage,
+                    replicas,
+                )
+            }
+            _ => Limiter::local(),
+        };
+        let notifier = Notifier::start(
+            &settings.notify,
+            &settings.targets,
+            bus.clone(),
+            limiter,
+            metrics.clone(),
+            &settings.bus.subject_prefix,
+            shutdown.clone(),
         );
         let state = Arc::new(State {
             dingtalk: settings.dingtalk_apps.clone(),
@@ -45,6 +74,7 @@ impl App {
             metrics: metrics.clone(),
             replay_window: settings.server.replay_window,
             subject_prefix: settings.bus.subject_prefix.clone(),
+            notifier: notifier.clone(),
         });
 
         let stop = shutdown.clone();
@@ -79,6 +109,7 @@ impl App {
             admin_addr,
             bus,
             metrics,
+            notifier,
             shutdown,
             admin_stop,
             grace: settings.server.shutdown_grace,
@@ -116,6 +147,8 @@ impl App {
                 ingress.abort();
             }
         }
+        // Workers hand back what they hold; a send already in flight finishes and is acked.
+        self.notifier.join(self.grace).await;
         self.bus.close().await;
         self.admin_stop.trigger();
         let _ = tokio::time::timeout(Duration::from_secs(5), admin).await;

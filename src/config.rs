@@ -16,6 +16,7 @@ use figment::Figment;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::platform::msgcrypt::{self, MsgCrypt};
+use crate::platform::outbound::{LarkMarkdown, RenderOptions, TooLong};
 
 /// Prefix of the environment variables that override the file; `__` separates nesting levels.
 pub const ENV_PREFIX: &str = "IMBRIDGE_";
@@ -32,6 +33,10 @@ pub struct Config {
     pub bus: BusConfig,
     /// Platform apps whose callbacks the ingress accepts.
     pub apps: AppsConfig,
+    /// The notify pipeline (consumer of `notify.>`, retries, dead letters, limiter).
+    pub notify: NotifyConfig,
+    /// Where notifications go: `notify.<name>` and `POST /notify/<name>`.
+    pub targets: BTreeMap<String, TargetConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -190,6 +195,136 @@ impl Default for NatsConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyConfig {
+    /// Consume `notify.>` and deliver. Off, the daemon only serves callbacks.
+    pub enabled: bool,
+    /// JetStream stream holding `notify.>` (work-queue retention: a message leaves once delivered
+    /// or dead-lettered).
+    #[serde(deserialize_with = "lenient_string")]
+    pub stream: String,
+    /// JetStream stream holding `dlq.notify.>`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub dlq_stream: String,
+    /// Durable consumer shared by all replicas.
+    #[serde(deserialize_with = "lenient_string")]
+    pub consumer: String,
+    /// How long the bus waits for an ack before redelivering; held messages are kept alive with
+    /// progress acks, so this only matters when a replica dies.
+    #[serde(deserialize_with = "lenient_string")]
+    pub ack_wait: String,
+    /// Messages handed out but not yet acknowledged, across all targets of one replica.
+    pub max_ack_pending: i64,
+    /// Attempts on transient failures (network, timeouts, 5xx) before a message is dead-lettered.
+    pub max_attempts: u32,
+    /// First retry delay; it doubles (with jitter) up to retry_max.
+    #[serde(deserialize_with = "lenient_string")]
+    pub retry_initial: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub retry_max: String,
+    /// A message not delivered within this time after it reached the daemon (throttled, paused,
+    /// retried) is dead-lettered with reason "expired".
+    #[serde(deserialize_with = "lenient_string")]
+    pub max_wait: String,
+    /// Messages queued in memory per target; beyond it they stay on the bus and come back
+    /// after requeue_delay, so a flooded target cannot hold every in-flight slot.
+    pub queue_capacity: usize,
+    #[serde(deserialize_with = "lenient_string")]
+    pub requeue_delay: String,
+    /// Timeout of one request to a platform.
+    #[serde(deserialize_with = "lenient_string")]
+    pub request_timeout: String,
+    /// How long `POST /notify/<target>?wait=true` waits for the platform's answer.
+    #[serde(deserialize_with = "lenient_string")]
+    pub wait_timeout: String,
+    /// Added to every rate-limit window, to absorb network jitter between the limiter and the
+    /// platform and clock differences between replicas.
+    #[serde(deserialize_with = "lenient_string")]
+    pub rate_limit_margin: String,
+    /// "local" (this process only), "nats_kv" (shared by all replicas through a JetStream
+    /// key-value bucket) or "auto" (nats_kv on the nats bus, local otherwise).
+    #[serde(deserialize_with = "lenient_string")]
+    pub limiter: String,
+    /// Key-value bucket of the nats_kv limiter.
+    #[serde(deserialize_with = "lenient_string")]
+    pub limiter_bucket: String,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig {
+            enabled: true,
+            stream: "IMBRIDGE_NOTIFY".into(),
+            dlq_stream: "IMBRIDGE_DLQ".into(),
+            consumer: "imbridge-notify".into(),
+            ack_wait: "30s".into(),
+            max_ack_pending: 1000,
+            max_attempts: 5,
+            retry_initial: "1s".into(),
+            retry_max: "1m".into(),
+            max_wait: "30m".into(),
+            queue_capacity: 100,
+            requeue_delay: "5s".into(),
+            request_timeout: "10s".into(),
+            wait_timeout: "30s".into(),
+            rate_limit_margin: "250ms".into(),
+            limiter: "auto".into(),
+            limiter_bucket: "imbridge_rate_limits".into(),
+        }
+    }
+}
+
+/// One or several values (`rate_limit = "20/min"` or `rate_limit = ["5/s", "100/min"]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn items(&self) -> Vec<&str> {
+        match self {
+            OneOrMany::One(s) => vec![s.as_str()],
+            OneOrMany::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// "dingtalk_robot", "wecom_robot" or "lark_robot".
+    #[serde(deserialize_with = "lenient_string")]
+    pub kind: String,
+    /// The full webhook URL, token or key included (a secret).
+    pub url: Secret,
+    /// Signing secret: DingTalk "SEC…", Lark custom-bot secret.
+    #[serde(default)]
+    pub secret: Option<Secret>,
+    /// Never more than N requests in any window: "20/min", "5/s", "100/60s", or a list.
+    /// Defaults: DingTalk and WeCom robots 20/min, Lark bots ["5/s", "100/min"].
+    #[serde(default)]
+    pub rate_limit: Option<OneOrMany>,
+    /// How long to stop sending after the platform says "too fast". Defaults: DingTalk 10m
+    /// (it bans the robot that long), WeCom and Lark 1m.
+    #[serde(default)]
+    pub pause_on_rate_limit: Option<String>,
+    /// "split" (several messages) or "truncate" a text over the platform's size limit.
+    #[serde(default)]
+    pub too_long: TooLong,
+    /// Byte limit of the text; default is the platform's limit for the message type.
+    #[serde(default)]
+    pub max_bytes: Option<usize>,
+    /// Text of the link rendered for a notification's url.
+    #[serde(default)]
+    pub link_text: Option<String>,
+    /// Lark bots: render markdown as an interactive "card" or a rich-text "post".
+    #[serde(default)]
+    pub lark_markdown: LarkMarkdown,
+}
+
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AppsConfig {
@@ -314,6 +449,128 @@ pub struct Settings {
     pub log: LogConfig,
     pub bus: BusSettings,
     pub dingtalk_apps: BTreeMap<String, DingTalkApp>,
+    pub notify: NotifySettings,
+    pub targets: BTreeMap<String, Target>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NotifySettings {
+    pub enabled: bool,
+    pub stream: String,
+    pub dlq_stream: String,
+    pub consumer: String,
+    pub ack_wait: Duration,
+    pub max_ack_pending: i64,
+    pub max_attempts: u32,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub max_wait: Duration,
+    pub queue_capacity: usize,
+    pub requeue_delay: Duration,
+    pub request_timeout: Duration,
+    pub wait_timeout: Duration,
+    pub rate_limit_margin: Duration,
+    pub limiter: LimiterKind,
+    pub limiter_bucket: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimiterKind {
+    Local,
+    NatsKv,
+}
+
+/// The kinds of notification target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetKind {
+    DingTalkRobot,
+    WeComRobot,
+    LarkRobot,
+}
+
+impl TargetKind {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "dingtalk_robot" => TargetKind::DingTalkRobot,
+            "wecom_robot" => TargetKind::WeComRobot,
+            "lark_robot" => TargetKind::LarkRobot,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TargetKind::DingTalkRobot => "dingtalk_robot",
+            TargetKind::WeComRobot => "wecom_robot",
+            TargetKind::LarkRobot => "lark_robot",
+        }
+    }
+
+    /// The platform's documented limits (PROTOCOLS.md §3.3, §6.1, §8.1).
+    pub fn default_limits(&self) -> Vec<Limit> {
+        let min = Duration::from_secs(60);
+        match self {
+            TargetKind::DingTalkRobot | TargetKind::WeComRobot => vec![Limit::new(20, min)],
+            TargetKind::LarkRobot => {
+                vec![Limit::new(5, Duration::from_secs(1)), Limit::new(100, min)]
+            }
+        }
+    }
+
+    /// DingTalk bans a robot for 10 minutes after a burst; the others recover with the window.
+    pub fn default_pause(&self) -> Duration {
+        match self {
+            TargetKind::DingTalkRobot => Duration::from_secs(600),
+            TargetKind::WeComRobot | TargetKind::LarkRobot => Duration::from_secs(60),
+        }
+    }
+}
+
+/// At most `max` requests in any sliding window of length `window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub max: u32,
+    pub window: Duration,
+}
+
+impl Limit {
+    pub fn new(max: u32, window: Duration) -> Self {
+        Limit { max, window }
+    }
+
+    /// Parses "20/min", "5/s", "100/60s", "20/1m", "1000/h".
+    pub fn parse(s: &str) -> Result<Limit, String> {
+        let (n, per) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not N/WINDOW (e.g. \"20/min\")"))?;
+        let max: u32 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("{n:?} is not a positive count"))?;
+        let per = per.trim();
+        let window = match per {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            other => parse_duration(other)?,
+        };
+        if max == 0 || window.is_zero() {
+            return Err(format!("{s:?}: count and window must be greater than 0"));
+        }
+        Ok(Limit { max, window })
+    }
+}
+
+/// A configured notification target, validated.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub kind: TargetKind,
+    pub url: Secret,
+    pub secret: Option<Secret>,
+    pub limits: Vec<Limit>,
+    pub pause_on_rate_limit: Duration,
+    pub render: RenderOptions,
 }
 
 #[derive(Debug, Clone)]
@@ -525,6 +782,18 @@ impl Config {
             }
         }
 
+        let notify = self.notify.validate(&mut c, &engine);
+        let mut targets = BTreeMap::new();
+        for (name, t) in &self.targets {
+            let key = format!("targets.{name}");
+            if !crate::bus::is_valid_token(name) {
+                c.problem(&key, "target names must be of [A-Za-z0-9_-]");
+            }
+            if let Some(t) = t.validate(name, &key, &mut c) {
+                targets.insert(name.clone(), t);
+            }
+        }
+
         if !c.problems.is_empty() {
             return Err(ConfigError {
                 problems: c.problems,
@@ -538,6 +807,8 @@ impl Config {
                 engine,
             },
             dingtalk_apps,
+            notify,
+            targets,
         })
     }
 }
@@ -608,6 +879,136 @@ impl NatsConfig {
             reconnect_max_delay: c
                 .duration("bus.nats.reconnect_max_delay", &self.reconnect_max_delay),
         }
+    }
+}
+
+impl NotifyConfig {
+    fn validate(&self, c: &mut Checker, engine: &EngineSettings) -> NotifySettings {
+        let limiter = match (self.limiter.as_str(), engine) {
+            ("local", _) | ("auto", EngineSettings::Memory(_)) => LimiterKind::Local,
+            ("nats_kv", EngineSettings::Nats(_)) | ("auto", EngineSettings::Nats(_)) => {
+                LimiterKind::NatsKv
+            }
+            ("nats_kv", _) => {
+                c.problem("notify.limiter", "nats_kv needs bus.kind = \"nats\"");
+                LimiterKind::Local
+            }
+            (other, _) => {
+                c.problem(
+                    "notify.limiter",
+                    format!(
+                        "unknown limiter {other:?}; expected \"auto\", \"local\" or \"nats_kv\""
+                    ),
+                );
+                LimiterKind::Local
+            }
+        };
+        for (key, value) in [
+            ("notify.stream", &self.stream),
+            ("notify.dlq_stream", &self.dlq_stream),
+            ("notify.consumer", &self.consumer),
+            ("notify.limiter_bucket", &self.limiter_bucket),
+        ] {
+            if !crate::bus::is_valid_token(value) {
+                c.problem(key, "must be a non-empty name of [A-Za-z0-9_-]");
+            }
+        }
+        if self.max_attempts == 0 {
+            c.problem("notify.max_attempts", "must be at least 1");
+        }
+        if self.queue_capacity == 0 {
+            c.problem("notify.queue_capacity", "must be at least 1");
+        }
+        if self.max_ack_pending < 1 {
+            c.problem("notify.max_ack_pending", "must be at least 1");
+        }
+        let ack_wait = c.duration("notify.ack_wait", &self.ack_wait);
+        if ack_wait < Duration::from_secs(1) {
+            c.problem("notify.ack_wait", "must be at least 1s");
+        }
+        NotifySettings {
+            enabled: self.enabled,
+            stream: self.stream.clone(),
+            dlq_stream: self.dlq_stream.clone(),
+            consumer: self.consumer.clone(),
+            ack_wait,
+            max_ack_pending: self.max_ack_pending,
+            max_attempts: self.max_attempts,
+            retry_initial: c.duration("notify.retry_initial", &self.retry_initial),
+            retry_max: c.duration("notify.retry_max", &self.retry_max),
+            max_wait: c.duration("notify.max_wait", &self.max_wait),
+            queue_capacity: self.queue_capacity,
+            requeue_delay: c.duration("notify.requeue_delay", &self.requeue_delay),
+            request_timeout: c.duration("notify.request_timeout", &self.request_timeout),
+            wait_timeout: c.duration("notify.wait_timeout", &self.wait_timeout),
+            rate_limit_margin: c.duration("notify.rate_limit_margin", &self.rate_limit_margin),
+            limiter,
+            limiter_bucket: self.limiter_bucket.clone(),
+        }
+    }
+}
+
+impl TargetConfig {
+    fn validate(&self, name: &str, key: &str, c: &mut Checker) -> Option<Target> {
+        let before = c.problems.len();
+        let kind = TargetKind::parse(&self.kind);
+        if kind.is_none() {
+            c.problem(
+                format!("{key}.kind"),
+                format!(
+                    "unknown target kind {:?}; expected \"dingtalk_robot\", \"wecom_robot\" or \"lark_robot\"",
+                    self.kind
+                ),
+            );
+        }
+        let url = self.url.expose();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            // The URL holds the robot's token: name the problem, never echo the value.
+            c.problem(format!("{key}.url"), "must be an http(s) webhook URL");
+        }
+        if kind == Some(TargetKind::WeComRobot) && self.secret.is_some() {
+            c.problem(
+                format!("{key}.secret"),
+                "WeCom robots are not signed (the key in the URL is the credential)",
+            );
+        }
+        let limits = match &self.rate_limit {
+            None => kind.map(|k| k.default_limits()).unwrap_or_default(),
+            Some(v) => v
+                .items()
+                .into_iter()
+                .filter_map(|item| {
+                    Limit::parse(item)
+                        .map_err(|e| c.problem(format!("{key}.rate_limit"), e))
+                        .ok()
+                })
+                .collect(),
+        };
+        let pause = match &self.pause_on_rate_limit {
+            Some(p) => c.duration(&format!("{key}.pause_on_rate_limit"), p),
+            None => kind.map(|k| k.default_pause()).unwrap_or_default(),
+        };
+        if self.max_bytes.is_some_and(|m| m < 64) {
+            c.problem(format!("{key}.max_bytes"), "must be at least 64");
+        }
+        if c.problems.len() > before {
+            return None;
+        }
+        let defaults = RenderOptions::default();
+        Some(Target {
+            name: name.to_owned(),
+            kind: kind?,
+            url: self.url.clone(),
+            secret: self.secret.clone(),
+            limits,
+            pause_on_rate_limit: pause,
+            render: RenderOptions {
+                max_bytes: self.max_bytes,
+                too_long: self.too_long,
+                link_text: self.link_text.clone().unwrap_or(defaults.link_text),
+                lark_markdown: self.lark_markdown,
+            },
+        })
     }
 }
 

@@ -29,6 +29,22 @@ pub struct Inner {
     pub bus_connected: IntGaugeVec,
     /// Requests being handled right now.
     pub requests_in_flight: IntGauge,
+    /// `POST /notify/<target>` requests by target and outcome.
+    pub notify_requests_total: IntCounterVec,
+    /// Notifications delivered, by target.
+    pub notify_sent_total: IntCounterVec,
+    /// Failed sends by target and class (rate_limited, transient, permanent).
+    pub notify_failed_total: IntCounterVec,
+    /// Retries after transient failures, by target.
+    pub notify_retries_total: IntCounterVec,
+    /// Dead-lettered notifications by target and reason.
+    pub notify_dead_letters_total: IntCounterVec,
+    /// Time spent waiting for the rate limiter before a send, by target.
+    pub notify_limiter_wait_seconds: HistogramVec,
+    /// Notifications queued in this replica, by target.
+    pub notify_queue_depth: IntGaugeVec,
+    /// From publish on the bus to the platform's answer, by target.
+    pub notify_latency_seconds: HistogramVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -84,6 +100,70 @@ impl Metrics {
                 "Ingress requests being handled",
             )
             .unwrap(),
+            notify_requests_total: IntCounterVec::new(
+                Opts::new(
+                    "imbridge_notify_requests_total",
+                    "POST /notify requests by outcome",
+                ),
+                &["target", "outcome"],
+            )
+            .unwrap(),
+            notify_sent_total: IntCounterVec::new(
+                Opts::new("imbridge_notify_sent_total", "Notifications delivered"),
+                &["target"],
+            )
+            .unwrap(),
+            notify_failed_total: IntCounterVec::new(
+                Opts::new("imbridge_notify_failed_total", "Failed sends by class"),
+                &["target", "class"],
+            )
+            .unwrap(),
+            notify_retries_total: IntCounterVec::new(
+                Opts::new(
+                    "imbridge_notify_retries_total",
+                    "Retries after transient failures",
+                ),
+                &["target"],
+            )
+            .unwrap(),
+            notify_dead_letters_total: IntCounterVec::new(
+                Opts::new(
+                    "imbridge_notify_dead_letters_total",
+                    "Notifications dead-lettered",
+                ),
+                &["target", "reason"],
+            )
+            .unwrap(),
+            notify_limiter_wait_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "imbridge_notify_limiter_wait_seconds",
+                    "Time waiting for the rate limiter before a send",
+                )
+                .buckets(vec![
+                    0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+                ]),
+                &["target"],
+            )
+            .unwrap(),
+            notify_queue_depth: IntGaugeVec::new(
+                Opts::new(
+                    "imbridge_notify_queue_depth",
+                    "Notifications queued in this replica",
+                ),
+                &["target"],
+            )
+            .unwrap(),
+            notify_latency_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "imbridge_notify_latency_seconds",
+                    "From publish to the platform's answer",
+                )
+                .buckets(vec![
+                    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+                ]),
+                &["target"],
+            )
+            .unwrap(),
             registry,
         };
         let build_info = IntGaugeVec::new(
@@ -104,6 +184,21 @@ impl Metrics {
         r.register(Box::new(inner.requests_in_flight.clone()))
             .unwrap();
         r.register(Box::new(build_info)).unwrap();
+        for c in [
+            &inner.notify_requests_total,
+            &inner.notify_sent_total,
+            &inner.notify_failed_total,
+            &inner.notify_retries_total,
+            &inner.notify_dead_letters_total,
+        ] {
+            r.register(Box::new(c.clone())).unwrap();
+        }
+        r.register(Box::new(inner.notify_limiter_wait_seconds.clone()))
+            .unwrap();
+        r.register(Box::new(inner.notify_queue_depth.clone()))
+            .unwrap();
+        r.register(Box::new(inner.notify_latency_seconds.clone()))
+            .unwrap();
         Metrics(Arc::new(inner))
     }
 

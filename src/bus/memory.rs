@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::broadcast;
 
-use super::{Ack, BusError, Message};
+use super::{Ack, BusError, Delivery, Message};
 use crate::config::MemorySettings;
 use crate::metrics::Metrics;
 
@@ -33,6 +33,9 @@ impl Received {
 
 pub struct MemoryBus {
     tx: broadcast::Sender<Arc<Received>>,
+    /// Queue subscriptions: each matching message goes to exactly one of them, and a full
+    /// queue refuses the publish (back-pressure instead of loss).
+    queues: Mutex<Vec<(String, tokio::sync::mpsc::Sender<Delivery>)>>,
     seen: Mutex<Seen>,
     window: Duration,
 }
@@ -45,6 +48,10 @@ struct Seen {
 }
 
 impl Seen {
+    fn forget(&mut self, id: &str) {
+        self.ids.remove(id);
+    }
+
     /// Records `id` at `now`; false when it was already seen within `window`.
     fn insert(&mut self, id: &str, now: Instant, window: Duration) -> bool {
         while let Some((t, _)) = self.order.front() {
@@ -73,20 +80,53 @@ impl MemoryBus {
             tx,
             seen: Mutex::new(Seen::default()),
             window: settings.duplicate_window,
+            queues: Mutex::new(Vec::new()),
         }
     }
 
+    /// Registers a queue subscription for `pattern`.
+    pub fn queue(&self, pattern: &str, tx: tokio::sync::mpsc::Sender<Delivery>) {
+        self.queues
+            .lock()
+            .expect("not poisoned")
+            .push((pattern.to_owned(), tx));
+    }
+
+    fn enqueue(&self, msg: &Message) -> Result<(), BusError> {
+        let queues = self.queues.lock().expect("not poisoned");
+        let Some((_, tx)) = queues
+            .iter()
+            .find(|(p, tx)| super::subject_matches(p, &msg.subject) && !tx.is_closed())
+        else {
+            return Ok(());
+        };
+        let delivery = Delivery {
+            subject: msg.subject.clone(),
+            headers: msg.headers.clone(),
+            payload: msg.payload.clone(),
+            published: std::time::SystemTime::now(),
+            delivered: 1,
+            acker: super::Acker::Memory(Requeue { tx: tx.clone() }),
+        };
+        tx.try_send(delivery)
+            .map_err(|_| BusError::Unavailable("in-process queue is full".into()))
+    }
+
     pub fn publish(&self, msg: &Message) -> Result<Ack, BusError> {
-        let fresh = self.seen.lock().expect("not poisoned").insert(
-            &msg.event.id,
-            Instant::now(),
-            self.window,
-        );
+        let fresh =
+            self.seen
+                .lock()
+                .expect("not poisoned")
+                .insert(&msg.id, Instant::now(), self.window);
         if fresh {
+            self.enqueue(msg).inspect_err(|_| {
+                // Refused, so a retry with the same id must not be taken for a duplicate.
+                self.seen.lock().expect("not poisoned").forget(&msg.id);
+            })?;
             // No subscriber is not an error: like a stream nobody reads yet.
             let _ = self.tx.send(Arc::new(Received {
                 subject: msg.subject.clone(),
-                headers: msg.event.headers("ce-"),
+                headers: msg.headers.clone(),
                 payload: msg.payload.clone(),
             }));
         }
@@ -99,6 +139,31 @@ impl MemoryBus {
             rx: self.tx.subscribe(),
             pattern: pattern.to_owned(),
         }
+    }
+}
+
+/// Hands a delivery back to its queue after a delay (the in-process "negative ack").
+pub struct Requeue {
+    tx: tokio::sync::mpsc::Sender<Delivery>,
+}
+
+impl Requeue {
+    pub(super) fn requeue(&self, d: &Delivery, delay: std::time::Duration) {
+        let again = Delivery {
+            subject: d.subject.clone(),
+            headers: d.headers.clone(),
+            payload: d.payload.clone(),
+            published: d.published,
+            delivered: d.delivered + 1,
+            acker: super::Acker::Memory(Requeue {
+                tx: self.tx.clone(),
+            }),
+        };
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(again).await;
+        });
     }
 }
 

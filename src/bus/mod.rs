@@ -7,11 +7,12 @@
 pub mod memory;
 pub mod nats;
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use tokio::sync::mpsc;
 
-use crate::config::{BusSettings, EngineSettings};
+use crate::config::{BusSettings, EngineSettings, NotifySettings};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -90,8 +91,99 @@ impl CloudEvent {
 pub struct Message {
     /// Full subject, prefix included.
     pub subject: String,
-    pub event: CloudEvent,
+    /// The dedupe key (`Nats-Msg-Id` on NATS, the record key on Kafka).
+    pub id: String,
+    /// Headers, in the NATS spelling (`ce-id`, …).
+    pub headers: Vec<(String, String)>,
     pub payload: Bytes,
+}
+
+impl Message {
+    /// A CloudEvent in binary content mode.
+    pub fn event(subject: String, event: &CloudEvent, payload: Bytes) -> Message {
+        Message {
+            subject,
+            id: event.id.clone(),
+            headers: event.headers("ce-"),
+            payload,
+        }
+    }
+}
+
+/// A message handed to a consumer. It stays on the bus until acknowledged; a negative
+/// acknowledgement (or a replica dying) brings it back later.
+pub struct Delivery {
+    pub subject: String,
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+    /// When the bus received it, for end-to-end latency.
+    pub published: SystemTime,
+    /// How many times the bus has handed it out (1 the first time).
+    pub delivered: u64,
+    acker: Acker,
+}
+
+enum Acker {
+    Memory(memory::Requeue),
+    Nats(Box<async_nats::jetstream::Message>),
+}
+
+impl Delivery {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The publisher's message id (`ce-id`, or `Nats-Msg-Id`), when it gave one.
+    pub fn id(&self) -> Option<&str> {
+        self.header("ce-id").or_else(|| self.header("Nats-Msg-Id"))
+    }
+
+    /// Done with it: delivered or dead-lettered.
+    pub async fn ack(&self) -> Result<(), BusError> {
+        match &self.acker {
+            Acker::Memory(_) => Ok(()),
+            Acker::Nats(m) => m.ack().await.map_err(|e| BusError::Publish(e.to_string())),
+        }
+    }
+
+    /// Not now: hand it out again after `delay`.
+    pub async fn nak(&self, delay: Duration) -> Result<(), BusError> {
+        match &self.acker {
+            Acker::Memory(r) => {
+                r.requeue(self, delay);
+                Ok(())
+            }
+            Acker::Nats(m) => m
+                .ack_with(async_nats::jetstream::AckKind::Nak(Some(delay)))
+                .await
+                .map_err(|e| BusError::Publish(e.to_string())),
+        }
+    }
+
+    /// Still working on it: keeps the bus from redelivering it to another replica.
+    pub async fn progress(&self) -> Result<(), BusError> {
+        match &self.acker {
+            Acker::Memory(_) => Ok(()),
+            Acker::Nats(m) => m
+                .ack_with(async_nats::jetstream::AckKind::Progress)
+                .await
+                .map_err(|e| BusError::Publish(e.to_string())),
+        }
+    }
+}
+
+/// The deliveries of one subscription, whatever the engine.
+pub struct Consumer {
+    rx: mpsc::Receiver<Delivery>,
+}
+
+impl Consumer {
+    pub async fn next(&mut self) -> Option<Delivery> {
+        self.rx.recv().await
+    }
 }
 
 /// A publish the bus has acknowledged.
@@ -119,17 +211,48 @@ impl Bus {
     /// readiness through [`Bus::is_ready`]; starting never waits for a broker.
     pub async fn start(
         settings: &BusSettings,
+        notify: &NotifySettings,
         metrics: Metrics,
         shutdown: Shutdown,
     ) -> Result<Bus, BusError> {
         let engine = match &settings.engine {
             EngineSettings::Memory(m) => Engine::Memory(memory::MemoryBus::new(m, metrics.clone())),
             EngineSettings::Nats(n) => Engine::Nats(Box::new(
-                nats::NatsBus::start(n, &settings.subject_prefix, metrics.clone(), shutdown)
-                    .await?,
+                nats::NatsBus::start(
+                    n,
+                    notify,
+                    &settings.subject_prefix,
+                    metrics.clone(),
+                    shutdown,
+                )
+                .await?,
             )),
         };
         Ok(Bus { engine, metrics })
+    }
+
+    /// Consumes `subject_filter` as a queue shared by every replica: each message goes to one
+    /// of them and stays on the bus until acknowledged.
+    pub fn consume(
+        &self,
+        subject_filter: &str,
+        notify: &NotifySettings,
+        shutdown: Shutdown,
+    ) -> Consumer {
+        let (tx, rx) = mpsc::channel(notify.max_ack_pending.max(1) as usize);
+        match &self.engine {
+            Engine::Memory(b) => b.queue(subject_filter, tx),
+            Engine::Nats(b) => b.consume(subject_filter, notify, tx, shutdown),
+        }
+        Consumer { rx }
+    }
+
+    /// The NATS engine, for what only it offers (the key-value limiter).
+    pub fn nats(&self) -> Option<&nats::NatsBus> {
+        match &self.engine {
+            Engine::Nats(b) => Some(b),
+            _ => None,
+        }
     }
 
     pub fn engine(&self) -> &'static str {

@@ -14,8 +14,8 @@ use async_nats::connection::State;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use tokio::sync::Notify;
 
-use super::{Ack, BusError, Message};
-use crate::config::NatsSettings;
+use super::{Ack, BusError, Delivery, Message};
+use crate::config::{NatsSettings, NotifySettings};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -29,11 +29,15 @@ pub struct NatsBus {
     /// Wakes the stream keeper to (re)create the stream.
     recheck: Arc<Notify>,
     publish_timeout: Duration,
+    max_delay: Duration,
+    memory_storage: bool,
+    replicas: usize,
 }
 
 impl NatsBus {
     pub async fn start(
         settings: &NatsSettings,
+        notify: &NotifySettings,
         prefix: &str,
         metrics: Metrics,
         shutdown: Shutdown,
@@ -94,26 +98,44 @@ impl NatsBus {
         let mut js = jetstream::new(client.clone());
         js.set_timeout(settings.publish_timeout);
 
-        let config = stream::Config {
-            name: settings.stream.clone(),
-            subjects: INBOUND_PLATFORMS
-                .iter()
-                .map(|p| super::with_prefix(prefix, &format!("{p}.>")))
-                .collect(),
-            storage: if settings.memory_storage {
-                stream::StorageType::Memory
-            } else {
-                stream::StorageType::File
-            },
+        let storage = if settings.memory_storage {
+            stream::StorageType::Memory
+        } else {
+            stream::StorageType::File
+        };
+        let base = stream::Config {
+            storage,
             num_replicas: settings.replicas,
             duplicate_window: settings.duplicate_window,
             max_age: settings.max_age,
             ..Default::default()
         };
-        tokio::spawn(keep_stream(
+        let mut configs = vec![stream::Config {
+            name: settings.stream.clone(),
+            subjects: INBOUND_PLATFORMS
+                .iter()
+                .map(|p| super::with_prefix(prefix, &format!("{p}.>")))
+                .collect(),
+            ..base.clone()
+        }];
+        if notify.enabled {
+            // A work queue: a notification leaves the stream once delivered or dead-lettered.
+            configs.push(stream::Config {
+                name: notify.stream.clone(),
+                subjects: vec![super::with_prefix(prefix, "notify.>")],
+                retention: stream::RetentionPolicy::WorkQueue,
+                ..base.clone()
+            });
+            configs.push(stream::Config {
+                name: notify.dlq_stream.clone(),
+                subjects: vec![super::with_prefix(prefix, "dlq.notify.>")],
+                ..base
+            });
+        }
+        tokio::spawn(keep_streams(
             client.clone(),
             js.clone(),
-            config,
+            configs,
             stream_ready.clone(),
             recheck.clone(),
             max_delay,
@@ -126,7 +148,68 @@ impl NatsBus {
             stream_ready,
             recheck,
             publish_timeout: settings.publish_timeout,
+            max_delay,
+            memory_storage: settings.memory_storage,
+            replicas: settings.replicas,
         })
+    }
+
+    /// The JetStream context, for the key-value limiter.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// Storage and replicas configured for streams, reused for the limiter's bucket.
+    pub fn storage(&self) -> (stream::StorageType, usize) {
+        let storage = if self.memory_storage {
+            stream::StorageType::Memory
+        } else {
+            stream::StorageType::File
+        };
+        (storage, self.replicas)
+    }
+
+    /// Runs the durable pull consumer shared by all replicas, forwarding its messages to `tx`,
+    /// and re-creates it after any failure (disconnect, consumer deleted, server restart).
+    pub fn consume(
+        &self,
+        subject_filter: &str,
+        notify: &NotifySettings,
+        tx: tokio::sync::mpsc::Sender<Delivery>,
+        shutdown: Shutdown,
+    ) {
+        let js = self.js.clone();
+        let client = self.client.clone();
+        let ready = self.stream_ready.clone();
+        let stream_name = notify.stream.clone();
+        let config = jetstream::consumer::pull::Config {
+            durable_name: Some(notify.consumer.clone()),
+            filter_subject: subject_filter.to_owned(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: notify.ack_wait,
+            max_deliver: -1,
+            max_ack_pending: notify.max_ack_pending,
+            ..Default::default()
+        };
+        let max_delay = self.max_delay;
+        tokio::spawn(async move {
+            let mut attempt = 1;
+            loop {
+                if client.connection_state() == State::Connected && ready.load(Ordering::SeqCst) {
+                    match run_consumer(&js, &stream_name, config.clone(), &tx, &shutdown).await {
+                        Ok(()) => return,
+                        Err(e) => {
+                            tracing::warn!(stream = %stream_name, error = %e, "notify consumer interrupted; restarting it");
+                        }
+                    }
+                }
+                attempt += 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff(attempt.min(8), max_delay).max(Duration::from_millis(100))) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        });
     }
 
     pub fn is_ready(&self) -> bool {
@@ -142,10 +225,10 @@ impl NatsBus {
             return Err(BusError::Unavailable("stream not ready".into()));
         }
         let mut headers = async_nats::HeaderMap::new();
-        for (k, v) in msg.event.headers("ce-") {
+        for (k, v) in &msg.headers {
             headers.insert(k.as_str(), v.as_str());
         }
-        headers.insert("Nats-Msg-Id", msg.event.id.as_str());
+        headers.insert("Nats-Msg-Id", msg.id.as_str());
         let publish = async {
             self.js
                 .publish_with_headers(msg.subject.clone(), headers, msg.payload.clone())
@@ -188,12 +271,76 @@ fn backoff(attempts: usize, max: Duration) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << exp)).min(max)
 }
 
-/// Creates or updates the stream whenever asked (on start, after each reconnect, after a
-/// publish found it missing) and retries until it succeeds.
-async fn keep_stream(
+/// Pulls from the durable consumer until shutdown (Ok) or an error (Err, to be restarted).
+async fn run_consumer(
+    js: &jetstream::Context,
+    stream_name: &str,
+    config: jetstream::consumer::pull::Config,
+    tx: &tokio::sync::mpsc::Sender<Delivery>,
+    shutdown: &Shutdown,
+) -> Result<(), String> {
+    use futures::StreamExt;
+    let stream = js
+        .get_stream(stream_name)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = config.durable_name.clone().unwrap_or_default();
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(&name, config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    tracing::info!(stream = stream_name, consumer = %name, "notify consumer running");
+    loop {
+        let next = tokio::select! {
+            m = messages.next() => m,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        let msg = match next {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Err("message stream ended".into()),
+        };
+        let (published, delivered) = match msg.info() {
+            Ok(i) => (
+                std::time::UNIX_EPOCH
+                    + Duration::from_nanos(i.published.unix_timestamp_nanos().max(0) as u64),
+                i.delivered.max(1) as u64,
+            ),
+            Err(_) => (std::time::SystemTime::now(), 1),
+        };
+        let headers = msg
+            .headers
+            .as_ref()
+            .map(|h| {
+                h.iter()
+                    .flat_map(|(k, vs)| {
+                        vs.iter()
+                            .map(move |v| (k.to_string(), v.as_str().to_owned()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let delivery = Delivery {
+            subject: msg.subject.to_string(),
+            headers,
+            payload: msg.payload.clone(),
+            published,
+            delivered,
+            acker: super::Acker::Nats(Box::new(msg)),
+        };
+        if tx.send(delivery).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Creates or updates the streams whenever asked (on start, after each reconnect, after a
+/// publish found one missing) and retries until it succeeds.
+async fn keep_streams(
     client: async_nats::Client,
     js: jetstream::Context,
-    config: stream::Config,
+    configs: Vec<stream::Config>,
     ready: Arc<AtomicBool>,
     recheck: Arc<Notify>,
     max_delay: Duration,
@@ -207,15 +354,22 @@ async fn keep_stream(
         let mut attempt = 1;
         while !ready.load(Ordering::SeqCst) {
             if client.connection_state() == State::Connected {
-                match js.create_or_update_stream(config.clone()).await {
-                    Ok(info) => {
-                        tracing::info!(stream = %info.config.name, subjects = ?info.config.subjects, "JetStream stream ready");
-                        ready.store(true, Ordering::SeqCst);
-                        break;
+                let mut all = true;
+                for config in &configs {
+                    match js.create_or_update_stream(config.clone()).await {
+                        Ok(info) => {
+                            tracing::info!(stream = %info.config.name, subjects = ?info.config.subjects, "JetStream stream ready");
+                        }
+                        Err(e) => {
+                            tracing::warn!(stream = %config.name, error = %e, "cannot create or update JetStream stream; retrying");
+                            all = false;
+                            break;
+                        }
                     }
-                    Err(e) => {
-                        tracing::warn!(stream = %config.name, error = %e, "cannot create or update JetStream stream; retrying")
-                    }
+                }
+                if all {
+                    ready.store(true, Ordering::SeqCst);
+                    break;
                 }
             }
             attempt += 1;

@@ -101,19 +101,17 @@ async fn handle(
 
     let event_type = bus::sanitize_event_type(event.event_type.as_deref().unwrap_or(""));
     let ty = format!("{PLATFORM}.{event_type}");
-    let msg = Message {
-        subject: bus::with_prefix(&state.subject_prefix, &ty),
-        event: CloudEvent {
-            id: event_id(app, &event.plaintext),
-            source: format!("{PLATFORM}/{app}"),
-            ty,
-            time: SystemTime::now(),
-            content_type: "application/json",
-            app: app.to_owned(),
-            tenant: event.corp_id.clone(),
-        },
-        payload: Bytes::from(event.plaintext),
+    let subject = bus::with_prefix(&state.subject_prefix, &ty);
+    let cloud_event = CloudEvent {
+        id: event_id(app, &event.plaintext),
+        source: format!("{PLATFORM}/{app}"),
+        ty,
+        time: SystemTime::now(),
+        content_type: "application/json",
+        app: app.to_owned(),
+        tenant: event.corp_id.clone(),
     };
+    let msg = Message::event(subject, &cloud_event, Bytes::from(event.plaintext));
     let ack = state.bus.publish(&msg).await.map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -121,7 +119,7 @@ async fn handle(
             format!("event not stored, retry later: {e}"),
         )
     })?;
-    tracing::debug!(platform = PLATFORM, app, subject = %msg.subject, id = %msg.event.id, duplicate = ack.duplicate, "published");
+    tracing::debug!(platform = PLATFORM, app, subject = %msg.subject, id = %msg.id, duplicate = ack.duplicate, "published");
     let outcome = if ack.duplicate {
         Outcome::Duplicate
     } else {

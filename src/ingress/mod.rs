@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod dingtalk;
+pub mod notify;
 pub mod reply;
 
 use std::collections::{BTreeMap, HashMap};
@@ -18,6 +19,7 @@ use warp::{Buf, Filter, Rejection, Reply};
 use crate::bus::Bus;
 use crate::config::DingTalkApp;
 use crate::metrics::Metrics;
+use crate::notify::pipeline::Notifier;
 use reply::ApiError;
 
 /// What the handlers share.
@@ -27,6 +29,7 @@ pub struct State {
     pub metrics: Metrics,
     pub replay_window: Option<Duration>,
     pub subject_prefix: String,
+    pub notifier: Arc<Notifier>,
 }
 
 /// Every ingress route, with the rejection handler applied.
@@ -38,9 +41,17 @@ pub fn routes(
         .and(warp::post())
         .and(query())
         .and(body(max_body_bytes))
-        .and(with(state))
+        .and(with(state.clone()))
         .then(dingtalk::callback);
-    dingtalk.recover(reply::recover)
+    let notify = warp::path!("notify" / String)
+        .and(warp::post())
+        .and(query())
+        .and(warp::header::optional::<String>("content-type"))
+        .and(warp::header::optional::<String>("idempotency-key"))
+        .and(body(max_body_bytes))
+        .and(with(state))
+        .then(notify::post);
+    dingtalk.or(notify).recover(reply::recover)
 }
 
 fn with<T: Clone + Send>(value: T) -> impl Filter<Extract = (T,), Error = Infallible> + Clone {

@@ -136,10 +136,18 @@ impl ZenTao {
     /// otherwise one is composed from the other fields.
     pub fn to_notification(&self) -> Notification {
         let summary = if self.text.trim().is_empty() {
-            let actor = if self.actor.is_empty() { "someone" } else { &self.actor };
+            let actor = if self.actor.is_empty() {
+                "someone"
+            } else {
+                &self.actor
+            };
             format!(
                 "{actor} {} {} #{}",
-                if self.action.is_empty() { "changed" } else { &self.action },
+                if self.action.is_empty() {
+                    "changed"
+                } else {
+                    &self.action
+                },
                 self.object_type,
                 self.object_id
             )
@@ -237,8 +245,9 @@ pub fn parse(body: &[u8]) -> Result<Parsed, MessageError> {
             zentao: Some(z),
         });
     }
-    let n: Notification = serde_json::from_value(serde_json::Value::Object(map.into_iter().collect()))
-        .map_err(|e| MessageError::Invalid(e.to_string()))?;
+    let n: Notification =
+        serde_json::from_value(serde_json::Value::Object(map.into_iter().collect()))
+            .map_err(|e| MessageError::Invalid(e.to_string()))?;
     if n.text.trim().is_empty() && n.raw.is_none() {
         return Err(MessageError::Empty);
     }
@@ -264,7 +273,10 @@ mod tests {
 
     #[test]
     fn rejects_unknown_fields_empty_and_non_objects() {
-        assert!(matches!(parse(br#"{"text":"x","colour":"red"}"#), Err(MessageError::Invalid(_))));
+        assert!(matches!(
+            parse(br#"{"text":"x","colour":"red"}"#),
+            Err(MessageError::Invalid(_))
+        ));
         assert_eq!(parse(br#"{"title":"only"}"#), Err(MessageError::Empty));
         assert!(matches!(parse(b"[1]"), Err(MessageError::Invalid(_))));
         assert!(matches!(parse(b"garbage"), Err(MessageError::Invalid(_))));
@@ -278,7 +290,10 @@ mod tests {
         let z = p.zentao.unwrap();
         assert_eq!(z.products(), ["1"]);
         assert_eq!(z.execution, "3");
-        assert_eq!(p.notification.title.as_deref(), Some("张三创建了Bug #12::Login fails"));
+        assert_eq!(
+            p.notification.title.as_deref(),
+            Some("张三创建了Bug #12::Login fails")
+        );
         assert_eq!(
             p.notification.text,
             "张三创建了Bug [#12::Login fails](https://zentao.example.com/bug-view-12.html)\n\n> Steps attached\n\n2024-01-01 10:00:00"
@@ -297,7 +312,8 @@ mod tests {
 
     #[test]
     fn zentao_without_text_gets_a_composed_line() {
-        let p = parse(br#"{"objectType":"story","objectID":"5","action":"closed","actor":"wang"}"#).unwrap();
+        let p = parse(br#"{"objectType":"story","objectID":"5","action":"closed","actor":"wang"}"#)
+            .unwrap();
         assert_eq!(p.notification.text, "wang closed story #5");
     }
 }

@@ -134,7 +134,10 @@ pub fn truncate_utf8(text: &str, max: usize) -> String {
 /// Cuts `text` to fit `budget` bytes per part, by splitting or truncating.
 pub fn fit(text: &str, budget: usize, too_long: TooLong) -> Vec<String> {
     match too_long {
-        TooLong::Split => split_utf8(text, budget).into_iter().map(str::to_owned).collect(),
+        TooLong::Split => split_utf8(text, budget)
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
         TooLong::Truncate => vec![truncate_utf8(text, budget.max(TRUNCATED.len() + 4))],
     }
 }

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod fakes;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -185,6 +187,14 @@ pub fn nats_bus(url: &str) -> String {
 impl TestApp {
     /// Builds and starts the daemon from TOML (which must set the `[server]` listeners).
     pub async fn start(toml: &str) -> TestApp {
+        // Logs show with `--nocapture`; RUST_LOG selects them.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let settings = config::from_figment(figment::Figment::from(Toml::string(toml)))
             .unwrap_or_else(|e| panic!("test config invalid: {e}"));
         let shutdown = Shutdown::new();

@@ -3,3 +3,4 @@
 //! (milliseconds) and `nonce`, and an encrypted `success` as the required reply.
 
 pub mod callback;
+pub mod robot;

@@ -1,1 +1,3 @@
 //! Lark / Feishu.
+
+pub mod robot;

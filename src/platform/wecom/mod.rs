@@ -1,1 +1,3 @@
 //! WeCom (WeChat Work).
+
+pub mod robot;

@@ -1,0 +1,172 @@
+//! `POST /notify/<target>`: the same notification body as the bus (or a ZenTao/Sanplex
+//! webhook payload, JSON or form). Publishes to `notify.<target>` and answers 202 with the
+//! message id; with `?wait=true` delivers synchronously and answers with the platform's result.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use serde_json::json;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::Reply;
+
+use super::reply::ApiError;
+use super::State;
+use crate::bus::{self, CloudEvent, Message};
+use crate::metrics::UNKNOWN_APP;
+use crate::notify::message::{self, Parsed};
+use crate::notify::pipeline::{NotifyError, Outcome};
+use crate::platform::outbound::Answer;
+
+pub async fn post(
+    target: String,
+    query: String,
+    content_type: Option<String>,
+    idempotency_key: Option<String>,
+    body: Result<Bytes, ApiError>,
+    state: Arc<State>,
+) -> Response {
+    let known = state.notifier.has_target(&target);
+    let result = handle(&target, &query, content_type, idempotency_key, body, &state).await;
+    let label = if known { target.as_str() } else { UNKNOWN_APP };
+    let (outcome, response) = match result {
+        Ok((outcome, response)) => (outcome, response),
+        Err(e) => {
+            tracing::info!(target = label, code = e.code, message = %e.message, "notify request refused");
+            (e.code, e.into_response())
+        }
+    };
+    state
+        .metrics
+        .notify_requests_total
+        .with_label_values(&[label, outcome])
+        .inc();
+    response
+}
+
+async fn handle(
+    target: &str,
+    query: &str,
+    content_type: Option<String>,
+    idempotency_key: Option<String>,
+    body: Result<Bytes, ApiError>,
+    state: &State,
+) -> Result<(&'static str, Response), ApiError> {
+    if !state.notifier.has_target(target) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_target",
+            "no notification target of that name is configured",
+        ));
+    }
+    let body = body?;
+    let query = super::parse_query(query)?;
+    let wait = matches!(query.get("wait").map(String::as_str), Some("true" | "1"));
+    let Parsed { notification, .. } = message::parse(&body)
+        .map_err(|e| ApiError::bad_request("invalid_message", e.to_string()))?;
+
+    if wait {
+        return match state.notifier.deliver_now(target, notification).await {
+            Ok(Outcome::Delivered { parts, answer }) => Ok((
+                "delivered",
+                warp::reply::json(&json!({
+                    "status": "delivered",
+                    "parts": parts,
+                    "answer": answer_json(&answer),
+                }))
+                .into_response(),
+            )),
+            Ok(Outcome::Failed {
+                reason,
+                attempts,
+                answer,
+            }) => Ok((
+                "failed",
+                warp::reply::with_status(
+                    warp::reply::json(&json!({
+                        "code": reason.label(),
+                        "message": "the platform did not accept the notification",
+                        "attempts": attempts,
+                        "answer": answer.as_ref().map(answer_json),
+                    })),
+                    StatusCode::BAD_GATEWAY,
+                )
+                .into_response(),
+            )),
+            Err(e @ NotifyError::Timeout) => Err(ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "wait_timeout",
+                e.to_string(),
+            )),
+            Err(e) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            )),
+        };
+    }
+
+    // The bus carries JSON: a form-encoded ZenTao payload is converted, a JSON body is kept
+    // byte for byte.
+    let is_form = content_type
+        .as_deref()
+        .is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
+    let payload = if is_form {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(&body)
+            .map_err(|e| ApiError::bad_request("invalid_message", e.to_string()))?;
+        let object: serde_json::Map<String, serde_json::Value> = pairs
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect();
+        Bytes::from(serde_json::to_vec(&object).expect("a map serialises"))
+    } else {
+        body
+    };
+    let id = match idempotency_key {
+        Some(k) if !k.is_empty() && k.len() <= 128 && k.bytes().all(|b| b.is_ascii_graphic()) => k,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1 to 128 printable ASCII characters",
+            ))
+        }
+        None => hex::encode(rand::random::<[u8; 16]>()),
+    };
+    let ty = format!("notify.{target}");
+    let subject = bus::with_prefix(&state.subject_prefix, &ty);
+    let event = CloudEvent {
+        id,
+        source: "imbridge/http".into(),
+        ty,
+        time: SystemTime::now(),
+        content_type: "application/json",
+        app: target.to_owned(),
+        tenant: None,
+    };
+    let msg = Message::event(subject.clone(), &event, payload);
+    state.bus.publish(&msg).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "bus_unavailable",
+            format!("notification not stored, retry later: {e}"),
+        )
+    })?;
+    Ok((
+        "accepted",
+        warp::reply::with_status(
+            warp::reply::json(&json!({ "id": msg.id, "subject": subject })),
+            StatusCode::ACCEPTED,
+        )
+        .into_response(),
+    ))
+}
+
+fn answer_json(a: &Answer) -> serde_json::Value {
+    json!({
+        "class": a.class.label(),
+        "status": a.status,
+        "code": a.code,
+        "body": a.detail,
+    })
+}

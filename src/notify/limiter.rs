@@ -1,0 +1,390 @@
+//! Per-target rate limits that are a promise: never more than N requests in any sliding window
+//! W, across every replica of the daemon.
+//!
+//! The algorithm is a sliding log: each target keeps the times of its recent sends. A send at
+//! time t is allowed when, for every limit (N, W), fewer than N logged sends fall in (t − W, t];
+//! so the earliest allowed time is the N-th most recent send plus W. Unlike a token bucket,
+//! which lets about 2N through in some window, a log cannot exceed N in any window. The log also
+//! holds the "paused until" time set when a platform answers "too fast".
+//!
+//! Two stores:
+//! - `Local`: in this process, for the memory bus or a single replica.
+//! - `NatsKv`: one entry per target in a JetStream stream keeping the last message per subject
+//!   (the key-value pattern, written directly so it works with every JetStream server), updated
+//!   with compare-and-set (`Nats-Expected-Last-Subject-Sequence`), so two replicas can never
+//!   both take the last slot of a window: the loser of the race re-reads and waits. Times are the replicas' wall clocks (keep them NTP-synchronised);
+//!   `notify.rate_limit_margin` is added to every window to absorb clock differences and the
+//!   jitter between taking a slot and the request reaching the platform.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use std::sync::atomic::Ordering;
+
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::stream::{self, LastRawMessageErrorKind};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Limit;
+use crate::shutdown::Shutdown;
+
+/// The shared log of one target.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Log {
+    /// Send times in ms since the epoch, oldest first.
+    #[serde(default)]
+    pub sends: Vec<u64>,
+    /// No sends before this time (ms since the epoch).
+    #[serde(default)]
+    pub paused_until: u64,
+}
+
+impl Log {
+    /// The earliest time (ms) at or after `now` when a send is allowed.
+    pub fn next_slot(&self, limits: &[Limit], margin_ms: u64, now: u64) -> u64 {
+        let mut slot = now.max(self.paused_until);
+        for limit in limits {
+            let n = limit.max as usize;
+            if self.sends.len() >= n {
+                let nth_latest = self.sends[self.sends.len() - n];
+                slot = slot.max(nth_latest + limit.window.as_millis() as u64 + margin_ms);
+            }
+        }
+        slot
+    }
+
+    /// Records a send at `now` and forgets sends no limit can see any more.
+    pub fn record(&mut self, limits: &[Limit], margin_ms: u64, now: u64) {
+        self.sends.push(now);
+        let horizon = limits
+            .iter()
+            .map(|l| l.window.as_millis() as u64 + margin_ms)
+            .max()
+            .unwrap_or(0);
+        let keep = limits.iter().map(|l| l.max as usize).max().unwrap_or(0);
+        let old = self
+            .sends
+            .iter()
+            .take_while(|&&t| t + horizon <= now)
+            .count();
+        // Never keep more than the largest N: older entries cannot decide anything.
+        let drop = old.max(self.sends.len().saturating_sub(keep));
+        self.sends.drain(..drop);
+    }
+}
+
+/// Why a slot could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LimiterError {
+    #[error("shutting down")]
+    Shutdown,
+    #[error("waited past the deadline")]
+    Deadline,
+}
+
+pub enum Limiter {
+    Local(Mutex<HashMap<String, Log>>),
+    NatsKv(Box<KvLimiter>),
+}
+
+pub struct KvLimiter {
+    js: async_nats::jetstream::Context,
+    config: stream::Config,
+    /// Subject of a target's entry: `<bucket>.<target>`.
+    bucket: String,
+    ready: std::sync::atomic::AtomicBool,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How long to wait after a store error before trying again.
+const STORE_RETRY: Duration = Duration::from_millis(200);
+
+impl Limiter {
+    pub fn local() -> Self {
+        Limiter::Local(Mutex::new(HashMap::new()))
+    }
+
+    pub fn nats_kv(
+        js: async_nats::jetstream::Context,
+        bucket: &str,
+        storage: stream::StorageType,
+        replicas: usize,
+    ) -> Self {
+        Limiter::NatsKv(Box::new(KvLimiter {
+            js,
+            config: stream::Config {
+                name: bucket.to_owned(),
+                description: Some("imbridge per-target rate-limit logs".into()),
+                subjects: vec![format!("{bucket}.>")],
+                max_messages_per_subject: 1,
+                // Logs older than any window decide nothing; a day covers every pause.
+                max_age: Duration::from_secs(86_400),
+                storage,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+            bucket: bucket.to_owned(),
+            ready: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
+    /// Waits until `target` may send under `limits` and records the send. Returns how long it
+    /// waited. Gives up at `deadline` (the message's own wait bound) or on shutdown.
+    pub async fn acquire(
+        &self,
+        target: &str,
+        limits: &[Limit],
+        margin: Duration,
+        deadline: SystemTime,
+        shutdown: &Shutdown,
+    ) -> Result<Duration, LimiterError> {
+        let started = std::time::Instant::now();
+        let margin_ms = margin.as_millis() as u64;
+        loop {
+            let now = now_ms();
+            let slot = match self.try_take(target, limits, margin_ms, now).await {
+                Ok(None) => return Ok(started.elapsed()),
+                Ok(Some(slot)) => slot,
+                Err(e) => {
+                    tracing::warn!(target, error = %e, "rate-limit store unavailable; waiting");
+                    now + STORE_RETRY.as_millis() as u64
+                }
+            };
+            let deadline_ms = deadline
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            if slot > deadline_ms {
+                return Err(LimiterError::Deadline);
+            }
+            let wait = Duration::from_millis(slot.saturating_sub(now_ms()));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return Err(LimiterError::Shutdown),
+            }
+        }
+    }
+
+    /// Takes a slot now if one is free (`None`), or tells when the next one is (`Some(ms)`).
+    async fn try_take(
+        &self,
+        target: &str,
+        limits: &[Limit],
+        margin_ms: u64,
+        now: u64,
+    ) -> Result<Option<u64>, String> {
+        match self {
+            Limiter::Local(logs) => {
+                let mut logs = logs.lock().expect("not poisoned");
+                let log = logs.entry(target.to_owned()).or_default();
+                let slot = log.next_slot(limits, margin_ms, now);
+                if slot > now {
+                    return Ok(Some(slot));
+                }
+                log.record(limits, margin_ms, now);
+                Ok(None)
+            }
+            Limiter::NatsKv(kv) => kv.try_take(target, limits, margin_ms, now).await,
+        }
+    }
+
+    /// No sends for `target` until `until` (a platform said "too fast").
+    pub async fn pause(&self, target: &str, until: SystemTime) {
+        let until_ms = until
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        match self {
+            Limiter::Local(logs) => {
+                let mut logs = logs.lock().expect("not poisoned");
+                let log = logs.entry(target.to_owned()).or_default();
+                log.paused_until = log.paused_until.max(until_ms);
+            }
+            Limiter::NatsKv(kv) => {
+                for _ in 0..10 {
+                    match kv
+                        .update(target, |log| {
+                            log.paused_until = log.paused_until.max(until_ms);
+                        })
+                        .await
+                    {
+                        Ok(true) => return,
+                        Ok(false) => continue,
+                        Err(e) => {
+                            tracing::warn!(target, error = %e, "cannot record pause in the rate-limit store");
+                            tokio::time::sleep(STORE_RETRY).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl KvLimiter {
+    /// The stream, created (or updated) on first use and again after any store error.
+    async fn stream(&self) -> Result<stream::Stream, String> {
+        if !self.ready.load(Ordering::SeqCst) {
+            self.js
+                .create_or_update_stream(self.config.clone())
+                .await
+                .map_err(|e| e.to_string())?;
+            self.ready.store(true, Ordering::SeqCst);
+        }
+        self.js
+            .get_stream(&self.config.name)
+            .await
+            .inspect_err(|_| self.ready.store(false, Ordering::SeqCst))
+            .map_err(|e| e.to_string())
+    }
+
+    fn subject(&self, target: &str) -> String {
+        format!("{}.{target}", self.bucket)
+    }
+
+    /// Reads the target's log; `(log, sequence)`, sequence 0 when there is none yet.
+    async fn read(&self, target: &str) -> Result<(Log, u64), String> {
+        let stream = self.stream().await?;
+        match stream
+            .get_last_raw_message_by_subject(&self.subject(target))
+            .await
+        {
+            Ok(m) => Ok((
+                serde_json::from_slice(&m.payload).unwrap_or_default(),
+                m.sequence,
+            )),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                Ok((Log::default(), 0))
+            }
+            Err(e) => {
+                self.ready.store(false, Ordering::SeqCst);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Writes `log` if the entry is still at `sequence`; false when another replica won.
+    async fn write(&self, target: &str, log: &Log, sequence: u64) -> Result<bool, String> {
+        let value = Bytes::from(serde_json::to_vec(log).expect("log serialises"));
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            sequence.to_string().as_str(),
+        );
+        let ack = async {
+            self.js
+                .publish_with_headers(self.subject(target), headers, value)
+                .await?
+                .await
+        };
+        match ack.await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
+            Err(e) => {
+                self.ready.store(false, Ordering::SeqCst);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    async fn try_take(
+        &self,
+        target: &str,
+        limits: &[Limit],
+        margin_ms: u64,
+        now: u64,
+    ) -> Result<Option<u64>, String> {
+        loop {
+            let (mut log, sequence) = self.read(target).await?;
+            let slot = log.next_slot(limits, margin_ms, now);
+            if slot > now {
+                return Ok(Some(slot));
+            }
+            log.record(limits, margin_ms, now);
+            if self.write(target, &log, sequence).await? {
+                return Ok(None);
+            }
+            // Another replica took a slot in between: decide again on its log.
+        }
+    }
+
+    async fn update(&self, target: &str, change: impl Fn(&mut Log)) -> Result<bool, String> {
+        let (mut log, sequence) = self.read(target).await?;
+        change(&mut log);
+        self.write(target, &log, sequence).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn lim(n: u32, ms: u64) -> Limit {
+        Limit::new(n, Duration::from_millis(ms))
+    }
+
+    #[test]
+    fn nth_latest_send_decides() {
+        let limits = [lim(2, 1000)];
+        let mut log = Log::default();
+        assert_eq!(log.next_slot(&limits, 0, 0), 0);
+        log.record(&limits, 0, 0);
+        assert_eq!(log.next_slot(&limits, 0, 10), 10);
+        log.record(&limits, 0, 10);
+        // The third send must wait until the first leaves the window.
+        assert_eq!(log.next_slot(&limits, 0, 20), 1000);
+        assert_eq!(log.next_slot(&limits, 50, 20), 1050);
+    }
+
+    #[test]
+    fn several_limits_and_pause() {
+        let limits = [lim(2, 100), lim(3, 1000)];
+        let mut log = Log::default();
+        for t in [0, 1, 200] {
+            assert!(log.next_slot(&limits, 0, t) <= t);
+            log.record(&limits, 0, t);
+        }
+        // 2/100ms allows t=201, but 3/1000ms needs the send at 0 to be 1000 ms old.
+        assert_eq!(log.next_slot(&limits, 0, 201), 1000);
+        log.paused_until = 5000;
+        assert_eq!(log.next_slot(&limits, 0, 201), 5000);
+    }
+
+    proptest! {
+        /// Whatever the request times, sends taken through the log never exceed N in any
+        /// window of W.
+        #[test]
+        fn never_more_than_n_in_any_window(
+            arrivals in proptest::collection::vec(0u64..5000, 1..200),
+            n in 1u32..6,
+            w in 1u64..1000,
+        ) {
+            let limits = [lim(n, w)];
+            let mut arrivals = arrivals;
+            arrivals.sort_unstable();
+            let mut log = Log::default();
+            let mut sent = Vec::new();
+            let mut clock = 0;
+            for a in arrivals {
+                clock = clock.max(a);
+                let slot = log.next_slot(&limits, 0, clock);
+                clock = slot;
+                log.record(&limits, 0, clock);
+                sent.push(clock);
+            }
+            for (i, &t) in sent.iter().enumerate() {
+                let in_window = sent[i..].iter().take_while(|&&u| u < t + w).count();
+                prop_assert!(in_window <= n as usize, "{} sends in [{}, {})", in_window, t, t + w);
+            }
+        }
+    }
+}

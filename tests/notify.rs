@@ -1,0 +1,687 @@
+//! The notify pipeline end to end: messages published to `notify.<target>` (on the bus or
+//! through `POST /notify/<target>`) reach a fake robot farm that checks every signature and
+//! counts every rate-limit violation. Scenarios that do not depend on the engine run on both
+//! the in-process bus and a real nats-server.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fakes::{Robot, RobotFarm, Scripted};
+use common::*;
+use futures::StreamExt;
+
+const SECRET: &str = "SEC0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+const LARK_SECRET: &str = "demo-secret-abc";
+
+/// Fast retry settings so failure scenarios finish in seconds.
+const NOTIFY: &str = r#"
+[notify]
+retry_initial = "50ms"
+retry_max = "200ms"
+max_attempts = 4
+request_timeout = "1s"
+rate_limit_margin = "50ms"
+requeue_delay = "200ms"
+ack_wait = "2s"
+"#;
+
+fn target(name: &str, kind: &str, url: &str, extra: &str) -> String {
+    format!("[targets.{name}]\nkind = \"{kind}\"\nurl = \"{url}\"\n{extra}\n")
+}
+
+/// Which bus a scenario runs on.
+enum Engine {
+    Memory,
+    Nats(NatsServer),
+}
+
+impl Engine {
+    fn all() -> Vec<Engine> {
+        vec![Engine::Memory, Engine::Nats(NatsServer::start())]
+    }
+
+    fn toml(&self) -> String {
+        match self {
+            Engine::Memory => String::new(),
+            Engine::Nats(s) => nats_bus(&s.url()),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Engine::Memory => "memory",
+            Engine::Nats(_) => "nats",
+        }
+    }
+}
+
+async fn start(engine: &Engine, targets: &str) -> TestApp {
+    let app = TestApp::start(&toml_with(&format!(
+        "{}\n{NOTIFY}\n{targets}",
+        engine.toml()
+    )))
+    .await;
+    app.wait_ready().await;
+    app
+}
+
+async fn post(app: &TestApp, target: &str, body: serde_json::Value) -> reqwest::Response {
+    app.http
+        .post(app.url(&format!("/notify/{target}")))
+        .json(&body)
+        .timeout(WAIT)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn text_of(r: &common::fakes::Received) -> String {
+    let b = &r.body;
+    b["text"]["content"]
+        .as_str()
+        .or(b["markdown"]["text"].as_str())
+        .or(b["markdown"]["content"].as_str())
+        .or(b["content"]["text"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn burst_of_100_arrives_once_each_within_the_window() {
+    for engine in Engine::all() {
+        let farm = RobotFarm::start().await;
+        let url = farm.add(
+            Robot::dingtalk("burst")
+                .with_secret(SECRET)
+                .with_limits(vec![(10, Duration::from_secs(1))]),
+        );
+        let app = start(
+            &engine,
+            &target(
+                "ops",
+                "dingtalk_robot",
+                &url,
+                &format!("secret = \"{SECRET}\"\nrate_limit = \"10/1s\""),
+            ),
+        )
+        .await;
+        for i in 0..100 {
+            let res = post(
+                &app,
+                "ops",
+                serde_json::json!({"text": format!("msg-{i}"), "format": "text"}),
+            )
+            .await;
+            assert_eq!(res.status(), 202, "{}", engine.name());
+        }
+        let got = farm
+            .wait_accepted("burst", 100, Duration::from_secs(60))
+            .await;
+        let mut texts: Vec<String> = got.iter().map(text_of).collect();
+        texts.sort();
+        texts.dedup();
+        assert_eq!(texts.len(), 100, "{}: lost or duplicated", engine.name());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            farm.accepted("burst").len(),
+            100,
+            "{}: duplicates",
+            engine.name()
+        );
+        assert!(
+            farm.violations().is_empty(),
+            "{}: {:?}",
+            engine.name(),
+            farm.violations()
+        );
+        assert!(farm.max_in_window("burst", Duration::from_secs(1)) <= 10);
+        // It did have to wait for the limiter: 100 sends at 10/s take at least 9 s.
+        let span = got.last().unwrap().at - got.first().unwrap().at;
+        assert!(span >= Duration::from_secs(9), "{span:?}");
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn throttled_target_never_delays_another() {
+    for engine in Engine::all() {
+        let farm = RobotFarm::start().await;
+        let slow = farm.add(Robot::wecom("slow").with_limits(vec![(2, Duration::from_secs(10))]));
+        let fast = farm.add(Robot::lark("fast").with_secret(LARK_SECRET));
+        let app = start(
+            &engine,
+            &format!(
+                "{}{}",
+                target("slow", "wecom_robot", &slow, "rate_limit = \"2/10s\""),
+                target(
+                    "fast",
+                    "lark_robot",
+                    &fast,
+                    &format!("secret = \"{LARK_SECRET}\"")
+                ),
+            ),
+        )
+        .await;
+        for i in 0..10 {
+            post(
+                &app,
+                "slow",
+                serde_json::json!({"text": format!("slow-{i}")}),
+            )
+            .await;
+        }
+        farm.wait_accepted("slow", 2, WAIT).await;
+        let sent = tokio::time::Instant::now();
+        post(
+            &app,
+            "fast",
+            serde_json::json!({"title": "T", "text": "fast one"}),
+        )
+        .await;
+        farm.wait_accepted("fast", 1, Duration::from_secs(3)).await;
+        assert!(sent.elapsed() < Duration::from_secs(3));
+        // The slow target is still held back by its limit.
+        assert_eq!(farm.accepted("slow").len(), 2, "{}", engine.name());
+        assert!(farm.violations().is_empty(), "{:?}", farm.violations());
+        let depth = app
+            .metrics
+            .notify_queue_depth
+            .with_label_values(&["slow"])
+            .get();
+        assert!(depth > 0, "{}: queue depth {depth}", engine.name());
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_until_delivered() {
+    for engine in Engine::all() {
+        let farm = RobotFarm::start().await;
+        let url = farm.add(Robot::dingtalk("flaky").with_secret(SECRET));
+        farm.script(
+            "flaky",
+            vec![
+                Scripted::Status(500),
+                Scripted::Close,           // no answer: the request times out
+                Scripted::ErrCode(130101), // too fast: pause, keep the message
+                Scripted::ErrCode(-1),     // system busy
+            ],
+        );
+        let app = start(
+            &engine,
+            &target(
+                "flaky",
+                "dingtalk_robot",
+                &url,
+                &format!("secret = \"{SECRET}\"\npause_on_rate_limit = \"300ms\""),
+            ),
+        )
+        .await;
+        post(&app, "flaky", serde_json::json!({"text": "eventually"})).await;
+        let got = farm.wait_accepted("flaky", 1, WAIT).await;
+        assert_eq!(text_of(&got[0]), "eventually");
+        let retries = app
+            .metrics
+            .notify_retries_total
+            .with_label_values(&["flaky"])
+            .get();
+        assert_eq!(retries, 3, "{}", engine.name());
+        let limited = app
+            .metrics
+            .notify_failed_total
+            .with_label_values(&["flaky", "rate_limited"])
+            .get();
+        assert_eq!(limited, 1);
+        assert_eq!(
+            app.metrics
+                .notify_sent_total
+                .with_label_values(&["flaky"])
+                .get(),
+            1
+        );
+        // Exactly one delivery accepted: none of the failed attempts was.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(farm.accepted("flaky").len(), 1);
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn wait_true_answers_with_the_platform_result() {
+    let farm = RobotFarm::start().await;
+    let url = farm.add(Robot::lark("sync").with_secret(LARK_SECRET));
+    let app = start(
+        &Engine::Memory,
+        &target(
+            "sync",
+            "lark_robot",
+            &url,
+            &format!("secret = \"{LARK_SECRET}\""),
+        ),
+    )
+    .await;
+    let res = app
+        .http
+        .post(app.url("/notify/sync?wait=true"))
+        .json(&serde_json::json!({"text": "now", "format": "text"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["status"], "delivered");
+    assert_eq!(body["answer"]["code"], 0);
+    assert_eq!(farm.accepted("sync").len(), 1);
+
+    farm.script("sync", vec![Scripted::ErrCode(19021)]);
+    let res = app
+        .http
+        .post(app.url("/notify/sync?wait=true"))
+        .json(&serde_json::json!({"text": "refused"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 502);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(body["code"], "permanent");
+    assert_eq!(body["answer"]["code"], 19021);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn http_refusals() {
+    let farm = RobotFarm::start().await;
+    let url = farm.add(Robot::wecom("w"));
+    let app = start(&Engine::Memory, &target("w", "wecom_robot", &url, "")).await;
+    let res = post(&app, "nosuch", serde_json::json!({"text": "x"})).await;
+    assert_eq!(res.status(), 404);
+    assert_eq!(
+        res.json::<serde_json::Value>().await.unwrap()["code"],
+        "unknown_target"
+    );
+    for bad in [
+        serde_json::json!({"text": "x", "colour": "red"}),
+        serde_json::json!({"title": "no text"}),
+        serde_json::json!([1, 2]),
+    ] {
+        let res = post(&app, "w", bad).await;
+        assert_eq!(res.status(), 400);
+        assert_eq!(
+            res.json::<serde_json::Value>().await.unwrap()["code"],
+            "invalid_message"
+        );
+    }
+    let res = app
+        .http
+        .post(app.url("/notify/w"))
+        .header("idempotency-key", "bad key with spaces")
+        .json(&serde_json::json!({"text": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 400);
+    assert_eq!(
+        app.metrics
+            .notify_requests_total
+            .with_label_values(&["_unknown", "unknown_target"])
+            .get(),
+        1
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(farm.requests("w"), 0, "refused requests must not be sent");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn zentao_webhook_posted_as_form_and_json_arrives_rendered() {
+    let farm = RobotFarm::start().await;
+    let wecom = farm.add(Robot::wecom("zt-wecom"));
+    let ding = farm.add(Robot::dingtalk("zt-ding").with_secret(SECRET));
+    let app = start(
+        &Engine::Memory,
+        &format!(
+            "{}{}",
+            target("zentao-wecom", "wecom_robot", &wecom, ""),
+            target(
+                "zentao-ding",
+                "dingtalk_robot",
+                &ding,
+                &format!("secret = \"{SECRET}\"")
+            ),
+        ),
+    )
+    .await;
+    let form = "objectType=bug&objectID=12&product=%2C1%2C&execution=3&action=opened&actor=zhangsan&date=2024-01-01+10%3A00%3A00&comment=&text=%E5%BC%A0%E4%B8%89%E5%88%9B%E5%BB%BA%E4%BA%86Bug+%5B%2312%3A%3ALogin+fails%5D%28https%3A%2F%2Fzentao.example.com%2Fbug-view-12.html%29";
+    let res = app
+        .http
+        .post(app.url("/notify/zentao-wecom"))
+        .header(
+            "content-type",
+            "application/x-www-form-urlencoded;charset=utf-8",
+        )
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    let got = farm.wait_accepted("zt-wecom", 1, WAIT).await;
+    assert_eq!(got[0].body["msgtype"], "markdown");
+    let content = got[0].body["markdown"]["content"].as_str().unwrap();
+    assert!(
+        content.contains("张三创建了Bug #12::Login fails"),
+        "{content}"
+    );
+    assert!(content.contains("[#12::Login fails](https://zentao.example.com/bug-view-12.html)"));
+    assert!(content.contains("2024-01-01 10:00:00"));
+
+    let json = serde_json::json!({"objectType":"task","objectID":"7","product":",2,","project":"4","action":"finished","actor":"lisi","date":"2024-02-02 09:00:00","comment":"","text":"李四完成了任务 [#7::Deploy](https://zentao.example.com/task-view-7.html)"});
+    assert_eq!(post(&app, "zentao-ding", json).await.status(), 202);
+    let got = farm.wait_accepted("zt-ding", 1, WAIT).await;
+    assert_eq!(got[0].body["msgtype"], "markdown");
+    assert_eq!(
+        got[0].body["markdown"]["title"],
+        "李四完成了任务 #7::Deploy"
+    );
+    assert!(farm.violations().is_empty(), "{:?}", farm.violations());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn mentions_and_long_messages_reach_each_platform_as_expected() {
+    let farm = RobotFarm::start().await;
+    let d = farm.add(Robot::dingtalk("m-ding").with_secret(SECRET));
+    let w = farm.add(Robot::wecom("m-wecom"));
+    let l = farm.add(Robot::lark("m-lark").with_secret(LARK_SECRET));
+    let app = start(
+        &Engine::Memory,
+        &format!(
+            "{}{}{}",
+            target("d", "dingtalk_robot", &d, &format!("secret = \"{SECRET}\"")),
+            target("w", "wecom_robot", &w, "max_bytes = 200"),
+            target(
+                "l",
+                "lark_robot",
+                &l,
+                &format!("secret = \"{LARK_SECRET}\"")
+            ),
+        ),
+    )
+    .await;
+    let mention = serde_json::json!({
+        "text": "deploy done", "format": "text",
+        "mentions": {"mobiles": ["13800000000"], "user_ids": ["u1"], "all": false}
+    });
+    post(&app, "d", mention.clone()).await;
+    let got = farm.wait_accepted("m-ding", 1, WAIT).await;
+    assert_eq!(
+        got[0].body,
+        serde_json::json!({
+            "msgtype": "text",
+            "text": {"content": "deploy done\n\n@13800000000 @u1"},
+            "at": {"atMobiles": ["13800000000"], "atUserIds": ["u1"], "isAtAll": false}
+        })
+    );
+    post(&app, "w", mention.clone()).await;
+    let got = farm.wait_accepted("m-wecom", 1, WAIT).await;
+    assert_eq!(
+        got[0].body,
+        serde_json::json!({
+            "msgtype": "text",
+            "text": {"content": "deploy done", "mentioned_list": ["u1"], "mentioned_mobile_list": ["13800000000"]}
+        })
+    );
+    post(&app, "l", serde_json::json!({"text": "hi", "format": "text", "mentions": {"user_ids": ["ou_x"], "all": true}})).await;
+    let got = farm.wait_accepted("m-lark", 1, WAIT).await;
+    assert_eq!(got[0].body["msg_type"], "text");
+    let text = got[0].body["content"]["text"].as_str().unwrap();
+    assert!(text.starts_with("hi"), "{text}");
+    assert!(text.contains(r#"<at user_id="ou_x"></at>"#) && text.contains(r#"<at user_id="all">"#));
+
+    // 1000 bytes of Chinese text to a WeCom target limited to 200 bytes: several parts, each
+    // within the limit, that rejoin to the original.
+    let long: String = "进度更新。".repeat(67);
+    post(
+        &app,
+        "w",
+        serde_json::json!({"text": long, "format": "text"}),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let parts = loop {
+        // Complete once the last part arrived: it is marked (k/k).
+        let parts: Vec<_> = farm.accepted("m-wecom")[1..].to_vec();
+        let k = parts.len();
+        let last = parts
+            .last()
+            .map(|p| p.body["text"]["content"].as_str().unwrap().to_owned());
+        if k > 1 && last.is_some_and(|c| c.starts_with(&format!("({k}/{k}) "))) {
+            break parts;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} parts",
+            parts.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut rejoined = String::new();
+    for (i, p) in parts.iter().enumerate() {
+        let content = p.body["text"]["content"].as_str().unwrap();
+        assert!(content.len() <= 200, "part {i} has {} bytes", content.len());
+        let prefix = format!("({}/{}) ", i + 1, parts.len());
+        rejoined.push_str(
+            content
+                .strip_prefix(&prefix)
+                .unwrap_or_else(|| panic!("{content}")),
+        );
+    }
+    assert_eq!(rejoined, long);
+    assert!(farm.violations().is_empty(), "{:?}", farm.violations());
+    app.stop().await;
+}
+
+/// Reads the dead letters stored on the NATS DLQ stream.
+async fn dead_letters(server: &NatsServer, n: usize) -> Vec<async_nats::jetstream::Message> {
+    let js = async_nats::jetstream::new(server.client().await);
+    let stream = js.get_stream("IMBRIDGE_DLQ").await.unwrap();
+    let consumer: async_nats::jetstream::consumer::PullConsumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let m = tokio::time::timeout(WAIT, messages.next())
+            .await
+            .expect("dead letter did not arrive")
+            .unwrap()
+            .unwrap();
+        out.push(m);
+    }
+    out
+}
+
+#[tokio::test]
+async fn permanent_failures_and_bad_messages_are_dead_lettered() {
+    let server = NatsServer::start();
+    let farm = RobotFarm::start().await;
+    let url = farm.add(Robot::dingtalk("perm").with_secret(SECRET));
+    farm.script("perm", vec![Scripted::ErrCode(310000)]);
+    let engine = Engine::Nats(server);
+    let app = start(
+        &engine,
+        &target(
+            "perm",
+            "dingtalk_robot",
+            &url,
+            &format!("secret = \"{SECRET}\""),
+        ),
+    )
+    .await;
+    let Engine::Nats(server) = &engine else {
+        unreachable!()
+    };
+    post(&app, "perm", serde_json::json!({"text": "will fail"})).await;
+    let client = server.client().await;
+    // Published straight on the bus: to a target nobody configured, and a body that is no
+    // notification.
+    client
+        .publish("notify.nobody", r#"{"text":"lost?"}"#.into())
+        .await
+        .unwrap();
+    client
+        .publish("notify.perm", "not json".into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let letters = dead_letters(server, 3).await;
+    let mut seen = std::collections::BTreeMap::new();
+    for m in &letters {
+        let h = m.headers.as_ref().unwrap();
+        let reason = h.get("imbridge-dlq-reason").unwrap().as_str().to_owned();
+        seen.insert(
+            reason.clone(),
+            (m.subject.to_string(), m.payload.clone(), h.clone()),
+        );
+    }
+    let (subject, payload, h) = &seen["permanent"];
+    assert_eq!(subject, "dlq.notify.perm");
+    assert_eq!(&payload[..], br#"{"text":"will fail"}"#);
+    assert_eq!(h.get("imbridge-dlq-attempts").unwrap().as_str(), "1");
+    assert!(h
+        .get("imbridge-dlq-answer")
+        .unwrap()
+        .as_str()
+        .contains("310000"));
+    assert!(h.get("ce-id").is_some(), "original headers are kept");
+    let (subject, payload, _) = &seen["unknown_target"];
+    assert_eq!(subject, "dlq.notify.nobody");
+    assert_eq!(&payload[..], br#"{"text":"lost?"}"#);
+    let (_, payload, _) = &seen["invalid_message"];
+    assert_eq!(&payload[..], b"not json");
+    // Everything was acknowledged: the work queue is empty.
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("IMBRIDGE_NOTIFY").await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stream.info().await.unwrap().state.messages != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "messages left unacknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(farm.violations().is_empty(), "{:?}", farm.violations());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn two_replicas_together_respect_the_limit() {
+    let server = NatsServer::start();
+    let farm = RobotFarm::start().await;
+    let url = farm.add(Robot::dingtalk("shared").with_limits(vec![(4, Duration::from_secs(1))]));
+    let engine = Engine::Nats(server);
+    let targets = target("shared", "dingtalk_robot", &url, "rate_limit = \"4/1s\"");
+    // Small queues, so neither replica can hold every message and both deliver.
+    let small = |engine: &Engine| {
+        toml_with(&format!(
+            "{}\n{NOTIFY}\nqueue_capacity = 3\n{targets}",
+            engine.toml()
+        ))
+    };
+    let a = TestApp::start(&small(&engine)).await;
+    let b = TestApp::start(&small(&engine)).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+    for i in 0..32 {
+        let app = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(
+            post(app, "shared", serde_json::json!({"text": format!("r-{i}")}))
+                .await
+                .status(),
+            202
+        );
+    }
+    let got = farm
+        .wait_accepted("shared", 32, Duration::from_secs(60))
+        .await;
+    let mut texts: Vec<String> = got.iter().map(text_of).collect();
+    texts.sort();
+    texts.dedup();
+    assert_eq!(texts.len(), 32);
+    assert!(farm.violations().is_empty(), "{:?}", farm.violations());
+    assert!(farm.max_in_window("shared", Duration::from_secs(1)) <= 4);
+    let sent_a = a
+        .metrics
+        .notify_sent_total
+        .with_label_values(&["shared"])
+        .get();
+    let sent_b = b
+        .metrics
+        .notify_sent_total
+        .with_label_values(&["shared"])
+        .get();
+    assert_eq!(sent_a + sent_b, 32);
+    assert!(
+        sent_a > 0 && sent_b > 0,
+        "both replicas deliver: {sent_a} + {sent_b}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn killed_mid_delivery_loses_nothing() {
+    let server = NatsServer::start();
+    let farm = RobotFarm::start().await;
+    let url = farm.add(Robot::wecom("kill"));
+    // The first request hangs (the daemon is mid-delivery when it is killed).
+    farm.script("kill", vec![Scripted::Delay(Duration::from_secs(30))]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("imbridge.toml");
+    std::fs::write(
+        &config,
+        toml_with(&format!(
+            "{}\n{NOTIFY}\n{}",
+            nats_bus(&server.url()),
+            target("kill", "wecom_robot", &url, "")
+        ))
+        .replace("request_timeout = \"1s\"", "request_timeout = \"60s\""),
+    )
+    .unwrap();
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_imbridge"))
+            .args(["serve", "--config", config.to_str().unwrap()])
+            .env_clear()
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = spawn();
+    let client = server.client().await;
+    // Wait for the daemon's streams, then publish straight on the bus.
+    let js = async_nats::jetstream::new(client.clone());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while js.get_stream("IMBRIDGE_NOTIFY").await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    js.publish("notify.kill", r#"{"text":"survives"}"#.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while farm.requests("kill") == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never sent");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(farm.accepted("kill").is_empty());
+    let mut second = spawn();
+    let got = farm.wait_accepted("kill", 1, WAIT).await;
+    assert_eq!(got[0].body["markdown"]["content"], "survives");
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
