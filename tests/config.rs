@@ -266,3 +266,84 @@ fn serve_refuses_an_invalid_config_before_binding() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("server.replay_window"));
 }
+
+#[test]
+fn targets_and_rate_limits_are_parsed_and_validated() {
+    Jail::expect_with(|jail| {
+        let s = config::load(Some(&example())).expect("valid");
+        let lark = &s.targets["team-lark"];
+        assert_eq!(
+            lark.limits,
+            [
+                config::Limit::new(5, Duration::from_secs(1)),
+                config::Limit::new(100, Duration::from_secs(60))
+            ]
+        );
+        let ding = &s.targets["ops-dingtalk"];
+        assert_eq!(
+            ding.limits,
+            [config::Limit::new(20, Duration::from_secs(60))]
+        );
+        assert_eq!(ding.pause_on_rate_limit, Duration::from_secs(600));
+        assert!(matches!(s.notify.limiter, config::LimiterKind::Local));
+
+        jail.create_file(
+            "targets.toml",
+            r#"
+            [targets.a]
+            kind = "slack"
+            url = "https://example.com/hook"
+            [targets.b]
+            kind = "dingtalk_robot"
+            url = "ftp://secret-token-here"
+            rate_limit = "twenty a minute"
+            [targets.c]
+            kind = "wecom_robot"
+            url = "https://example.com/?key=k"
+            secret = "x"
+            rate_limit = ["5/s", "0/min"]
+            [targets."bad.name"]
+            kind = "lark_robot"
+            url = "https://example.com/"
+            [notify]
+            limiter = "nats_kv"
+            max_attempts = 0
+            "#,
+        )?;
+        let err = config::load(Some(Path::new("targets.toml"))).unwrap_err();
+        let keys = keys(&err);
+        for expected in [
+            "targets.a.kind",
+            "targets.b.url",
+            "targets.b.rate_limit",
+            "targets.c.secret",
+            "targets.c.rate_limit",
+            "targets.bad.name",
+            "notify.limiter",
+            "notify.max_attempts",
+        ] {
+            assert!(keys.contains(&expected), "{expected} not reported in {err}");
+        }
+        assert!(!err.to_string().contains("secret-token-here"), "{err}");
+
+        // Defaults per kind, and "auto" picks the shared limiter on NATS.
+        jail.create_file(
+            "defaults.toml",
+            r#"
+            [bus]
+            kind = "nats"
+            [targets.w]
+            kind = "wecom_robot"
+            url = "https://example.com/?key=k"
+            "#,
+        )?;
+        let s = config::load(Some(Path::new("defaults.toml"))).expect("valid");
+        assert_eq!(
+            s.targets["w"].limits,
+            [config::Limit::new(20, Duration::from_secs(60))]
+        );
+        assert_eq!(s.targets["w"].pause_on_rate_limit, Duration::from_secs(60));
+        assert!(matches!(s.notify.limiter, config::LimiterKind::NatsKv));
+        Ok(())
+    });
+}
