@@ -131,7 +131,9 @@ impl App {
         tracing::info!(ingress = %self.ingress_addr, admin = %self.admin_addr, bus = self.bus.engine(), "imbridge serving");
         let mut ingress = tokio::spawn(self.ingress);
         let admin = tokio::spawn(self.admin);
+        // Biased: the ingress future also ends on the shutdown signal, and that is no error.
         tokio::select! {
+            biased;
             _ = self.shutdown.cancelled() => {}
             r = &mut ingress => {
                 self.admin_stop.trigger();
