@@ -508,21 +508,33 @@ async fn permanent_failures_and_bad_messages_are_dead_lettered() {
     let farm = RobotFarm::start().await;
     let url = farm.add(Robot::dingtalk("perm").with_secret(SECRET));
     farm.script("perm", vec![Scripted::ErrCode(310000)]);
+    let busy = farm.add(Robot::wecom("busy"));
+    farm.script("busy", vec![Scripted::Status(502); 4]);
+    let slow = farm.add(Robot::wecom("slowpoke"));
     let engine = Engine::Nats(server);
-    let app = start(
-        &engine,
-        &target(
+    let app = TestApp::start(&toml_with(&format!(
+        "{}\n{NOTIFY}\nmax_wait = \"2s\"\n{}{}{}",
+        engine.toml(),
+        target(
             "perm",
             "dingtalk_robot",
             &url,
-            &format!("secret = \"{SECRET}\""),
+            &format!("secret = \"{SECRET}\"")
         ),
-    )
+        target("busy", "wecom_robot", &busy, ""),
+        target("slowpoke", "wecom_robot", &slow, "rate_limit = \"1/1m\""),
+    )))
     .await;
+    app.wait_ready().await;
     let Engine::Nats(server) = &engine else {
         unreachable!()
     };
     post(&app, "perm", serde_json::json!({"text": "will fail"})).await;
+    // Four 502s with max_attempts = 4: attempts exhausted.
+    post(&app, "busy", serde_json::json!({"text": "never accepted"})).await;
+    // The second message cannot get a slot within max_wait: expired.
+    post(&app, "slowpoke", serde_json::json!({"text": "first"})).await;
+    post(&app, "slowpoke", serde_json::json!({"text": "second"})).await;
     let client = server.client().await;
     // Published straight on the bus: to a target nobody configured, and a body that is no
     // notification.
@@ -535,7 +547,7 @@ async fn permanent_failures_and_bad_messages_are_dead_lettered() {
         .await
         .unwrap();
     client.flush().await.unwrap();
-    let letters = dead_letters(server, 3).await;
+    let letters = dead_letters(server, 5).await;
     let mut seen = std::collections::BTreeMap::new();
     for m in &letters {
         let h = m.headers.as_ref().unwrap();
@@ -560,6 +572,25 @@ async fn permanent_failures_and_bad_messages_are_dead_lettered() {
     assert_eq!(&payload[..], br#"{"text":"lost?"}"#);
     let (_, payload, _) = &seen["invalid_message"];
     assert_eq!(&payload[..], b"not json");
+    let (subject, _, h) = &seen["attempts_exhausted"];
+    assert_eq!(subject, "dlq.notify.busy");
+    assert_eq!(h.get("imbridge-dlq-attempts").unwrap().as_str(), "4");
+    assert!(h
+        .get("imbridge-dlq-answer")
+        .unwrap()
+        .as_str()
+        .contains("scripted"));
+    let (subject, payload, _) = &seen["expired"];
+    assert_eq!(subject, "dlq.notify.slowpoke");
+    assert_eq!(&payload[..], br#"{"text":"second"}"#);
+    assert_eq!(farm.accepted("slowpoke").len(), 1);
+    assert_eq!(
+        app.metrics
+            .notify_dead_letters_total
+            .with_label_values(&["_unknown", "unknown_target"])
+            .get(),
+        1
+    );
     // Everything was acknowledged: the work queue is empty.
     let js = async_nats::jetstream::new(client);
     let mut stream = js.get_stream("IMBRIDGE_NOTIFY").await.unwrap();
