@@ -142,6 +142,78 @@ pub fn fit(text: &str, budget: usize, too_long: TooLong) -> Vec<String> {
     }
 }
 
+/// However small the limit and however much else shares the field, a part carries at least this
+/// much text, so that a tiny limit cannot turn one message into hundreds of requests.
+const MIN_BUDGET: usize = 64;
+
+/// An empty title or URL is as good as none.
+pub(crate) fn non_empty(s: Option<&str>) -> Option<&str> {
+    s.filter(|s| !s.trim().is_empty())
+}
+
+/// One request's share of a text that may have been cut into several.
+#[derive(Debug)]
+pub(crate) struct Part {
+    pub text: String,
+    /// 1-based.
+    pub number: usize,
+    pub count: usize,
+}
+
+impl Part {
+    pub fn is_last(&self) -> bool {
+        self.number == self.count
+    }
+
+    /// `" (2/3)"` after a title; nothing when the text is whole.
+    pub fn title_suffix(&self) -> String {
+        if self.count > 1 {
+            format!(" ({}/{})", self.number, self.count)
+        } else {
+            String::new()
+        }
+    }
+
+    /// `"(2/3) "` before a text shown without a title; nothing when the text is whole.
+    pub fn text_prefix(&self) -> String {
+        if self.count > 1 {
+            format!("({}/{}) ", self.number, self.count)
+        } else {
+            String::new()
+        }
+    }
+}
+
+/// Cuts `text` so that each part, plus the `overhead` bytes of what shares its field (title,
+/// link, mentions) and a part marker when there are several parts, fits in `max` bytes.
+pub(crate) fn cut(text: &str, max: usize, overhead: usize, too_long: TooLong) -> Vec<Part> {
+    let budget = |marker: usize| max.saturating_sub(overhead + marker).max(MIN_BUDGET);
+    let texts = if too_long == TooLong::Truncate || text.len() <= budget(0) {
+        fit(text, budget(0), too_long)
+    } else {
+        // A marker " (i/k)" is 2·digits + 4 bytes, and the number of digits depends on how many
+        // parts there are: reserve room for one digit, and widen until the count fits.
+        let mut digits = 1u32;
+        loop {
+            let texts = fit(text, budget(2 * digits as usize + 4), TooLong::Split);
+            if texts.len() < 10usize.pow(digits) {
+                break texts;
+            }
+            digits += 1;
+        }
+    };
+    let count = texts.len();
+    texts
+        .into_iter()
+        .enumerate()
+        .map(|(i, text)| Part {
+            text,
+            number: i + 1,
+            count,
+        })
+        .collect()
+}
+
 /// Truncates an answer body for logs and dead-letter headers.
 pub fn detail(body: &[u8]) -> String {
     let s = String::from_utf8_lossy(body);

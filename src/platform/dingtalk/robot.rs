@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 
 use crate::notify::message::{Format, Mentions, Notification};
-use crate::platform::outbound::{self, Answer, Class, RenderOptions, TooLong};
+use crate::platform::outbound::{self, cut, non_empty, Answer, Class, RenderOptions};
 
 /// Byte limit of a robot message's text. [U] PROTOCOLS.md gives no size limit for robots; 20000
 /// bytes is the figure commonly cited for them.
@@ -18,10 +18,6 @@ pub const DEFAULT_MAX_BYTES: usize = 20_000;
 /// DingTalk shows the markdown `title` only in pushes and the conversation list, where a long
 /// one is cut anyway; cutting it ourselves keeps the part marker visible.
 pub const TITLE_MAX_BYTES: usize = 64;
-
-/// However small the limit and however much else shares the field, a part carries at least this
-/// much text, so that a tiny limit cannot turn one message into hundreds of requests.
-const MIN_BUDGET: usize = 64;
 
 /// The robot's `sign` parameter: base64 of HMAC-SHA256 with key = secret over
 /// `"{timestamp_ms}\n{secret}"` (PROTOCOLS.md §3.1). Lark swaps key and message.
@@ -159,11 +155,6 @@ pub fn classify(status: u16, body: &[u8]) -> Answer {
     }
 }
 
-/// An empty title or URL is as good as none.
-fn non_empty(s: Option<&str>) -> Option<&str> {
-    s.filter(|s| !s.trim().is_empty())
-}
-
 /// The first line that says something, without markdown heading markers: what a reader takes
 /// for the title when there is none.
 fn first_line(text: &str) -> &str {
@@ -197,69 +188,6 @@ fn at(m: &Mentions, last: bool) -> Value {
     } else {
         json!({"atMobiles": [], "atUserIds": [], "isAtAll": false})
     }
-}
-
-/// One request's share of a text that may have been cut into several.
-#[derive(Debug)]
-struct Part {
-    text: String,
-    /// 1-based.
-    number: usize,
-    count: usize,
-}
-
-impl Part {
-    fn is_last(&self) -> bool {
-        self.number == self.count
-    }
-
-    /// `" (2/3)"` after a title; nothing when the text is whole.
-    fn title_suffix(&self) -> String {
-        if self.count > 1 {
-            format!(" ({}/{})", self.number, self.count)
-        } else {
-            String::new()
-        }
-    }
-
-    /// `"(2/3) "` before a text shown without a title; nothing when the text is whole.
-    fn text_prefix(&self) -> String {
-        if self.count > 1 {
-            format!("({}/{}) ", self.number, self.count)
-        } else {
-            String::new()
-        }
-    }
-}
-
-/// Cuts `text` so that each part, plus the `overhead` bytes of what shares its field (title,
-/// link, mentions) and a part marker when there are several parts, fits in `max` bytes.
-fn cut(text: &str, max: usize, overhead: usize, too_long: TooLong) -> Vec<Part> {
-    let budget = |marker: usize| max.saturating_sub(overhead + marker).max(MIN_BUDGET);
-    let texts = if too_long == TooLong::Truncate || text.len() <= budget(0) {
-        outbound::fit(text, budget(0), too_long)
-    } else {
-        // A marker " (i/k)" is 2·digits + 4 bytes, and the number of digits depends on how many
-        // parts there are: reserve room for one digit, and widen until the count fits.
-        let mut digits = 1u32;
-        loop {
-            let texts = outbound::fit(text, budget(2 * digits as usize + 4), TooLong::Split);
-            if texts.len() < 10usize.pow(digits) {
-                break texts;
-            }
-            digits += 1;
-        }
-    };
-    let count = texts.len();
-    texts
-        .into_iter()
-        .enumerate()
-        .map(|(i, text)| Part {
-            text,
-            number: i + 1,
-            count,
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -593,7 +521,7 @@ mod tests {
         };
         let opts = RenderOptions {
             max_bytes: Some(300),
-            too_long: TooLong::Truncate,
+            too_long: outbound::TooLong::Truncate,
             ..Default::default()
         };
         let bodies = render(&n, &opts);

@@ -9,7 +9,9 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 
 use crate::notify::message::{Format, Mentions, Notification};
-use crate::platform::outbound::{self, Answer, Class, LarkMarkdown, RenderOptions, TooLong};
+use crate::platform::outbound::{
+    self, cut, non_empty, Answer, Class, LarkMarkdown, RenderOptions, TooLong,
+};
 
 /// Byte limit of a message's text: the request body may be 20 KB, and this leaves about 2 KB
 /// for the envelope (msg_type, card header, JSON quoting).
@@ -18,10 +20,6 @@ pub const DEFAULT_MAX_BYTES: usize = 18_000;
 /// A card or post needs a title; without one, the first line of the text stands in, cut to
 /// this length since it is only a stand-in (a title given is kept whole).
 pub const TITLE_MAX_BYTES: usize = 64;
-
-/// However small the limit and however much else shares the field, a part carries at least this
-/// much text, so that a tiny limit cannot turn one message into hundreds of requests.
-const MIN_BUDGET: usize = 64;
 
 /// The bot's `sign`: base64 of HMAC-SHA256 keyed with `"{timestamp_s}\n{secret}"` over an
 /// empty message (PROTOCOLS.md §8.1). DingTalk's arrangement (key = secret, that string as the
@@ -211,11 +209,6 @@ pub fn classify(status: u16, body: &[u8]) -> Answer {
     }
 }
 
-/// An empty title or URL is as good as none.
-fn non_empty(s: Option<&str>) -> Option<&str> {
-    s.filter(|s| !s.trim().is_empty())
-}
-
 /// The title given, or else the first line that says something, without markdown heading
 /// markers and cut to [`TITLE_MAX_BYTES`].
 fn title_or_first_line(n: &Notification) -> String {
@@ -229,69 +222,6 @@ fn title_or_first_line(n: &Notification) -> String {
         .find(|l| !l.is_empty())
         .unwrap_or("");
     outbound::truncate_utf8(first, TITLE_MAX_BYTES)
-}
-
-/// One request's share of a text that may have been cut into several.
-#[derive(Debug)]
-struct Part {
-    text: String,
-    /// 1-based.
-    number: usize,
-    count: usize,
-}
-
-impl Part {
-    fn is_last(&self) -> bool {
-        self.number == self.count
-    }
-
-    /// `" (2/3)"` after a title; nothing when the text is whole.
-    fn title_suffix(&self) -> String {
-        if self.count > 1 {
-            format!(" ({}/{})", self.number, self.count)
-        } else {
-            String::new()
-        }
-    }
-
-    /// `"(2/3) "` before a text shown without a title; nothing when the text is whole.
-    fn text_prefix(&self) -> String {
-        if self.count > 1 {
-            format!("({}/{}) ", self.number, self.count)
-        } else {
-            String::new()
-        }
-    }
-}
-
-/// Cuts `text` so that each part, plus the `overhead` bytes of what shares its field (title,
-/// link, mentions) and a part marker when there are several parts, fits in `max` bytes.
-fn cut(text: &str, max: usize, overhead: usize, too_long: TooLong) -> Vec<Part> {
-    let budget = |marker: usize| max.saturating_sub(overhead + marker).max(MIN_BUDGET);
-    let texts = if too_long == TooLong::Truncate || text.len() <= budget(0) {
-        outbound::fit(text, budget(0), too_long)
-    } else {
-        // A marker " (i/k)" is 2·digits + 4 bytes, and the number of digits depends on how many
-        // parts there are: reserve room for one digit, and widen until the count fits.
-        let mut digits = 1u32;
-        loop {
-            let texts = outbound::fit(text, budget(2 * digits as usize + 4), TooLong::Split);
-            if texts.len() < 10usize.pow(digits) {
-                break texts;
-            }
-            digits += 1;
-        }
-    };
-    let count = texts.len();
-    texts
-        .into_iter()
-        .enumerate()
-        .map(|(i, text)| Part {
-            text,
-            number: i + 1,
-            count,
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -5,17 +5,13 @@
 use serde_json::{json, Value};
 
 use crate::notify::message::{Format, Mentions, Notification};
-use crate::platform::outbound::{self, Answer, Class, RenderOptions, TooLong};
+use crate::platform::outbound::{self, cut, non_empty, Answer, Class, RenderOptions};
 
 /// Byte limit of a `text` message's content (PROTOCOLS.md §6.1).
 pub const TEXT_MAX_BYTES: usize = 2048;
 
 /// Byte limit of a `markdown` message's content (PROTOCOLS.md §6.1).
 pub const MARKDOWN_MAX_BYTES: usize = 4096;
-
-/// However small the limit and however much else shares the field, a part carries at least this
-/// much text, so that a tiny limit cannot turn one message into hundreds of requests.
-const MIN_BUDGET: usize = 64;
 
 /// The request bodies for a notification, one per part: `raw` as it is, otherwise a `text` or
 /// `markdown` message cut to `opts.max_bytes` (default: the limit of the message type sent).
@@ -148,74 +144,6 @@ pub fn classify(status: u16, body: &[u8]) -> Answer {
         status,
         detail: outbound::detail(body),
     }
-}
-
-/// An empty title or URL is as good as none.
-fn non_empty(s: Option<&str>) -> Option<&str> {
-    s.filter(|s| !s.trim().is_empty())
-}
-
-/// One request's share of a text that may have been cut into several.
-#[derive(Debug)]
-struct Part {
-    text: String,
-    /// 1-based.
-    number: usize,
-    count: usize,
-}
-
-impl Part {
-    fn is_last(&self) -> bool {
-        self.number == self.count
-    }
-
-    /// `" (2/3)"` after a title; nothing when the text is whole.
-    fn title_suffix(&self) -> String {
-        if self.count > 1 {
-            format!(" ({}/{})", self.number, self.count)
-        } else {
-            String::new()
-        }
-    }
-
-    /// `"(2/3) "` before a text shown without a title; nothing when the text is whole.
-    fn text_prefix(&self) -> String {
-        if self.count > 1 {
-            format!("({}/{}) ", self.number, self.count)
-        } else {
-            String::new()
-        }
-    }
-}
-
-/// Cuts `text` so that each part, plus the `overhead` bytes of what shares its field (title,
-/// link, mentions) and a part marker when there are several parts, fits in `max` bytes.
-fn cut(text: &str, max: usize, overhead: usize, too_long: TooLong) -> Vec<Part> {
-    let budget = |marker: usize| max.saturating_sub(overhead + marker).max(MIN_BUDGET);
-    let texts = if too_long == TooLong::Truncate || text.len() <= budget(0) {
-        outbound::fit(text, budget(0), too_long)
-    } else {
-        // A marker " (i/k)" is 2·digits + 4 bytes, and the number of digits depends on how many
-        // parts there are: reserve room for one digit, and widen until the count fits.
-        let mut digits = 1u32;
-        loop {
-            let texts = outbound::fit(text, budget(2 * digits as usize + 4), TooLong::Split);
-            if texts.len() < 10usize.pow(digits) {
-                break texts;
-            }
-            digits += 1;
-        }
-    };
-    let count = texts.len();
-    texts
-        .into_iter()
-        .enumerate()
-        .map(|(i, text)| Part {
-            text,
-            number: i + 1,
-            count,
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -462,7 +390,7 @@ mod tests {
             ..Default::default()
         };
         let opts = RenderOptions {
-            too_long: TooLong::Truncate,
+            too_long: outbound::TooLong::Truncate,
             ..Default::default()
         };
         let bodies = render(&n, &opts);
