@@ -17,6 +17,7 @@ use crate::bus::Bus;
 use crate::config::{LimiterKind, Settings};
 use crate::ingress::{self, State};
 use crate::metrics::Metrics;
+use crate::notify;
 use crate::notify::limiter::Limiter;
 use crate::notify::pipeline::Notifier;
 use crate::shutdown::Shutdown;
@@ -41,6 +42,11 @@ impl App {
             Bus::start(
                 &settings.bus,
                 &settings.notify,
+                &notify::pipeline::all_consumer_specs(
+                    &settings.notify,
+                    &settings.targets,
+                    &settings.bus.subject_prefix,
+                ),
                 metrics.clone(),
                 shutdown.clone(),
             )

@@ -689,10 +689,19 @@ impl Checker {
     }
 
     fn duration(&mut self, key: &str, value: &str) -> Duration {
-        parse_duration(value).unwrap_or_else(|e| {
-            self.problem(key, format!("invalid duration {value:?}: {e}"));
-            Duration::ZERO
-        })
+        // Longer than this is a typo, and would overflow time arithmetic.
+        const MAX: Duration = Duration::from_secs(10 * 365 * 86_400);
+        match parse_duration(value) {
+            Ok(d) if d > MAX => {
+                self.problem(key, format!("duration {value:?} is longer than 10 years"));
+                Duration::ZERO
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.problem(key, format!("invalid duration {value:?}: {e}"));
+                Duration::ZERO
+            }
+        }
     }
 
     fn addr(&mut self, key: &str, value: &str) -> SocketAddr {
@@ -922,6 +931,15 @@ impl NotifyConfig {
         if self.max_ack_pending < 1 {
             c.problem("notify.max_ack_pending", "must be at least 1");
         }
+        for (key, value) in [
+            ("notify.request_timeout", &self.request_timeout),
+            ("notify.wait_timeout", &self.wait_timeout),
+            ("notify.max_wait", &self.max_wait),
+        ] {
+            if parse_duration(value).is_ok_and(|d| d.is_zero()) {
+                c.problem(key, "must be greater than 0");
+            }
+        }
         let ack_wait = c.duration("notify.ack_wait", &self.ack_wait);
         if ack_wait < Duration::from_secs(1) {
             c.problem("notify.ack_wait", "must be at least 1s");
@@ -974,6 +992,13 @@ impl TargetConfig {
         }
         let limits = match &self.rate_limit {
             None => kind.map(|k| k.default_limits()).unwrap_or_default(),
+            Some(v) if v.items().is_empty() => {
+                c.problem(
+                    format!("{key}.rate_limit"),
+                    "must not be empty (omit it for the platform's default)",
+                );
+                Vec::new()
+            }
             Some(v) => v
                 .items()
                 .into_iter()

@@ -305,9 +305,15 @@ fn targets_and_rate_limits_are_parsed_and_validated() {
             [targets."bad.name"]
             kind = "lark_robot"
             url = "https://example.com/"
+            [targets.d]
+            kind = "wecom_robot"
+            url = "https://example.com/?key=k"
+            rate_limit = []
             [notify]
             limiter = "nats_kv"
             max_attempts = 0
+            request_timeout = "0"
+            max_wait = "100y"
             "#,
         )?;
         let err = config::load(Some(Path::new("targets.toml"))).unwrap_err();
@@ -319,8 +325,11 @@ fn targets_and_rate_limits_are_parsed_and_validated() {
             "targets.c.secret",
             "targets.c.rate_limit",
             "targets.bad.name",
+            "targets.d.rate_limit",
             "notify.limiter",
             "notify.max_attempts",
+            "notify.request_timeout",
+            "notify.max_wait",
         ] {
             assert!(keys.contains(&expected), "{expected} not reported in {err}");
         }

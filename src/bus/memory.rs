@@ -92,24 +92,31 @@ impl MemoryBus {
             .push((pattern.to_owned(), tx));
     }
 
+    /// Gives the message to every queue subscription whose pattern matches (as with an
+    /// interest-based stream, each subscription sees it), or to none if one of them is full.
     fn enqueue(&self, msg: &Message) -> Result<(), BusError> {
         let queues = self.queues.lock().expect("not poisoned");
-        let Some((_, tx)) = queues
+        let matching: Vec<_> = queues
             .iter()
-            .find(|(p, tx)| super::subject_matches(p, &msg.subject) && !tx.is_closed())
-        else {
-            return Ok(());
-        };
-        let delivery = Delivery {
-            subject: msg.subject.clone(),
-            headers: msg.headers.clone(),
-            payload: msg.payload.clone(),
-            published: std::time::SystemTime::now(),
-            delivered: 1,
-            acker: super::Acker::Memory(Requeue { tx: tx.clone() }),
-        };
-        tx.try_send(delivery)
-            .map_err(|_| BusError::Unavailable("in-process queue is full".into()))
+            .filter(|(p, tx)| super::subject_matches(p, &msg.subject) && !tx.is_closed())
+            .map(|(_, tx)| tx)
+            .collect();
+        if matching.iter().any(|tx| tx.capacity() == 0) {
+            return Err(BusError::Unavailable("in-process queue is full".into()));
+        }
+        for tx in matching {
+            let delivery = Delivery {
+                subject: msg.subject.clone(),
+                headers: msg.headers.clone(),
+                payload: msg.payload.clone(),
+                published: std::time::SystemTime::now(),
+                delivered: 1,
+                acker: super::Acker::Memory(Requeue { tx: tx.clone() }),
+            };
+            tx.try_send(delivery)
+                .map_err(|_| BusError::Unavailable("in-process queue is full".into()))?;
+        }
+        Ok(())
     }
 
     pub fn publish(&self, msg: &Message) -> Result<Ack, BusError> {

@@ -175,6 +175,17 @@ impl Delivery {
     }
 }
 
+/// A durable consumer: the bus creates it (before it reports ready, so no message published
+/// afterwards finds nobody interested) and [`Bus::consume`] reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerSpec {
+    pub durable: String,
+    /// Subject filter, prefix included.
+    pub filter: String,
+    /// Messages handed out and not yet acknowledged, across all replicas.
+    pub max_pending: usize,
+}
+
 /// The deliveries of one subscription, whatever the engine.
 pub struct Consumer {
     rx: mpsc::Receiver<Delivery>,
@@ -183,6 +194,15 @@ pub struct Consumer {
 impl Consumer {
     pub async fn next(&mut self) -> Option<Delivery> {
         self.rx.recv().await
+    }
+
+    /// Stops receiving and hands back, at once, what was already received but not yet taken,
+    /// so that another replica gets it without waiting for `ack_wait`.
+    pub async fn close(mut self) {
+        self.rx.close();
+        while let Ok(d) = self.rx.try_recv() {
+            let _ = d.nak(Duration::ZERO).await;
+        }
     }
 }
 
@@ -212,6 +232,7 @@ impl Bus {
     pub async fn start(
         settings: &BusSettings,
         notify: &NotifySettings,
+        consumers: &[ConsumerSpec],
         metrics: Metrics,
         shutdown: Shutdown,
     ) -> Result<Bus, BusError> {
@@ -221,6 +242,7 @@ impl Bus {
                 nats::NatsBus::start(
                     n,
                     notify,
+                    consumers,
                     &settings.subject_prefix,
                     metrics.clone(),
                     shutdown,
@@ -231,18 +253,18 @@ impl Bus {
         Ok(Bus { engine, metrics })
     }
 
-    /// Consumes `subject_filter` as a queue shared by every replica: each message goes to one
-    /// of them and stays on the bus until acknowledged.
+    /// Reads the durable consumer `spec`, shared by every replica: each message goes to one of
+    /// them and stays on the bus until acknowledged.
     pub fn consume(
         &self,
-        subject_filter: &str,
+        spec: &ConsumerSpec,
         notify: &NotifySettings,
         shutdown: Shutdown,
     ) -> Consumer {
-        let (tx, rx) = mpsc::channel(notify.max_ack_pending.max(1) as usize);
+        let (tx, rx) = mpsc::channel(spec.max_pending.max(1));
         match &self.engine {
-            Engine::Memory(b) => b.queue(subject_filter, tx),
-            Engine::Nats(b) => b.consume(subject_filter, notify, tx, shutdown),
+            Engine::Memory(b) => b.queue(&spec.filter, tx),
+            Engine::Nats(b) => b.consume(spec, notify, tx, shutdown),
         }
         Consumer { rx }
     }

@@ -14,7 +14,7 @@ use async_nats::connection::State;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use tokio::sync::Notify;
 
-use super::{Ack, BusError, Delivery, Message};
+use super::{Ack, BusError, ConsumerSpec, Delivery, Message};
 use crate::config::{NatsSettings, NotifySettings};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -38,6 +38,7 @@ impl NatsBus {
     pub async fn start(
         settings: &NatsSettings,
         notify: &NotifySettings,
+        consumers: &[ConsumerSpec],
         prefix: &str,
         metrics: Metrics,
         shutdown: Shutdown,
@@ -119,11 +120,12 @@ impl NatsBus {
             ..base.clone()
         }];
         if notify.enabled {
-            // A work queue: a notification leaves the stream once delivered or dead-lettered.
+            // Interest retention: a notification leaves the stream once every consumer that
+            // sees it (its target's, and the catch-all for unknown targets) acknowledged it.
             configs.push(stream::Config {
                 name: notify.stream.clone(),
                 subjects: vec![super::with_prefix(prefix, "notify.>")],
-                retention: stream::RetentionPolicy::WorkQueue,
+                retention: stream::RetentionPolicy::Interest,
                 ..base.clone()
             });
             configs.push(stream::Config {
@@ -132,10 +134,18 @@ impl NatsBus {
                 ..base
             });
         }
+        let consumer_configs = consumers
+            .iter()
+            .map(|c| consumer_config(c, notify))
+            .collect();
         tokio::spawn(keep_streams(
             client.clone(),
             js.clone(),
-            configs,
+            Layout {
+                streams: configs,
+                consumer_stream: notify.stream.clone(),
+                consumers: consumer_configs,
+            },
             stream_ready.clone(),
             recheck.clone(),
             max_delay,
@@ -173,7 +183,7 @@ impl NatsBus {
     /// and re-creates it after any failure (disconnect, consumer deleted, server restart).
     pub fn consume(
         &self,
-        subject_filter: &str,
+        spec: &ConsumerSpec,
         notify: &NotifySettings,
         tx: tokio::sync::mpsc::Sender<Delivery>,
         shutdown: Shutdown,
@@ -182,15 +192,7 @@ impl NatsBus {
         let client = self.client.clone();
         let ready = self.stream_ready.clone();
         let stream_name = notify.stream.clone();
-        let config = jetstream::consumer::pull::Config {
-            durable_name: Some(notify.consumer.clone()),
-            filter_subject: subject_filter.to_owned(),
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            ack_wait: notify.ack_wait,
-            max_deliver: -1,
-            max_ack_pending: notify.max_ack_pending,
-            ..Default::default()
-        };
+        let config = consumer_config(spec, notify);
         let max_delay = self.max_delay;
         tokio::spawn(async move {
             let mut attempt = 1;
@@ -271,6 +273,30 @@ fn backoff(attempts: usize, max: Duration) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << exp)).min(max)
 }
 
+/// What the daemon keeps in place on the server: streams, and the durable consumers of one.
+struct Layout {
+    streams: Vec<stream::Config>,
+    consumer_stream: String,
+    consumers: Vec<jetstream::consumer::pull::Config>,
+}
+
+fn consumer_config(
+    spec: &ConsumerSpec,
+    notify: &NotifySettings,
+) -> jetstream::consumer::pull::Config {
+    jetstream::consumer::pull::Config {
+        durable_name: Some(spec.durable.clone()),
+        filter_subject: spec.filter.clone(),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: notify.ack_wait,
+        max_deliver: -1,
+        // Per consumer, across all replicas: with one consumer per target, a flooded target
+        // can only fill its own slots.
+        max_ack_pending: spec.max_pending as i64,
+        ..Default::default()
+    }
+}
+
 /// Pulls from the durable consumer until shutdown (Ok) or an error (Err, to be restarted).
 async fn run_consumer(
     js: &jetstream::Context,
@@ -340,7 +366,7 @@ async fn run_consumer(
 async fn keep_streams(
     client: async_nats::Client,
     js: jetstream::Context,
-    configs: Vec<stream::Config>,
+    layout: Layout,
     ready: Arc<AtomicBool>,
     recheck: Arc<Notify>,
     max_delay: Duration,
@@ -355,7 +381,7 @@ async fn keep_streams(
         while !ready.load(Ordering::SeqCst) {
             if client.connection_state() == State::Connected {
                 let mut all = true;
-                for config in &configs {
+                for config in &layout.streams {
                     match js.create_or_update_stream(config.clone()).await {
                         Ok(info) => {
                             tracing::info!(stream = %info.config.name, subjects = ?info.config.subjects, "JetStream stream ready");
@@ -364,6 +390,28 @@ async fn keep_streams(
                             tracing::warn!(stream = %config.name, error = %e, "cannot create or update JetStream stream; retrying");
                             all = false;
                             break;
+                        }
+                    }
+                }
+                // The notify stream keeps a message only while some consumer is interested,
+                // so the consumers must exist before anything may be published.
+                if all && !layout.consumers.is_empty() {
+                    match js.get_stream(&layout.consumer_stream).await {
+                        Ok(stream) => {
+                            for config in &layout.consumers {
+                                let name = config.durable_name.clone().unwrap_or_default();
+                                let created: Result<jetstream::consumer::PullConsumer, _> =
+                                    stream.get_or_create_consumer(&name, config.clone()).await;
+                                if let Err(e) = created {
+                                    tracing::warn!(consumer = %name, error = %e, "cannot create consumer; retrying");
+                                    all = false;
+                                    break;
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(stream = %layout.consumer_stream, error = %e, "cannot read stream; retrying");
+                            all = false;
                         }
                     }
                 }

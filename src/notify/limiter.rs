@@ -49,7 +49,8 @@ impl Log {
             let n = limit.max as usize;
             if self.sends.len() >= n {
                 let nth_latest = self.sends[self.sends.len() - n];
-                slot = slot.max(nth_latest + limit.window.as_millis() as u64 + margin_ms);
+                let window = limit.window.as_millis() as u64;
+                slot = slot.max(nth_latest.saturating_add(window).saturating_add(margin_ms));
             }
         }
         slot
@@ -67,7 +68,7 @@ impl Log {
         let old = self
             .sends
             .iter()
-            .take_while(|&&t| t + horizon <= now)
+            .take_while(|&&t| t.saturating_add(horizon) <= now)
             .count();
         // Never keep more than the largest N: older entries cannot decide anything.
         let drop = old.max(self.sends.len().saturating_sub(keep));
@@ -192,7 +193,7 @@ impl Limiter {
                 log.record(limits, margin_ms, now);
                 Ok(None)
             }
-            Limiter::NatsKv(kv) => kv.try_take(target, limits, margin_ms, now).await,
+            Limiter::NatsKv(kv) => kv.try_take(target, limits, margin_ms).await,
         }
     }
 
@@ -209,7 +210,7 @@ impl Limiter {
                 log.paused_until = log.paused_until.max(until_ms);
             }
             Limiter::NatsKv(kv) => {
-                for _ in 0..10 {
+                for attempt in 1..=10 {
                     match kv
                         .update(target, |log| {
                             log.paused_until = log.paused_until.max(until_ms);
@@ -217,7 +218,10 @@ impl Limiter {
                         .await
                     {
                         Ok(true) => return,
-                        Ok(false) => continue,
+                        Ok(false) if attempt < 10 => continue,
+                        Ok(false) => {
+                            tracing::warn!(target, "could not record the pause (too much contention); other replicas may send before it ends");
+                        }
                         Err(e) => {
                             tracing::warn!(target, error = %e, "cannot record pause in the rate-limit store");
                             tokio::time::sleep(STORE_RETRY).await;
@@ -300,10 +304,12 @@ impl KvLimiter {
         target: &str,
         limits: &[Limit],
         margin_ms: u64,
-        now: u64,
     ) -> Result<Option<u64>, String> {
         loop {
             let (mut log, sequence) = self.read(target).await?;
+            // The time is read after the store round-trip, so a slot is never recorded earlier
+            // than it is taken, however long the compare-and-set races last.
+            let now = now_ms();
             let slot = log.next_slot(limits, margin_ms, now);
             if slot > now {
                 return Ok(Some(slot));

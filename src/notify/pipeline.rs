@@ -53,6 +53,9 @@ pub enum Reason {
     AttemptsExhausted,
     /// Not delivered within `notify.max_wait` (throttled, paused or retried too long).
     Expired,
+    /// "Too fast" answers `notify.max_attempts` times in a row for this message: the platform
+    /// may be using the code for something about the message itself (Lark's 9499).
+    RateLimited,
     /// The daemon is stopping; the message goes back to the bus.
     Shutdown,
     UnknownTarget,
@@ -65,6 +68,7 @@ impl Reason {
             Reason::Permanent => "permanent",
             Reason::AttemptsExhausted => "attempts_exhausted",
             Reason::Expired => "expired",
+            Reason::RateLimited => "rate_limited",
             Reason::Shutdown => "shutdown",
             Reason::UnknownTarget => "unknown_target",
             Reason::InvalidMessage => "invalid_message",
@@ -86,6 +90,8 @@ enum Job {
     Sync {
         notification: Box<Notification>,
         reply: oneshot::Sender<Outcome>,
+        /// The caller stops waiting then; nothing is sent after it.
+        deadline: SystemTime,
     },
 }
 
@@ -213,9 +219,18 @@ impl Notifier {
         });
         if settings.enabled {
             tasks.push(tokio::spawn(keep_alive(ctx.clone())));
-            let filter = bus::with_prefix(prefix, "notify.>");
-            let consumer = ctx.bus.consume(&filter, settings, shutdown);
-            tasks.push(tokio::spawn(dispatch(consumer, notifier.clone())));
+            let (per_target, all) = consumer_specs(settings, targets.keys(), prefix);
+            for (name, spec) in targets.keys().zip(&per_target) {
+                let consumer = ctx.bus.consume(spec, settings, shutdown.clone());
+                tasks.push(tokio::spawn(feed(
+                    name.clone(),
+                    consumer,
+                    notifier.queues[name].clone(),
+                    ctx.clone(),
+                )));
+            }
+            let consumer = ctx.bus.consume(&all, settings, shutdown);
+            tasks.push(tokio::spawn(catch_all(consumer, notifier.clone())));
         }
         *notifier.tasks.lock().expect("not poisoned") = tasks;
         notifier
@@ -238,6 +253,7 @@ impl Notifier {
             .try_send(Job::Sync {
                 notification: Box::new(notification),
                 reply,
+                deadline: SystemTime::now() + self.ctx.settings.wait_timeout,
             })
             .map_err(|_| NotifyError::QueueFull)?;
         self.ctx
@@ -262,62 +278,113 @@ impl Notifier {
     }
 }
 
-/// Reads the bus and hands each message to its target's queue.
-async fn dispatch(mut consumer: bus::Consumer, notifier: Arc<Notifier>) {
+/// The durable consumers of the notify pipeline: one per target (in the order of `targets`),
+/// whose in-flight limit is the target's queue size, so that a flooded target holds only its
+/// own slots on the bus and never starves another; and one for every notification, which
+/// dead-letters those for targets nobody configured.
+pub fn consumer_specs<'a>(
+    settings: &NotifySettings,
+    targets: impl Iterator<Item = &'a String>,
+    prefix: &str,
+) -> (Vec<bus::ConsumerSpec>, bus::ConsumerSpec) {
+    let per_target = targets
+        .map(|name| bus::ConsumerSpec {
+            durable: format!("{}-{name}", settings.consumer),
+            filter: bus::with_prefix(prefix, &format!("notify.{name}")),
+            max_pending: settings.queue_capacity,
+        })
+        .collect();
+    let all = bus::ConsumerSpec {
+        durable: settings.consumer.clone(),
+        filter: bus::with_prefix(prefix, "notify.>"),
+        max_pending: settings.max_ack_pending as usize,
+    };
+    (per_target, all)
+}
+
+/// All the specs, for the bus to create at start.
+pub fn all_consumer_specs(
+    settings: &NotifySettings,
+    targets: &BTreeMap<String, Target>,
+    prefix: &str,
+) -> Vec<bus::ConsumerSpec> {
+    if !settings.enabled {
+        return Vec::new();
+    }
+    let (mut specs, all) = consumer_specs(settings, targets.keys(), prefix);
+    specs.push(all);
+    specs
+}
+
+/// Reads one target's consumer and hands each message to the target's worker.
+async fn feed(
+    target: String,
+    mut consumer: bus::Consumer,
+    queue: mpsc::Sender<Job>,
+    ctx: Arc<Ctx>,
+) {
+    let depth = ctx.metrics.notify_queue_depth.with_label_values(&[&target]);
+    loop {
+        let delivery = tokio::select! {
+            d = consumer.next() => match d { Some(d) => d, None => break },
+            _ = ctx.shutdown.cancelled() => break,
+        };
+        let notification = match message::parse(&delivery.payload) {
+            Ok(Parsed { notification, .. }) => notification,
+            Err(e) => {
+                let reason = Reason::InvalidMessage;
+                finish_failed(&ctx, &delivery, &target, reason, 0, &e.to_string()).await;
+                continue;
+            }
+        };
+        let delivery = Arc::new(delivery);
+        let held = ctx.held.insert(delivery.clone());
+        depth.inc();
+        let job = Job::Bus {
+            delivery,
+            notification: Box::new(notification),
+            deadline: SystemTime::now() + ctx.settings.max_wait,
+            held,
+        };
+        // The consumer hands out at most queue_capacity messages, so this rarely waits; when it
+        // does, only this target waits.
+        if let Err(mpsc::error::SendError(job)) = queue.send(job).await {
+            depth.dec();
+            if let Job::Bus { delivery, held, .. } = job {
+                ctx.held.remove(held);
+                let _ = delivery.nak(Duration::ZERO).await;
+            }
+            break;
+        }
+    }
+    consumer.close().await;
+}
+
+/// Reads every notification: those for configured targets are their own consumers' business
+/// (acknowledged here at once), the others are dead-lettered as `unknown_target`.
+async fn catch_all(mut consumer: bus::Consumer, notifier: Arc<Notifier>) {
     let ctx = &notifier.ctx;
     let subject_prefix = bus::with_prefix(&ctx.prefix, "notify.");
     loop {
         let delivery = tokio::select! {
-            d = consumer.next() => match d { Some(d) => d, None => return },
-            _ = ctx.shutdown.cancelled() => return,
+            d = consumer.next() => match d { Some(d) => d, None => break },
+            _ = ctx.shutdown.cancelled() => break,
         };
         let target = delivery
             .subject
             .strip_prefix(&subject_prefix)
             .unwrap_or(&delivery.subject)
             .to_owned();
-        let Some(queue) = notifier.queues.get(&target) else {
-            let detail = format!("no target named {target:?} is configured");
-            finish_failed(ctx, &delivery, &target, Reason::UnknownTarget, 0, &detail).await;
+        if notifier.queues.contains_key(&target) {
+            if let Err(e) = delivery.ack().await {
+                tracing::debug!(error = %e, "catch-all ack failed; it comes again");
+            }
             continue;
-        };
-        let notification = match message::parse(&delivery.payload) {
-            Ok(Parsed { notification, .. }) => notification,
-            Err(e) => {
-                finish_failed(
-                    ctx,
-                    &delivery,
-                    &target,
-                    Reason::InvalidMessage,
-                    0,
-                    &e.to_string(),
-                )
-                .await;
-                continue;
-            }
-        };
-        let depth = ctx.metrics.notify_queue_depth.with_label_values(&[&target]);
-        depth.inc();
-        let delivery = Arc::new(delivery);
-        let held = ctx.held.insert(delivery.clone());
-        if let Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) =
-            queue.try_send(Job::Bus {
-                delivery,
-                notification: Box::new(notification),
-                deadline: SystemTime::now() + ctx.settings.max_wait,
-                held,
-            })
-        {
-            depth.dec();
-            ctx.held.remove(held);
-            if let Job::Bus { delivery, .. } = job {
-                // Full: leave it on the bus for now rather than hold every in-flight slot.
-                if let Err(e) = delivery.nak(ctx.settings.requeue_delay).await {
-                    tracing::warn!(target = %target, error = %e, "could not hand a message back to the bus; it will be redelivered after ack_wait");
-                }
-            }
         }
+        let detail = format!("no target named {target:?} is configured");
+        finish_failed(ctx, &delivery, &target, Reason::UnknownTarget, 0, &detail).await;
     }
+    consumer.close().await;
 }
 
 /// One target's worker: delivers its queue in order.
@@ -345,10 +412,13 @@ async fn worker(target: Arc<Target>, mut rx: mpsc::Receiver<Job>, ctx: Arc<Ctx>)
             Job::Sync {
                 notification,
                 reply,
+                deadline,
             } => {
-                let deadline = SystemTime::now() + ctx.settings.wait_timeout;
-                let outcome = deliver(&ctx, &target, &notification, deadline).await;
-                let _ = reply.send(outcome);
+                // A caller that gave up must not get a delivery it was told timed out.
+                if !reply.is_closed() {
+                    let outcome = deliver(&ctx, &target, &notification, deadline).await;
+                    let _ = reply.send(outcome);
+                }
             }
         }
         depth.dec();
@@ -414,7 +484,9 @@ async fn finish_failed(
     let mut headers: Vec<(String, String)> = delivery
         .headers
         .iter()
-        .filter(|(k, _)| !k.eq_ignore_ascii_case("Nats-Msg-Id"))
+        // The bus's own control headers (message id, expected sequences, TTL, rollup) would
+        // make the dead letter's publish fail or misbehave: they belonged to the original.
+        .filter(|(k, _)| !k.to_ascii_lowercase().starts_with("nats-"))
         .cloned()
         .collect();
     headers.push((DLQ_REASON.into(), reason.label().into()));
@@ -447,21 +519,34 @@ async fn finish_failed(
     } else {
         target
     };
-    match ctx.bus.publish(&msg).await {
-        Ok(_) => {
-            ctx.metrics
-                .notify_dead_letters_total
-                .with_label_values(&[label, reason.label()])
-                .inc();
-            tracing::warn!(target, reason = reason.label(), attempts, answer = %answer, "notification dead-lettered");
-            if let Err(e) = delivery.ack().await {
-                tracing::warn!(target, error = %e, "ack failed after dead-lettering");
+    // Retried here rather than by handing the message back: a redelivery would send it to the
+    // platform again.
+    let mut attempt = 0;
+    loop {
+        match ctx.bus.publish(&msg).await {
+            Ok(_) => break,
+            Err(e) => {
+                attempt += 1;
+                tracing::error!(target, error = %e, attempt, "cannot dead-letter yet; retrying");
+                let delay =
+                    retry_delay(attempt, Duration::from_millis(200), Duration::from_secs(10));
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = ctx.shutdown.cancelled() => {
+                        let _ = delivery.nak(Duration::ZERO).await;
+                        return;
+                    }
+                }
             }
         }
-        Err(e) => {
-            tracing::error!(target, error = %e, "cannot dead-letter; leaving the message on the bus");
-            let _ = delivery.nak(ctx.settings.requeue_delay).await;
-        }
+    }
+    ctx.metrics
+        .notify_dead_letters_total
+        .with_label_values(&[label, reason.label()])
+        .inc();
+    tracing::warn!(target, reason = reason.label(), attempts, answer = %answer, "notification dead-lettered");
+    if let Err(e) = delivery.ack().await {
+        tracing::warn!(target, error = %e, "ack failed after dead-lettering");
     }
 }
 
@@ -472,6 +557,7 @@ async fn deliver(ctx: &Ctx, target: &Target, n: &Notification, deadline: SystemT
     let name = target.name.as_str();
     let mut attempts = 0u32;
     let mut transient = 0u32;
+    let mut limited = 0u32;
     let mut last: Option<Answer> = None;
     let failed = |reason, attempts, answer| Outcome::Failed {
         reason,
@@ -514,6 +600,10 @@ async fn deliver(ctx: &Ctx, target: &Target, n: &Notification, deadline: SystemT
                 Class::Ok => break,
                 Class::Permanent => return failed(Reason::Permanent, attempts, last),
                 Class::RateLimited { pause } => {
+                    limited += 1;
+                    if limited >= ctx.settings.max_attempts {
+                        return failed(Reason::RateLimited, attempts, last);
+                    }
                     // Not the message's fault: pause the whole target (on every replica) and
                     // try again, without counting it as an attempt of this message.
                     let pause = pause.unwrap_or(target.pause_on_rate_limit);
@@ -590,7 +680,7 @@ async fn send(ctx: &Ctx, target: &Target, body: &serde_json::Value) -> Answer {
             class: Class::Transient,
             code: None,
             status: 0,
-            detail: e.without_url().to_string(),
+            detail: transport_error(e),
         },
         Ok(resp) => {
             let status = resp.status().as_u16();
@@ -604,7 +694,7 @@ async fn send(ctx: &Ctx, target: &Target, body: &serde_json::Value) -> Answer {
                     class: Class::Transient,
                     code: None,
                     status,
-                    detail: e.without_url().to_string(),
+                    detail: transport_error(e),
                 },
                 Ok(bytes) => {
                     let mut answer = match target.kind {
@@ -626,6 +716,29 @@ async fn send(ctx: &Ctx, target: &Target, body: &serde_json::Value) -> Answer {
     };
     tracing::debug!(target = %target.name, took = ?started.elapsed(), class = answer.class.label(), "sent");
     answer
+}
+
+/// A transport error with its causes, without the URL (it holds the robot's token).
+fn transport_error(e: reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect error"
+    } else {
+        "transport error"
+    };
+    let e = e.without_url();
+    let mut out = format!("{kind}: {e}");
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !text.contains("://") {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 #[cfg(test)]

@@ -34,8 +34,11 @@ pub fn render(n: &Notification, opts: &RenderOptions) -> Vec<Value> {
 }
 
 fn render_text(n: &Notification, opts: &RenderOptions) -> Vec<Value> {
-    let max = opts.max_bytes.unwrap_or(TEXT_MAX_BYTES);
-    let title = non_empty(n.title.as_deref());
+    // The platform's limits are hard: a configured max_bytes can only lower them.
+    let max = opts.max_bytes.unwrap_or(TEXT_MAX_BYTES).min(TEXT_MAX_BYTES);
+    // A title may take at most a quarter of the message, so that the text always fits.
+    let title = non_empty(n.title.as_deref()).map(|t| outbound::truncate_utf8(t, max / 4));
+    let title = title.as_deref();
     let tail = non_empty(n.url.as_deref())
         .map(|u| format!("\n{u}"))
         .unwrap_or_default();
@@ -67,8 +70,12 @@ fn render_text(n: &Notification, opts: &RenderOptions) -> Vec<Value> {
 }
 
 fn render_markdown(n: &Notification, opts: &RenderOptions) -> Vec<Value> {
-    let max = opts.max_bytes.unwrap_or(MARKDOWN_MAX_BYTES);
-    let title = non_empty(n.title.as_deref());
+    let max = opts
+        .max_bytes
+        .unwrap_or(MARKDOWN_MAX_BYTES)
+        .min(MARKDOWN_MAX_BYTES);
+    let title = non_empty(n.title.as_deref()).map(|t| outbound::truncate_utf8(t, max / 4));
+    let title = title.as_deref();
     let mut tail = non_empty(n.url.as_deref())
         .map(|u| format!("\n[{}]({u})", opts.link_text))
         .unwrap_or_default();
