@@ -339,6 +339,21 @@ async fn http_refusals() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(farm.requests("w"), 0, "refused requests must not be sent");
     app.stop().await;
+
+    // Nothing consumes notify.> in this process: the in-process bus would drop it.
+    let app = start_with(
+        &Engine::Memory,
+        "enabled = false",
+        &target("w", "wecom_robot", &url, ""),
+    )
+    .await;
+    let res = post(&app, "w", serde_json::json!({"text": "x"})).await;
+    assert_eq!(res.status(), 503);
+    assert_eq!(
+        res.json::<serde_json::Value>().await.unwrap()["code"],
+        "notify_disabled"
+    );
+    app.stop().await;
 }
 
 #[tokio::test]

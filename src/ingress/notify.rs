@@ -107,6 +107,15 @@ async fn handle(
         };
     }
 
+    // The in-process bus keeps nothing nobody consumes: refuse rather than accept and drop.
+    if state.bus.memory().is_some() && !state.notifier.is_consuming() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "notify_disabled",
+            "notify.enabled is false and the memory bus has no other consumer",
+        ));
+    }
+
     // The bus carries JSON: a form-encoded ZenTao payload is converted, a JSON body is kept
     // byte for byte.
     let is_form = content_type

@@ -236,6 +236,11 @@ impl Notifier {
         notifier
     }
 
+    /// Whether this replica consumes `notify.>`.
+    pub fn is_consuming(&self) -> bool {
+        self.ctx.settings.enabled
+    }
+
     pub fn has_target(&self, name: &str) -> bool {
         self.targets.contains_key(name)
     }
