@@ -214,6 +214,44 @@ pub(crate) fn cut(text: &str, max: usize, overhead: usize, too_long: TooLong) ->
         .collect()
 }
 
+/// Classifies an answer the way every bot platform needs: 429 is "too fast", 5xx transient,
+/// any other non-2xx permanent; a 2xx is decided by the body's error code (the first of
+/// `code_fields` present), 0 being success and `by_code` deciding the rest. A 2xx without a
+/// code is not the platform's answer (a proxy's page, say), so nothing says the message is
+/// wrong: transient.
+pub fn classify(
+    status: u16,
+    body: &[u8],
+    code_fields: &[&str],
+    by_code: impl Fn(i64) -> Class,
+) -> Answer {
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let code = parsed.as_ref().and_then(|v| {
+        code_fields
+            .iter()
+            .find_map(|f| v.get(*f).and_then(serde_json::Value::as_i64))
+    });
+    let class = if status == 429 {
+        Class::RateLimited { pause: None }
+    } else if status >= 500 {
+        Class::Transient
+    } else if !(200..300).contains(&status) {
+        Class::Permanent
+    } else {
+        match code {
+            Some(0) => Class::Ok,
+            Some(c) => by_code(c),
+            None => Class::Transient,
+        }
+    };
+    Answer {
+        class,
+        code,
+        status,
+        detail: detail(body),
+    }
+}
+
 /// Truncates an answer body for logs and dead-letter headers.
 pub fn detail(body: &[u8]) -> String {
     let s = String::from_utf8_lossy(body);

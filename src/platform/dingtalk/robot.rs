@@ -121,38 +121,15 @@ pub fn render(n: &Notification, opts: &RenderOptions) -> Vec<Value> {
 /// Classifies the robot's answer. DingTalk answers HTTP 200 to errors too, so `errcode` decides
 /// (PROTOCOLS.md §3.3).
 pub fn classify(status: u16, body: &[u8]) -> Answer {
-    let parsed: Option<Value> = serde_json::from_slice(body).ok();
-    let code = parsed
-        .as_ref()
-        .and_then(|v| v.get("errcode"))
-        .and_then(Value::as_i64);
-    let class = if status == 429 {
-        Class::RateLimited { pause: None }
-    } else if status >= 500 {
-        Class::Transient
-    } else if !(200..300).contains(&status) {
-        Class::Permanent
-    } else {
-        match code {
-            Some(0) => Class::Ok,
-            // 130101 is the code observed; 410100 is the one newer docs name [U].
-            Some(130101 | 410100) => Class::RateLimited { pause: None },
-            // "System busy".
-            Some(-1) => Class::Transient,
-            // 310000 (keyword, timestamp, sign or IP whitelist), 300001 (no such token), 400004
-            // (only the owner may @all), 90030 (quota): resending the same request cannot help.
-            Some(_) => Class::Permanent,
-            // Not DingTalk's answer (a proxy's page, say), so nothing says the message is
-            // wrong: retry.
-            None => Class::Transient,
-        }
-    };
-    Answer {
-        class,
-        code,
-        status,
-        detail: outbound::detail(body),
-    }
+    outbound::classify(status, body, &["errcode"], |code| match code {
+        // 130101 is the code observed; 410100 is the one newer docs name [U].
+        130101 | 410100 => Class::RateLimited { pause: None },
+        // "System busy".
+        -1 => Class::Transient,
+        // 310000 (keyword, timestamp, sign or IP whitelist), 300001 (no such token), 400004
+        // (only the owner may @all), 90030 (quota): resending the same request cannot help.
+        _ => Class::Permanent,
+    })
 }
 
 /// The first line that says something, without markdown heading markers: what a reader takes

@@ -174,39 +174,16 @@ fn mentioned(m: &Mentions) -> impl Iterator<Item = &str> {
 /// Classifies the bot's answer. Lark answers HTTP 200 to errors too, so `code` decides, or
 /// `StatusCode` from older deployments (PROTOCOLS.md §8.1).
 pub fn classify(status: u16, body: &[u8]) -> Answer {
-    let parsed: Option<Value> = serde_json::from_slice(body).ok();
-    let code = parsed.as_ref().and_then(|v| {
-        v.get("code")
-            .or_else(|| v.get("StatusCode"))
-            .and_then(Value::as_i64)
-    });
-    let class = if status == 429 {
-        Class::RateLimited { pause: None }
-    } else if status >= 500 {
-        Class::Transient
-    } else if !(200..300).contains(&status) {
-        Class::Permanent
-    } else {
-        match code {
-            Some(0) => Class::Ok,
-            // 11232 is the frequency limit. 9499 is documented as "bad request" but is also
-            // seen for throttling, and our spec treats it as a rate limit: pausing the target
-            // is cheaper than dead-lettering a message that would have gone through.
-            Some(11232 | 9499) => Class::RateLimited { pause: None },
-            // 19021 (sign or timestamp), 19001 (bad token), 19024 (keyword), 19022 (IP), ...:
-            // resending the same request cannot help.
-            Some(_) => Class::Permanent,
-            // Not Lark's answer (a proxy's page, say), so nothing says the message is wrong:
-            // retry.
-            None => Class::Transient,
-        }
-    };
-    Answer {
-        class,
-        code,
-        status,
-        detail: outbound::detail(body),
-    }
+    outbound::classify(status, body, &["code", "StatusCode"], |code| match code {
+        // 11232 is the frequency limit. 9499 is documented as "bad request" but is also seen
+        // for throttling, and our spec treats it as a rate limit: pausing the target is cheaper
+        // than dead-lettering a message that would have gone through (and the pipeline
+        // dead-letters a message that keeps getting it).
+        11232 | 9499 => Class::RateLimited { pause: None },
+        // 19021 (sign or timestamp), 19001 (bad token), 19024 (keyword), 19022 (IP), ...:
+        // resending the same request cannot help.
+        _ => Class::Permanent,
+    })
 }
 
 /// The title given, or else the first line that says something, without markdown heading

@@ -119,38 +119,15 @@ fn mentioned(m: &Mentions) -> (Vec<String>, Vec<String>) {
 /// Classifies the robot's answer. WeCom answers HTTP 200 to errors too, so `errcode` decides;
 /// `errmsg` wording changes and is never looked at (PROTOCOLS.md §6.1).
 pub fn classify(status: u16, body: &[u8]) -> Answer {
-    let parsed: Option<Value> = serde_json::from_slice(body).ok();
-    let code = parsed
-        .as_ref()
-        .and_then(|v| v.get("errcode"))
-        .and_then(Value::as_i64);
-    let class = if status == 429 {
-        Class::RateLimited { pause: None }
-    } else if status >= 500 {
-        Class::Transient
-    } else if !(200..300).contains(&status) {
-        Class::Permanent
-    } else {
-        match code {
-            Some(0) => Class::Ok,
-            // Over 20 messages a minute.
-            Some(45009) => Class::RateLimited { pause: None },
-            // System busy; too many concurrent requests.
-            Some(-1 | 45033) => Class::Transient,
-            // 40008 (bad msgtype), 45002 (too large), 93000 (bad key), ...: resending the same
-            // request cannot help.
-            Some(_) => Class::Permanent,
-            // Not WeCom's answer (a proxy's page, say), so nothing says the message is wrong:
-            // retry.
-            None => Class::Transient,
-        }
-    };
-    Answer {
-        class,
-        code,
-        status,
-        detail: outbound::detail(body),
-    }
+    outbound::classify(status, body, &["errcode"], |code| match code {
+        // Over 20 messages a minute.
+        45009 => Class::RateLimited { pause: None },
+        // System busy; too many concurrent requests.
+        -1 | 45033 => Class::Transient,
+        // 40008 (bad msgtype), 45002 (too large), 93000 (bad key), ...: resending the same
+        // request cannot help.
+        _ => Class::Permanent,
+    })
 }
 
 #[cfg(test)]
