@@ -53,13 +53,34 @@ pub fn render(n: &Notification, opts: &RenderOptions) -> Vec<Value> {
     if let Some(raw) = &n.raw {
         return vec![raw.clone()];
     }
-    let max = opts.max_bytes.unwrap_or(DEFAULT_MAX_BYTES);
-    match (n.format, opts.lark_markdown) {
-        (Format::Text, _) => render_text(n, max, opts.too_long),
-        (Format::Markdown, LarkMarkdown::Card) => render_card(n, max, opts),
-        (Format::Markdown, LarkMarkdown::Post) => render_post(n, max, opts),
+    let mut max = opts.max_bytes.unwrap_or(DEFAULT_MAX_BYTES);
+    // The limit is on the whole body, and JSON escaping (quotes, newlines) and a post's
+    // per-line wrappers grow it past the text: measure, and cut finer while a body is over.
+    loop {
+        let bodies = match (n.format, opts.lark_markdown) {
+            (Format::Text, _) => render_text(n, max, opts.too_long),
+            (Format::Markdown, LarkMarkdown::Card) => render_card(n, max, opts),
+            (Format::Markdown, LarkMarkdown::Post) => render_post(n, max, opts),
+        };
+        let largest = bodies
+            .iter()
+            .map(|b| serde_json::to_vec(b).map_or(0, |v| v.len()))
+            .max()
+            .unwrap_or(0);
+        if largest <= BODY_MAX_BYTES - SIGNATURE_ROOM || max <= 1024 {
+            return bodies;
+        }
+        max = max
+            .saturating_sub(largest - (BODY_MAX_BYTES - SIGNATURE_ROOM))
+            .max(1024);
     }
 }
+
+/// Largest request body Lark accepts (PROTOCOLS.md §8.1).
+pub const BODY_MAX_BYTES: usize = 20 * 1024;
+
+/// Room left in a body for the `timestamp` and `sign` fields added when sending.
+const SIGNATURE_ROOM: usize = 128;
 
 fn render_text(n: &Notification, max: usize, too_long: TooLong) -> Vec<Value> {
     let title = non_empty(n.title.as_deref());
@@ -465,6 +486,30 @@ mod tests {
             }
         }
         assert_eq!(joined, text);
+    }
+
+    #[test]
+    fn whole_bodies_stay_under_20_kb_however_the_text_escapes() {
+        // Quotes and newlines double in JSON; a post adds a wrapper per line.
+        let text = "\"a\"\n".repeat(9000);
+        for lark_markdown in [LarkMarkdown::Card, LarkMarkdown::Post] {
+            let n = Notification {
+                text: text.clone(),
+                ..Default::default()
+            };
+            let opts = RenderOptions {
+                lark_markdown,
+                ..Default::default()
+            };
+            let bodies = render(&n, &opts);
+            assert!(bodies.len() > 1);
+            for b in &bodies {
+                let mut signed = b.clone();
+                apply_signature(&mut signed, Some("secret"), 1_700_000_000);
+                let len = serde_json::to_vec(&signed).unwrap().len();
+                assert!(len <= BODY_MAX_BYTES, "{lark_markdown:?}: {len} bytes");
+            }
+        }
     }
 
     #[test]
