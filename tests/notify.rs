@@ -398,6 +398,19 @@ async fn zentao_webhook_posted_as_form_and_json_arrives_rendered() {
     assert!(content.contains("[#12::Login fails](https://zentao.example.com/bug-view-12.html)"));
     assert!(content.contains("2024-01-01 10:00:00"));
 
+    // JSON labelled as a form (curl's default) is still JSON.
+    let res = app
+        .http
+        .post(app.url("/notify/zentao-wecom"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(r#"{"text":"curl default","format":"text"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    let got = farm.wait_accepted("zt-wecom", 2, WAIT).await;
+    assert_eq!(got[1].body["text"]["content"], "curl default");
+
     let json = serde_json::json!({"objectType":"task","objectID":"7","product":",2,","project":"4","action":"finished","actor":"lisi","date":"2024-02-02 09:00:00","comment":"","text":"李四完成了任务 [#7::Deploy](https://zentao.example.com/task-view-7.html)"});
     assert_eq!(post(&app, "zentao-ding", json).await.status(), 202);
     let got = farm.wait_accepted("zt-ding", 1, WAIT).await;

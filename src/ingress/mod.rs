@@ -46,7 +46,6 @@ pub fn routes(
     let notify = warp::path!("notify" / String)
         .and(warp::post())
         .and(query())
-        .and(warp::header::optional::<String>("content-type"))
         .and(warp::header::optional::<String>("idempotency-key"))
         .and(body(max_body_bytes))
         .and(with(state))

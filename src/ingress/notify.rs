@@ -22,13 +22,12 @@ use crate::platform::outbound::Answer;
 pub async fn post(
     target: String,
     query: String,
-    content_type: Option<String>,
     idempotency_key: Option<String>,
     body: Result<Bytes, ApiError>,
     state: Arc<State>,
 ) -> Response {
     let known = state.notifier.has_target(&target);
-    let result = handle(&target, &query, content_type, idempotency_key, body, &state).await;
+    let result = handle(&target, &query, idempotency_key, body, &state).await;
     let label = if known { target.as_str() } else { UNKNOWN_APP };
     let (outcome, response) = match result {
         Ok((outcome, response)) => (outcome, response),
@@ -48,7 +47,6 @@ pub async fn post(
 async fn handle(
     target: &str,
     query: &str,
-    content_type: Option<String>,
     idempotency_key: Option<String>,
     body: Result<Bytes, ApiError>,
     state: &State,
@@ -118,9 +116,9 @@ async fn handle(
 
     // The bus carries JSON: a form-encoded ZenTao payload is converted, a JSON body is kept
     // byte for byte.
-    let is_form = content_type
-        .as_deref()
-        .is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
+    // What the body is decides, not the Content-Type: curl sends JSON labelled as a form
+    // unless told otherwise, and it parsed as JSON above.
+    let is_form = serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err();
     let payload = if is_form {
         let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(&body)
             .map_err(|e| ApiError::bad_request("invalid_message", e.to_string()))?;
