@@ -174,6 +174,25 @@ impl Part {
         }
     }
 
+    /// The part's field: the numbered title wrapped by `heading` (or, without a title, the
+    /// number in front of the text), the text, then `tail` (link, mentions) on the last part.
+    pub fn compose(
+        &self,
+        title: Option<&str>,
+        heading: impl Fn(&str) -> String,
+        tail: &str,
+    ) -> String {
+        let mut out = match title {
+            Some(t) => heading(&format!("{t}{}", self.title_suffix())),
+            None => self.text_prefix(),
+        };
+        out.push_str(&self.text);
+        if self.is_last() {
+            out.push_str(tail);
+        }
+        out
+    }
+
     /// `"(2/3) "` before a text shown without a title; nothing when the text is whole.
     pub fn text_prefix(&self) -> String {
         if self.count > 1 {

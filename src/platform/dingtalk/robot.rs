@@ -69,14 +69,7 @@ pub fn render(n: &Notification, opts: &RenderOptions) -> Vec<Value> {
             cut(&n.text, max, head + tail.len(), opts.too_long)
                 .into_iter()
                 .map(|p| {
-                    let mut content = match title {
-                        Some(t) => format!("{t}{}\n", p.title_suffix()),
-                        None => p.text_prefix(),
-                    };
-                    content.push_str(&p.text);
-                    if p.is_last() {
-                        content.push_str(&tail);
-                    }
+                    let content = p.compose(title, |t| format!("{t}\n"), &tail);
                     json!({
                         "msgtype": "text",
                         "text": {"content": content},
@@ -97,14 +90,7 @@ pub fn render(n: &Notification, opts: &RenderOptions) -> Vec<Value> {
                 .map(|p| {
                     // Without a title the message body shows none, so the number goes in the
                     // text; the notification title is numbered either way.
-                    let mut text = match title {
-                        Some(t) => format!("#### {t}{}\n\n", p.title_suffix()),
-                        None => p.text_prefix(),
-                    };
-                    text.push_str(&p.text);
-                    if p.is_last() {
-                        text.push_str(&tail);
-                    }
+                    let text = p.compose(title, |t| format!("#### {t}\n\n"), &tail);
                     let suffix = p.title_suffix();
                     let shown = outbound::truncate_utf8(short, TITLE_MAX_BYTES - suffix.len());
                     json!({

@@ -97,14 +97,7 @@ fn render_text(n: &Notification, max: usize, too_long: TooLong) -> Vec<Value> {
     cut(&n.text, max, head + tail.len(), too_long)
         .into_iter()
         .map(|p| {
-            let mut text = match title {
-                Some(t) => format!("{t}{}\n", p.title_suffix()),
-                None => p.text_prefix(),
-            };
-            text.push_str(&p.text);
-            if p.is_last() {
-                text.push_str(&tail);
-            }
+            let text = p.compose(title, |t| format!("{t}\n"), &tail);
             json!({"msg_type": "text", "content": {"text": text}})
         })
         .collect()

@@ -46,13 +46,8 @@ fn render_text(n: &Notification, opts: &RenderOptions) -> Vec<Value> {
     cut(&n.text, max, head + tail.len(), opts.too_long)
         .into_iter()
         .map(|p| {
-            let mut content = match title {
-                Some(t) => format!("{t}{}\n", p.title_suffix()),
-                None => p.text_prefix(),
-            };
-            content.push_str(&p.text);
+            let content = p.compose(title, |t| format!("{t}\n"), &tail);
             let (users, mobiles) = if p.is_last() {
-                content.push_str(&tail);
                 mentioned(&n.mentions)
             } else {
                 (Vec::new(), Vec::new())
@@ -93,14 +88,7 @@ fn render_markdown(n: &Notification, opts: &RenderOptions) -> Vec<Value> {
     cut(&n.text, max, head + tail.len(), opts.too_long)
         .into_iter()
         .map(|p| {
-            let mut content = match title {
-                Some(t) => format!("**{t}{}**\n", p.title_suffix()),
-                None => p.text_prefix(),
-            };
-            content.push_str(&p.text);
-            if p.is_last() {
-                content.push_str(&tail);
-            }
+            let content = p.compose(title, |t| format!("**{t}**\n"), &tail);
             json!({"msgtype": "markdown", "markdown": {"content": content}})
         })
         .collect()
