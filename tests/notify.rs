@@ -241,13 +241,13 @@ async fn transient_failures_are_retried_until_delivered() {
             .with_label_values(&["flaky", "rate_limited"])
             .get();
         assert_eq!(limited, 1);
-        assert_eq!(
-            app.metrics
-                .notify_sent_total
-                .with_label_values(&["flaky"])
-                .get(),
-            1
-        );
+        // The farm records the request before the daemon has read the answer: wait for it.
+        let sent = app.metrics.notify_sent_total.with_label_values(&["flaky"]);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while sent.get() == 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(sent.get(), 1);
         // Exactly one delivery accepted: none of the failed attempts was.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(farm.accepted("flaky").len(), 1);
@@ -678,16 +678,14 @@ async fn two_replicas_together_respect_the_limit() {
     assert_eq!(texts.len(), 32);
     assert!(farm.violations().is_empty(), "{:?}", farm.violations());
     assert!(farm.max_in_window("shared", Duration::from_secs(1)) <= 4);
-    let sent_a = a
-        .metrics
-        .notify_sent_total
-        .with_label_values(&["shared"])
-        .get();
-    let sent_b = b
-        .metrics
-        .notify_sent_total
-        .with_label_values(&["shared"])
-        .get();
+    // The farm records the last request before its daemon has read the answer: wait for it.
+    let sent_a = a.metrics.notify_sent_total.with_label_values(&["shared"]);
+    let sent_b = b.metrics.notify_sent_total.with_label_values(&["shared"]);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sent_a.get() + sent_b.get() < 32 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (sent_a, sent_b) = (sent_a.get(), sent_b.get());
     assert_eq!(sent_a + sent_b, 32);
     assert!(
         sent_a > 0 && sent_b > 0,
