@@ -13,11 +13,12 @@ use anyhow::Context;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
-use crate::bus::Bus;
+use crate::bus::{self, Bus};
 use crate::config::{LimiterKind, Settings};
 use crate::ingress::{self, State};
 use crate::metrics::Metrics;
 use crate::notify;
+use crate::notify::limiter::kafka_log::KafkaLog;
 use crate::notify::limiter::Limiter;
 use crate::notify::pipeline::Notifier;
 use crate::shutdown::Shutdown;
@@ -53,8 +54,8 @@ impl App {
             .await
             .context("starting the bus")?,
         );
-        let limiter = match (settings.notify.limiter, bus.nats()) {
-            (LimiterKind::NatsKv, Some(nats)) => {
+        let limiter = match (settings.notify.limiter, bus.nats(), bus.kafka()) {
+            (LimiterKind::NatsKv, Some(nats), _) => {
                 let (storage, replicas) = nats.storage();
                 Limiter::nats_kv(
                     nats.jetstream().clone(),
@@ -62,6 +63,21 @@ impl App {
                     storage,
                     replicas,
                 )
+            }
+            (LimiterKind::KafkaLog, _, Some(kafka)) => {
+                Limiter::KafkaLog(Box::new(
+                    KafkaLog::start(
+                        kafka.client_config(),
+                        &bus::with_prefix(
+                            &settings.bus.subject_prefix,
+                            &settings.notify.limiter_bucket,
+                        ),
+                        kafka.settings().publish_timeout,
+                        kafka.assignments(),
+                        shutdown.clone(),
+                    )
+                    .map_err(|e| anyhow::anyhow!("starting the kafka_log limiter: {e}"))?,
+                ))
             }
             _ => Limiter::local(),
         };

@@ -93,7 +93,7 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BusConfig {
-    /// "memory" (in-process, the default) or "nats" (JetStream).
+    /// "memory" (in-process, the default), "nats" (JetStream) or "kafka".
     #[serde(deserialize_with = "lenient_string")]
     pub kind: String,
     /// Prepended with a dot to every subject, e.g. "prod" gives "prod.dingtalk.user_add_org".
@@ -101,6 +101,7 @@ pub struct BusConfig {
     pub subject_prefix: String,
     pub memory: MemoryConfig,
     pub nats: NatsConfig,
+    pub kafka: KafkaConfig,
 }
 
 impl Default for BusConfig {
@@ -110,6 +111,7 @@ impl Default for BusConfig {
             subject_prefix: String::new(),
             memory: MemoryConfig::default(),
             nats: NatsConfig::default(),
+            kafka: KafkaConfig::default(),
         }
     }
 }
@@ -197,6 +199,57 @@ impl Default for NatsConfig {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, comma-separated `host:port`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub brokers: String,
+    /// Consumer group of the notify consumer, shared by all replicas.
+    #[serde(deserialize_with = "lenient_string")]
+    pub group_id: String,
+    /// Client id shown in the brokers' logs and quotas.
+    #[serde(deserialize_with = "lenient_string")]
+    pub client_id: String,
+    /// Passed through to librdkafka (SASL, TLS, timeouts); `_` in a key stands for `.`, so
+    /// `IMBRIDGE_BUS__KAFKA__PROPERTIES__SASL_PASSWORD` sets `sasl.password`.
+    pub properties: BTreeMap<String, Secret>,
+    /// Whether the daemon creates the topics it needs (inbound topics on first use, notify and
+    /// dead-letter topics of configured targets at start).
+    pub create_topics: bool,
+    /// Partitions of the inbound topics it creates.
+    pub partitions: i32,
+    /// Replication factor of every topic it creates; -1 is the broker's default.
+    pub replication_factor: i32,
+    /// How long a publish waits for the delivery report before the callback is refused (503).
+    #[serde(deserialize_with = "lenient_string")]
+    pub publish_timeout: String,
+    /// A publish with a ce-id this replica stored within this window is not stored again
+    /// (Kafka itself does not deduplicate); "0" disables.
+    #[serde(deserialize_with = "lenient_string")]
+    pub duplicate_window: String,
+    /// Record keys: subject pattern (without prefix, NATS wildcards) → JSON pointer into the
+    /// event body, e.g. `"dingtalk.bpms_*" = "/processInstanceId"`. Otherwise the key is ce-id.
+    pub keys: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "imbridge".into(),
+            client_id: "imbridge".into(),
+            properties: BTreeMap::new(),
+            create_topics: true,
+            partitions: 3,
+            replication_factor: -1,
+            publish_timeout: "2s".into(),
+            duplicate_window: "2m".into(),
+            keys: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct NotifyConfig {
     /// Consume `notify.>` and deliver. Off, the daemon only serves callbacks.
     pub enabled: bool,
@@ -243,10 +296,11 @@ pub struct NotifyConfig {
     #[serde(deserialize_with = "lenient_string")]
     pub rate_limit_margin: String,
     /// "local" (this process only), "nats_kv" (shared by all replicas through a JetStream
-    /// key-value bucket) or "auto" (nats_kv on the nats bus, local otherwise).
+    /// key-value bucket), "kafka_log" (shared through a Kafka topic) or "auto" (nats_kv on
+    /// the nats bus, kafka_log on kafka, local otherwise).
     #[serde(deserialize_with = "lenient_string")]
     pub limiter: String,
-    /// Key-value bucket of the nats_kv limiter.
+    /// Key-value bucket of the nats_kv limiter, or topic of the kafka_log limiter.
     #[serde(deserialize_with = "lenient_string")]
     pub limiter_bucket: String,
 }
@@ -398,6 +452,9 @@ fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<String, E> {
             Ok(v.to_string())
         }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
+            Ok(v.to_string())
+        }
     }
     d.deserialize_any(Visitor)
 }
@@ -478,6 +535,7 @@ pub struct NotifySettings {
 pub enum LimiterKind {
     Local,
     NatsKv,
+    KafkaLog,
 }
 
 /// The kinds of notification target.
@@ -593,6 +651,23 @@ pub struct BusSettings {
 pub enum EngineSettings {
     Memory(MemorySettings),
     Nats(Box<NatsSettings>),
+    Kafka(Box<KafkaSettings>),
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub group_id: String,
+    pub client_id: String,
+    /// librdkafka properties, keys normalised (`_` → `.`); values may be secrets.
+    pub properties: Vec<(String, Secret)>,
+    pub create_topics: bool,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    pub publish_timeout: Duration,
+    pub duplicate_window: Duration,
+    /// (subject pattern, JSON pointer) pairs choosing record keys, in configuration order.
+    pub keys: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -768,10 +843,13 @@ impl Config {
                 ),
             }),
             "nats" => EngineSettings::Nats(Box::new(self.bus.nats.validate(&mut c))),
+            "kafka" => EngineSettings::Kafka(Box::new(self.bus.kafka.validate(&mut c))),
             other => {
                 c.problem(
                     "bus.kind",
-                    format!("unknown bus kind {other:?}; expected \"memory\" or \"nats\""),
+                    format!(
+                        "unknown bus kind {other:?}; expected \"memory\", \"nats\" or \"kafka\""
+                    ),
                 );
                 EngineSettings::Memory(MemorySettings {
                     capacity: 1,
@@ -891,6 +969,86 @@ impl NatsConfig {
     }
 }
 
+/// Properties the engine sets itself: overriding them would break the bus contract (acks and
+/// idempotence make "stored" mean stored; offsets are stored only after delivery) or duplicate
+/// a dedicated key.
+const KAFKA_FIXED_PROPERTIES: [(&str, &str); 7] = [
+    ("bootstrap.servers", "use bus.kafka.brokers"),
+    ("group.id", "use bus.kafka.group_id"),
+    ("client.id", "use bus.kafka.client_id"),
+    ("message.timeout.ms", "use bus.kafka.publish_timeout"),
+    ("enable.auto.offset.store", "offsets are stored only after delivery"),
+    ("enable.auto.commit", "offsets are committed only after delivery"),
+    ("enable.partition.eof", "the engine sets it"),
+];
+
+impl KafkaConfig {
+    fn validate(&self, c: &mut Checker) -> KafkaSettings {
+        if self.brokers.trim().is_empty() {
+            c.problem("bus.kafka.brokers", "must not be empty");
+        }
+        if self.group_id.trim().is_empty() {
+            c.problem("bus.kafka.group_id", "must not be empty");
+        }
+        if self.partitions < 1 {
+            c.problem("bus.kafka.partitions", "must be at least 1");
+        }
+        if self.replication_factor == 0 || self.replication_factor < -1 {
+            c.problem(
+                "bus.kafka.replication_factor",
+                "must be at least 1, or -1 for the broker's default",
+            );
+        }
+        let mut properties = Vec::new();
+        for (key, value) in &self.properties {
+            let name = key.replace('_', ".").to_ascii_lowercase();
+            let at = format!("bus.kafka.properties.{key:?}");
+            if let Some((_, why)) = KAFKA_FIXED_PROPERTIES.iter().find(|(k, _)| *k == name) {
+                c.problem(at, format!("cannot be set here: {why}"));
+                continue;
+            }
+            let v = value.expose().trim().to_ascii_lowercase();
+            if (name == "acks" || name == "request.required.acks") && !matches!(v.as_str(), "all" | "-1")
+            {
+                c.problem(at, "must be \"all\": an event is acknowledged only once every in-sync replica has it");
+                continue;
+            }
+            if name == "enable.idempotence" && v != "true" {
+                c.problem(at, "must stay true: a retried produce must not store an event twice");
+                continue;
+            }
+            properties.push((name, value.clone()));
+        }
+        let mut keys = Vec::new();
+        for (pattern, pointer) in &self.keys {
+            let at = format!("bus.kafka.keys.{pattern:?}");
+            if pattern.is_empty() || pattern.split('.').any(str::is_empty) {
+                c.problem(at, "the subject pattern must be dot-separated tokens");
+            } else if !(pointer.is_empty() || pointer.starts_with('/')) {
+                c.problem(at, "must be a JSON pointer such as \"/processInstanceId\"");
+            } else {
+                keys.push((pattern.clone(), pointer.clone()));
+            }
+        }
+        let publish_timeout = c.duration("bus.kafka.publish_timeout", &self.publish_timeout);
+        if publish_timeout < Duration::from_millis(100) {
+            c.problem("bus.kafka.publish_timeout", "must be at least 100ms");
+        }
+        KafkaSettings {
+            brokers: self.brokers.trim().to_owned(),
+            group_id: self.group_id.trim().to_owned(),
+            client_id: self.client_id.clone(),
+            properties,
+            create_topics: self.create_topics,
+            partitions: self.partitions,
+            replication_factor: self.replication_factor,
+            publish_timeout,
+            duplicate_window: c.duration("bus.kafka.duplicate_window", &self.duplicate_window),
+            keys,
+        }
+    }
+}
+
 impl NotifyConfig {
     fn validate(&self, c: &mut Checker, engine: &EngineSettings) -> NotifySettings {
         let limiter = match (self.limiter.as_str(), engine) {
@@ -902,11 +1060,18 @@ impl NotifyConfig {
                 c.problem("notify.limiter", "nats_kv needs bus.kind = \"nats\"");
                 LimiterKind::Local
             }
+            ("kafka_log", EngineSettings::Kafka(_)) | ("auto", EngineSettings::Kafka(_)) => {
+                LimiterKind::KafkaLog
+            }
+            ("kafka_log", _) => {
+                c.problem("notify.limiter", "kafka_log needs bus.kind = \"kafka\"");
+                LimiterKind::Local
+            }
             (other, _) => {
                 c.problem(
                     "notify.limiter",
                     format!(
-                        "unknown limiter {other:?}; expected \"auto\", \"local\" or \"nats_kv\""
+                        "unknown limiter {other:?}; expected \"auto\", \"local\", \"nats_kv\" or \"kafka_log\""
                     ),
                 );
                 LimiterKind::Local

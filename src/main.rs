@@ -51,6 +51,7 @@ fn main() -> ExitCode {
                     match s.bus.engine {
                         config::EngineSettings::Memory(_) => "memory",
                         config::EngineSettings::Nats(_) => "nats",
+                        config::EngineSettings::Kafka(_) => "kafka",
                     },
                     s.dingtalk_apps.len(),
                     s.server.listen,

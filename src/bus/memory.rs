@@ -42,7 +42,7 @@ pub struct MemoryBus {
 
 /// Ids published within the duplicate window, oldest first.
 #[derive(Default)]
-struct Seen {
+pub(super) struct Seen {
     ids: HashMap<String, Instant>,
     order: VecDeque<(Instant, String)>,
 }
@@ -52,8 +52,8 @@ impl Seen {
         self.ids.remove(id);
     }
 
-    /// Records `id` at `now`; false when it was already seen within `window`.
-    fn insert(&mut self, id: &str, now: Instant, window: Duration) -> bool {
+    /// Forgets ids older than `window`.
+    fn expire(&mut self, now: Instant, window: Duration) {
         while let Some((t, _)) = self.order.front() {
             if now.duration_since(*t) < window {
                 break;
@@ -63,6 +63,17 @@ impl Seen {
                 self.ids.remove(&old);
             }
         }
+    }
+
+    /// Whether `id` was recorded within `window` before `now`.
+    pub(super) fn contains(&mut self, id: &str, now: Instant, window: Duration) -> bool {
+        self.expire(now, window);
+        !window.is_zero() && self.ids.contains_key(id)
+    }
+
+    /// Records `id` at `now`; false when it was already seen within `window`.
+    pub(super) fn insert(&mut self, id: &str, now: Instant, window: Duration) -> bool {
+        self.expire(now, window);
         if window.is_zero() || self.ids.contains_key(id) {
             return window.is_zero();
         }

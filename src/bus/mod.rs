@@ -4,9 +4,11 @@
 //! (optionally prefixed), the platform's payload as the body, CloudEvents attributes as headers,
 //! and a publish that returns only once the bus has the message. `ce-id` is the dedupe key.
 
+pub mod kafka;
 pub mod memory;
 pub mod nats;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -93,7 +95,7 @@ pub struct Message {
     pub subject: String,
     /// The dedupe key (`Nats-Msg-Id` on NATS, the record key on Kafka).
     pub id: String,
-    /// Headers, in the NATS spelling (`ce-id`, …).
+    /// Headers, in the NATS spelling (`ce-id`, …); the Kafka engine writes `ce_id`.
     pub headers: Vec<(String, String)>,
     pub payload: Bytes,
 }
@@ -126,6 +128,7 @@ pub struct Delivery {
 enum Acker {
     Memory(memory::Requeue),
     Nats(Box<async_nats::jetstream::Message>),
+    Kafka(Box<kafka::KafkaAck>),
 }
 
 impl Delivery {
@@ -141,10 +144,24 @@ impl Delivery {
         self.header("ce-id").or_else(|| self.header("Nats-Msg-Id"))
     }
 
+    /// Whether this replica still owns the message. On Kafka, a record whose partition moved to
+    /// another replica is that replica's to deliver: sending it here too would exceed the
+    /// target's limit and deliver it twice.
+    pub fn is_current(&self) -> bool {
+        match &self.acker {
+            Acker::Kafka(k) => k.tracker.is_owned(),
+            Acker::Memory(_) | Acker::Nats(_) => true,
+        }
+    }
+
     /// Done with it: delivered or dead-lettered.
     pub async fn ack(&self) -> Result<(), BusError> {
         match &self.acker {
             Acker::Memory(_) => Ok(()),
+            Acker::Kafka(k) => {
+                k.tracker.done(k.offset);
+                Ok(())
+            }
             Acker::Nats(m) => m.ack().await.map_err(|e| BusError::Publish(e.to_string())),
         }
     }
@@ -154,6 +171,10 @@ impl Delivery {
         match &self.acker {
             Acker::Memory(r) => {
                 r.requeue(self, delay);
+                Ok(())
+            }
+            Acker::Kafka(k) => {
+                k.requeue(self, delay);
                 Ok(())
             }
             Acker::Nats(m) => m
@@ -166,7 +187,8 @@ impl Delivery {
     /// Still working on it: keeps the bus from redelivering it to another replica.
     pub async fn progress(&self) -> Result<(), BusError> {
         match &self.acker {
-            Acker::Memory(_) => Ok(()),
+            // Kafka hands a record out once per assignment; only a rebalance takes it away.
+            Acker::Memory(_) | Acker::Kafka(_) => Ok(()),
             Acker::Nats(m) => m
                 .ack_with(async_nats::jetstream::AckKind::Progress)
                 .await
@@ -224,6 +246,7 @@ pub struct Bus {
 pub enum Engine {
     Memory(memory::MemoryBus),
     Nats(Box<nats::NatsBus>),
+    Kafka(Arc<kafka::KafkaBus>),
 }
 
 impl Bus {
@@ -249,6 +272,14 @@ impl Bus {
                 )
                 .await?,
             )),
+            EngineSettings::Kafka(k) => Engine::Kafka(kafka::KafkaBus::start(
+                k,
+                notify,
+                consumers,
+                &settings.subject_prefix,
+                metrics.clone(),
+                shutdown,
+            )?),
         };
         Ok(Bus { engine, metrics })
     }
@@ -265,6 +296,7 @@ impl Bus {
         match &self.engine {
             Engine::Memory(b) => b.queue(&spec.filter, tx),
             Engine::Nats(b) => b.consume(spec, notify, tx, shutdown),
+            Engine::Kafka(b) => b.consume(spec, tx),
         }
         Consumer { rx }
     }
@@ -277,10 +309,19 @@ impl Bus {
         }
     }
 
+    /// The Kafka engine, for what only it offers (the log limiter).
+    pub fn kafka(&self) -> Option<&Arc<kafka::KafkaBus>> {
+        match &self.engine {
+            Engine::Kafka(b) => Some(b),
+            _ => None,
+        }
+    }
+
     pub fn engine(&self) -> &'static str {
         match &self.engine {
             Engine::Memory(_) => "memory",
             Engine::Nats(_) => "nats",
+            Engine::Kafka(_) => "kafka",
         }
     }
 
@@ -298,6 +339,7 @@ impl Bus {
         let result = match &self.engine {
             Engine::Memory(b) => b.publish(msg),
             Engine::Nats(b) => b.publish(msg).await,
+            Engine::Kafka(b) => b.publish(msg).await,
         };
         let outcome = match &result {
             Ok(Ack { duplicate: false }) => "stored",
@@ -316,13 +358,16 @@ impl Bus {
         match &self.engine {
             Engine::Memory(_) => true,
             Engine::Nats(b) => b.is_ready(),
+            Engine::Kafka(b) => b.is_ready(),
         }
     }
 
     /// Flushes what is buffered; called once at the end of a shutdown.
     pub async fn close(&self) {
-        if let Engine::Nats(b) = &self.engine {
-            b.close().await;
+        match &self.engine {
+            Engine::Memory(_) => {}
+            Engine::Nats(b) => b.close().await,
+            Engine::Kafka(b) => b.close().await,
         }
     }
 }

@@ -7,7 +7,7 @@
 //! which lets about 2N through in some window, a log cannot exceed N in any window. The log also
 //! holds the "paused until" time set when a platform answers "too fast".
 //!
-//! Two stores:
+//! Three stores:
 //! - `Local`: in this process, for the memory bus or a single replica.
 //! - `NatsKv`: one entry per target in a JetStream stream keeping the last message per subject
 //!   (the key-value pattern, written directly so it works with every JetStream server), updated
@@ -15,6 +15,12 @@
 //!   both take the last slot of a window: the loser of the race re-reads and waits. Times are the replicas' wall clocks (keep them NTP-synchronised);
 //!   `notify.rate_limit_margin` is added to every window to absorb clock differences and the
 //!   jitter between taking a slot and the request reaching the platform.
+//! - `KafkaLog`: on Kafka, one replica at a time owns a target (its notify topic has one
+//!   partition), so the log lives in that replica; what must survive is the handover. Every
+//!   slot taken is written to a log topic (key = target, value = the target's whole log)
+//!   before the request is sent, every replica follows that topic, and after each partition
+//!   assignment no slot is taken until this replica has read the topic up to its end. The new
+//!   owner of a target therefore knows every send of the old one, even one that died.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -39,6 +45,11 @@ pub struct Log {
     /// No sends before this time (ms since the epoch).
     #[serde(default)]
     pub paused_until: u64,
+    /// How many sends the limits can see (the largest N); older ones are forgotten. Kept in the
+    /// log so a replica merging another's log prunes it the same way without knowing the
+    /// target's limits.
+    #[serde(default)]
+    pub keep: usize,
 }
 
 impl Log {
@@ -56,6 +67,25 @@ impl Log {
         slot
     }
 
+    /// Adds what another replica logged: the sends of both, as many of the latest as a limit
+    /// can see, and the later pause.
+    pub fn merge(&mut self, other: &Log) {
+        self.keep = self.keep.max(other.keep);
+        self.sends.extend_from_slice(&other.sends);
+        self.sends.sort_unstable();
+        self.sends.dedup();
+        let drop = self.sends.len().saturating_sub(self.keep);
+        self.sends.drain(..drop);
+        self.paused_until = self.paused_until.max(other.paused_until);
+    }
+
+    /// Takes back the send recorded at `at` (its record could not be shared).
+    pub fn unrecord(&mut self, at: u64) {
+        if let Some(i) = self.sends.iter().rposition(|&t| t == at) {
+            self.sends.remove(i);
+        }
+    }
+
     /// Records a send at `now` and forgets sends no limit can see any more.
     pub fn record(&mut self, limits: &[Limit], margin_ms: u64, now: u64) {
         self.sends.push(now);
@@ -65,6 +95,7 @@ impl Log {
             .max()
             .unwrap_or(0);
         let keep = limits.iter().map(|l| l.max as usize).max().unwrap_or(0);
+        self.keep = keep;
         let old = self
             .sends
             .iter()
@@ -88,6 +119,7 @@ pub enum LimiterError {
 pub enum Limiter {
     Local(Mutex<HashMap<String, Log>>),
     NatsKv(Box<KvLimiter>),
+    KafkaLog(Box<kafka_log::KafkaLog>),
 }
 
 pub struct KvLimiter {
@@ -194,6 +226,7 @@ impl Limiter {
                 Ok(None)
             }
             Limiter::NatsKv(kv) => kv.try_take(target, limits, margin_ms).await,
+            Limiter::KafkaLog(k) => k.try_take(target, limits, margin_ms).await,
         }
     }
 
@@ -209,6 +242,7 @@ impl Limiter {
                 let log = logs.entry(target.to_owned()).or_default();
                 log.paused_until = log.paused_until.max(until_ms);
             }
+            Limiter::KafkaLog(k) => k.pause(target, until_ms).await,
             Limiter::NatsKv(kv) => {
                 for attempt in 1..=10 {
                     match kv
@@ -329,6 +363,206 @@ impl KvLimiter {
     }
 }
 
+pub mod kafka_log {
+    //! The `KafkaLog` store: the slot log shared through a Kafka topic.
+
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    use super::{now_ms, Log};
+    use crate::config::Limit;
+    use crate::shutdown::Shutdown;
+
+    /// How long a slot waits for the topic to be read up to its end before asking again.
+    const CATCH_UP_POLL: u64 = 50;
+
+    pub struct KafkaLog {
+        logs: Arc<Mutex<HashMap<String, Log>>>,
+        producer: FutureProducer,
+        topic: String,
+        timeout: Duration,
+        /// Partition assignments of the notify consumer so far.
+        assignments: Arc<AtomicU64>,
+        /// The assignment count the follower has caught up with.
+        synced: Arc<AtomicU64>,
+    }
+
+    impl KafkaLog {
+        /// Starts following `topic`. `assignments` is the notify consumer's assignment count.
+        pub fn start(
+            config: &ClientConfig,
+            topic: &str,
+            timeout: Duration,
+            assignments: Arc<AtomicU64>,
+            shutdown: Shutdown,
+        ) -> Result<Self, String> {
+            let mut producer_config = config.clone();
+            producer_config
+                .set("enable.idempotence", "true")
+                .set("acks", "all")
+                .set("message.timeout.ms", timeout.as_millis().to_string());
+            let producer: FutureProducer = producer_config.create().map_err(|e| e.to_string())?;
+            let logs = Arc::new(Mutex::new(HashMap::new()));
+            let synced = Arc::new(AtomicU64::new(0));
+            let mut consumer_config = config.clone();
+            consumer_config
+                .set("group.id", "imbridge-limiter")
+                .set("enable.auto.commit", "false")
+                .set("enable.partition.eof", "false");
+            let consumer: StreamConsumer = consumer_config.create().map_err(|e| e.to_string())?;
+            tokio::spawn(follow(
+                Arc::new(consumer),
+                topic.to_owned(),
+                logs.clone(),
+                assignments.clone(),
+                synced.clone(),
+                shutdown,
+            ));
+            Ok(KafkaLog {
+                logs,
+                producer,
+                topic: topic.to_owned(),
+                timeout,
+                assignments,
+                synced,
+            })
+        }
+
+        pub(super) async fn try_take(
+            &self,
+            target: &str,
+            limits: &[Limit],
+            margin_ms: u64,
+        ) -> Result<Option<u64>, String> {
+            let now = now_ms();
+            if self.synced.load(Ordering::SeqCst) < self.assignments.load(Ordering::SeqCst) {
+                // A target may have just moved here: not before the old owner's sends are known.
+                return Ok(Some(now + CATCH_UP_POLL));
+            }
+            let snapshot = {
+                let mut logs = self.logs.lock().expect("not poisoned");
+                let log = logs.entry(target.to_owned()).or_default();
+                let slot = log.next_slot(limits, margin_ms, now);
+                if slot > now {
+                    return Ok(Some(slot));
+                }
+                log.record(limits, margin_ms, now);
+                log.clone()
+            };
+            if let Err(e) = self.write(target, &snapshot).await {
+                if let Some(log) = self.logs.lock().expect("not poisoned").get_mut(target) {
+                    log.unrecord(now);
+                }
+                return Err(e);
+            }
+            Ok(None)
+        }
+
+        pub(super) async fn pause(&self, target: &str, until_ms: u64) {
+            let snapshot = {
+                let mut logs = self.logs.lock().expect("not poisoned");
+                let log = logs.entry(target.to_owned()).or_default();
+                log.paused_until = log.paused_until.max(until_ms);
+                log.clone()
+            };
+            if let Err(e) = self.write(target, &snapshot).await {
+                tracing::warn!(target, error = %e, "cannot share the pause; other replicas learn it only from the platform");
+            }
+        }
+
+        /// Writes the target's log and waits until every in-sync replica has it.
+        async fn write(&self, target: &str, log: &Log) -> Result<(), String> {
+            let value = serde_json::to_vec(log).expect("log serialises");
+            let record = FutureRecord::to(&self.topic).key(target).payload(&value);
+            match tokio::time::timeout(
+                self.timeout + Duration::from_secs(1),
+                self.producer.send(record, self.timeout),
+            )
+            .await
+            {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => Err(e.to_string()),
+                Err(_) => Err("no delivery report".into()),
+            }
+        }
+    }
+
+    /// Reads the log topic from the beginning and merges every record into `logs`; after each
+    /// assignment, marks `synced` once it has read up to the end the topic had then.
+    async fn follow(
+        consumer: Arc<StreamConsumer>,
+        topic: String,
+        logs: Arc<Mutex<HashMap<String, Log>>>,
+        assignments: Arc<AtomicU64>,
+        synced: Arc<AtomicU64>,
+        shutdown: Shutdown,
+    ) {
+        let mut tpl = TopicPartitionList::new();
+        let _ = tpl.add_partition_offset(&topic, 0, Offset::Beginning);
+        if let Err(e) = consumer.assign(&tpl) {
+            tracing::error!(error = %e, topic, "cannot follow the rate-limit log");
+            return;
+        }
+        let position = Arc::new(AtomicI64::new(0));
+        // (assignment count, end offset to reach) of the catch-up in progress.
+        let mut goal: Option<(u64, i64)> = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(CATCH_UP_POLL));
+        let mut stream = consumer.stream();
+        loop {
+            tokio::select! {
+                m = stream.next() => match m {
+                    Some(Ok(m)) => {
+                        let target = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+                        let log = m.payload().and_then(|p| serde_json::from_slice::<Log>(p).ok());
+                        if let (Some(target), Some(log)) = (target, log) {
+                            logs.lock().expect("not poisoned").entry(target).or_default().merge(&log);
+                        }
+                        position.store(m.offset() + 1, Ordering::SeqCst);
+                    }
+                    Some(Err(e)) => tracing::debug!(error = %e, "reading the rate-limit log"),
+                    None => return,
+                },
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let wanted = assignments.load(Ordering::SeqCst);
+            if synced.load(Ordering::SeqCst) >= wanted {
+                continue;
+            }
+            match goal {
+                Some((count, end)) if count == wanted => {
+                    if position.load(Ordering::SeqCst) >= end {
+                        synced.store(count, Ordering::SeqCst);
+                        goal = None;
+                    }
+                }
+                _ => {
+                    let c = consumer.clone();
+                    let t = topic.clone();
+                    let end = tokio::task::spawn_blocking(move || {
+                        c.fetch_watermarks(&t, 0, Duration::from_secs(2))
+                    })
+                    .await;
+                    match end {
+                        Ok(Ok((_, high))) => goal = Some((wanted, high)),
+                        Ok(Err(e)) => tracing::debug!(error = %e, "reading the rate-limit log's end"),
+                        Err(_) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,6 +597,27 @@ mod tests {
         assert_eq!(log.next_slot(&limits, 0, 201), 1000);
         log.paused_until = 5000;
         assert_eq!(log.next_slot(&limits, 0, 201), 5000);
+    }
+
+    #[test]
+    fn merged_logs_know_both_replicas_sends() {
+        let limits = [lim(3, 1000)];
+        let mut a = Log::default();
+        a.record(&limits, 0, 100);
+        a.record(&limits, 0, 200);
+        let mut b = Log::default();
+        b.record(&limits, 0, 150);
+        b.record(&limits, 0, 200);
+        b.paused_until = 900;
+        a.merge(&b);
+        assert_eq!(a.sends, vec![100, 150, 200]);
+        assert_eq!(a.paused_until, 900);
+        let mut c = Log::default();
+        c.record(&limits, 0, 250);
+        a.merge(&c);
+        assert_eq!(a.sends, vec![150, 200, 250], "only the latest N are kept");
+        a.unrecord(200);
+        assert_eq!(a.sends, vec![150, 250]);
     }
 
     proptest! {

@@ -58,6 +58,8 @@ pub enum Reason {
     RateLimited,
     /// The daemon is stopping; the message goes back to the bus.
     Shutdown,
+    /// The bus gave the message to another replica (a Kafka partition moved); it is theirs.
+    Moved,
     UnknownTarget,
     InvalidMessage,
 }
@@ -70,6 +72,7 @@ impl Reason {
             Reason::Expired => "expired",
             Reason::RateLimited => "rate_limited",
             Reason::Shutdown => "shutdown",
+            Reason::Moved => "moved",
             Reason::UnknownTarget => "unknown_target",
             Reason::InvalidMessage => "invalid_message",
         }
@@ -410,7 +413,8 @@ async fn worker(target: Arc<Target>, mut rx: mpsc::Receiver<Job>, ctx: Arc<Ctx>)
                 deadline,
                 held,
             } => {
-                let outcome = deliver(&ctx, &target, &notification, deadline).await;
+                let current = || delivery.is_current();
+                let outcome = deliver(&ctx, &target, &notification, deadline, &current).await;
                 finish(&ctx, &target, &delivery, outcome).await;
                 ctx.held.remove(held);
             }
@@ -421,7 +425,7 @@ async fn worker(target: Arc<Target>, mut rx: mpsc::Receiver<Job>, ctx: Arc<Ctx>)
             } => {
                 // A caller that gave up must not get a delivery it was told timed out.
                 if !reply.is_closed() {
-                    let outcome = deliver(&ctx, &target, &notification, deadline).await;
+                    let outcome = deliver(&ctx, &target, &notification, deadline, &|| true).await;
                     let _ = reply.send(outcome);
                 }
             }
@@ -461,7 +465,7 @@ async fn finish(ctx: &Ctx, target: &Target, delivery: &Delivery, outcome: Outcom
             }
         }
         Outcome::Failed {
-            reason: Reason::Shutdown,
+            reason: Reason::Shutdown | Reason::Moved,
             ..
         } => {
             let _ = delivery.nak(Duration::ZERO).await;
@@ -556,8 +560,15 @@ async fn finish_failed(
 }
 
 /// Renders and sends every part, waiting for the limiter before each send, retrying transient
-/// failures with backoff, pausing on "too fast".
-async fn deliver(ctx: &Ctx, target: &Target, n: &Notification, deadline: SystemTime) -> Outcome {
+/// failures with backoff, pausing on "too fast". Stops before any send once `current` says
+/// the message has become another replica's.
+async fn deliver(
+    ctx: &Ctx,
+    target: &Target,
+    n: &Notification,
+    deadline: SystemTime,
+    current: &(dyn Fn() -> bool + Sync),
+) -> Outcome {
     let bodies = render(target, n);
     let name = target.name.as_str();
     let mut attempts = 0u32;
@@ -589,6 +600,9 @@ async fn deliver(ctx: &Ctx, target: &Target, n: &Notification, deadline: SystemT
                     .observe(waited.as_secs_f64()),
                 Err(LimiterError::Deadline) => return failed(Reason::Expired, attempts, last),
                 Err(LimiterError::Shutdown) => return failed(Reason::Shutdown, attempts, last),
+            }
+            if !current() {
+                return failed(Reason::Moved, attempts, last);
             }
             attempts += 1;
             let answer = send(ctx, target, body).await;

@@ -1,0 +1,869 @@
+//! Kafka, through librdkafka. The topic is the subject (`dingtalk.bpms_instance_change`), the
+//! headers are the CloudEvents Kafka binding (`ce_id`, `ce_type`, …) plus `content-type` and
+//! the bridge's own, and the record key is `ce-id` unless `bus.kafka.keys` names a business
+//! key. The producer is idempotent with `acks=all`, and a publish returns only after the
+//! delivery report, so "stored" means every in-sync replica has it.
+//!
+//! Readiness: a keeper fetches the cluster metadata every second. While the brokers cannot be
+//! reached [`KafkaBus::is_ready`] is false and publishes fail at once, so the platform gets a
+//! 503 and retries instead of waiting out its own deadline.
+//!
+//! Notify consumer: one consumer group for every replica, subscribed to `^notify\..+`. Each
+//! record goes to exactly one of the pipeline's consumers (its target's, or the catch-all for
+//! unconfigured targets). Offsets are stored only up to the first record not yet delivered or
+//! dead-lettered, so a replica that dies leaves every unfinished record to the next owner (at
+//! least once). A target whose queue is full has its partition paused, never the others.
+//! Notify topics are created with one partition and keyed by target, so one replica at a time
+//! owns a target; when its partition moves, the records the old owner still holds are dropped
+//! there (not acknowledged) and the new owner delivers them.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use super::memory::Seen;
+use super::{Ack, BusError, ConsumerSpec, Delivery, Message};
+use crate::config::{KafkaSettings, LimiterKind, NotifySettings};
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+/// How often the keeper checks the brokers while they answer, and while they don't.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the consumer stores finished offsets and refills paused partitions' queues.
+const TICK: Duration = Duration::from_millis(100);
+
+pub struct KafkaBus {
+    producer: RwLock<Arc<FutureProducer>>,
+    config: ClientConfig,
+    admin: AdminClient<DefaultClientContext>,
+    settings: KafkaSettings,
+    prefix: String,
+    /// The brokers answered the last metadata request.
+    connected: Arc<AtomicBool>,
+    /// The topics the daemon needs at start exist.
+    topics_ready: Arc<AtomicBool>,
+    /// Topics known to exist (created or seen in metadata).
+    known: Mutex<HashSet<String>>,
+    /// ce-ids stored recently by this replica, so a platform retry is not stored twice.
+    seen: Mutex<Seen>,
+    routes: Arc<Routes>,
+    /// Bumped on every partition assignment of the notify consumer (see [`KafkaBus::assignments`]).
+    assignments: Arc<AtomicU64>,
+    closing: Shutdown,
+    consumer_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl KafkaBus {
+    /// Creates the clients and starts the keeper (brokers, topics) and, when notify consumers
+    /// are configured, the group consumer. Never waits for a broker.
+    pub fn start(
+        settings: &KafkaSettings,
+        notify: &NotifySettings,
+        consumers: &[ConsumerSpec],
+        prefix: &str,
+        metrics: Metrics,
+        shutdown: Shutdown,
+    ) -> Result<Arc<Self>, BusError> {
+        let config = client_config(settings);
+        let producer = producer(&config, settings)?;
+        let admin: AdminClient<DefaultClientContext> = config
+            .create()
+            .map_err(|e| BusError::Unavailable(format!("creating the Kafka admin client: {e}")))?;
+        metrics.bus_connected.with_label_values(&["kafka"]).set(0);
+
+        // The topics that must exist before the daemon is ready: each target's notify and
+        // dead-letter topics, with one partition so that one replica at a time owns a target,
+        // and the limiter's log.
+        let mut needed = Vec::new();
+        if notify.enabled {
+            for spec in consumers.iter().filter(|s| !s.filter.ends_with('>')) {
+                needed.push((spec.filter.clone(), 1));
+                needed.push((spec.filter.replacen("notify.", "dlq.notify.", 1), 1));
+            }
+            if notify.limiter == LimiterKind::KafkaLog {
+                needed.push((super::with_prefix(prefix, &notify.limiter_bucket), 1));
+            }
+        }
+        let bus = Arc::new(KafkaBus {
+            producer: RwLock::new(Arc::new(producer)),
+            config,
+            admin,
+            settings: settings.clone(),
+            prefix: prefix.to_owned(),
+            connected: Arc::new(AtomicBool::new(false)),
+            topics_ready: Arc::new(AtomicBool::new(false)),
+            known: Mutex::new(HashSet::new()),
+            seen: Mutex::new(Seen::default()),
+            routes: Arc::new(Routes::new(consumers.len())),
+            // Starts at 1, so the kafka_log limiter catches up before the first send even when
+            // nothing has been assigned yet (a `?wait=true` send needs no assignment).
+            assignments: Arc::new(AtomicU64::new(1)),
+            closing: Shutdown::new(),
+            consumer_task: Mutex::new(None),
+        });
+        if notify.enabled && !consumers.is_empty() {
+            let task = tokio::spawn(run_consumer(
+                bus.config.clone(),
+                settings.group_id.clone(),
+                format!(
+                    "^{}notify\\..+",
+                    regex_escape(&super::with_prefix(prefix, ""))
+                ),
+                bus.routes.clone(),
+                bus.assignments.clone(),
+                shutdown.clone(),
+                bus.closing.clone(),
+            ));
+            *bus.consumer_task.lock().expect("not poisoned") = Some(task);
+        }
+        tokio::spawn(keep(bus.clone(), needed, metrics, shutdown));
+        Ok(bus)
+    }
+
+    fn producer(&self) -> Arc<FutureProducer> {
+        self.producer.read().expect("not poisoned").clone()
+    }
+
+    /// An idempotent producer that hit a fatal error (the broker forgot its producer id, as a
+    /// restarted broker without persistent storage does) refuses every later message: replace
+    /// it with a new one.
+    fn renew_producer_if_fatal(&self) {
+        let current = self.producer();
+        if let Some((code, reason)) = current.client().fatal_error() {
+            let mut slot = self.producer.write().expect("not poisoned");
+            if Arc::ptr_eq(&slot, &current) {
+                tracing::warn!(?code, reason, "Kafka producer failed fatally; starting a new one");
+                match producer(&self.config, &self.settings) {
+                    Ok(p) => *slot = Arc::new(p),
+                    Err(e) => tracing::error!(error = %e, "cannot start a new Kafka producer"),
+                }
+            }
+        }
+    }
+
+    /// Creates the topics that do not exist yet.
+    async fn ensure_topics(&self, topics: &[(String, i32)]) -> Result<(), String> {
+        let missing: Vec<&(String, i32)> = {
+            let known = self.known.lock().expect("not poisoned");
+            topics.iter().filter(|(t, _)| !known.contains(t)).collect()
+        };
+        if missing.is_empty() || !self.settings.create_topics {
+            return Ok(());
+        }
+        let new: Vec<NewTopic> = missing
+            .iter()
+            .map(|(name, partitions)| {
+                NewTopic::new(
+                    name,
+                    *partitions,
+                    TopicReplication::Fixed(self.settings.replication_factor),
+                )
+            })
+            .collect();
+        let options = AdminOptions::new().operation_timeout(Some(CHECK_TIMEOUT));
+        let results = self
+            .admin
+            .create_topics(&new, &options)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut known = self.known.lock().expect("not poisoned");
+        for result in results {
+            match result {
+                Ok(name) => {
+                    tracing::info!(topic = %name, "Kafka topic created");
+                    known.insert(name);
+                }
+                Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    known.insert(name);
+                }
+                Err((name, code)) => return Err(format!("creating topic {name}: {code}")),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.connected.load(Ordering::SeqCst) && self.topics_ready.load(Ordering::SeqCst)
+    }
+
+    /// Bumped whenever this replica is assigned notify partitions.
+    pub fn assignments(&self) -> Arc<AtomicU64> {
+        self.assignments.clone()
+    }
+
+    /// The client configuration, for the kafka_log limiter's own clients.
+    pub fn client_config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    pub fn settings(&self) -> &KafkaSettings {
+        &self.settings
+    }
+
+    /// Registers one of the pipeline's consumers: records of topic `spec.filter` (or, for the
+    /// `notify.>` spec, of every other notify topic) go to `tx`.
+    pub fn consume(&self, spec: &ConsumerSpec, tx: mpsc::Sender<Delivery>) {
+        self.routes.register(spec, tx);
+    }
+
+    pub async fn publish(&self, msg: &Message) -> Result<Ack, BusError> {
+        if !self.connected.load(Ordering::SeqCst) {
+            return Err(BusError::Unavailable("Kafka brokers unreachable".into()));
+        }
+        if !self.topics_ready.load(Ordering::SeqCst) {
+            return Err(BusError::Unavailable("Kafka topics not ready".into()));
+        }
+        let window = self.settings.duplicate_window;
+        if self
+            .seen
+            .lock()
+            .expect("not poisoned")
+            .contains(&msg.id, Instant::now(), window)
+        {
+            return Ok(Ack { duplicate: true });
+        }
+        self.ensure_topics(&[(msg.subject.clone(), self.settings.partitions)])
+            .await
+            .map_err(BusError::Unavailable)?;
+        let key = self.key(msg);
+        let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
+        for (name, value) in &msg.headers {
+            let name = kafka_header_name(name);
+            headers = headers.insert(Header {
+                key: &name,
+                value: Some(value.as_bytes()),
+            });
+        }
+        let record = FutureRecord::to(&msg.subject)
+            .key(key.as_bytes())
+            .payload(msg.payload.as_ref())
+            .headers(headers);
+        let timeout = self.settings.publish_timeout;
+        let producer = self.producer();
+        // librdkafka fails the message itself after message.timeout.ms (= publish_timeout);
+        // the outer bound only guards against a report that never comes.
+        let sent =
+            tokio::time::timeout(timeout + Duration::from_secs(1), producer.send(record, timeout))
+                .await;
+        match sent {
+            Ok(Ok(_)) => {
+                self.seen
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(&msg.id, Instant::now(), window);
+                Ok(Ack { duplicate: false })
+            }
+            Ok(Err((e, _))) => {
+                self.renew_producer_if_fatal();
+                Err(match e.rdkafka_error_code() {
+                    Some(RDKafkaErrorCode::MessageTimedOut) => BusError::Timeout(timeout),
+                    Some(RDKafkaErrorCode::QueueFull) => {
+                        BusError::Unavailable("Kafka producer queue is full".into())
+                    }
+                    Some(RDKafkaErrorCode::UnknownTopicOrPartition) => {
+                        // Deleted behind our back: create it again next time.
+                        self.known.lock().expect("not poisoned").remove(&msg.subject);
+                        BusError::Unavailable(format!("topic {} does not exist", msg.subject))
+                    }
+                    _ => BusError::Publish(e.to_string()),
+                })
+            }
+            Err(_) => Err(BusError::Timeout(timeout)),
+        }
+    }
+
+    /// The record key: the target for notify and dead-letter topics (so one partition, and so
+    /// one replica, handles a target), a configured business key, or `ce-id`.
+    fn key(&self, msg: &Message) -> String {
+        let subject = match self.prefix.as_str() {
+            "" => msg.subject.as_str(),
+            p => msg
+                .subject
+                .strip_prefix(p)
+                .and_then(|s| s.strip_prefix('.'))
+                .unwrap_or(&msg.subject),
+        };
+        for notify in ["notify.", "dlq.notify."] {
+            if let Some(target) = subject.strip_prefix(notify) {
+                return target.to_owned();
+            }
+        }
+        for (pattern, pointer) in &self.settings.keys {
+            if super::subject_matches(pattern, subject) {
+                let value = serde_json::from_slice::<serde_json::Value>(&msg.payload)
+                    .ok()
+                    .and_then(|v| v.pointer(pointer).cloned());
+                match value {
+                    Some(serde_json::Value::String(s)) if !s.is_empty() => return s,
+                    Some(v @ serde_json::Value::Number(_)) => return v.to_string(),
+                    _ => {}
+                }
+            }
+        }
+        msg.id.clone()
+    }
+
+    /// Stops the consumer (storing and committing what was finished) and flushes the producer.
+    pub async fn close(&self) {
+        self.closing.trigger();
+        let task = self.consumer_task.lock().expect("not poisoned").take();
+        if let Some(task) = task {
+            if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {
+                tracing::warn!("Kafka consumer did not stop in time");
+            }
+        }
+        let producer = self.producer();
+        let flushed =
+            tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
+        if let Ok(Err(e)) = flushed {
+            tracing::warn!(error = %e, "flushing the Kafka producer at shutdown");
+        }
+    }
+}
+
+/// Checks the brokers every second and creates the topics the daemon needs; runs until
+/// shutdown.
+async fn keep(bus: Arc<KafkaBus>, needed: Vec<(String, i32)>, metrics: Metrics, shutdown: Shutdown) {
+    loop {
+        let producer = bus.producer();
+        let reachable = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, CHECK_TIMEOUT)
+                .map(|m| {
+                    m.topics()
+                        .iter()
+                        .filter(|t| t.error().is_none())
+                        .map(|t| t.name().to_owned())
+                        .collect::<Vec<_>>()
+                })
+        })
+        .await
+        .unwrap_or(Err(KafkaError::Canceled));
+        match reachable {
+            Ok(topics) => {
+                if !bus.connected.swap(true, Ordering::SeqCst) {
+                    tracing::info!(brokers = %bus.settings.brokers, "connected to Kafka");
+                }
+                metrics.bus_connected.with_label_values(&["kafka"]).set(1);
+                bus.known.lock().expect("not poisoned").extend(topics);
+                if !bus.topics_ready.load(Ordering::SeqCst) {
+                    match bus.ensure_topics(&needed).await {
+                        Ok(()) => bus.topics_ready.store(true, Ordering::SeqCst),
+                        Err(e) => tracing::warn!(error = %e, "cannot create Kafka topics; retrying"),
+                    }
+                }
+            }
+            Err(e) => {
+                if bus.connected.swap(false, Ordering::SeqCst) {
+                    tracing::warn!(error = %e, "Kafka brokers unreachable");
+                }
+                metrics.bus_connected.with_label_values(&["kafka"]).set(0);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(CHECK_EVERY) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// The settings every client shares: brokers, client id, and the user's properties.
+fn client_config(settings: &KafkaSettings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &settings.brokers)
+        .set("client.id", &settings.client_id);
+    for (key, value) in &settings.properties {
+        config.set(key, value.expose());
+    }
+    config
+}
+
+fn producer(config: &ClientConfig, settings: &KafkaSettings) -> Result<FutureProducer, BusError> {
+    let mut config = config.clone();
+    config
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set(
+            "message.timeout.ms",
+            settings.publish_timeout.as_millis().to_string(),
+        );
+    config
+        .create()
+        .map_err(|e| BusError::Unavailable(format!("creating the Kafka producer: {e}")))
+}
+
+/// CloudEvents' Kafka binding spells attributes `ce_id`; the other engines `ce-id`.
+fn kafka_header_name(name: &str) -> String {
+    match name.strip_prefix("ce-") {
+        Some(attr) => format!("ce_{attr}"),
+        None => name.to_owned(),
+    }
+}
+
+/// The pipeline reads the `ce-` spelling whatever the engine.
+fn internal_header_name(name: &str) -> String {
+    match name.strip_prefix("ce_") {
+        Some(attr) => format!("ce-{attr}"),
+        None => name.to_owned(),
+    }
+}
+
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if !c.is_ascii_alphanumeric() && c != '_' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Where the consumer hands records: one sender per target topic, and the catch-all.
+struct Routes {
+    expected: usize,
+    map: Mutex<RouteMap>,
+    complete: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct RouteMap {
+    targets: HashMap<String, mpsc::Sender<Delivery>>,
+    catch_all: Option<mpsc::Sender<Delivery>>,
+}
+
+impl RouteMap {
+    fn len(&self) -> usize {
+        self.targets.len() + usize::from(self.catch_all.is_some())
+    }
+}
+
+impl Routes {
+    fn new(expected: usize) -> Self {
+        Routes {
+            expected,
+            map: Mutex::new(RouteMap::default()),
+            complete: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn register(&self, spec: &ConsumerSpec, tx: mpsc::Sender<Delivery>) {
+        let mut map = self.map.lock().expect("not poisoned");
+        if spec.filter.ends_with('>') {
+            map.catch_all = Some(tx);
+        } else {
+            map.targets.insert(spec.filter.clone(), tx);
+        }
+        if map.len() >= self.expected {
+            self.complete.notify_one();
+        }
+    }
+
+    fn is_complete(&self) -> bool {
+        self.map.lock().expect("not poisoned").len() >= self.expected
+    }
+
+    fn sender(&self, topic: &str) -> Option<mpsc::Sender<Delivery>> {
+        let map = self.map.lock().expect("not poisoned");
+        map.targets.get(topic).or(map.catch_all.as_ref()).cloned()
+    }
+}
+
+/// What this replica holds of one assigned partition: the offsets handed out and not yet
+/// finished, so the stored offset never passes one of them.
+pub(super) struct Tracker {
+    topic: String,
+    partition: i32,
+    /// False once the partition is revoked: its records belong to another replica now.
+    owned: AtomicBool,
+    state: Mutex<TrackState>,
+}
+
+#[derive(Default)]
+struct TrackState {
+    pending: BTreeSet<i64>,
+    /// One past the highest offset received.
+    next: i64,
+    /// The position last stored (or to store).
+    stored: i64,
+    dirty: bool,
+}
+
+impl Tracker {
+    fn new(topic: &str, partition: i32) -> Self {
+        Tracker {
+            topic: topic.to_owned(),
+            partition,
+            owned: AtomicBool::new(true),
+            state: Mutex::new(TrackState::default()),
+        }
+    }
+
+    fn received(&self, offset: i64) {
+        let mut s = self.state.lock().expect("not poisoned");
+        s.pending.insert(offset);
+        s.next = s.next.max(offset + 1);
+    }
+
+    /// The record at `offset` is delivered or dead-lettered.
+    pub(super) fn done(&self, offset: i64) {
+        let mut s = self.state.lock().expect("not poisoned");
+        if s.pending.remove(&offset) {
+            let position = s.pending.first().copied().unwrap_or(s.next);
+            if position > s.stored {
+                s.stored = position;
+                s.dirty = true;
+            }
+        }
+    }
+
+    pub(super) fn is_owned(&self) -> bool {
+        self.owned.load(Ordering::SeqCst)
+    }
+
+    /// The position to store, if it moved since the last call.
+    fn take_position(&self) -> Option<i64> {
+        let mut s = self.state.lock().expect("not poisoned");
+        std::mem::take(&mut s.dirty).then_some(s.stored)
+    }
+}
+
+type Trackers = Arc<Mutex<HashMap<(String, i32), Arc<Tracker>>>>;
+
+/// Follows rebalances: fresh trackers for assigned partitions; revoked ones are disowned (their
+/// records are dropped here and redelivered to the new owner) after storing what was finished,
+/// which librdkafka commits before giving the partitions up.
+struct GroupContext {
+    trackers: Trackers,
+    assignments: Arc<AtomicU64>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let mut trackers = self.trackers.lock().expect("not poisoned");
+                let mut positions = TopicPartitionList::new();
+                for elem in tpl.elements() {
+                    let key = (elem.topic().to_owned(), elem.partition());
+                    if let Some(t) = trackers.remove(&key) {
+                        t.owned.store(false, Ordering::SeqCst);
+                        if let Some(p) = t.take_position() {
+                            let _ = positions.add_partition_offset(
+                                &t.topic,
+                                t.partition,
+                                Offset::Offset(p),
+                            );
+                        }
+                    }
+                }
+                if positions.count() > 0 {
+                    if let Err(e) = consumer.store_offsets(&positions) {
+                        tracing::warn!(error = %e, "storing offsets of revoked partitions");
+                    }
+                }
+                tracing::info!(partitions = tpl.count(), "notify partitions revoked");
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "notify consumer rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let mut trackers = self.trackers.lock().expect("not poisoned");
+            for elem in tpl.elements() {
+                trackers.insert(
+                    (elem.topic().to_owned(), elem.partition()),
+                    Arc::new(Tracker::new(elem.topic(), elem.partition())),
+                );
+            }
+            self.assignments.fetch_add(1, Ordering::SeqCst);
+            tracing::info!(partitions = tpl.count(), "notify partitions assigned");
+        }
+    }
+}
+
+/// Records waiting for room in a full target queue, by partition; the partition is paused
+/// meanwhile, so only that target waits.
+type Backlogs = HashMap<(String, i32), (mpsc::Sender<Delivery>, VecDeque<Delivery>)>;
+
+/// Reads the notify topics until `closing`: dispatches records, stores finished offsets, and
+/// at the end commits them.
+async fn run_consumer(
+    config: ClientConfig,
+    group_id: String,
+    pattern: String,
+    routes: Arc<Routes>,
+    assignments: Arc<AtomicU64>,
+    shutdown: Shutdown,
+    closing: Shutdown,
+) {
+    // Everything is registered before the first record is read, so none finds no consumer.
+    while !routes.is_complete() {
+        tokio::select! {
+            _ = routes.complete.notified() => {}
+            _ = tokio::time::sleep(TICK) => {}
+            _ = closing.cancelled() => return,
+        }
+    }
+    let trackers: Trackers = Arc::default();
+    let mut config = config;
+    config
+        .set("group.id", &group_id)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.commit.interval.ms", "1000")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false");
+    let consumer: StreamConsumer<GroupContext> = loop {
+        match config.create_with_context(GroupContext {
+            trackers: trackers.clone(),
+            assignments: assignments.clone(),
+        }) {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create the Kafka notify consumer; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(CHECK_EVERY) => {}
+                    _ = closing.cancelled() => return,
+                }
+            }
+        }
+    };
+    if let Err(e) = consumer.subscribe(&[&pattern]) {
+        tracing::error!(error = %e, pattern, "cannot subscribe to the notify topics");
+        return;
+    }
+    tracing::info!(group = %group_id, pattern, "Kafka notify consumer running");
+    let mut backlogs: Backlogs = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    {
+        let mut stream = consumer.stream();
+        loop {
+            tokio::select! {
+                m = stream.next(), if !shutdown.is_triggered() => match m {
+                    Some(Ok(m)) => dispatch(&consumer, &routes, &trackers, &mut backlogs, &m),
+                    Some(Err(e)) => tracing::warn!(error = %e, "Kafka notify consumer error"),
+                    None => break,
+                },
+                _ = tick.tick() => {
+                    refill(&consumer, &mut backlogs, &trackers);
+                    store_positions(&consumer, &trackers);
+                }
+                _ = closing.cancelled() => break,
+            }
+        }
+    }
+    store_positions(&consumer, &trackers);
+    let consumer = Arc::new(consumer);
+    let committing = consumer.clone();
+    let committed = tokio::task::spawn_blocking(move || {
+        committing.commit_consumer_state(CommitMode::Sync)
+    })
+    .await;
+    match committed {
+        Ok(Ok(())) | Ok(Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "committing notify offsets at shutdown"),
+        Err(e) => tracing::warn!(error = %e, "committing notify offsets at shutdown"),
+    }
+    // Leaving the group (in a blocking thread: it waits for the coordinator).
+    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+}
+
+fn dispatch(
+    consumer: &StreamConsumer<GroupContext>,
+    routes: &Routes,
+    trackers: &Trackers,
+    backlogs: &mut Backlogs,
+    m: &rdkafka::message::BorrowedMessage<'_>,
+) {
+    let key = (m.topic().to_owned(), m.partition());
+    let Some(tracker) = trackers.lock().expect("not poisoned").get(&key).cloned() else {
+        // Not (or no longer) ours: the owner reads it from the committed offset.
+        return;
+    };
+    let Some(tx) = routes.sender(m.topic()) else {
+        return;
+    };
+    tracker.received(m.offset());
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    (
+                        internal_header_name(h.key),
+                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let published = m
+        .timestamp()
+        .to_millis()
+        .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64))
+        .unwrap_or_else(SystemTime::now);
+    let delivery = Delivery {
+        subject: m.topic().to_owned(),
+        headers,
+        payload: bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+        published,
+        delivered: 1,
+        acker: super::Acker::Kafka(Box::new(KafkaAck {
+            tracker,
+            offset: m.offset(),
+            tx: tx.clone(),
+        })),
+    };
+    if let Some((_, queue)) = backlogs.get_mut(&key) {
+        queue.push_back(delivery);
+        return;
+    }
+    match tx.try_send(delivery) {
+        Ok(()) => {}
+        Err(mpsc::error::TrySendError::Full(d)) => {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&key.0, key.1);
+            if let Err(e) = consumer.pause(&tpl) {
+                tracing::debug!(error = %e, "pausing a notify partition");
+            }
+            backlogs.insert(key, (tx, VecDeque::from([d])));
+        }
+        // The pipeline stopped taking records: leave it for whoever reads it next.
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}
+
+/// Moves backlogged records into queues that have room, resuming partitions that caught up.
+fn refill(consumer: &StreamConsumer<GroupContext>, backlogs: &mut Backlogs, trackers: &Trackers) {
+    let owned = trackers.lock().expect("not poisoned");
+    backlogs.retain(|key, (tx, queue)| {
+        if !owned.contains_key(key) {
+            // Revoked: these records are the new owner's now.
+            return false;
+        }
+        while let Some(d) = queue.pop_front() {
+            match tx.try_send(d) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(d)) => {
+                    queue.push_front(d);
+                    return true;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&key.0, key.1);
+        if let Err(e) = consumer.resume(&tpl) {
+            tracing::debug!(error = %e, "resuming a notify partition");
+        }
+        false
+    });
+}
+
+/// Stores (for the next commit) the position of every partition whose position moved.
+fn store_positions<C: rdkafka::consumer::Consumer<GroupContext>>(consumer: &C, trackers: &Trackers) {
+    let mut tpl = TopicPartitionList::new();
+    for t in trackers.lock().expect("not poisoned").values() {
+        if let Some(p) = t.take_position() {
+            let _ = tpl.add_partition_offset(&t.topic, t.partition, Offset::Offset(p));
+        }
+    }
+    if tpl.count() > 0 {
+        if let Err(e) = consumer.store_offsets(&tpl) {
+            tracing::debug!(error = %e, "storing notify offsets");
+        }
+    }
+}
+
+/// How a Kafka delivery is finished: its offset marked done, or handed to the queue again.
+pub(super) struct KafkaAck {
+    pub(super) tracker: Arc<Tracker>,
+    pub(super) offset: i64,
+    pub(super) tx: mpsc::Sender<Delivery>,
+}
+
+impl KafkaAck {
+    /// Kafka has no negative acknowledgement: the record stays pending (its offset is not
+    /// stored) and comes back to the same queue after `delay`, unless the partition moved.
+    pub(super) fn requeue(&self, d: &Delivery, delay: Duration) {
+        if !self.tracker.is_owned() {
+            return;
+        }
+        let again = Delivery {
+            subject: d.subject.clone(),
+            headers: d.headers.clone(),
+            payload: d.payload.clone(),
+            published: d.published,
+            delivered: d.delivered + 1,
+            acker: super::Acker::Kafka(Box::new(KafkaAck {
+                tracker: self.tracker.clone(),
+                offset: self.offset,
+                tx: self.tx.clone(),
+            })),
+        };
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(again).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_are_stored_only_up_to_the_first_unfinished() {
+        let t = Tracker::new("notify.a", 0);
+        for o in 5..10 {
+            t.received(o);
+        }
+        t.done(7);
+        assert_eq!(t.take_position(), Some(5), "5 and 6 are not finished");
+        t.done(5);
+        assert_eq!(t.take_position(), Some(6));
+        assert_eq!(t.take_position(), None, "unchanged");
+        t.done(6);
+        assert_eq!(t.take_position(), Some(8));
+        t.done(9);
+        t.done(8);
+        assert_eq!(t.take_position(), Some(10));
+        t.done(8);
+        assert_eq!(t.take_position(), None, "a second ack changes nothing");
+    }
+
+    #[test]
+    fn header_names_follow_the_kafka_binding() {
+        assert_eq!(kafka_header_name("ce-id"), "ce_id");
+        assert_eq!(kafka_header_name("content-type"), "content-type");
+        assert_eq!(internal_header_name("ce_type"), "ce-type");
+        assert_eq!(internal_header_name("imbridge-app"), "imbridge-app");
+    }
+
+    #[test]
+    fn subscription_pattern_escapes_the_prefix() {
+        assert_eq!(regex_escape("prod.eu-1."), "prod\\.eu\\-1\\.");
+    }
+}
