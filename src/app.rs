@@ -64,21 +64,19 @@ impl App {
                     replicas,
                 )
             }
-            (LimiterKind::KafkaLog, _, Some(kafka)) => {
-                Limiter::KafkaLog(Box::new(
-                    KafkaLog::start(
-                        kafka.client_config(),
-                        &bus::with_prefix(
-                            &settings.bus.subject_prefix,
-                            &settings.notify.limiter_bucket,
-                        ),
-                        kafka.settings().publish_timeout,
-                        kafka.assignments(),
-                        shutdown.clone(),
-                    )
-                    .map_err(|e| anyhow::anyhow!("starting the kafka_log limiter: {e}"))?,
-                ))
-            }
+            (LimiterKind::KafkaLog, _, Some(kafka)) => Limiter::KafkaLog(Box::new(
+                KafkaLog::start(
+                    kafka.client_config(),
+                    &bus::with_prefix(
+                        &settings.bus.subject_prefix,
+                        &settings.notify.limiter_bucket,
+                    ),
+                    kafka.settings().publish_timeout,
+                    kafka.assignments(),
+                    shutdown.clone(),
+                )
+                .map_err(|e| anyhow::anyhow!("starting the kafka_log limiter: {e}"))?,
+            )),
             _ => Limiter::local(),
         };
         let notifier = Notifier::start(

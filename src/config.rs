@@ -227,7 +227,9 @@ pub struct KafkaConfig {
     #[serde(deserialize_with = "lenient_string")]
     pub duplicate_window: String,
     /// Record keys: subject pattern (without prefix, NATS wildcards) → JSON pointer into the
-    /// event body, e.g. `"dingtalk.bpms_*" = "/processInstanceId"`. Otherwise the key is ce-id.
+    /// event body, e.g. `"dingtalk.bpms_instance_change" = "/processInstanceId"`. Patterns
+    /// without wildcards are tried first, then those with `*`, then those with `>`; without a
+    /// match (or a value at the pointer) the key is ce-id.
     pub keys: BTreeMap<String, String>,
 }
 
@@ -666,7 +668,7 @@ pub struct KafkaSettings {
     pub replication_factor: i32,
     pub publish_timeout: Duration,
     pub duplicate_window: Duration,
-    /// (subject pattern, JSON pointer) pairs choosing record keys, in configuration order.
+    /// (subject pattern, JSON pointer) pairs choosing record keys, most specific first.
     pub keys: Vec<(String, String)>,
 }
 
@@ -977,8 +979,14 @@ const KAFKA_FIXED_PROPERTIES: [(&str, &str); 7] = [
     ("group.id", "use bus.kafka.group_id"),
     ("client.id", "use bus.kafka.client_id"),
     ("message.timeout.ms", "use bus.kafka.publish_timeout"),
-    ("enable.auto.offset.store", "offsets are stored only after delivery"),
-    ("enable.auto.commit", "offsets are committed only after delivery"),
+    (
+        "enable.auto.offset.store",
+        "offsets are stored only after delivery",
+    ),
+    (
+        "enable.auto.commit",
+        "offsets are committed only after delivery",
+    ),
     ("enable.partition.eof", "the engine sets it"),
 ];
 
@@ -1008,13 +1016,17 @@ impl KafkaConfig {
                 continue;
             }
             let v = value.expose().trim().to_ascii_lowercase();
-            if (name == "acks" || name == "request.required.acks") && !matches!(v.as_str(), "all" | "-1")
+            if (name == "acks" || name == "request.required.acks")
+                && !matches!(v.as_str(), "all" | "-1")
             {
                 c.problem(at, "must be \"all\": an event is acknowledged only once every in-sync replica has it");
                 continue;
             }
             if name == "enable.idempotence" && v != "true" {
-                c.problem(at, "must stay true: a retried produce must not store an event twice");
+                c.problem(
+                    at,
+                    "must stay true: a retried produce must not store an event twice",
+                );
                 continue;
             }
             properties.push((name, value.clone()));
@@ -1030,6 +1042,10 @@ impl KafkaConfig {
                 keys.push((pattern.clone(), pointer.clone()));
             }
         }
+        // Stable: patterns of equal specificity stay in (sorted) key order.
+        keys.sort_by_key(|(pattern, _): &(String, String)| {
+            (pattern.contains('>'), pattern.contains('*'))
+        });
         let publish_timeout = c.duration("bus.kafka.publish_timeout", &self.publish_timeout);
         if publish_timeout < Duration::from_millis(100) {
             c.problem("bus.kafka.publish_timeout", "must be at least 100ms");

@@ -189,6 +189,126 @@ fn nats_settings_are_validated() {
 }
 
 #[test]
+fn kafka_settings_are_validated() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "kafka.toml",
+            r#"
+            [bus]
+            kind = "kafka"
+            [bus.kafka]
+            brokers = " "
+            group_id = ""
+            partitions = 0
+            replication_factor = 0
+            publish_timeout = "10ms"
+            duplicate_window = "soon"
+            [bus.kafka.properties]
+            acks = "1"
+            "enable.idempotence" = false
+            "enable.auto.commit" = "true"
+            "bootstrap.servers" = "elsewhere:9092"
+            [bus.kafka.keys]
+            "dingtalk.bpms_instance_change" = "processInstanceId"
+            "#,
+        )?;
+        let err = config::load(Some(Path::new("kafka.toml"))).unwrap_err();
+        let reported = keys(&err);
+        for expected in [
+            "bus.kafka.brokers",
+            "bus.kafka.group_id",
+            "bus.kafka.partitions",
+            "bus.kafka.replication_factor",
+            "bus.kafka.publish_timeout",
+            "bus.kafka.duplicate_window",
+            "bus.kafka.properties.\"acks\"",
+            "bus.kafka.properties.\"enable.idempotence\"",
+            "bus.kafka.properties.\"enable.auto.commit\"",
+            "bus.kafka.properties.\"bootstrap.servers\"",
+            "bus.kafka.keys.\"dingtalk.bpms_instance_change\"",
+        ] {
+            assert!(
+                reported.contains(&expected),
+                "{expected} not reported in {err}"
+            );
+        }
+        // The kafka_log limiter needs the kafka bus, and nats_kv the nats bus.
+        jail.create_file(
+            "limiter.toml",
+            "[bus]\nkind = \"kafka\"\n[notify]\nlimiter = \"nats_kv\"\n",
+        )?;
+        let err = config::load(Some(Path::new("limiter.toml"))).unwrap_err();
+        assert_eq!(keys(&err), ["notify.limiter"], "{err}");
+        jail.create_file("limiter2.toml", "[notify]\nlimiter = \"kafka_log\"\n")?;
+        let err = config::load(Some(Path::new("limiter2.toml"))).unwrap_err();
+        assert_eq!(keys(&err), ["notify.limiter"], "{err}");
+        Ok(())
+    });
+}
+
+#[test]
+fn kafka_properties_come_from_the_environment_without_echoing_secrets() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "kafka.toml",
+            r#"
+            [bus]
+            kind = "kafka"
+            [bus.kafka]
+            brokers = "k1:9093,k2:9093"
+            [bus.kafka.properties]
+            "security.protocol" = "SASL_SSL"
+            "sasl.mechanisms" = "SCRAM-SHA-512"
+            "socket.keepalive.enable" = true
+            [bus.kafka.keys]
+            "dingtalk.bpms_instance_change" = "/processInstanceId"
+            "#,
+        )?;
+        // Kubernetes Secrets reach the daemon as environment variables, whose names have no
+        // dots: "_" stands for ".".
+        jail.set_env("IMBRIDGE_BUS__KAFKA__PROPERTIES__SASL_USERNAME", "imbridge");
+        jail.set_env(
+            "IMBRIDGE_BUS__KAFKA__PROPERTIES__SASL_PASSWORD",
+            "hunter2-secret",
+        );
+        let s = config::load(Some(Path::new("kafka.toml"))).expect("valid");
+        let EngineSettings::Kafka(k) = &s.bus.engine else {
+            panic!("kafka not selected")
+        };
+        assert_eq!(k.brokers, "k1:9093,k2:9093");
+        assert_eq!(k.group_id, "imbridge");
+        assert_eq!(k.publish_timeout, Duration::from_secs(2));
+        let props: Vec<(&str, &str)> = k
+            .properties
+            .iter()
+            .map(|(key, v)| (key.as_str(), v.expose()))
+            .collect();
+        for expected in [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanisms", "SCRAM-SHA-512"),
+            ("socket.keepalive.enable", "true"),
+            ("sasl.username", "imbridge"),
+            ("sasl.password", "hunter2-secret"),
+        ] {
+            assert!(props.contains(&expected), "{expected:?} in {props:?}");
+        }
+        assert_eq!(
+            k.keys,
+            [(
+                "dingtalk.bpms_instance_change".to_owned(),
+                "/processInstanceId".to_owned()
+            )]
+        );
+        assert_eq!(s.notify.limiter, imbridge::config::LimiterKind::KafkaLog);
+        assert!(
+            !format!("{s:?}").contains("hunter2"),
+            "secrets print as ***"
+        );
+        Ok(())
+    });
+}
+
+#[test]
 fn unknown_keys_and_wrong_types_are_errors_naming_the_key() {
     Jail::expect_with(|jail| {
         jail.create_file("typo.toml", "[server]\nlisten_addr = \"0.0.0.0:1\"\n")?;

@@ -1,15 +1,16 @@
 //! The notify pipeline end to end: messages published to `notify.<target>` (on the bus or
 //! through `POST /notify/<target>`) reach a fake robot farm that checks every signature and
-//! counts every rate-limit violation. Scenarios that do not depend on the engine run on both
-//! the in-process bus and a real nats-server.
+//! counts every rate-limit violation. Each scenario runs on every engine it applies to: the
+//! in-process bus, a real nats-server and a real Kafka-protocol broker (tansu); those about
+//! surviving the daemon (kill, handover between replicas) on the durable ones.
 
 mod common;
 
 use std::time::Duration;
 
+use common::engine::Engine;
 use common::fakes::{Robot, RobotFarm, Scripted};
 use common::*;
-use futures::StreamExt;
 
 const SECRET: &str = "SEC0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const LARK_SECRET: &str = "demo-secret-abc";
@@ -28,32 +29,6 @@ ack_wait = "2s"
 
 fn target(name: &str, kind: &str, url: &str, extra: &str) -> String {
     format!("[targets.{name}]\nkind = \"{kind}\"\nurl = \"{url}\"\n{extra}\n")
-}
-
-/// Which bus a scenario runs on.
-enum Engine {
-    Memory,
-    Nats(NatsServer),
-}
-
-impl Engine {
-    fn all() -> Vec<Engine> {
-        vec![Engine::Memory, Engine::Nats(NatsServer::start())]
-    }
-
-    fn toml(&self) -> String {
-        match self {
-            Engine::Memory => String::new(),
-            Engine::Nats(s) => nats_bus(&s.url()),
-        }
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            Engine::Memory => "memory",
-            Engine::Nats(_) => "nats",
-        }
-    }
 }
 
 async fn start(engine: &Engine, targets: &str) -> TestApp {
@@ -517,236 +492,297 @@ async fn mentions_and_long_messages_reach_each_platform_as_expected() {
     app.stop().await;
 }
 
-/// Reads the dead letters stored on the NATS DLQ stream.
-async fn dead_letters(server: &NatsServer, n: usize) -> Vec<async_nats::jetstream::Message> {
-    let js = async_nats::jetstream::new(server.client().await);
-    let stream = js.get_stream("IMBRIDGE_DLQ").await.unwrap();
-    let consumer: async_nats::jetstream::consumer::PullConsumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::Config::default())
-        .await
-        .unwrap();
-    let mut messages = consumer.messages().await.unwrap();
-    let mut out = Vec::new();
-    while out.len() < n {
-        let m = tokio::time::timeout(WAIT, messages.next())
-            .await
-            .expect("dead letter did not arrive")
-            .unwrap()
-            .unwrap();
-        out.push(m);
-    }
-    out
-}
-
 #[tokio::test]
 async fn permanent_failures_and_bad_messages_are_dead_lettered() {
-    let server = NatsServer::start();
-    let farm = RobotFarm::start().await;
-    let url = farm.add(Robot::dingtalk("perm").with_secret(SECRET));
-    farm.script("perm", vec![Scripted::ErrCode(310000)]);
-    let busy = farm.add(Robot::wecom("busy"));
-    farm.script("busy", vec![Scripted::Status(502); 4]);
-    let slow = farm.add(Robot::wecom("slowpoke"));
-    let engine = Engine::Nats(server);
-    let app = TestApp::start(&toml_with(&format!(
-        "{}\n{NOTIFY}\nmax_wait = \"2s\"\n{}{}{}",
-        engine.toml(),
-        target(
-            "perm",
-            "dingtalk_robot",
-            &url,
-            &format!("secret = \"{SECRET}\"")
-        ),
-        target("busy", "wecom_robot", &busy, ""),
-        target("slowpoke", "wecom_robot", &slow, "rate_limit = \"1/1m\""),
-    )))
-    .await;
-    app.wait_ready().await;
-    let Engine::Nats(server) = &engine else {
-        unreachable!()
-    };
-    post(&app, "perm", serde_json::json!({"text": "will fail"})).await;
-    // Four 502s with max_attempts = 4: attempts exhausted.
-    post(&app, "busy", serde_json::json!({"text": "never accepted"})).await;
-    // The second message cannot get a slot within max_wait: expired.
-    post(&app, "slowpoke", serde_json::json!({"text": "first"})).await;
-    post(&app, "slowpoke", serde_json::json!({"text": "second"})).await;
-    let client = server.client().await;
-    // Published straight on the bus: to a target nobody configured, and a body that is no
-    // notification.
-    client
-        .publish("notify.nobody", r#"{"text":"lost?"}"#.into())
-        .await
-        .unwrap();
-    client
-        .publish("notify.perm", "not json".into())
-        .await
-        .unwrap();
-    client.flush().await.unwrap();
-    let letters = dead_letters(server, 5).await;
-    let mut seen = std::collections::BTreeMap::new();
-    for m in &letters {
-        let h = m.headers.as_ref().unwrap();
-        let reason = h.get("imbridge-dlq-reason").unwrap().as_str().to_owned();
-        seen.insert(
-            reason.clone(),
-            (m.subject.to_string(), m.payload.clone(), h.clone()),
+    for engine in Engine::all() {
+        let name = engine.name();
+        let farm = RobotFarm::start().await;
+        let url = farm.add(Robot::dingtalk("perm").with_secret(SECRET));
+        farm.script("perm", vec![Scripted::ErrCode(310000)]);
+        let busy = farm.add(Robot::wecom("busy"));
+        farm.script("busy", vec![Scripted::Status(502); 4]);
+        let slow = farm.add(Robot::wecom("slowpoke"));
+        let app = start_with(
+            &engine,
+            "max_wait = \"2s\"",
+            &format!(
+                "{}{}{}",
+                target(
+                    "perm",
+                    "dingtalk_robot",
+                    &url,
+                    &format!("secret = \"{SECRET}\"")
+                ),
+                target("busy", "wecom_robot", &busy, ""),
+                target("slowpoke", "wecom_robot", &slow, "rate_limit = \"1/1m\""),
+            ),
+        )
+        .await;
+        let mut perm = engine.watch(&app, "dlq.notify.perm");
+        let mut busy = engine.watch(&app, "dlq.notify.busy");
+        let mut slowpoke = engine.watch(&app, "dlq.notify.slowpoke");
+        let mut nobody = engine.watch(&app, "dlq.notify.nobody");
+        post(&app, "perm", serde_json::json!({"text": "will fail"})).await;
+        // Four 502s with max_attempts = 4: attempts exhausted.
+        post(&app, "busy", serde_json::json!({"text": "never accepted"})).await;
+        // The second message cannot get a slot within max_wait: expired.
+        post(&app, "slowpoke", serde_json::json!({"text": "first"})).await;
+        post(&app, "slowpoke", serde_json::json!({"text": "second"})).await;
+        // Published straight on the bus: to a target nobody configured, and a body that is no
+        // notification.
+        engine
+            .publish(Some(&app), "notify.nobody", br#"{"text":"lost?"}"#)
+            .await;
+        engine.publish(Some(&app), "notify.perm", b"not json").await;
+
+        let mut letters = perm.next(&engine, 2).await;
+        letters.sort_by_key(|l| l.header("imbridge-dlq-reason").map(str::to_owned));
+        let (bad, failed) = (&letters[0], &letters[1]);
+        assert_eq!(
+            bad.header("imbridge-dlq-reason"),
+            Some("invalid_message"),
+            "{name}"
         );
-    }
-    let (subject, payload, h) = &seen["permanent"];
-    assert_eq!(subject, "dlq.notify.perm");
-    assert_eq!(&payload[..], br#"{"text":"will fail"}"#);
-    assert_eq!(h.get("imbridge-dlq-attempts").unwrap().as_str(), "1");
-    assert!(h
-        .get("imbridge-dlq-answer")
-        .unwrap()
-        .as_str()
-        .contains("310000"));
-    assert!(h.get("ce-id").is_some(), "original headers are kept");
-    let (subject, payload, _) = &seen["unknown_target"];
-    assert_eq!(subject, "dlq.notify.nobody");
-    assert_eq!(&payload[..], br#"{"text":"lost?"}"#);
-    let (_, payload, _) = &seen["invalid_message"];
-    assert_eq!(&payload[..], b"not json");
-    let (subject, _, h) = &seen["attempts_exhausted"];
-    assert_eq!(subject, "dlq.notify.busy");
-    assert_eq!(h.get("imbridge-dlq-attempts").unwrap().as_str(), "4");
-    assert!(h
-        .get("imbridge-dlq-answer")
-        .unwrap()
-        .as_str()
-        .contains("scripted"));
-    let (subject, payload, _) = &seen["expired"];
-    assert_eq!(subject, "dlq.notify.slowpoke");
-    assert_eq!(&payload[..], br#"{"text":"second"}"#);
-    assert_eq!(farm.accepted("slowpoke").len(), 1);
-    assert_eq!(
-        app.metrics
-            .notify_dead_letters_total
-            .with_label_values(&["_unknown", "unknown_target"])
-            .get(),
-        1
-    );
-    // Everything was acknowledged: the work queue is empty.
-    let js = async_nats::jetstream::new(client);
-    let mut stream = js.get_stream("IMBRIDGE_NOTIFY").await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while stream.info().await.unwrap().state.messages != 0 {
+        assert_eq!(bad.payload, b"not json", "{name}");
+        assert_eq!(
+            failed.header("imbridge-dlq-reason"),
+            Some("permanent"),
+            "{name}"
+        );
+        assert_eq!(failed.subject, "dlq.notify.perm");
+        assert_eq!(failed.payload, br#"{"text":"will fail"}"#, "{name}");
+        assert_eq!(failed.header("imbridge-dlq-attempts"), Some("1"), "{name}");
+        assert_eq!(failed.header("imbridge-dlq-target"), Some("perm"), "{name}");
+        assert!(failed
+            .header("imbridge-dlq-answer")
+            .unwrap()
+            .contains("310000"));
         assert!(
-            tokio::time::Instant::now() < deadline,
-            "messages left unacknowledged"
+            failed.header(&engine.ce("id")).is_some(),
+            "{name}: original headers are kept: {:?}",
+            failed.headers
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Engine::Kafka(_) = engine {
+            assert_eq!(failed.key.as_deref(), Some("perm"), "keyed by target");
+        }
+
+        let letter = &busy.next(&engine, 1).await[0];
+        assert_eq!(
+            letter.header("imbridge-dlq-reason"),
+            Some("attempts_exhausted")
+        );
+        assert_eq!(letter.header("imbridge-dlq-attempts"), Some("4"), "{name}");
+        assert!(letter
+            .header("imbridge-dlq-answer")
+            .unwrap()
+            .contains("scripted"));
+
+        let letter = &slowpoke.next(&engine, 1).await[0];
+        assert_eq!(
+            letter.header("imbridge-dlq-reason"),
+            Some("expired"),
+            "{name}"
+        );
+        assert_eq!(letter.payload, br#"{"text":"second"}"#, "{name}");
+        assert_eq!(farm.accepted("slowpoke").len(), 1, "{name}");
+
+        let letter = &nobody.next(&engine, 1).await[0];
+        assert_eq!(
+            letter.header("imbridge-dlq-reason"),
+            Some("unknown_target"),
+            "{name}"
+        );
+        assert_eq!(letter.payload, br#"{"text":"lost?"}"#, "{name}");
+        assert_eq!(
+            app.metrics
+                .notify_dead_letters_total
+                .with_label_values(&["_unknown", "unknown_target"])
+                .get(),
+            1,
+            "{name}"
+        );
+        if let Engine::Nats(server) = &engine {
+            // Everything was acknowledged: the work queue is empty.
+            let js = async_nats::jetstream::new(server.client().await);
+            let mut stream = js.get_stream("IMBRIDGE_NOTIFY").await.unwrap();
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while stream.info().await.unwrap().state.messages != 0 {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "messages left unacknowledged"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        assert!(farm.violations().is_empty(), "{:?}", farm.violations());
+        app.stop().await;
     }
-    assert!(farm.violations().is_empty(), "{:?}", farm.violations());
-    app.stop().await;
+}
+
+/// The sends each replica has finished (the farm records a request before its daemon has read
+/// the answer, so wait until they add up to `total`).
+async fn sent_by(a: &TestApp, b: &TestApp, target: &str, total: u64) -> (u64, u64) {
+    let sent_a = a.metrics.notify_sent_total.with_label_values(&[target]);
+    let sent_b = b.metrics.notify_sent_total.with_label_values(&[target]);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sent_a.get() + sent_b.get() < total && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (sent_a.get(), sent_b.get())
 }
 
 #[tokio::test]
 async fn two_replicas_together_respect_the_limit() {
-    let server = NatsServer::start();
-    let farm = RobotFarm::start().await;
-    let url = farm.add(Robot::dingtalk("shared").with_limits(vec![(4, Duration::from_secs(1))]));
-    let engine = Engine::Nats(server);
-    let targets = target("shared", "dingtalk_robot", &url, "rate_limit = \"4/1s\"");
-    // Small queues, so neither replica can hold every message and both deliver.
-    let small = |engine: &Engine| {
-        toml_with(&format!(
-            "{}\n{NOTIFY}\nqueue_capacity = 3\n{targets}",
-            engine.toml()
-        ))
-    };
-    let a = TestApp::start(&small(&engine)).await;
-    let b = TestApp::start(&small(&engine)).await;
-    a.wait_ready().await;
-    b.wait_ready().await;
-    for i in 0..32 {
-        let app = if i % 2 == 0 { &a } else { &b };
-        assert_eq!(
-            post(app, "shared", serde_json::json!({"text": format!("r-{i}")}))
-                .await
-                .status(),
-            202
+    for engine in Engine::durable() {
+        let name = engine.name();
+        let farm = RobotFarm::start().await;
+        let url =
+            farm.add(Robot::dingtalk("shared").with_limits(vec![(4, Duration::from_secs(1))]));
+        let targets = target("shared", "dingtalk_robot", &url, "rate_limit = \"4/1s\"");
+        // Small queues, so neither replica can hold every message.
+        let small = || {
+            toml_with(&format!(
+                "{}\n{NOTIFY}\nqueue_capacity = 3\n{targets}",
+                engine.toml()
+            ))
+        };
+        let a = TestApp::start(&small()).await;
+        let b = TestApp::start(&small()).await;
+        a.wait_ready().await;
+        b.wait_ready().await;
+        for i in 0..32 {
+            let app = if i % 2 == 0 { &a } else { &b };
+            let res = post(app, "shared", serde_json::json!({"text": format!("r-{i}")})).await;
+            assert_eq!(res.status(), 202, "{name}");
+        }
+        let got = farm
+            .wait_accepted("shared", 32, Duration::from_secs(60))
+            .await;
+        let mut texts: Vec<String> = got.iter().map(text_of).collect();
+        texts.sort();
+        texts.dedup();
+        assert_eq!(texts.len(), 32, "{name}");
+        assert!(
+            farm.violations().is_empty(),
+            "{name}: {:?}",
+            farm.violations()
         );
+        assert!(farm.max_in_window("shared", Duration::from_secs(1)) <= 4);
+        let (sent_a, sent_b) = sent_by(&a, &b, "shared", 32).await;
+        assert_eq!(sent_a + sent_b, 32, "{name}");
+        // On NATS both replicas pull from the target's consumer; on Kafka the target's one
+        // partition belongs to one replica of the group.
+        if let Engine::Nats(_) = engine {
+            assert!(
+                sent_a > 0 && sent_b > 0,
+                "both deliver: {sent_a} + {sent_b}"
+            );
+        }
+        a.stop().await;
+        b.stop().await;
     }
-    let got = farm
-        .wait_accepted("shared", 32, Duration::from_secs(60))
-        .await;
-    let mut texts: Vec<String> = got.iter().map(text_of).collect();
-    texts.sort();
-    texts.dedup();
-    assert_eq!(texts.len(), 32);
-    assert!(farm.violations().is_empty(), "{:?}", farm.violations());
-    assert!(farm.max_in_window("shared", Duration::from_secs(1)) <= 4);
-    // The farm records the last request before its daemon has read the answer: wait for it.
-    let sent_a = a.metrics.notify_sent_total.with_label_values(&["shared"]);
-    let sent_b = b.metrics.notify_sent_total.with_label_values(&["shared"]);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while sent_a.get() + sent_b.get() < 32 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+#[tokio::test]
+async fn a_target_moving_to_another_replica_keeps_its_limit() {
+    for engine in Engine::durable() {
+        let name = engine.name();
+        let farm = RobotFarm::start().await;
+        // A window longer than a rebalance takes, so the new owner must know the old one's
+        // sends to stay within it.
+        let window = Duration::from_secs(4);
+        let url = farm.add(Robot::wecom("moving").with_limits(vec![(3, window)]));
+        let config = toml_with(&format!(
+            "{}\n{NOTIFY}\nqueue_capacity = 3\n{}",
+            engine.toml(),
+            target("moving", "wecom_robot", &url, "rate_limit = \"3/4s\"")
+        ));
+        let a = TestApp::start(&config).await;
+        let b = TestApp::start(&config).await;
+        a.wait_ready().await;
+        b.wait_ready().await;
+        for i in 0..9 {
+            let res = post(&a, "moving", serde_json::json!({"text": format!("m-{i}")})).await;
+            assert_eq!(res.status(), 202, "{name}");
+        }
+        // The first window's sends are made; stop whichever replica made them, so the rest is
+        // delivered by the other (on Kafka, after the target's partition moved to it).
+        farm.wait_accepted("moving", 3, WAIT).await;
+        let (sent_a, _) = sent_by(&a, &b, "moving", 3).await;
+        let (stopping, staying) = if sent_a > 0 { (a, b) } else { (b, a) };
+        stopping.stop().await;
+        let got = farm
+            .wait_accepted("moving", 9, Duration::from_secs(60))
+            .await;
+        let mut texts: Vec<String> = got.iter().map(text_of).collect();
+        texts.sort();
+        texts.dedup();
+        assert_eq!(texts.len(), 9, "{name}: lost or duplicated");
+        assert!(
+            farm.violations().is_empty(),
+            "{name}: {:?}",
+            farm.violations()
+        );
+        assert!(farm.max_in_window("moving", window) <= 3, "{name}");
+        let sent = staying
+            .metrics
+            .notify_sent_total
+            .with_label_values(&["moving"]);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while sent.get() == 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(sent.get() > 0, "{name}: the other replica took over");
+        staying.stop().await;
     }
-    let (sent_a, sent_b) = (sent_a.get(), sent_b.get());
-    assert_eq!(sent_a + sent_b, 32);
-    assert!(
-        sent_a > 0 && sent_b > 0,
-        "both replicas deliver: {sent_a} + {sent_b}"
-    );
-    a.stop().await;
-    b.stop().await;
 }
 
 #[tokio::test]
 async fn killed_mid_delivery_loses_nothing() {
-    let server = NatsServer::start();
-    let farm = RobotFarm::start().await;
-    let url = farm.add(Robot::wecom("kill"));
-    // The first request hangs (the daemon is mid-delivery when it is killed).
-    farm.script("kill", vec![Scripted::Delay(Duration::from_secs(30))]);
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("imbridge.toml");
-    std::fs::write(
-        &config,
-        toml_with(&format!(
-            "{}\n{NOTIFY}\n{}",
-            nats_bus(&server.url()),
-            target("kill", "wecom_robot", &url, "")
-        ))
-        .replace("request_timeout = \"1s\"", "request_timeout = \"60s\""),
-    )
-    .unwrap();
-    let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_imbridge"))
-            .args(["serve", "--config", config.to_str().unwrap()])
-            .env_clear()
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let mut first = spawn();
-    let client = server.client().await;
-    // Wait for the daemon's streams, then publish straight on the bus.
-    let js = async_nats::jetstream::new(client.clone());
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while js.get_stream("IMBRIDGE_NOTIFY").await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    js.publish("notify.kill", r#"{"text":"survives"}"#.into())
-        .await
-        .unwrap()
-        .await
+    for engine in Engine::durable() {
+        let name = engine.name();
+        let farm = RobotFarm::start().await;
+        let url = farm.add(Robot::wecom("kill"));
+        // The first request hangs (the daemon is mid-delivery when it is killed).
+        farm.script("kill", vec![Scripted::Delay(Duration::from_secs(30))]);
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("imbridge.toml");
+        std::fs::write(
+            &config,
+            toml_with(&format!(
+                "{}\n{NOTIFY}\n{}",
+                engine.toml(),
+                target("kill", "wecom_robot", &url, "")
+            ))
+            .replace("request_timeout = \"1s\"", "request_timeout = \"60s\""),
+        )
         .unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while farm.requests("kill") == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "never sent");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let spawn = || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_imbridge"))
+                .args(["serve", "--config", config.to_str().unwrap()])
+                .env_clear()
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        };
+        let mut first = spawn();
+        // Published straight on the bus, once it keeps notify.kill for the daemon.
+        engine.wait_notify_kept("kill").await;
+        engine
+            .publish(None, "notify.kill", br#"{"text":"survives"}"#)
+            .await;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while farm.requests("kill") == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "{name}: never sent");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        first.kill().unwrap();
+        first.wait().unwrap();
+        assert!(farm.accepted("kill").is_empty());
+        let mut second = spawn();
+        let got = farm.wait_accepted("kill", 1, WAIT).await;
+        assert_eq!(got[0].body["markdown"]["content"], "survives", "{name}");
+        second.kill().unwrap();
+        second.wait().unwrap();
     }
-    first.kill().unwrap();
-    first.wait().unwrap();
-    assert!(farm.accepted("kill").is_empty());
-    let mut second = spawn();
-    let got = farm.wait_accepted("kill", 1, WAIT).await;
-    assert_eq!(got[0].body["markdown"]["content"], "survives");
-    second.kill().unwrap();
-    second.wait().unwrap();
 }

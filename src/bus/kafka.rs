@@ -26,8 +26,8 @@ use futures::StreamExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::consumer::StreamConsumer;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
@@ -146,7 +146,11 @@ impl KafkaBus {
         if let Some((code, reason)) = current.client().fatal_error() {
             let mut slot = self.producer.write().expect("not poisoned");
             if Arc::ptr_eq(&slot, &current) {
-                tracing::warn!(?code, reason, "Kafka producer failed fatally; starting a new one");
+                tracing::warn!(
+                    ?code,
+                    reason,
+                    "Kafka producer failed fatally; starting a new one"
+                );
                 match producer(&self.config, &self.settings) {
                     Ok(p) => *slot = Arc::new(p),
                     Err(e) => tracing::error!(error = %e, "cannot start a new Kafka producer"),
@@ -239,7 +243,7 @@ impl KafkaBus {
         self.ensure_topics(&[(msg.subject.clone(), self.settings.partitions)])
             .await
             .map_err(BusError::Unavailable)?;
-        let key = self.key(msg);
+        let key = record_key(&self.prefix, &self.settings.keys, msg);
         let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
         for (name, value) in &msg.headers {
             let name = kafka_header_name(name);
@@ -256,9 +260,11 @@ impl KafkaBus {
         let producer = self.producer();
         // librdkafka fails the message itself after message.timeout.ms (= publish_timeout);
         // the outer bound only guards against a report that never comes.
-        let sent =
-            tokio::time::timeout(timeout + Duration::from_secs(1), producer.send(record, timeout))
-                .await;
+        let sent = tokio::time::timeout(
+            timeout + Duration::from_secs(1),
+            producer.send(record, timeout),
+        )
+        .await;
         match sent {
             Ok(Ok(_)) => {
                 self.seen
@@ -276,7 +282,10 @@ impl KafkaBus {
                     }
                     Some(RDKafkaErrorCode::UnknownTopicOrPartition) => {
                         // Deleted behind our back: create it again next time.
-                        self.known.lock().expect("not poisoned").remove(&msg.subject);
+                        self.known
+                            .lock()
+                            .expect("not poisoned")
+                            .remove(&msg.subject);
                         BusError::Unavailable(format!("topic {} does not exist", msg.subject))
                     }
                     _ => BusError::Publish(e.to_string()),
@@ -286,43 +295,15 @@ impl KafkaBus {
         }
     }
 
-    /// The record key: the target for notify and dead-letter topics (so one partition, and so
-    /// one replica, handles a target), a configured business key, or `ce-id`.
-    fn key(&self, msg: &Message) -> String {
-        let subject = match self.prefix.as_str() {
-            "" => msg.subject.as_str(),
-            p => msg
-                .subject
-                .strip_prefix(p)
-                .and_then(|s| s.strip_prefix('.'))
-                .unwrap_or(&msg.subject),
-        };
-        for notify in ["notify.", "dlq.notify."] {
-            if let Some(target) = subject.strip_prefix(notify) {
-                return target.to_owned();
-            }
-        }
-        for (pattern, pointer) in &self.settings.keys {
-            if super::subject_matches(pattern, subject) {
-                let value = serde_json::from_slice::<serde_json::Value>(&msg.payload)
-                    .ok()
-                    .and_then(|v| v.pointer(pointer).cloned());
-                match value {
-                    Some(serde_json::Value::String(s)) if !s.is_empty() => return s,
-                    Some(v @ serde_json::Value::Number(_)) => return v.to_string(),
-                    _ => {}
-                }
-            }
-        }
-        msg.id.clone()
-    }
-
     /// Stops the consumer (storing and committing what was finished) and flushes the producer.
     pub async fn close(&self) {
         self.closing.trigger();
         let task = self.consumer_task.lock().expect("not poisoned").take();
         if let Some(task) = task {
-            if tokio::time::timeout(Duration::from_secs(10), task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .is_err()
+            {
                 tracing::warn!("Kafka consumer did not stop in time");
             }
         }
@@ -337,7 +318,12 @@ impl KafkaBus {
 
 /// Checks the brokers every second and creates the topics the daemon needs; runs until
 /// shutdown.
-async fn keep(bus: Arc<KafkaBus>, needed: Vec<(String, i32)>, metrics: Metrics, shutdown: Shutdown) {
+async fn keep(
+    bus: Arc<KafkaBus>,
+    needed: Vec<(String, i32)>,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) {
     loop {
         let producer = bus.producer();
         let reachable = tokio::task::spawn_blocking(move || {
@@ -360,11 +346,14 @@ async fn keep(bus: Arc<KafkaBus>, needed: Vec<(String, i32)>, metrics: Metrics, 
                     tracing::info!(brokers = %bus.settings.brokers, "connected to Kafka");
                 }
                 metrics.bus_connected.with_label_values(&["kafka"]).set(1);
-                bus.known.lock().expect("not poisoned").extend(topics);
-                if !bus.topics_ready.load(Ordering::SeqCst) {
-                    match bus.ensure_topics(&needed).await {
-                        Ok(()) => bus.topics_ready.store(true, Ordering::SeqCst),
-                        Err(e) => tracing::warn!(error = %e, "cannot create Kafka topics; retrying"),
+                // Replaced, not extended: a broker that lost its topics (restarted without
+                // persistent storage, or topics deleted) gets them created again.
+                *bus.known.lock().expect("not poisoned") = topics.into_iter().collect();
+                match bus.ensure_topics(&needed).await {
+                    Ok(()) => bus.topics_ready.store(true, Ordering::SeqCst),
+                    Err(e) => {
+                        bus.topics_ready.store(false, Ordering::SeqCst);
+                        tracing::warn!(error = %e, "cannot create Kafka topics; retrying");
                     }
                 }
             }
@@ -406,6 +395,39 @@ fn producer(config: &ClientConfig, settings: &KafkaSettings) -> Result<FuturePro
     config
         .create()
         .map_err(|e| BusError::Unavailable(format!("creating the Kafka producer: {e}")))
+}
+
+/// The record key: the target for notify and dead-letter topics (so one partition, and so one
+/// replica, handles a target), the business key of the first `keys` pattern (most specific
+/// first, see the configuration) matching the subject whose JSON pointer finds a string or
+/// number in the body, or else `ce-id`.
+fn record_key(prefix: &str, keys: &[(String, String)], msg: &Message) -> String {
+    let subject = match prefix {
+        "" => msg.subject.as_str(),
+        p => msg
+            .subject
+            .strip_prefix(p)
+            .and_then(|s| s.strip_prefix('.'))
+            .unwrap_or(&msg.subject),
+    };
+    for notify in ["notify.", "dlq.notify."] {
+        if let Some(target) = subject.strip_prefix(notify) {
+            return target.to_owned();
+        }
+    }
+    for (pattern, pointer) in keys {
+        if super::subject_matches(pattern, subject) {
+            let value = serde_json::from_slice::<serde_json::Value>(&msg.payload)
+                .ok()
+                .and_then(|v| v.pointer(pointer).cloned());
+            match value {
+                Some(serde_json::Value::String(s)) if !s.is_empty() => return s,
+                Some(v @ serde_json::Value::Number(_)) => return v.to_string(),
+                _ => {}
+            }
+        }
+    }
+    msg.id.clone()
 }
 
 /// CloudEvents' Kafka binding spells attributes `ce_id`; the other engines `ce-id`.
@@ -676,10 +698,9 @@ async fn run_consumer(
     store_positions(&consumer, &trackers);
     let consumer = Arc::new(consumer);
     let committing = consumer.clone();
-    let committed = tokio::task::spawn_blocking(move || {
-        committing.commit_consumer_state(CommitMode::Sync)
-    })
-    .await;
+    let committed =
+        tokio::task::spawn_blocking(move || committing.commit_consumer_state(CommitMode::Sync))
+            .await;
     match committed {
         Ok(Ok(())) | Ok(Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "committing notify offsets at shutdown"),
@@ -782,7 +803,10 @@ fn refill(consumer: &StreamConsumer<GroupContext>, backlogs: &mut Backlogs, trac
 }
 
 /// Stores (for the next commit) the position of every partition whose position moved.
-fn store_positions<C: rdkafka::consumer::Consumer<GroupContext>>(consumer: &C, trackers: &Trackers) {
+fn store_positions<C: rdkafka::consumer::Consumer<GroupContext>>(
+    consumer: &C,
+    trackers: &Trackers,
+) {
     let mut tpl = TopicPartitionList::new();
     for t in trackers.lock().expect("not poisoned").values() {
         if let Some(p) = t.take_position() {
@@ -852,6 +876,50 @@ mod tests {
         assert_eq!(t.take_position(), Some(10));
         t.done(8);
         assert_eq!(t.take_position(), None, "a second ack changes nothing");
+    }
+
+    #[test]
+    fn record_keys() {
+        let keys = vec![
+            (
+                "dingtalk.bpms_instance_change".to_owned(),
+                "/processInstanceId".to_owned(),
+            ),
+            ("dingtalk.*".to_owned(), "/processInstanceId".to_owned()),
+            ("dingtalk.>".to_owned(), "/corpId".to_owned()),
+        ];
+        let msg = |subject: &str, body: &str| Message {
+            subject: subject.into(),
+            id: "ce1".into(),
+            headers: Vec::new(),
+            payload: bytes::Bytes::copy_from_slice(body.as_bytes()),
+        };
+        let approval = r#"{"processInstanceId":"p-1","corpId":"ding1"}"#;
+        let change = "dingtalk.bpms_instance_change";
+        assert_eq!(record_key("", &keys, &msg(change, approval)), "p-1");
+        assert_eq!(
+            record_key("prod", &keys, &msg(&format!("prod.{change}"), approval)),
+            "p-1"
+        );
+        assert_eq!(
+            record_key("", &keys, &msg("dingtalk.bpms_task_change", approval)),
+            "p-1"
+        );
+        // The patterns that match find nothing until the last one.
+        assert_eq!(record_key("", &keys, &msg(change, r#"{"corpId":7}"#)), "7");
+        assert_eq!(
+            record_key("", &keys, &msg("lark.im.message", approval)),
+            "ce1"
+        );
+        assert_eq!(
+            record_key("", &keys, &msg("dingtalk.user_add_org", "not json")),
+            "ce1"
+        );
+        assert_eq!(record_key("", &keys, &msg("notify.ops", approval)), "ops");
+        assert_eq!(
+            record_key("prod", &keys, &msg("prod.dlq.notify.ops", "")),
+            "ops"
+        );
     }
 
     #[test]

@@ -554,7 +554,9 @@ pub mod kafka_log {
                     .await;
                     match end {
                         Ok(Ok((_, high))) => goal = Some((wanted, high)),
-                        Ok(Err(e)) => tracing::debug!(error = %e, "reading the rate-limit log's end"),
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "reading the rate-limit log's end")
+                        }
                         Err(_) => {}
                     }
                 }

@@ -4,7 +4,9 @@
 
 #![allow(dead_code)]
 
+pub mod engine;
 pub mod fakes;
+pub mod kafka;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
