@@ -286,11 +286,18 @@ pub async fn records(brokers: &str, topic: &str, n: usize) -> Vec<Record> {
     }
     consumer.assign(&tpl).unwrap();
     let mut got = Vec::with_capacity(n);
+    let mut last_error = None;
     while got.len() < n {
         let msg = match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(msg) => msg.unwrap_or_else(|e| panic!("consuming {topic}: {e}")),
+            Ok(Ok(msg)) => msg,
+            // Errors such as a lost connection are transient: the client retries.
+            Ok(Err(e)) => {
+                last_error = Some(e);
+                continue;
+            }
             Err(_) => panic!(
-                "topic {topic}: got {} of {n} records within {WAIT:?}: {got:?}",
+                "topic {topic}: got {} of {n} records within {WAIT:?} (last error: {last_error:?}): \
+                 {got:?}",
                 got.len()
             ),
         };
@@ -404,8 +411,9 @@ pub async fn produce(
     if let Some(key) = key {
         record = record.key(key);
     }
-    tokio::time::timeout(WAIT, producer.send(record, WAIT))
-        .await
-        .unwrap_or_else(|_| panic!("producing to {topic} timed out"))
-        .unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
+    match tokio::time::timeout(WAIT, producer.send(record, WAIT)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err((e, _))) => panic!("producing to {topic}: {e}"),
+        Err(_) => panic!("producing to {topic} timed out"),
+    }
 }
