@@ -65,6 +65,8 @@ pub struct KafkaBus {
     assignments: Arc<AtomicU64>,
     closing: Shutdown,
     consumer_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// When the producer was last replaced.
+    renewed: Mutex<Option<Instant>>,
 }
 
 impl KafkaBus {
@@ -114,6 +116,7 @@ impl KafkaBus {
             assignments: Arc::new(AtomicU64::new(1)),
             closing: Shutdown::new(),
             consumer_task: Mutex::new(None),
+            renewed: Mutex::new(None),
         });
         if notify.enabled && !consumers.is_empty() {
             let task = tokio::spawn(run_consumer(
@@ -138,23 +141,35 @@ impl KafkaBus {
         self.producer.read().expect("not poisoned").clone()
     }
 
-    /// An idempotent producer that hit a fatal error (the broker forgot its producer id, as a
-    /// restarted broker without persistent storage does) refuses every later message: replace
-    /// it with a new one.
-    fn renew_producer_if_fatal(&self) {
+    /// Replaces the producer when it cannot recover by itself: after a fatal error, or when a
+    /// message timed out although the brokers answer. The latter is an idempotent producer
+    /// whose producer id the broker forgot (a broker restarted without persistent storage):
+    /// librdkafka retries every message forever without raising a fatal error. At most once
+    /// per publish timeout, so a burst of timeouts renews it once.
+    fn renew_stuck_producer(&self, code: Option<RDKafkaErrorCode>) {
         let current = self.producer();
-        if let Some((code, reason)) = current.client().fatal_error() {
-            let mut slot = self.producer.write().expect("not poisoned");
-            if Arc::ptr_eq(&slot, &current) {
-                tracing::warn!(
-                    ?code,
-                    reason,
-                    "Kafka producer failed fatally; starting a new one"
-                );
-                match producer(&self.config, &self.settings) {
-                    Ok(p) => *slot = Arc::new(p),
-                    Err(e) => tracing::error!(error = %e, "cannot start a new Kafka producer"),
+        let why = match current.client().fatal_error() {
+            Some((code, reason)) => format!("fatal error {code:?}: {reason}"),
+            None if code == Some(RDKafkaErrorCode::MessageTimedOut)
+                && self.connected.load(Ordering::SeqCst) =>
+            {
+                "a message timed out while the brokers answer".to_owned()
+            }
+            None => return,
+        };
+        let mut last = self.renewed.lock().expect("not poisoned");
+        if last.is_some_and(|t| t.elapsed() < self.settings.publish_timeout) {
+            return;
+        }
+        let mut slot = self.producer.write().expect("not poisoned");
+        if Arc::ptr_eq(&slot, &current) {
+            tracing::warn!(reason = %why, "replacing the Kafka producer");
+            match producer(&self.config, &self.settings) {
+                Ok(p) => {
+                    *slot = Arc::new(p);
+                    *last = Some(Instant::now());
                 }
+                Err(e) => tracing::error!(error = %e, "cannot start a new Kafka producer"),
             }
         }
     }
@@ -178,7 +193,9 @@ impl KafkaBus {
                 )
             })
             .collect();
-        let options = AdminOptions::new().operation_timeout(Some(CHECK_TIMEOUT));
+        let options = AdminOptions::new()
+            .operation_timeout(Some(CHECK_TIMEOUT))
+            .request_timeout(Some(CHECK_TIMEOUT));
         let results = self
             .admin
             .create_topics(&new, &options)
@@ -240,9 +257,14 @@ impl KafkaBus {
         {
             return Ok(Ack { duplicate: true });
         }
-        self.ensure_topics(&[(msg.subject.clone(), self.settings.partitions)])
-            .await
-            .map_err(BusError::Unavailable)?;
+        // A stalled broker must not hold the callback past the publish timeout here either.
+        let timeout = self.settings.publish_timeout;
+        let topic = [(msg.subject.clone(), self.settings.partitions)];
+        match tokio::time::timeout(timeout, self.ensure_topics(&topic)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(BusError::Unavailable(e)),
+            Err(_) => return Err(BusError::Timeout(timeout)),
+        }
         let key = record_key(&self.prefix, &self.settings.keys, msg);
         let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
         for (name, value) in &msg.headers {
@@ -256,7 +278,6 @@ impl KafkaBus {
             .key(key.as_bytes())
             .payload(msg.payload.as_ref())
             .headers(headers);
-        let timeout = self.settings.publish_timeout;
         let producer = self.producer();
         // librdkafka fails the message itself after message.timeout.ms (= publish_timeout);
         // the outer bound only guards against a report that never comes.
@@ -274,7 +295,7 @@ impl KafkaBus {
                 Ok(Ack { duplicate: false })
             }
             Ok(Err((e, _))) => {
-                self.renew_producer_if_fatal();
+                self.renew_stuck_producer(e.rdkafka_error_code());
                 Err(match e.rdkafka_error_code() {
                     Some(RDKafkaErrorCode::MessageTimedOut) => BusError::Timeout(timeout),
                     Some(RDKafkaErrorCode::QueueFull) => {

@@ -98,6 +98,15 @@ impl Engine {
         }
     }
 
+    /// Pauses (`-STOP`) or resumes (`-CONT`) the broker process.
+    pub fn signal(&self, sig: &str) {
+        match self {
+            Engine::Memory => panic!("the memory engine has no broker"),
+            Engine::Nats(s) => s.signal(sig),
+            Engine::Kafka(k) => k.signal(sig),
+        }
+    }
+
     /// Publishes straight on the bus, as an internal system does (not through the daemon). The
     /// in-process bus is reached through the daemon `app` running it.
     pub async fn publish(&self, app: Option<&TestApp>, subject: &str, payload: &[u8]) {

@@ -74,6 +74,17 @@ impl Tansu {
         }
     }
 
+    /// Pauses (SIGSTOP) or resumes (SIGCONT) the broker: connections stay open but nothing is
+    /// answered, like a stalled broker; nothing it stored is lost.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
     /// Starts an empty broker again on the same port and waits until it answers.
     pub fn restart(&mut self) {
         self.stop();
@@ -89,7 +100,7 @@ impl Tansu {
     fn spawn(&mut self, deadline: Instant) -> bool {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         self.log.lock().unwrap().clear();
-        let mut child = Command::new(&self.bin)
+        let mut child = super::dies_with_test(Command::new(&self.bin))
             .args([
                 "broker",
                 "--listener-url",

@@ -100,7 +100,7 @@ fn spawn_nats(port: Option<u16>, store: &std::path::Path) -> (Child, u16) {
     let port_arg = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let mut child = Command::new("nats-server")
+        let mut child = dies_with_test(Command::new("nats-server"))
             .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
             .arg(store)
             .stdout(Stdio::null())
@@ -138,6 +138,22 @@ fn spawn_nats(port: Option<u16>, store: &std::path::Path) -> (Child, u16) {
             }
         }
     }
+}
+
+/// Makes a server the test starts die with the test process, even when the process is killed
+/// (a timeout, Ctrl-C) and its Drop guards never run: no broker outlives its test run.
+pub fn dies_with_test(mut command: Command) -> Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
 }
 
 /// A running daemon and the handles a test needs.
