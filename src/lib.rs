@@ -11,7 +11,8 @@
 //!   [`config::Settings`], every problem reported at once.
 //! - [`app`]: builds the daemon from settings (binds listeners, starts the bus) and runs it
 //!   until shutdown.
-//! - [`bus`]: the bus contract and one engine per file: [`bus::memory`], [`bus::nats`].
+//! - [`bus`]: the bus contract and one engine per file: [`bus::memory`], [`bus::nats`],
+//!   [`bus::kafka`].
 //! - [`platform`]: pure protocol code, one module per platform; the AES scheme DingTalk and
 //!   WeCom share is [`platform::msgcrypt`].
 //! - [`ingress`]: warp routes and handlers for callbacks, the admin listener, error replies.

@@ -310,7 +310,10 @@ async fn shutdown_finishes_in_flight_publishes() {
                 let res = in_flight.await.unwrap();
                 panic!("{name}: answered before the shutdown: {}", res.status());
             }
-            assert!(tokio::time::Instant::now() < deadline, "{name}: never in flight");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name}: never in flight"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         app.shutdown.trigger();

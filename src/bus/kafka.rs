@@ -855,23 +855,12 @@ impl KafkaAck {
         if !self.tracker.is_owned() {
             return;
         }
-        let again = Delivery {
-            subject: d.subject.clone(),
-            headers: d.headers.clone(),
-            payload: d.payload.clone(),
-            published: d.published,
-            delivered: d.delivered + 1,
-            acker: super::Acker::Kafka(Box::new(KafkaAck {
-                tracker: self.tracker.clone(),
-                offset: self.offset,
-                tx: self.tx.clone(),
-            })),
-        };
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = tx.send(again).await;
-        });
+        let acker = super::Acker::Kafka(Box::new(KafkaAck {
+            tracker: self.tracker.clone(),
+            offset: self.offset,
+            tx: self.tx.clone(),
+        }));
+        d.redeliver_later(acker, self.tx.clone(), delay);
     }
 }
 

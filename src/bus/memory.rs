@@ -167,21 +167,10 @@ pub struct Requeue {
 
 impl Requeue {
     pub(super) fn requeue(&self, d: &Delivery, delay: std::time::Duration) {
-        let again = Delivery {
-            subject: d.subject.clone(),
-            headers: d.headers.clone(),
-            payload: d.payload.clone(),
-            published: d.published,
-            delivered: d.delivered + 1,
-            acker: super::Acker::Memory(Requeue {
-                tx: self.tx.clone(),
-            }),
-        };
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            let _ = tx.send(again).await;
+        let acker = super::Acker::Memory(Requeue {
+            tx: self.tx.clone(),
         });
+        d.redeliver_later(acker, self.tx.clone(), delay);
     }
 }
 

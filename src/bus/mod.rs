@@ -139,6 +139,23 @@ impl Delivery {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Hands a copy back to the consumer's queue after `delay`, for the engines whose negative
+    /// acknowledgement is local (memory, Kafka).
+    fn redeliver_later(&self, acker: Acker, tx: mpsc::Sender<Delivery>, delay: Duration) {
+        let again = Delivery {
+            subject: self.subject.clone(),
+            headers: self.headers.clone(),
+            payload: self.payload.clone(),
+            published: self.published,
+            delivered: self.delivered + 1,
+            acker,
+        };
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(again).await;
+        });
+    }
+
     /// The publisher's message id (`ce-id`, or `Nats-Msg-Id`), when it gave one.
     pub fn id(&self) -> Option<&str> {
         self.header("ce-id").or_else(|| self.header("Nats-Msg-Id"))

@@ -77,12 +77,7 @@ impl Tansu {
     /// Pauses (SIGSTOP) or resumes (SIGCONT) the broker: connections stay open but nothing is
     /// answered, like a stalled broker; nothing it stored is lost.
     pub fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("running").id();
-        let ok = Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
+        super::signal(self.child.as_ref().expect("running"), sig);
     }
 
     /// Starts an empty broker again on the same port and waits until it answers.

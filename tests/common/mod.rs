@@ -74,12 +74,7 @@ impl NatsServer {
     /// Pauses (SIGSTOP) or resumes (SIGCONT) the server process: connections stay open but
     /// nothing is answered, like a stalled broker.
     pub fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("running").id();
-        let ok = Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(ok.success());
+        signal(self.child.as_ref().expect("running"), sig);
     }
 
     pub async fn client(&self) -> async_nats::Client {
@@ -138,6 +133,15 @@ fn spawn_nats(port: Option<u16>, store: &std::path::Path) -> (Child, u16) {
             }
         }
     }
+}
+
+/// Sends `sig` (e.g. `-STOP`) to a server the test started.
+pub fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
 }
 
 /// Makes a server the test starts die with the test process, even when the process is killed

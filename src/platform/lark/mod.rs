@@ -1,3 +1,4 @@
 //! Lark / Feishu.
 
+pub mod callback;
 pub mod robot;

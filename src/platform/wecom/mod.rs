@@ -1,3 +1,4 @@
 //! WeCom (WeChat Work).
 
+pub mod callback;
 pub mod robot;
