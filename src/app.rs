@@ -90,6 +90,8 @@ impl App {
         );
         let state = Arc::new(State {
             dingtalk: settings.dingtalk_apps.clone(),
+            wecom: settings.wecom_apps.clone(),
+            lark: settings.lark_apps.clone(),
             bus: bus.clone(),
             metrics: metrics.clone(),
             replay_window: settings.server.replay_window,

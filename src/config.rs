@@ -386,6 +386,36 @@ pub struct TargetConfig {
 pub struct AppsConfig {
     /// DingTalk apps by name: `POST /callbacks/dingtalk/<name>`.
     pub dingtalk: BTreeMap<String, DingTalkAppConfig>,
+    /// WeCom apps by name: `GET|POST /callbacks/wecom/<name>`.
+    pub wecom: BTreeMap<String, WeComAppConfig>,
+    /// Lark / Feishu apps by name: `POST /callbacks/lark/<name>`.
+    pub lark: BTreeMap<String, LarkAppConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeComAppConfig {
+    /// The callback Token chosen in the admin console ("接收消息" settings).
+    pub token: Secret,
+    /// The 43-character EncodingAESKey chosen there.
+    pub aes_key: Secret,
+    /// The corpId (企业ID) the callbacks are encrypted for.
+    #[serde(deserialize_with = "lenient_string")]
+    pub corp_id: String,
+    /// Also carry the decrypted XML, byte for byte, in the event body under `"#xml"`.
+    #[serde(default)]
+    pub keep_raw_xml: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LarkAppConfig {
+    /// The Verification Token of the app's event subscription; checked when set.
+    #[serde(default)]
+    pub verification_token: Option<Secret>,
+    /// The Encrypt Key; when set, events must be encrypted and signed with it.
+    #[serde(default)]
+    pub encrypt_key: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -508,6 +538,8 @@ pub struct Settings {
     pub log: LogConfig,
     pub bus: BusSettings,
     pub dingtalk_apps: BTreeMap<String, DingTalkApp>,
+    pub wecom_apps: BTreeMap<String, WeComApp>,
+    pub lark_apps: BTreeMap<String, crate::platform::lark::callback::LarkApp>,
     pub notify: NotifySettings,
     pub targets: BTreeMap<String, Target>,
 }
@@ -701,6 +733,13 @@ pub struct DingTalkApp {
     pub crypt: MsgCrypt,
 }
 
+/// A WeCom app ready to verify and decrypt callbacks.
+#[derive(Debug, Clone)]
+pub struct WeComApp {
+    pub crypt: MsgCrypt,
+    pub keep_raw_xml: bool,
+}
+
 /// Builds the layered figment: defaults → TOML file → `IMBRIDGE_` environment.
 pub fn figment(path: Option<&Path>) -> Figment {
     let mut f = Figment::from(Serialized::defaults(Config::default()));
@@ -871,6 +910,63 @@ impl Config {
             }
         }
 
+        let mut wecom_apps = BTreeMap::new();
+        for (name, app) in &self.apps.wecom {
+            let key = format!("apps.wecom.{name}");
+            if !crate::bus::is_valid_token(name) {
+                c.problem(&key, "app names must be of [A-Za-z0-9_-]");
+            }
+            let shared = DingTalkAppConfig {
+                token: app.token.clone(),
+                aes_key: app.aes_key.clone(),
+                receiver_id: app.corp_id.clone(),
+            };
+            // The same scheme as DingTalk; only the receiver id is named corp_id here.
+            let before = c.problems.len();
+            let crypt = shared.validate(&key, &mut c);
+            for p in &mut c.problems[before..] {
+                p.key = p.key.replace(".receiver_id", ".corp_id");
+                p.message = p.message.replace("corpId, appKey or suiteKey", "the corpId");
+            }
+            if let Some(crypt) = crypt {
+                wecom_apps.insert(
+                    name.clone(),
+                    WeComApp {
+                        crypt,
+                        keep_raw_xml: app.keep_raw_xml,
+                    },
+                );
+            }
+        }
+
+        let mut lark_apps = BTreeMap::new();
+        for (name, app) in &self.apps.lark {
+            let key = format!("apps.lark.{name}");
+            if !crate::bus::is_valid_token(name) {
+                c.problem(&key, "app names must be of [A-Za-z0-9_-]");
+            }
+            let set = |s: &Option<Secret>| {
+                s.as_ref()
+                    .map(|s| s.expose().to_owned())
+                    .filter(|s| !s.is_empty())
+            };
+            let (verification_token, encrypt_key) =
+                (set(&app.verification_token), set(&app.encrypt_key));
+            if verification_token.is_none() && encrypt_key.is_none() {
+                c.problem(
+                    &key,
+                    "set verification_token or encrypt_key (or both): otherwise anyone who knows the URL can publish events",
+                );
+            }
+            lark_apps.insert(
+                name.clone(),
+                crate::platform::lark::callback::LarkApp {
+                    verification_token,
+                    encrypt_key,
+                },
+            );
+        }
+
         let notify = self.notify.validate(&mut c, &engine);
         let mut targets = BTreeMap::new();
         for (name, t) in &self.targets {
@@ -896,6 +992,8 @@ impl Config {
                 engine,
             },
             dingtalk_apps,
+            wecom_apps,
+            lark_apps,
             notify,
             targets,
         })

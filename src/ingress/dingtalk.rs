@@ -2,7 +2,6 @@
 //! encrypted `success` DingTalk requires.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
@@ -11,30 +10,11 @@ use warp::reply::Response;
 use warp::Reply;
 
 use super::reply::ApiError;
-use super::State;
-use crate::bus::{self, CloudEvent, Message};
-use crate::metrics::UNKNOWN_APP;
+use super::{Outcome, State};
 use crate::platform::dingtalk::callback::{self, CallbackError};
 use crate::platform::now_ms;
 
 const PLATFORM: &str = "dingtalk";
-
-/// What a callback that was answered "success" amounted to (the metric outcome).
-enum Outcome {
-    Published,
-    Duplicate,
-    CheckUrl,
-}
-
-impl Outcome {
-    fn label(&self) -> &'static str {
-        match self {
-            Outcome::Published => "published",
-            Outcome::Duplicate => "duplicate",
-            Outcome::CheckUrl => "check_url",
-        }
-    }
-}
 
 pub async fn callback(
     app: String,
@@ -42,37 +22,15 @@ pub async fn callback(
     body: Result<Bytes, ApiError>,
     state: Arc<State>,
 ) -> Response {
-    let started = Instant::now();
-    let result = {
-        let _in_flight = InFlight::start(&state.metrics.requests_in_flight);
-        handle(&app, &query, body, &state).await
-    };
-    let app_label = if state.dingtalk.contains_key(&app) {
-        app.as_str()
-    } else {
-        UNKNOWN_APP
-    };
-    let response = match result {
-        Ok((outcome, reply)) => {
-            state.metrics.callback(PLATFORM, app_label, outcome.label());
-            warp::reply::json(&reply).into_response()
-        }
-        Err(err) => {
-            state.metrics.callback(PLATFORM, app_label, err.code);
-            if err.status.is_server_error() {
-                tracing::warn!(platform = PLATFORM, app = app_label, code = err.code, message = %err.message, "callback not accepted; the platform will retry");
-            } else {
-                tracing::info!(platform = PLATFORM, app = app_label, code = err.code, message = %err.message, "callback refused");
-            }
-            err.into_response()
-        }
-    };
-    state
-        .metrics
-        .callback_duration_seconds
-        .with_label_values(&[PLATFORM])
-        .observe(started.elapsed().as_secs_f64());
-    response
+    let known = state.dingtalk.contains_key(&app);
+    super::serve_callback(
+        &state,
+        PLATFORM,
+        &app,
+        known,
+        handle(&app, &query, body, &state),
+    )
+    .await
 }
 
 async fn handle(
@@ -80,13 +38,9 @@ async fn handle(
     query: &str,
     body: Result<Bytes, ApiError>,
     state: &State,
-) -> Result<(Outcome, callback::Reply), ApiError> {
+) -> Result<(Outcome, Response), ApiError> {
     let Some(cfg) = state.dingtalk.get(app) else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_app",
-            "no DingTalk app of that name is configured",
-        ));
+        return Err(super::unknown_app("DingTalk"));
     };
     let body = body?;
     let query = super::parse_query(query)?;
@@ -94,38 +48,24 @@ async fn handle(
     let event = callback::open(&cfg.crypt, &params, &body, now_ms(), state.replay_window)
         .map_err(refusal)?;
 
+    let reply = || warp::reply::json(&callback::reply(&cfg.crypt, now_ms())).into_response();
     if event.is_check_url() {
         tracing::info!(platform = PLATFORM, app, "answered the check_url handshake");
-        return Ok((Outcome::CheckUrl, callback::reply(&cfg.crypt, now_ms())));
+        return Ok((Outcome::Handshake("check_url"), reply()));
     }
-
-    let event_type = bus::sanitize_event_type(event.event_type.as_deref().unwrap_or(""));
-    let ty = format!("{PLATFORM}.{event_type}");
-    let subject = bus::with_prefix(&state.subject_prefix, &ty);
-    let cloud_event = CloudEvent {
-        id: event_id(app, &event.plaintext),
-        source: format!("{PLATFORM}/{app}"),
-        ty,
-        time: SystemTime::now(),
-        content_type: "application/json",
-        app: app.to_owned(),
-        tenant: event.corp_id.clone(),
-    };
-    let msg = Message::event(subject, &cloud_event, Bytes::from(event.plaintext));
-    let ack = state.bus.publish(&msg).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "bus_unavailable",
-            format!("event not stored, retry later: {e}"),
-        )
-    })?;
-    tracing::debug!(platform = PLATFORM, app, subject = %msg.subject, id = %msg.id, duplicate = ack.duplicate, "published");
-    let outcome = if ack.duplicate {
-        Outcome::Duplicate
-    } else {
-        Outcome::Published
-    };
-    Ok((outcome, callback::reply(&cfg.crypt, now_ms())))
+    let outcome = super::publish(
+        state,
+        super::Event {
+            platform: PLATFORM,
+            app: app.to_owned(),
+            event_type: event.event_type.clone().unwrap_or_default(),
+            id: event_id(app, &event.plaintext),
+            tenant: event.corp_id.clone(),
+            payload: Bytes::from(event.plaintext),
+        },
+    )
+    .await?;
+    Ok((outcome, reply()))
 }
 
 /// DingTalk HTTP pushes carry no event id, so the id is a hash of what identifies the event:
@@ -149,20 +89,4 @@ fn refusal(err: CallbackError) -> ApiError {
         _ => StatusCode::BAD_REQUEST,
     };
     ApiError::new(status, err.code(), err.to_string())
-}
-
-/// Counts a request in flight until dropped, even when the client goes away mid-request.
-struct InFlight<'a>(&'a prometheus::IntGauge);
-
-impl<'a> InFlight<'a> {
-    fn start(gauge: &'a prometheus::IntGauge) -> Self {
-        gauge.inc();
-        InFlight(gauge)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }

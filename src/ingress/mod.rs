@@ -4,8 +4,10 @@
 
 pub mod admin;
 pub mod dingtalk;
+pub mod lark;
 pub mod notify;
 pub mod reply;
+pub mod wecom;
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -16,15 +18,18 @@ use bytes::{Bytes, BytesMut};
 use futures::TryStreamExt;
 use warp::{Buf, Filter, Rejection, Reply};
 
-use crate::bus::Bus;
-use crate::config::DingTalkApp;
-use crate::metrics::Metrics;
+use crate::bus::{self, Bus, CloudEvent, Message};
+use crate::config::{DingTalkApp, WeComApp};
+use crate::metrics::{Metrics, UNKNOWN_APP};
+use crate::platform::lark::callback::LarkApp;
 use crate::notify::pipeline::Notifier;
 use reply::ApiError;
 
 /// What the handlers share.
 pub struct State {
     pub dingtalk: BTreeMap<String, DingTalkApp>,
+    pub wecom: BTreeMap<String, WeComApp>,
+    pub lark: BTreeMap<String, LarkApp>,
     pub bus: Arc<Bus>,
     pub metrics: Metrics,
     pub replay_window: Option<Duration>,
@@ -43,6 +48,23 @@ pub fn routes(
         .and(body(max_body_bytes))
         .and(with(state.clone()))
         .then(dingtalk::callback);
+    let wecom_verify = warp::path!("callbacks" / "wecom" / String)
+        .and(warp::get())
+        .and(query())
+        .and(with(state.clone()))
+        .then(wecom::verify);
+    let wecom = warp::path!("callbacks" / "wecom" / String)
+        .and(warp::post())
+        .and(query())
+        .and(body(max_body_bytes))
+        .and(with(state.clone()))
+        .then(wecom::callback);
+    let lark = warp::path!("callbacks" / "lark" / String)
+        .and(warp::post())
+        .and(warp::header::headers_cloned())
+        .and(body(max_body_bytes))
+        .and(with(state.clone()))
+        .then(lark::callback);
     let notify = warp::path!("notify" / String)
         .and(warp::post())
         .and(query())
@@ -50,7 +72,12 @@ pub fn routes(
         .and(body(max_body_bytes))
         .and(with(state))
         .then(notify::post);
-    dingtalk.or(notify).recover(reply::recover)
+    dingtalk
+        .or(wecom_verify)
+        .or(wecom)
+        .or(lark)
+        .or(notify)
+        .recover(reply::recover)
 }
 
 fn with<T: Clone + Send>(value: T) -> impl Filter<Extract = (T,), Error = Infallible> + Clone {
@@ -109,4 +136,134 @@ where
         }
     }
     Ok(buf.freeze())
+}
+
+/// What a callback that was answered with success amounted to: the metric outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Published,
+    Duplicate,
+    /// A platform handshake (DingTalk check_url, WeCom URL verification, Lark challenge):
+    /// answered, never published.
+    Handshake(&'static str),
+}
+
+impl Outcome {
+    fn label(&self) -> &'static str {
+        match self {
+            Outcome::Published => "published",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Handshake(label) => label,
+        }
+    }
+}
+
+/// Runs one platform callback's handler and does what every callback shares: the in-flight
+/// gauge, the outcome counter (unconfigured app names share one label, so arbitrary paths
+/// cannot create series), the duration histogram and the log line of a refusal.
+pub async fn serve_callback(
+    state: &State,
+    platform: &'static str,
+    app: &str,
+    known: bool,
+    handler: impl std::future::Future<Output = Result<(Outcome, warp::reply::Response), ApiError>>,
+) -> warp::reply::Response {
+    let started = std::time::Instant::now();
+    let result = {
+        let _in_flight = InFlight::start(&state.metrics.requests_in_flight);
+        handler.await
+    };
+    let app_label = if known { app } else { UNKNOWN_APP };
+    let response = match result {
+        Ok((outcome, response)) => {
+            state.metrics.callback(platform, app_label, outcome.label());
+            response
+        }
+        Err(err) => {
+            state.metrics.callback(platform, app_label, err.code);
+            if err.status.is_server_error() {
+                tracing::warn!(platform, app = app_label, code = err.code, message = %err.message, "callback not accepted; the platform will retry");
+            } else {
+                tracing::info!(platform, app = app_label, code = err.code, message = %err.message, "callback refused");
+            }
+            err.into_response()
+        }
+    };
+    state
+        .metrics
+        .callback_duration_seconds
+        .with_label_values(&[platform])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The 404 of a callback for an app nobody configured.
+pub fn unknown_app(platform: &str) -> ApiError {
+    ApiError::new(
+        warp::http::StatusCode::NOT_FOUND,
+        "unknown_app",
+        format!("no {platform} app of that name is configured"),
+    )
+}
+
+/// One verified event, ready for the bus.
+pub struct Event {
+    pub platform: &'static str,
+    pub app: String,
+    /// The platform's event type, before sanitising.
+    pub event_type: String,
+    /// The CloudEvents id: stable across the platform's retries.
+    pub id: String,
+    pub tenant: Option<String>,
+    pub payload: Bytes,
+}
+
+/// Publishes to `<platform>.<event_type>` with the CloudEvents headers and waits for the bus;
+/// a bus that cannot take it means 503, so the platform retries.
+pub async fn publish(state: &State, event: Event) -> Result<Outcome, ApiError> {
+    let ty = format!(
+        "{}.{}",
+        event.platform,
+        bus::sanitize_event_type(&event.event_type)
+    );
+    let subject = bus::with_prefix(&state.subject_prefix, &ty);
+    let cloud_event = CloudEvent {
+        id: event.id,
+        source: format!("{}/{}", event.platform, event.app),
+        ty,
+        time: std::time::SystemTime::now(),
+        content_type: "application/json",
+        app: event.app,
+        tenant: event.tenant,
+    };
+    let msg = Message::event(subject, &cloud_event, event.payload);
+    let ack = state.bus.publish(&msg).await.map_err(|e| {
+        ApiError::new(
+            warp::http::StatusCode::SERVICE_UNAVAILABLE,
+            "bus_unavailable",
+            format!("event not stored, retry later: {e}"),
+        )
+    })?;
+    tracing::debug!(platform = event.platform, app = %cloud_event.app, subject = %msg.subject, id = %msg.id, duplicate = ack.duplicate, "published");
+    Ok(if ack.duplicate {
+        Outcome::Duplicate
+    } else {
+        Outcome::Published
+    })
+}
+
+/// Counts a request in flight until dropped, even when the client goes away mid-request.
+struct InFlight<'a>(&'a prometheus::IntGauge);
+
+impl<'a> InFlight<'a> {
+    fn start(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }

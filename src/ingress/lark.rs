@@ -1,0 +1,68 @@
+//! `POST /callbacks/lark/<app>`: answers Lark's `url_verification` challenge at once, and
+//! otherwise verifies (signature, verification token), decrypts and publishes the event to
+//! `lark.<event_type>` with `ce-id` = the event's own id, answering 200 only once the bus has
+//! it.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use warp::http::{HeaderMap, StatusCode};
+use warp::reply::Response;
+use warp::Reply;
+
+use super::reply::ApiError;
+use super::{Outcome, State};
+use crate::platform::lark::callback::{self, CallbackError, Headers, Incoming};
+
+const PLATFORM: &str = "lark";
+
+pub async fn callback(
+    app: String,
+    headers: HeaderMap,
+    body: Result<Bytes, ApiError>,
+    state: Arc<State>,
+) -> Response {
+    let known = state.lark.contains_key(&app);
+    let handler = async {
+        let cfg = state
+            .lark
+            .get(&app)
+            .ok_or_else(|| super::unknown_app("Lark"))?;
+        let body = body?;
+        let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+        let signed = Headers {
+            timestamp: header(callback::TIMESTAMP_HEADER),
+            nonce: header(callback::NONCE_HEADER),
+            signature: header(callback::SIGNATURE_HEADER),
+        };
+        match callback::open(cfg, &signed, &body).map_err(refusal)? {
+            Incoming::Challenge { challenge } => {
+                tracing::info!(platform = PLATFORM, app, "answered the url_verification challenge");
+                let reply = warp::reply::json(&serde_json::json!({ "challenge": challenge }));
+                Ok((Outcome::Handshake("url_verification"), reply.into_response()))
+            }
+            Incoming::Event(event) => {
+                let outcome = super::publish(
+                    &state,
+                    super::Event {
+                        platform: PLATFORM,
+                        app: app.clone(),
+                        event_type: event.event_type,
+                        id: event.event_id,
+                        tenant: event.tenant_key,
+                        payload: Bytes::from(event.body),
+                    },
+                )
+                .await?;
+                let reply = warp::reply::json(&serde_json::json!({ "msg": "success" }));
+                Ok((outcome, reply.into_response()))
+            }
+        }
+    };
+    super::serve_callback(&state, PLATFORM, &app, known, handler).await
+}
+
+fn refusal(err: CallbackError) -> ApiError {
+    let status = StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
+    ApiError::new(status, err.code(), err.to_string())
+}

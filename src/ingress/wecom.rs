@@ -1,0 +1,96 @@
+//! `GET /callbacks/wecom/<app>` answers WeCom's URL verification with the decrypted echostr;
+//! `POST /callbacks/wecom/<app>` verifies, decrypts and publishes a message or event push to
+//! `wecom.<Event>` (events) or `wecom.msg.<MsgType>` (messages), and answers an empty 200 only
+//! once the bus has it.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::Reply;
+
+use super::reply::ApiError;
+use super::{Outcome, State};
+use crate::platform::now_ms;
+use crate::platform::wecom::callback::{self, CallbackError, Limits};
+
+const PLATFORM: &str = "wecom";
+
+/// Where the raw XML goes in the body when `keep_raw_xml` is set: `#` is no XML name
+/// character, so no element of the message can collide with it.
+pub const RAW_XML_FIELD: &str = "#xml";
+
+pub async fn verify(app: String, query: String, state: Arc<State>) -> Response {
+    let known = state.wecom.contains_key(&app);
+    let handler = async {
+        let cfg = state
+            .wecom
+            .get(&app)
+            .ok_or_else(|| super::unknown_app("WeCom"))?;
+        let query = super::parse_query(&query)?;
+        let params = callback::Params::from_query(&query).map_err(refusal)?;
+        let echo = callback::verify_url(&cfg.crypt, &params, now_ms(), state.replay_window)
+            .map_err(refusal)?;
+        tracing::info!(platform = PLATFORM, app, "answered the URL verification");
+        // Exactly the plaintext: no quotes, no newline.
+        let response = warp::reply::with_header(echo, "content-type", "text/plain; charset=utf-8")
+            .into_response();
+        Ok((Outcome::Handshake("verify_url"), response))
+    };
+    super::serve_callback(&state, PLATFORM, &app, known, handler).await
+}
+
+pub async fn callback(
+    app: String,
+    query: String,
+    body: Result<Bytes, ApiError>,
+    state: Arc<State>,
+) -> Response {
+    let known = state.wecom.contains_key(&app);
+    let handler = async {
+        let cfg = state
+            .wecom
+            .get(&app)
+            .ok_or_else(|| super::unknown_app("WeCom"))?;
+        let body = body?;
+        let query = super::parse_query(&query)?;
+        let params = callback::Params::from_query(&query).map_err(refusal)?;
+        let event = callback::open(
+            &cfg.crypt,
+            &params,
+            &body,
+            now_ms(),
+            state.replay_window,
+            &Limits::default(),
+        )
+        .map_err(refusal)?;
+        let payload = if cfg.keep_raw_xml {
+            let mut fields = event.fields().clone();
+            fields.insert(RAW_XML_FIELD.into(), event.xml.clone().into());
+            serde_json::to_vec(&fields).expect("a JSON object serialises")
+        } else {
+            event.body.clone()
+        };
+        let outcome = super::publish(
+            &state,
+            super::Event {
+                platform: PLATFORM,
+                app: app.clone(),
+                event_type: event.event_type(),
+                id: event.ce_id(),
+                tenant: event.tenant().map(str::to_owned),
+                payload: Bytes::from(payload),
+            },
+        )
+        .await?;
+        // WeCom takes an empty 200 as "received, no passive reply".
+        Ok((outcome, warp::reply().into_response()))
+    };
+    super::serve_callback(&state, PLATFORM, &app, known, handler).await
+}
+
+fn refusal(err: CallbackError) -> ApiError {
+    let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    ApiError::new(status, err.code(), err.to_string())
+}
