@@ -926,7 +926,9 @@ impl Config {
             let crypt = shared.validate(&key, &mut c);
             for p in &mut c.problems[before..] {
                 p.key = p.key.replace(".receiver_id", ".corp_id");
-                p.message = p.message.replace("corpId, appKey or suiteKey", "the corpId");
+                p.message = p
+                    .message
+                    .replace("corpId, appKey or suiteKey", "the corpId");
             }
             if let Some(crypt) = crypt {
                 wecom_apps.insert(

@@ -37,9 +37,16 @@ pub async fn callback(
         };
         match callback::open(cfg, &signed, &body).map_err(refusal)? {
             Incoming::Challenge { challenge } => {
-                tracing::info!(platform = PLATFORM, app, "answered the url_verification challenge");
+                tracing::info!(
+                    platform = PLATFORM,
+                    app,
+                    "answered the url_verification challenge"
+                );
                 let reply = warp::reply::json(&serde_json::json!({ "challenge": challenge }));
-                Ok((Outcome::Handshake("url_verification"), reply.into_response()))
+                Ok((
+                    Outcome::Handshake("url_verification"),
+                    reply.into_response(),
+                ))
             }
             Incoming::Event(event) => {
                 let outcome = super::publish(

@@ -21,8 +21,8 @@ use warp::{Buf, Filter, Rejection, Reply};
 use crate::bus::{self, Bus, CloudEvent, Message};
 use crate::config::{DingTalkApp, WeComApp};
 use crate::metrics::{Metrics, UNKNOWN_APP};
-use crate::platform::lark::callback::LarkApp;
 use crate::notify::pipeline::Notifier;
+use crate::platform::lark::callback::LarkApp;
 use reply::ApiError;
 
 /// What the handlers share.
