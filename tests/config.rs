@@ -189,6 +189,62 @@ fn nats_settings_are_validated() {
 }
 
 #[test]
+fn wecom_and_lark_apps_are_validated() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "apps.toml",
+            r#"
+            [apps.wecom.bad]
+            token = ""
+            aes_key = "short"
+            corp_id = ""
+            [apps.wecom.good]
+            token = "t"
+            aes_key = "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt"
+            corp_id = "ww1436e0e65a779aee"
+            keep_raw_xml = true
+            [apps.lark.open]
+            [apps.lark."bad name"]
+            verification_token = "x"
+            "#,
+        )?;
+        let err = config::load(Some(Path::new("apps.toml"))).unwrap_err();
+        let reported = keys(&err);
+        for expected in [
+            "apps.wecom.bad.token",
+            "apps.wecom.bad.aes_key",
+            "apps.wecom.bad.corp_id",
+            "apps.lark.open",
+            "apps.lark.bad name",
+        ] {
+            assert!(reported.contains(&expected), "{expected} not reported in {err}");
+        }
+        assert!(!reported.iter().any(|k| k.contains("good")), "{err}");
+
+        jail.create_file(
+            "ok.toml",
+            r#"
+            [apps.wecom.good]
+            token = "t"
+            aes_key = "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt"
+            corp_id = "ww1436e0e65a779aee"
+            [apps.lark.signed]
+            encrypt_key = "k"
+            "#,
+        )?;
+        jail.set_env("IMBRIDGE_APPS__LARK__SIGNED__VERIFICATION_TOKEN", "secret-token");
+        let s = config::load(Some(Path::new("ok.toml"))).expect("valid");
+        assert_eq!(s.wecom_apps["good"].crypt.receiver_id(), "ww1436e0e65a779aee");
+        assert!(!s.wecom_apps["good"].keep_raw_xml);
+        let lark = &s.lark_apps["signed"];
+        assert_eq!(lark.verification_token.as_deref(), Some("secret-token"));
+        assert_eq!(lark.encrypt_key.as_deref(), Some("k"));
+        assert!(!format!("{s:?}").contains("secret-token"), "secrets stay out of Debug");
+        Ok(())
+    });
+}
+
+#[test]
 fn kafka_settings_are_validated() {
     Jail::expect_with(|jail| {
         jail.create_file(
