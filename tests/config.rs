@@ -217,7 +217,10 @@ fn wecom_and_lark_apps_are_validated() {
             "apps.lark.open",
             "apps.lark.bad name",
         ] {
-            assert!(reported.contains(&expected), "{expected} not reported in {err}");
+            assert!(
+                reported.contains(&expected),
+                "{expected} not reported in {err}"
+            );
         }
         assert!(!reported.iter().any(|k| k.contains("good")), "{err}");
 
@@ -232,14 +235,23 @@ fn wecom_and_lark_apps_are_validated() {
             encrypt_key = "k"
             "#,
         )?;
-        jail.set_env("IMBRIDGE_APPS__LARK__SIGNED__VERIFICATION_TOKEN", "secret-token");
+        jail.set_env(
+            "IMBRIDGE_APPS__LARK__SIGNED__VERIFICATION_TOKEN",
+            "secret-token",
+        );
         let s = config::load(Some(Path::new("ok.toml"))).expect("valid");
-        assert_eq!(s.wecom_apps["good"].crypt.receiver_id(), "ww1436e0e65a779aee");
+        assert_eq!(
+            s.wecom_apps["good"].crypt.receiver_id(),
+            "ww1436e0e65a779aee"
+        );
         assert!(!s.wecom_apps["good"].keep_raw_xml);
         let lark = &s.lark_apps["signed"];
         assert_eq!(lark.verification_token.as_deref(), Some("secret-token"));
         assert_eq!(lark.encrypt_key.as_deref(), Some("k"));
-        assert!(!format!("{s:?}").contains("secret-token"), "secrets stay out of Debug");
+        assert!(
+            !format!("{s:?}").contains("secret-token"),
+            "secrets stay out of Debug"
+        );
         Ok(())
     });
 }

@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Reply;
 
@@ -82,11 +81,5 @@ fn event_id(app: &str, plaintext: &[u8]) -> String {
 }
 
 fn refusal(err: CallbackError) -> ApiError {
-    use crate::platform::msgcrypt::DecryptError;
-    let status = match &err {
-        CallbackError::Signature => StatusCode::UNAUTHORIZED,
-        CallbackError::Decrypt(DecryptError::ReceiverMismatch) => StatusCode::FORBIDDEN,
-        _ => StatusCode::BAD_REQUEST,
-    };
-    ApiError::new(status, err.code(), err.to_string())
+    ApiError::refusal(err.status(), err.code(), &err)
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use warp::http::{HeaderMap, StatusCode};
+use warp::http::HeaderMap;
 use warp::reply::Response;
 use warp::Reply;
 
@@ -70,6 +70,5 @@ pub async fn callback(
 }
 
 fn refusal(err: CallbackError) -> ApiError {
-    let status = StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::BAD_REQUEST);
-    ApiError::new(status, err.code(), err.to_string())
+    ApiError::refusal(err.http_status(), err.code(), &err)
 }

@@ -32,6 +32,12 @@ impl ApiError {
         }
     }
 
+    /// A protocol module's refusal: its HTTP status, code and message.
+    pub fn refusal(status: u16, code: &'static str, err: &impl std::fmt::Display) -> Self {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+        Self::new(status, code, err.to_string())
+    }
+
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Reply;
 
@@ -91,6 +90,5 @@ pub async fn callback(
 }
 
 fn refusal(err: CallbackError) -> ApiError {
-    let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::BAD_REQUEST);
-    ApiError::new(status, err.code(), err.to_string())
+    ApiError::refusal(err.status(), err.code(), &err)
 }

@@ -45,6 +45,16 @@ impl CallbackError {
             CallbackError::Json => "invalid_json",
         }
     }
+
+    /// The HTTP status to answer: 401 when the signature does not match, 403 when a correctly
+    /// signed callback was encrypted for another receiver id, 400 for everything else.
+    pub fn status(&self) -> u16 {
+        match self {
+            CallbackError::Signature => 401,
+            CallbackError::Decrypt(DecryptError::ReceiverMismatch) => 403,
+            _ => 400,
+        }
+    }
 }
 
 /// The query parameters of a callback, with both spellings DingTalk has used accepted.
