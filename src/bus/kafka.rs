@@ -676,6 +676,10 @@ async fn run_consumer(
         .set("enable.auto.offset.store", "false")
         .set("auto.commit.interval.ms", "1000")
         .set("auto.offset.reset", "earliest")
+        // Incremental rebalances: a new notify topic (a new target, or a message for an
+        // unknown one) moves only its own partition, instead of taking every target away from
+        // every replica and restarting what they were delivering.
+        .set("partition.assignment.strategy", "cooperative-sticky")
         .set("enable.partition.eof", "false");
     let consumer: StreamConsumer<GroupContext> = loop {
         match config.create_with_context(GroupContext {
