@@ -45,7 +45,17 @@ async fn subscribers_receive_events_live() {
     let app = nats_app(&server, "").await;
     let client = server.client().await;
     let mut sub = client.subscribe("dingtalk.>").await.unwrap();
-    client.flush().await.unwrap();
+    // Only once its own probe comes back is the subscription known to be in place on the
+    // server (a flush alone left the event unseen now and then).
+    client
+        .publish("dingtalk.probe", "probe".into())
+        .await
+        .unwrap();
+    let probe = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut sub))
+        .await
+        .expect("probe not received")
+        .unwrap();
+    assert_eq!(probe.subject.as_str(), "dingtalk.probe");
     let dt = DingTalk::main();
     let event = r#"{"EventType":"user_add_org","UserId":["u1"],"CorpId":"ding6ccabc44d2c8d38b","TimeStamp":"1608001896814"}"#;
     assert_eq!(dt.callback(event).post(&app, "main").await.status(), 200);
