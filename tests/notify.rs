@@ -786,3 +786,33 @@ async fn killed_mid_delivery_loses_nothing() {
         second.wait().unwrap();
     }
 }
+
+#[tokio::test]
+async fn wait_true_delivers_through_the_shared_limiter_on_a_replica_that_does_not_consume() {
+    // On Kafka the limiter follows its log topic before any send; the topic must exist even
+    // where this replica runs no notify consumer.
+    let engine = Engine::kafka();
+    let farm = RobotFarm::start().await;
+    let url = farm.add(Robot::wecom("direct"));
+    let app = start_with(
+        &engine,
+        "enabled = false",
+        &target("direct", "wecom_robot", &url, ""),
+    )
+    .await;
+    let res = app
+        .http
+        .post(app.url("/notify/direct?wait=true"))
+        .json(&serde_json::json!({"text": "now"}))
+        .timeout(WAIT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.json::<serde_json::Value>().await.unwrap()["status"],
+        "delivered"
+    );
+    assert_eq!(farm.accepted("direct").len(), 1);
+    app.stop().await;
+}

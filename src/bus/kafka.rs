@@ -96,9 +96,11 @@ impl KafkaBus {
                 needed.push((spec.filter.clone(), 1));
                 needed.push((spec.filter.replacen("notify.", "dlq.notify.", 1), 1));
             }
-            if notify.limiter == LimiterKind::KafkaLog {
-                needed.push((super::with_prefix(prefix, &notify.limiter_bucket), 1));
-            }
+        }
+        // Also without the consumers: `POST /notify/<target>?wait=true` sends through the
+        // limiter, which waits until it has read its topic.
+        if notify.limiter == LimiterKind::KafkaLog {
+            needed.push((super::with_prefix(prefix, &notify.limiter_bucket), 1));
         }
         let bus = Arc::new(KafkaBus {
             producer: RwLock::new(Arc::new(producer)),
