@@ -264,6 +264,20 @@ impl NatsBus {
     }
 }
 
+/// A message's headers as (name, value) pairs, every value of a repeated name kept.
+pub fn header_pairs(headers: Option<&async_nats::HeaderMap>) -> Vec<(String, String)> {
+    headers
+        .map(|h| {
+            h.iter()
+                .flat_map(|(k, vs)| {
+                    vs.iter()
+                        .map(move |v| (k.to_string(), v.as_str().to_owned()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Reconnect delay: 0 for the first attempt, then doubling from 100 ms up to `max`.
 fn backoff(attempts: usize, max: Duration) -> Duration {
     if attempts <= 1 {
@@ -335,21 +349,9 @@ async fn run_consumer(
             ),
             Err(_) => (std::time::SystemTime::now(), 1),
         };
-        let headers = msg
-            .headers
-            .as_ref()
-            .map(|h| {
-                h.iter()
-                    .flat_map(|(k, vs)| {
-                        vs.iter()
-                            .map(move |v| (k.to_string(), v.as_str().to_owned()))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
         let delivery = Delivery {
             subject: msg.subject.to_string(),
-            headers,
+            headers: header_pairs(msg.headers.as_ref()),
             payload: msg.payload.clone(),
             published,
             delivered,

@@ -254,22 +254,10 @@ impl Watch {
                         })
                         .unwrap()
                         .unwrap();
-                    let headers = m
-                        .headers
-                        .as_ref()
-                        .map(|h| {
-                            h.iter()
-                                .flat_map(|(k, vs)| {
-                                    vs.iter()
-                                        .map(move |v| (k.to_string(), v.as_str().to_owned()))
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
                     out.push(Stored {
                         subject: m.subject.to_string(),
                         key: None,
-                        headers,
+                        headers: imbridge::bus::nats::header_pairs(m.headers.as_ref()),
                         payload: m.payload.to_vec(),
                     });
                 }
