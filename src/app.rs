@@ -46,6 +46,7 @@ impl App {
                 &notify::pipeline::all_consumer_specs(
                     &settings.notify,
                     &settings.targets,
+                    &settings.routes,
                     &settings.bus.subject_prefix,
                 ),
                 metrics.clone(),
@@ -82,6 +83,11 @@ impl App {
         let notifier = Notifier::start(
             &settings.notify,
             &settings.targets,
+            notify::pipeline::Outbound {
+                routes: settings.routes.clone(),
+                templates: settings.templates.clone(),
+                users: notify::shape::Directory::new(settings.users.clone()),
+            },
             bus.clone(),
             limiter,
             metrics.clone(),

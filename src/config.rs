@@ -37,6 +37,12 @@ pub struct Config {
     pub notify: NotifyConfig,
     /// Where notifications go: `notify.<name>` and `POST /notify/<name>`.
     pub targets: BTreeMap<String, TargetConfig>,
+    /// Rules forwarding `notify.<name>` to targets by the message's fields.
+    pub routes: BTreeMap<String, RouteConfig>,
+    /// Templates turning payloads into notifications, by name.
+    pub templates: BTreeMap<String, crate::notify::template::TemplateConfig>,
+    /// Internal accounts and their ids on each platform.
+    pub users: BTreeMap<String, UserConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -351,20 +357,46 @@ impl OneOrMany {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
-    /// "dingtalk_robot", "wecom_robot" or "lark_robot".
+    /// Group bots: "dingtalk_robot", "wecom_robot", "lark_robot". App messages to bound users:
+    /// "dingtalk_work" (work notification), "wecom_app", "lark_app".
     #[serde(deserialize_with = "lenient_string")]
     pub kind: String,
-    /// The full webhook URL, token or key included (a secret).
-    pub url: Secret,
-    /// Signing secret: DingTalk "SEC…", Lark custom-bot secret.
+    /// Group bots: the full webhook URL, token or key included (a secret).
+    #[serde(default)]
+    pub url: Option<Secret>,
+    /// Group bots: signing secret (DingTalk "SEC…", Lark custom-bot secret).
     #[serde(default)]
     pub secret: Option<Secret>,
+    /// App messages: DingTalk AppKey or Lark App ID.
+    #[serde(default, alias = "app_key")]
+    pub app_id: Option<String>,
+    /// App messages: DingTalk AppSecret, WeCom app Secret or Lark App Secret.
+    #[serde(default, alias = "corp_secret")]
+    pub app_secret: Option<Secret>,
+    /// WeCom app messages: the corp id.
+    #[serde(default)]
+    pub corp_id: Option<String>,
+    /// DingTalk work notifications and WeCom app messages: the app's AgentId.
+    #[serde(default, deserialize_with = "lenient_opt_string")]
+    pub agent_id: Option<String>,
+    /// App messages: the platform's API base URL, for private deployments and tests. Defaults:
+    /// https://oapi.dingtalk.com, https://qyapi.weixin.qq.com, https://open.feishu.cn.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// App messages: accounts (keys of `[users]`) that receive a message naming no recipient.
+    #[serde(default)]
+    pub users: Vec<String>,
     /// Never more than N requests in any window: "20/min", "5/s", "100/60s", or a list.
-    /// Defaults: DingTalk and WeCom robots 20/min, Lark bots ["5/s", "100/min"].
+    /// Defaults: DingTalk and WeCom robots 20/min, Lark bots and apps ["5/s", "100/min"],
+    /// DingTalk work notifications 20/s, WeCom apps none (their limit is per member).
     #[serde(default)]
     pub rate_limit: Option<OneOrMany>,
-    /// How long to stop sending after the platform says "too fast". Defaults: DingTalk 10m
-    /// (it bans the robot that long), WeCom and Lark 1m.
+    /// App messages: limits per recipient, shared by every target of the same app. Default
+    /// for WeCom apps ["30/min", "1000/h"] (the platform silently drops the excess).
+    #[serde(default)]
+    pub member_rate_limit: Option<OneOrMany>,
+    /// How long to stop sending after the platform says "too fast". Defaults: DingTalk robots
+    /// 10m (it bans the robot that long), others 1m.
     #[serde(default)]
     pub pause_on_rate_limit: Option<String>,
     /// "split" (several messages) or "truncate" a text over the platform's size limit.
@@ -376,9 +408,91 @@ pub struct TargetConfig {
     /// Text of the link rendered for a notification's url.
     #[serde(default)]
     pub link_text: Option<String>,
-    /// Lark bots: render markdown as an interactive "card" or a rich-text "post".
+    /// Lark bots and apps: render markdown as an interactive "card" or a rich-text "post".
     #[serde(default)]
     pub lark_markdown: LarkMarkdown,
+    /// How messages published straight to `notify.<name>` are turned into a notification
+    /// (a route's own shaping applies to what it forwards).
+    #[serde(flatten)]
+    pub shaping: ShapingConfig,
+}
+
+/// How a message body becomes the notification that is sent: a template, and which payload
+/// fields name recipients and people to @mention (ZenTao's assignee and `mailto`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct ShapingConfig {
+    /// Name of a `[templates.<name>]` rendering the payload into title, text, url, mentions.
+    #[serde(default)]
+    pub template: Option<String>,
+    /// Payload fields holding accounts (keys of `[users]`) that receive app messages, e.g.
+    /// ["assignedTo", "mailto"]; comma-separated or comma-wrapped lists are split.
+    #[serde(default)]
+    pub recipients: Vec<String>,
+    /// Payload fields holding accounts to @mention in group-bot messages, e.g. ["assignedTo"].
+    #[serde(default)]
+    pub mention: Vec<String>,
+    /// Leave the payload's `actor` out of recipients and mentions, as ZenTao does: people are
+    /// not notified of their own actions.
+    #[serde(default = "yes")]
+    pub exclude_actor: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `[routes.<name>]`: a message on `notify.<name>` is matched on its fields and forwarded to
+/// the targets of every rule that matches (each target at most once).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Shorthand for one rule: these targets...
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// ...when every field listed matches (empty: everything).
+    #[serde(default, rename = "match")]
+    pub matches: BTreeMap<String, OneOrMany>,
+    #[serde(flatten)]
+    pub shaping: ShapingConfig,
+    /// More rules, each with its own match, targets and shaping.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub targets: Vec<String>,
+    /// Field → accepted values. A payload value that is a comma-separated or comma-wrapped
+    /// list (ZenTao's `product` is ",1,2,") matches when any item is accepted. A missing
+    /// field matches nothing.
+    #[serde(default, rename = "match")]
+    pub matches: BTreeMap<String, OneOrMany>,
+    #[serde(flatten)]
+    pub shaping: ShapingConfig,
+}
+
+/// `[users.<account>]`: one person's ids on each platform, for `to.users`, `mentions.users`,
+/// templates and routes.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// Display name used by templates' `mention()`.
+    pub name: Option<String>,
+    /// DingTalk userId.
+    #[serde(default, deserialize_with = "lenient_opt_string")]
+    pub dingtalk: Option<String>,
+    /// WeCom userid.
+    #[serde(default, deserialize_with = "lenient_opt_string")]
+    pub wecom: Option<String>,
+    /// Lark open_id ("ou_…"), union_id ("on_…") or user_id.
+    #[serde(default, deserialize_with = "lenient_opt_string")]
+    pub lark: Option<String>,
+    /// Mobile number (DingTalk and WeCom robots mention by mobile).
+    #[serde(default, deserialize_with = "lenient_opt_string")]
+    pub mobile: Option<String>,
+    /// Email (Lark app messages can be addressed by email).
+    pub email: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -491,6 +605,11 @@ fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     d.deserialize_any(Visitor)
 }
 
+/// [`lenient_string`] for an optional value.
+fn lenient_opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    lenient_string(d).map(Some)
+}
+
 /// One configuration problem, naming the key it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -542,6 +661,9 @@ pub struct Settings {
     pub lark_apps: BTreeMap<String, crate::platform::lark::callback::LarkApp>,
     pub notify: NotifySettings,
     pub targets: BTreeMap<String, Target>,
+    pub routes: BTreeMap<String, Route>,
+    pub templates: crate::notify::template::Templates,
+    pub users: BTreeMap<String, UserConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -578,16 +700,23 @@ pub enum TargetKind {
     DingTalkRobot,
     WeComRobot,
     LarkRobot,
+    DingTalkWork,
+    WeComApp,
+    LarkApp,
 }
 
 impl TargetKind {
+    pub const ALL: [TargetKind; 6] = [
+        TargetKind::DingTalkRobot,
+        TargetKind::WeComRobot,
+        TargetKind::LarkRobot,
+        TargetKind::DingTalkWork,
+        TargetKind::WeComApp,
+        TargetKind::LarkApp,
+    ];
+
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "dingtalk_robot" => TargetKind::DingTalkRobot,
-            "wecom_robot" => TargetKind::WeComRobot,
-            "lark_robot" => TargetKind::LarkRobot,
-            _ => return None,
-        })
+        TargetKind::ALL.into_iter().find(|k| k.as_str() == s)
     }
 
     pub fn as_str(&self) -> &'static str {
@@ -595,17 +724,46 @@ impl TargetKind {
             TargetKind::DingTalkRobot => "dingtalk_robot",
             TargetKind::WeComRobot => "wecom_robot",
             TargetKind::LarkRobot => "lark_robot",
+            TargetKind::DingTalkWork => "dingtalk_work",
+            TargetKind::WeComApp => "wecom_app",
+            TargetKind::LarkApp => "lark_app",
         }
     }
 
-    /// The platform's documented limits (PROTOCOLS.md §3.3, §6.1, §8.1).
+    /// App messages go to bound users through an app's API; group bots to one chat.
+    pub fn is_app(&self) -> bool {
+        matches!(
+            self,
+            TargetKind::DingTalkWork | TargetKind::WeComApp | TargetKind::LarkApp
+        )
+    }
+
+    /// The platform's documented limits (PROTOCOLS.md §3.3, §4, §6, §8).
     pub fn default_limits(&self) -> Vec<Limit> {
         let min = Duration::from_secs(60);
         match self {
             TargetKind::DingTalkRobot | TargetKind::WeComRobot => vec![Limit::new(20, min)],
-            TargetKind::LarkRobot => {
+            // Lark's tenant-level limit for app messages (code 11232) is the custom bots' too.
+            TargetKind::LarkRobot | TargetKind::LarkApp => {
                 vec![Limit::new(5, Duration::from_secs(1)), Limit::new(100, min)]
             }
+            // [U] DingTalk documents only app/corp QPM codes (143103/143104), not the numbers;
+            // 20 per second keeps far below any figure quoted for them.
+            TargetKind::DingTalkWork => vec![Limit::new(20, Duration::from_secs(1))],
+            // WeCom limits app messages per member (below), not per request.
+            TargetKind::WeComApp => Vec::new(),
+        }
+    }
+
+    /// Per-recipient limits of app messages (PROTOCOLS.md §6.2: WeCom drops the excess
+    /// silently, so it must never be reached).
+    pub fn default_member_limits(&self) -> Vec<Limit> {
+        match self {
+            TargetKind::WeComApp => vec![
+                Limit::new(30, Duration::from_secs(60)),
+                Limit::new(1000, Duration::from_secs(3600)),
+            ],
+            _ => Vec::new(),
         }
     }
 
@@ -613,7 +771,16 @@ impl TargetKind {
     pub fn default_pause(&self) -> Duration {
         match self {
             TargetKind::DingTalkRobot => Duration::from_secs(600),
-            TargetKind::WeComRobot | TargetKind::LarkRobot => Duration::from_secs(60),
+            _ => Duration::from_secs(60),
+        }
+    }
+
+    /// The public API of an app kind.
+    pub fn default_base_url(&self) -> &'static str {
+        match self {
+            TargetKind::DingTalkWork | TargetKind::DingTalkRobot => "https://oapi.dingtalk.com",
+            TargetKind::WeComApp | TargetKind::WeComRobot => "https://qyapi.weixin.qq.com",
+            TargetKind::LarkApp | TargetKind::LarkRobot => "https://open.feishu.cn",
         }
     }
 }
@@ -658,11 +825,61 @@ impl Limit {
 pub struct Target {
     pub name: String,
     pub kind: TargetKind,
-    pub url: Secret,
-    pub secret: Option<Secret>,
+    pub endpoint: Endpoint,
     pub limits: Vec<Limit>,
+    /// Per recipient (app messages).
+    pub member_limits: Vec<Limit>,
     pub pause_on_rate_limit: Duration,
     pub render: RenderOptions,
+    /// Accounts receiving app messages that name no recipient.
+    pub users: Vec<String>,
+    pub shaping: Shaping,
+}
+
+/// Where a target's requests go.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    /// A group bot's webhook.
+    Robot { url: Secret, secret: Option<Secret> },
+    /// An app's API.
+    App(AppCredentials),
+}
+
+/// An app's credentials: DingTalk AppKey/AppSecret + AgentId, WeCom corp id/Secret + AgentId,
+/// Lark App ID/App Secret.
+#[derive(Debug, Clone)]
+pub struct AppCredentials {
+    /// Without a trailing slash.
+    pub base_url: String,
+    /// DingTalk AppKey, WeCom corp id, Lark App ID.
+    pub app_id: String,
+    pub secret: Secret,
+    /// DingTalk and WeCom; 0 for Lark.
+    pub agent_id: u64,
+}
+
+/// How a body becomes the notification sent (see [`ShapingConfig`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shaping {
+    pub template: Option<String>,
+    pub recipients: Vec<String>,
+    pub mention: Vec<String>,
+    pub exclude_actor: bool,
+}
+
+/// A validated route: its rules in order.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub targets: Vec<String>,
+    /// Field → accepted values; every field must match.
+    pub matches: Vec<(String, Vec<String>)>,
+    pub shaping: Shaping,
 }
 
 #[derive(Debug, Clone)]
@@ -820,6 +1037,22 @@ impl Checker {
         }
     }
 
+    /// Parsed limits; `None` when not configured (the kind's default applies).
+    fn limits(&mut self, key: &str, value: Option<&OneOrMany>) -> Option<Vec<Limit>> {
+        let value = value?;
+        if value.items().is_empty() {
+            self.problem(key, "must not be empty (omit it for the platform's default)");
+            return Some(Vec::new());
+        }
+        Some(
+            value
+                .items()
+                .into_iter()
+                .filter_map(|item| Limit::parse(item).map_err(|e| self.problem(key, e)).ok())
+                .collect(),
+        )
+    }
+
     fn addr(&mut self, key: &str, value: &str) -> SocketAddr {
         value.parse().unwrap_or_else(|e| {
             self.problem(
@@ -970,14 +1203,60 @@ impl Config {
         }
 
         let notify = self.notify.validate(&mut c, &engine);
+        let templates = match crate::notify::template::Templates::compile(&self.templates) {
+            Ok(t) => t,
+            Err(errors) => {
+                for (key, message) in errors {
+                    c.problem(key, message);
+                }
+                crate::notify::template::Templates::default()
+            }
+        };
         let mut targets = BTreeMap::new();
         for (name, t) in &self.targets {
             let key = format!("targets.{name}");
             if !crate::bus::is_valid_token(name) {
                 c.problem(&key, "target names must be of [A-Za-z0-9_-]");
             }
+            t.shaping.check(&key, &templates, &mut c);
+            for u in &t.users {
+                if !self.users.contains_key(u) {
+                    c.problem(
+                        format!("{key}.users"),
+                        format!("no [users.{u}] is configured"),
+                    );
+                }
+            }
             if let Some(t) = t.validate(name, &key, &mut c) {
                 targets.insert(name.clone(), t);
+            }
+        }
+        let mut routes = BTreeMap::new();
+        for (name, r) in &self.routes {
+            let key = format!("routes.{name}");
+            if !crate::bus::is_valid_token(name) {
+                c.problem(&key, "route names must be of [A-Za-z0-9_-]");
+            }
+            if self.targets.contains_key(name) {
+                c.problem(
+                    &key,
+                    "a target has this name too: notify.<name> must mean one thing",
+                );
+            }
+            routes.insert(
+                name.clone(),
+                r.validate(name, &key, &self.targets, &templates, &mut c),
+            );
+        }
+        for (account, u) in &self.users {
+            if [&u.dingtalk, &u.wecom, &u.lark, &u.mobile, &u.email]
+                .iter()
+                .all(|v| v.as_deref().is_none_or(|v| v.trim().is_empty()))
+            {
+                c.problem(
+                    format!("users.{account}"),
+                    "binds no id: set dingtalk, wecom, lark, mobile or email",
+                );
             }
         }
 
@@ -998,6 +1277,9 @@ impl Config {
             lark_apps,
             notify,
             targets,
+            routes,
+            templates,
+            users: self.users.clone(),
         })
     }
 }
@@ -1252,50 +1534,42 @@ impl TargetConfig {
         let before = c.problems.len();
         let kind = TargetKind::parse(&self.kind);
         if kind.is_none() {
+            let kinds: Vec<&str> = TargetKind::ALL.iter().map(TargetKind::as_str).collect();
             c.problem(
                 format!("{key}.kind"),
                 format!(
-                    "unknown target kind {:?}; expected \"dingtalk_robot\", \"wecom_robot\" or \"lark_robot\"",
-                    self.kind
+                    "unknown target kind {:?}; expected one of {}",
+                    self.kind,
+                    kinds.join(", ")
                 ),
             );
         }
-        let url = self.url.expose();
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            // The URL holds the robot's token: name the problem, never echo the value.
-            c.problem(format!("{key}.url"), "must be an http(s) webhook URL");
-        }
-        if kind == Some(TargetKind::WeComRobot) && self.secret.is_some() {
-            c.problem(
-                format!("{key}.secret"),
-                "WeCom robots are not signed (the key in the URL is the credential)",
-            );
-        }
-        let limits = match &self.rate_limit {
-            None => kind.map(|k| k.default_limits()).unwrap_or_default(),
-            Some(v) if v.items().is_empty() => {
-                c.problem(
-                    format!("{key}.rate_limit"),
-                    "must not be empty (omit it for the platform's default)",
-                );
-                Vec::new()
-            }
-            Some(v) => v
-                .items()
-                .into_iter()
-                .filter_map(|item| {
-                    Limit::parse(item)
-                        .map_err(|e| c.problem(format!("{key}.rate_limit"), e))
-                        .ok()
-                })
-                .collect(),
+        let endpoint = match kind {
+            Some(k) if k.is_app() => self.app_endpoint(k, key, c),
+            Some(k) => self.robot_endpoint(k, key, c),
+            None => None,
         };
+        let limits = c.limits(&format!("{key}.rate_limit"), self.rate_limit.as_ref());
+        let limits = limits.unwrap_or_else(|| kind.map(|k| k.default_limits()).unwrap_or_default());
+        let member_key = format!("{key}.member_rate_limit");
+        if self.member_rate_limit.is_some() && !kind.is_some_and(|k| k.is_app()) {
+            c.problem(&member_key, "only app targets have per-member limits");
+        }
+        let member_limits = c
+            .limits(&member_key, self.member_rate_limit.as_ref())
+            .unwrap_or_else(|| kind.map(|k| k.default_member_limits()).unwrap_or_default());
         let pause = match &self.pause_on_rate_limit {
             Some(p) => c.duration(&format!("{key}.pause_on_rate_limit"), p),
             None => kind.map(|k| k.default_pause()).unwrap_or_default(),
         };
         if self.max_bytes.is_some_and(|m| m < 64) {
             c.problem(format!("{key}.max_bytes"), "must be at least 64");
+        }
+        if !self.users.is_empty() && !kind.is_some_and(|k| k.is_app()) {
+            c.problem(
+                format!("{key}.users"),
+                "only app targets have recipients (group bots post to their group)",
+            );
         }
         if c.problems.len() > before {
             return None;
@@ -1304,9 +1578,9 @@ impl TargetConfig {
         Some(Target {
             name: name.to_owned(),
             kind: kind?,
-            url: self.url.clone(),
-            secret: self.secret.clone(),
+            endpoint: endpoint?,
             limits,
+            member_limits,
             pause_on_rate_limit: pause,
             render: RenderOptions {
                 max_bytes: self.max_bytes,
@@ -1314,7 +1588,217 @@ impl TargetConfig {
                 link_text: self.link_text.clone().unwrap_or(defaults.link_text),
                 lark_markdown: self.lark_markdown,
             },
+            users: self.users.clone(),
+            shaping: self.shaping.typed(),
         })
+    }
+
+    fn robot_endpoint(&self, kind: TargetKind, key: &str, c: &mut Checker) -> Option<Endpoint> {
+        for (field, set) in [
+            ("app_id", self.app_id.is_some()),
+            ("app_secret", self.app_secret.is_some()),
+            ("corp_id", self.corp_id.is_some()),
+            ("agent_id", self.agent_id.is_some()),
+            ("base_url", self.base_url.is_some()),
+        ] {
+            if set {
+                c.problem(
+                    format!("{key}.{field}"),
+                    "only app targets (dingtalk_work, wecom_app, lark_app) take app credentials",
+                );
+            }
+        }
+        let Some(url) = &self.url else {
+            c.problem(format!("{key}.url"), "group bots need their webhook URL");
+            return None;
+        };
+        if !(url.expose().starts_with("http://") || url.expose().starts_with("https://")) {
+            // The URL holds the robot's token: name the problem, never echo the value.
+            c.problem(format!("{key}.url"), "must be an http(s) webhook URL");
+        }
+        if kind == TargetKind::WeComRobot && self.secret.is_some() {
+            c.problem(
+                format!("{key}.secret"),
+                "WeCom robots are not signed (the key in the URL is the credential)",
+            );
+        }
+        Some(Endpoint::Robot {
+            url: url.clone(),
+            secret: self.secret.clone(),
+        })
+    }
+
+    fn app_endpoint(&self, kind: TargetKind, key: &str, c: &mut Checker) -> Option<Endpoint> {
+        let before = c.problems.len();
+        for (field, set) in [("url", self.url.is_some()), ("secret", self.secret.is_some())] {
+            if set {
+                c.problem(
+                    format!("{key}.{field}"),
+                    "app targets take app_id/app_secret (and corp_id, agent_id), not a webhook",
+                );
+            }
+        }
+        let (id_field, id) = match kind {
+            TargetKind::WeComApp => ("corp_id", &self.corp_id),
+            _ => ("app_id", &self.app_id),
+        };
+        if kind == TargetKind::WeComApp && self.app_id.is_some() {
+            c.problem(
+                format!("{key}.app_id"),
+                "WeCom apps are named by corp_id and agent_id",
+            );
+        }
+        if id.as_deref().is_none_or(|v| v.trim().is_empty()) {
+            c.problem(format!("{key}.{id_field}"), "must be set for this kind");
+        }
+        if self
+            .app_secret
+            .as_ref()
+            .is_none_or(|s| s.expose().is_empty())
+        {
+            c.problem(format!("{key}.app_secret"), "must be set for this kind");
+        }
+        let agent_id = match (kind, &self.agent_id) {
+            (TargetKind::LarkApp, None) => 0,
+            (TargetKind::LarkApp, Some(_)) => {
+                c.problem(format!("{key}.agent_id"), "Lark apps have no agent id");
+                0
+            }
+            (_, None) => {
+                c.problem(format!("{key}.agent_id"), "must be set for this kind");
+                0
+            }
+            (_, Some(a)) => a.trim().parse().unwrap_or_else(|_| {
+                c.problem(format!("{key}.agent_id"), format!("{a:?} is not a number"));
+                0
+            }),
+        };
+        let base_url = self
+            .base_url
+            .as_deref()
+            .unwrap_or(kind.default_base_url())
+            .trim_end_matches('/')
+            .to_owned();
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            c.problem(format!("{key}.base_url"), "must be an http(s) URL");
+        }
+        if c.problems.len() > before {
+            return None;
+        }
+        Some(Endpoint::App(AppCredentials {
+            base_url,
+            app_id: id.clone().unwrap_or_default().trim().to_owned(),
+            secret: self.app_secret.clone().unwrap_or_default(),
+            agent_id,
+        }))
+    }
+}
+
+impl ShapingConfig {
+    fn typed(&self) -> Shaping {
+        Shaping {
+            template: self.template.clone(),
+            recipients: self.recipients.clone(),
+            mention: self.mention.clone(),
+            exclude_actor: self.exclude_actor,
+        }
+    }
+
+    fn check(&self, key: &str, templates: &crate::notify::template::Templates, c: &mut Checker) {
+        if let Some(t) = &self.template {
+            if !templates.contains(t) {
+                c.problem(
+                    format!("{key}.template"),
+                    format!("no [templates.{t}] is configured"),
+                );
+            }
+        }
+        for (field, names) in [("recipients", &self.recipients), ("mention", &self.mention)] {
+            if names.iter().any(|n| n.trim().is_empty()) {
+                c.problem(format!("{key}.{field}"), "field names must not be empty");
+            }
+        }
+    }
+}
+
+impl RouteConfig {
+    fn validate(
+        &self,
+        name: &str,
+        key: &str,
+        targets: &BTreeMap<String, TargetConfig>,
+        templates: &crate::notify::template::Templates,
+        c: &mut Checker,
+    ) -> Route {
+        let mut rules = Vec::new();
+        let shorthand = !self.targets.is_empty() || !self.matches.is_empty();
+        if shorthand {
+            rules.push((
+                key.to_owned(),
+                RuleConfig {
+                    targets: self.targets.clone(),
+                    matches: self.matches.clone(),
+                    shaping: self.shaping.clone(),
+                },
+            ));
+        } else if self.shaping.template.is_some()
+            || !self.shaping.recipients.is_empty()
+            || !self.shaping.mention.is_empty()
+        {
+            c.problem(
+                key,
+                "template, recipients and mention apply to the route's own targets; set targets \
+                 or move them into the rules",
+            );
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            rules.push((format!("{key}.rules[{i}]"), r.clone()));
+        }
+        if rules.is_empty() {
+            c.problem(format!("{key}.targets"), "a route needs targets or rules");
+        }
+        let rules = rules
+            .into_iter()
+            .map(|(key, r)| {
+                if r.targets.is_empty() {
+                    c.problem(format!("{key}.targets"), "must name at least one target");
+                }
+                for t in &r.targets {
+                    if !targets.contains_key(t) {
+                        c.problem(
+                            format!("{key}.targets"),
+                            format!("no [targets.{t}] is configured"),
+                        );
+                    }
+                }
+                let matches = r
+                    .matches
+                    .iter()
+                    .map(|(field, values)| {
+                        let values: Vec<String> =
+                            values.items().iter().map(|v| v.trim().to_owned()).collect();
+                        if values.is_empty() {
+                            c.problem(
+                                format!("{key}.match.{field}"),
+                                "must list at least one value (leave the field out to match \
+                                 everything)",
+                            );
+                        }
+                        (field.clone(), values)
+                    })
+                    .collect();
+                r.shaping.check(&key, templates, c);
+                Rule {
+                    targets: r.targets,
+                    matches,
+                    shaping: r.shaping.typed(),
+                }
+            })
+            .collect();
+        Route {
+            name: name.to_owned(),
+            rules,
+        }
     }
 }
 

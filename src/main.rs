@@ -32,6 +32,61 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Print what a target (or each target of a route) would send for the payload on stdin,
+    /// without sending: a `# target: where` line, then the JSON body, per request.
+    Render {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// A target or route name, as in `notify.<name>`.
+        #[arg(long, short)]
+        target: String,
+        /// The message id to render with (Lark's idempotency uuid is derived from it).
+        #[arg(long, default_value = "render")]
+        id: String,
+    },
+}
+
+/// Exit code for a payload the target cannot use (EX_DATAERR in sysexits.h).
+const EXIT_DATA: u8 = 65;
+
+fn render(config: Option<&PathBuf>, target: &str, id: &str) -> ExitCode {
+    use std::io::{Read, Write};
+    let settings = match load(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let mut body = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut body) {
+        eprintln!("cannot read the payload from stdin: {e}");
+        return ExitCode::from(EXIT_DATA);
+    }
+    let preview = match imbridge::notify::pipeline::preview(&settings, target, &body, id) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_DATA);
+        }
+    };
+    for (target, accounts) in &preview.unbound {
+        eprintln!(
+            "{target}: not bound on this platform, skipped: {}",
+            accounts.join(", ")
+        );
+    }
+    if preview.requests.is_empty() {
+        eprintln!("{target}: no rule matches this payload; nothing would be sent");
+    }
+    let mut out = std::io::stdout().lock();
+    for (target, to, request) in &preview.requests {
+        let body = serde_json::to_string_pretty(&request.body).expect("JSON values serialise");
+        if writeln!(out, "# {target}: {to}\n{body}").is_err() {
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn load(path: Option<&PathBuf>) -> Result<config::Settings, ConfigError> {
@@ -64,6 +119,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Render { config, target, id } => render(config.as_ref(), &target, &id),
         Command::Serve { config } => {
             let settings = match load(config.as_ref()) {
                 Ok(s) => s,

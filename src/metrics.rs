@@ -45,6 +45,14 @@ pub struct Inner {
     pub notify_queue_depth: IntGaugeVec,
     /// From publish on the bus to the platform's answer, by target.
     pub notify_latency_seconds: HistogramVec,
+    /// Accounts named in a notification but not bound on the target's platform, by target.
+    pub notify_unbound_users_total: IntCounterVec,
+    /// Recipients the platform refused (WeCom `invaliduser`, Lark unreachable users), by target.
+    pub notify_invalid_recipients_total: IntCounterVec,
+    /// Access-token requests by target and outcome (ok, transient, permanent).
+    pub notify_token_fetches_total: IntCounterVec,
+    /// Messages a route forwarded, by route and target (target "" when no rule matched).
+    pub notify_routed_total: IntCounterVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -126,6 +134,38 @@ impl Metrics {
                 &["target"],
             )
             .unwrap(),
+            notify_unbound_users_total: IntCounterVec::new(
+                Opts::new(
+                    "imbridge_notify_unbound_users_total",
+                    "Accounts without a binding on the target's platform, skipped",
+                ),
+                &["target"],
+            )
+            .unwrap(),
+            notify_invalid_recipients_total: IntCounterVec::new(
+                Opts::new(
+                    "imbridge_notify_invalid_recipients_total",
+                    "Recipients the platform refused",
+                ),
+                &["target"],
+            )
+            .unwrap(),
+            notify_token_fetches_total: IntCounterVec::new(
+                Opts::new(
+                    "imbridge_notify_token_fetches_total",
+                    "Access-token requests by outcome",
+                ),
+                &["target", "outcome"],
+            )
+            .unwrap(),
+            notify_routed_total: IntCounterVec::new(
+                Opts::new(
+                    "imbridge_notify_routed_total",
+                    "Messages forwarded by routes (target empty: no rule matched)",
+                ),
+                &["route", "target"],
+            )
+            .unwrap(),
             notify_dead_letters_total: IntCounterVec::new(
                 Opts::new(
                     "imbridge_notify_dead_letters_total",
@@ -190,6 +230,10 @@ impl Metrics {
             &inner.notify_failed_total,
             &inner.notify_retries_total,
             &inner.notify_dead_letters_total,
+            &inner.notify_unbound_users_total,
+            &inner.notify_invalid_recipients_total,
+            &inner.notify_token_fetches_total,
+            &inner.notify_routed_total,
         ] {
             r.register(Box::new(c.clone())).unwrap();
         }

@@ -15,8 +15,8 @@ use super::reply::ApiError;
 use super::State;
 use crate::bus::{self, CloudEvent, Message};
 use crate::metrics::UNKNOWN_APP;
-use crate::notify::message::{self, Parsed};
-use crate::notify::pipeline::{NotifyError, Outcome};
+use crate::notify::pipeline::{shape_reason, NotifyError, Outcome};
+use crate::notify::shape::ShapeError;
 use crate::platform::outbound::Answer;
 
 pub async fn post(
@@ -51,21 +51,44 @@ async fn handle(
     body: Result<Bytes, ApiError>,
     state: &State,
 ) -> Result<(&'static str, Response), ApiError> {
-    if !state.notifier.has_target(target) {
+    let is_route = state.notifier.has_route(target);
+    if !state.notifier.has_target(target) && !is_route {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_target",
-            "no notification target of that name is configured",
+            "no notification target or route of that name is configured",
         ));
     }
     let body = body?;
     let query = super::parse_query(query)?;
     let wait = matches!(query.get("wait").map(String::as_str), Some("true" | "1"));
-    let Parsed { notification, .. } = message::parse(&body)
-        .map_err(|e| ApiError::bad_request("invalid_message", e.to_string()))?;
+    // What the target would make of it is checked now, so the caller hears of a bad body or a
+    // template failing on it instead of finding it among the dead letters.
+    match state.notifier.check(target, &body) {
+        Ok(()) => {}
+        Err(e @ ShapeError::Invalid(_)) => {
+            return Err(ApiError::bad_request("invalid_message", e.to_string()))
+        }
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                shape_reason(&e).label(),
+                e.to_string(),
+            ))
+        }
+    }
 
+    if wait && is_route {
+        return Err(ApiError::bad_request(
+            "wait_on_route",
+            "?wait=true delivers to one target; a route forwards to several (post without wait)",
+        ));
+    }
     if wait {
-        return match state.notifier.deliver_now(target, notification).await {
+        let seed = idempotency_key
+            .clone()
+            .unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
+        return match state.notifier.deliver_now(target, &body, seed).await {
             Ok(Outcome::Delivered { parts, answer }) => Ok((
                 "delivered",
                 warp::reply::json(&json!({
@@ -91,6 +114,11 @@ async fn handle(
                     StatusCode::BAD_GATEWAY,
                 )
                 .into_response(),
+            )),
+            Err(NotifyError::Shape(e)) => Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                shape_reason(&e).label(),
+                e.to_string(),
             )),
             Err(e @ NotifyError::Timeout) => Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,

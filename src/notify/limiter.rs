@@ -179,30 +179,52 @@ impl Limiter {
         deadline: SystemTime,
         shutdown: &Shutdown,
     ) -> Result<Duration, LimiterError> {
+        self.acquire_all(&[(target, limits)], margin, deadline, shutdown)
+            .await
+    }
+
+    /// Waits until every key may send under its limits, and records the send for all of them
+    /// (an app message counts for the app and for each recipient).
+    ///
+    /// Keys are taken one by one; when one is not free, the slots already taken stay recorded
+    /// and are taken again once all are free. A slot recorded without a send only costs
+    /// throughput, while one recorded earlier than its send could let a later send break a
+    /// window; taking them all again keeps every record within `margin` of the send.
+    pub async fn acquire_all(
+        &self,
+        keys: &[(&str, &[Limit])],
+        margin: Duration,
+        deadline: SystemTime,
+        shutdown: &Shutdown,
+    ) -> Result<Duration, LimiterError> {
         let started = std::time::Instant::now();
         let margin_ms = margin.as_millis() as u64;
-        loop {
-            let now = now_ms();
-            let slot = match self.try_take(target, limits, margin_ms, now).await {
-                Ok(None) => return Ok(started.elapsed()),
-                Ok(Some(slot)) => slot,
-                Err(e) => {
-                    tracing::warn!(target, error = %e, "rate-limit store unavailable; waiting");
-                    now + STORE_RETRY.as_millis() as u64
+        let deadline_ms = deadline
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        'again: loop {
+            for (key, limits) in keys {
+                let now = now_ms();
+                let slot = match self.try_take(key, limits, margin_ms, now).await {
+                    Ok(None) => continue,
+                    Ok(Some(slot)) => slot,
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "rate-limit store unavailable; waiting");
+                        now + STORE_RETRY.as_millis() as u64
+                    }
+                };
+                if slot > deadline_ms {
+                    return Err(LimiterError::Deadline);
                 }
-            };
-            let deadline_ms = deadline
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
-            if slot > deadline_ms {
-                return Err(LimiterError::Deadline);
+                let wait = Duration::from_millis(slot.saturating_sub(now_ms()));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => return Err(LimiterError::Shutdown),
+                }
+                continue 'again;
             }
-            let wait = Duration::from_millis(slot.saturating_sub(now_ms()));
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.cancelled() => return Err(LimiterError::Shutdown),
-            }
+            return Ok(started.elapsed());
         }
     }
 

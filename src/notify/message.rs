@@ -219,41 +219,59 @@ fn strip_html(s: &str) -> String {
 pub struct Parsed {
     pub notification: Notification,
     pub zentao: Option<ZenTao>,
+    /// The body as a JSON object (a form-encoded one converted), for routes and templates:
+    /// it keeps fields neither model knows (a Sanplex `assignedTo`, say).
+    pub payload: serde_json::Value,
 }
 
 /// Parses a message body: a notification or a ZenTao payload, as JSON or (ZenTao's other
 /// content type) `application/x-www-form-urlencoded`.
 pub fn parse(body: &[u8]) -> Result<Parsed, MessageError> {
-    let map: BTreeMap<String, serde_json::Value> = match serde_json::from_slice(body) {
-        Ok(serde_json::Value::Object(m)) => m.into_iter().collect(),
-        Ok(_) => return Err(MessageError::Invalid("not a JSON object".into())),
+    from_payload(payload(body)?)
+}
+
+/// The body as a JSON object: JSON, or a ZenTao form converted (values are strings).
+pub fn payload(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, MessageError> {
+    match serde_json::from_slice(body) {
+        Ok(serde_json::Value::Object(m)) => Ok(m),
+        Ok(_) => Err(MessageError::Invalid("not a JSON object".into())),
         Err(json_err) => {
             let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
                 .map_err(|_| MessageError::Invalid(json_err.to_string()))?;
+            // Any text parses as some form; only ZenTao sends forms.
             if !pairs.iter().any(|(k, _)| k == "objectType") {
                 return Err(MessageError::Invalid(json_err.to_string()));
             }
-            pairs
+            Ok(pairs
                 .into_iter()
                 .map(|(k, v)| (k, serde_json::Value::String(v)))
-                .collect()
+                .collect())
         }
-    };
-    if let Some(z) = ZenTao::from_map(&map) {
+    }
+}
+
+/// A notification or a ZenTao payload, from the body's object.
+pub fn from_payload(
+    map: serde_json::Map<String, serde_json::Value>,
+) -> Result<Parsed, MessageError> {
+    let fields: BTreeMap<String, serde_json::Value> = map.clone().into_iter().collect();
+    let payload = serde_json::Value::Object(map);
+    if let Some(z) = ZenTao::from_map(&fields) {
         return Ok(Parsed {
             notification: z.to_notification(),
             zentao: Some(z),
+            payload,
         });
     }
-    let n: Notification =
-        serde_json::from_value(serde_json::Value::Object(map.into_iter().collect()))
-            .map_err(|e| MessageError::Invalid(e.to_string()))?;
+    let n: Notification = serde_json::from_value(payload.clone())
+        .map_err(|e| MessageError::Invalid(e.to_string()))?;
     if n.text.trim().is_empty() && n.raw.is_none() {
         return Err(MessageError::Empty);
     }
     Ok(Parsed {
         notification: n,
         zentao: None,
+        payload,
     })
 }
 

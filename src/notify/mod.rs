@@ -4,3 +4,6 @@
 pub mod limiter;
 pub mod message;
 pub mod pipeline;
+pub mod shape;
+pub mod template;
+pub mod token;

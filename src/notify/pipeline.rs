@@ -17,11 +17,14 @@ use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
 use super::limiter::{Limiter, LimiterError};
-use super::message::{self, Notification, Parsed};
+use super::message;
+use super::shape::{Directory, Prepared, ShapeError, Shaper};
+use super::template::Templates;
+use super::token::{self, TokenCache};
 use crate::bus::{self, Bus, Delivery, Message};
-use crate::config::{NotifySettings, Target, TargetKind};
+use crate::config::{AppCredentials, Endpoint, NotifySettings, Route, Rule, Target, TargetKind};
 use crate::metrics::{Metrics, UNKNOWN_APP};
-use crate::platform::outbound::{Answer, Class};
+use crate::platform::outbound::{Answer, Class, IssuedToken, TokenRequest};
 use crate::platform::{dingtalk, lark, now_ms, wecom};
 use crate::shutdown::Shutdown;
 
@@ -30,6 +33,11 @@ pub const DLQ_REASON: &str = "imbridge-dlq-reason";
 pub const DLQ_ATTEMPTS: &str = "imbridge-dlq-attempts";
 pub const DLQ_ANSWER: &str = "imbridge-dlq-answer";
 pub const DLQ_TARGET: &str = "imbridge-dlq-target";
+
+/// Headers of a message a route forwarded to a target: which route and which of its rules, so
+/// the target applies that rule's template and recipients.
+pub const ROUTE_HEADER: &str = "imbridge-route";
+pub const RULE_HEADER: &str = "imbridge-rule";
 
 /// How a delivery ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +70,12 @@ pub enum Reason {
     Moved,
     UnknownTarget,
     InvalidMessage,
+    /// The template failed on this payload.
+    TemplateError,
+    /// An app message none of whose recipients is bound on the platform.
+    NoRecipients,
+    /// The platform refused the app's credentials when asked for an access token.
+    TokenRefused,
 }
 
 impl Reason {
@@ -75,6 +89,9 @@ impl Reason {
             Reason::Moved => "moved",
             Reason::UnknownTarget => "unknown_target",
             Reason::InvalidMessage => "invalid_message",
+            Reason::TemplateError => "template_error",
+            Reason::NoRecipients => "no_recipients",
+            Reason::TokenRefused => "token_refused",
         }
     }
 }
@@ -83,7 +100,7 @@ enum Job {
     /// From the bus: ack or dead-letter when done.
     Bus {
         delivery: Arc<Delivery>,
-        notification: Box<Notification>,
+        prepared: Box<Prepared>,
         /// Dead-letter as expired if not delivered by then (`notify.max_wait` from receipt).
         deadline: SystemTime,
         /// Its entry in the held set.
@@ -91,7 +108,7 @@ enum Job {
     },
     /// `POST /notify/<target>?wait=true`: answer the caller, nothing on the bus.
     Sync {
-        notification: Box<Notification>,
+        prepared: Box<Prepared>,
         reply: oneshot::Sender<Outcome>,
         /// The caller stops waiting then; nothing is sent after it.
         deadline: SystemTime,
@@ -103,6 +120,8 @@ enum Job {
 pub enum NotifyError {
     #[error("no such target")]
     UnknownTarget,
+    #[error("{0}")]
+    Shape(#[from] ShapeError),
     #[error("the target's queue is full")]
     QueueFull,
     #[error("no answer within the wait timeout")]
@@ -121,6 +140,60 @@ struct Ctx {
     prefix: String,
     shutdown: Shutdown,
     held: Held,
+    routes: BTreeMap<String, Route>,
+    templates: Templates,
+    users: Directory,
+    tokens: TokenCache,
+}
+
+impl Ctx {
+    fn shaper(&self) -> Shaper<'_> {
+        Shaper {
+            templates: &self.templates,
+            users: &self.users,
+        }
+    }
+
+    /// The rule a forwarded message came through, if its route still has it.
+    fn rule_of(&self, delivery: &Delivery) -> Option<(&str, &Rule)> {
+        let route = delivery.header(ROUTE_HEADER)?;
+        let index: usize = delivery.header(RULE_HEADER)?.parse().ok()?;
+        let (name, r) = self.routes.get_key_value(route)?;
+        Some((name.as_str(), r.rules.get(index)?))
+    }
+
+    /// Prepares a message for `target`, reporting unbound accounts.
+    fn prepare(
+        &self,
+        target: &Target,
+        body: &[u8],
+        rule: Option<(&str, &Rule)>,
+        seed: String,
+    ) -> Result<Prepared, ShapeError> {
+        let result = self.shaper().prepare(body, target, rule, seed);
+        let unbound = match &result {
+            Ok(p) => &p.unbound,
+            Err(ShapeError::NoRecipients { unbound }) => unbound,
+            Err(_) => return result,
+        };
+        if !unbound.is_empty() {
+            self.metrics
+                .notify_unbound_users_total
+                .with_label_values(&[&target.name])
+                .inc_by(unbound.len() as u64);
+            tracing::warn!(target = %target.name, accounts = ?unbound, "accounts not bound on this platform ([users.<account>]); skipped");
+        }
+        result
+    }
+}
+
+/// The dead-letter reason of a message that cannot be prepared.
+pub fn shape_reason(e: &ShapeError) -> Reason {
+    match e {
+        ShapeError::Invalid(_) => Reason::InvalidMessage,
+        ShapeError::Template(_) => Reason::TemplateError,
+        ShapeError::NoRecipients { .. } => Reason::NoRecipients,
+    }
 }
 
 /// Every bus message this replica holds (queued or being delivered). A keeper sends progress
@@ -171,8 +244,16 @@ async fn keep_alive(ctx: Arc<Ctx>) {
     }
 }
 
+/// What the notify pipeline needs from the configuration besides the targets.
+pub struct Outbound {
+    pub routes: BTreeMap<String, Route>,
+    pub templates: Templates,
+    pub users: Directory,
+}
+
 pub struct Notifier {
     targets: BTreeMap<String, Arc<Target>>,
+    routes: BTreeMap<String, Route>,
     queues: HashMap<String, mpsc::Sender<Job>>,
     ctx: Arc<Ctx>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -183,6 +264,7 @@ impl Notifier {
     pub fn start(
         settings: &NotifySettings,
         targets: &BTreeMap<String, Target>,
+        outbound: Outbound,
         bus: Arc<Bus>,
         limiter: Limiter,
         metrics: Metrics,
@@ -203,6 +285,10 @@ impl Notifier {
             prefix: prefix.to_owned(),
             shutdown: shutdown.clone(),
             held: Held::default(),
+            routes: outbound.routes.clone(),
+            templates: outbound.templates,
+            users: outbound.users,
+            tokens: TokenCache::default(),
         });
         let mut queues = HashMap::new();
         let mut tasks = Vec::new();
@@ -216,17 +302,23 @@ impl Notifier {
         }
         let notifier = Arc::new(Notifier {
             targets: arcs,
+            routes: outbound.routes,
             queues,
             ctx: ctx.clone(),
             tasks: Mutex::new(Vec::new()),
         });
         if settings.enabled {
             tasks.push(tokio::spawn(keep_alive(ctx.clone())));
-            let (per_target, all) = consumer_specs(settings, targets.keys(), prefix);
-            for (name, spec) in targets.keys().zip(&per_target) {
+            let names = targets.keys().chain(notifier.routes.keys());
+            let (per_name, all) = consumer_specs(settings, names.clone(), prefix);
+            for (name, spec) in names.zip(&per_name) {
                 let consumer = ctx.bus.consume(spec, settings, shutdown.clone());
+                if let Some(route) = notifier.routes.get(name) {
+                    tasks.push(tokio::spawn(forward(route.clone(), consumer, ctx.clone())));
+                    continue;
+                }
                 tasks.push(tokio::spawn(feed(
-                    name.clone(),
+                    notifier.targets[name].clone(),
                     consumer,
                     notifier.queues[name].clone(),
                     ctx.clone(),
@@ -248,18 +340,37 @@ impl Notifier {
         self.targets.contains_key(name)
     }
 
+    pub fn has_route(&self, name: &str) -> bool {
+        self.routes.contains_key(name)
+    }
+
+    /// Whether `name` (a target or a route) can make something of `body`: for a target, what
+    /// it would send (template, recipients); for a route, that it is an object to match on.
+    pub fn check(&self, name: &str, body: &[u8]) -> Result<(), ShapeError> {
+        match self.targets.get(name) {
+            Some(t) => self
+                .ctx
+                .shaper()
+                .prepare(body, t, None, String::new())
+                .map(drop),
+            None => message::payload(body).map(drop).map_err(ShapeError::from),
+        }
+    }
+
     /// Delivers now, through the target's queue and limiter, and returns the outcome
-    /// (`POST /notify/<target>?wait=true`).
+    /// (`POST /notify/<target>?wait=true`). `seed` identifies the message (its Idempotency-Key).
     pub async fn deliver_now(
         &self,
         target: &str,
-        notification: Notification,
+        body: &[u8],
+        seed: String,
     ) -> Result<Outcome, NotifyError> {
         let queue = self.queues.get(target).ok_or(NotifyError::UnknownTarget)?;
+        let prepared = self.ctx.prepare(&self.targets[target], body, None, seed)?;
         let (reply, answer) = oneshot::channel();
         queue
             .try_send(Job::Sync {
-                notification: Box::new(notification),
+                prepared: Box::new(prepared),
                 reply,
                 deadline: SystemTime::now() + self.ctx.settings.wait_timeout,
             })
@@ -286,8 +397,8 @@ impl Notifier {
     }
 }
 
-/// The durable consumers of the notify pipeline: one per target (in the order of `targets`),
-/// whose in-flight limit is the target's queue size, so that a flooded target holds only its
+/// The durable consumers of the notify pipeline: one per target or route (in the order of
+/// `targets`), whose in-flight limit is the queue size, so that a flooded target holds only its
 /// own slots on the bus and never starves another; and one for every notification, which
 /// dead-letters those for targets nobody configured.
 pub fn consumer_specs<'a>(
@@ -314,34 +425,42 @@ pub fn consumer_specs<'a>(
 pub fn all_consumer_specs(
     settings: &NotifySettings,
     targets: &BTreeMap<String, Target>,
+    routes: &BTreeMap<String, Route>,
     prefix: &str,
 ) -> Vec<bus::ConsumerSpec> {
     if !settings.enabled {
         return Vec::new();
     }
-    let (mut specs, all) = consumer_specs(settings, targets.keys(), prefix);
+    let names = targets.keys().chain(routes.keys());
+    let (mut specs, all) = consumer_specs(settings, names, prefix);
     specs.push(all);
     specs
 }
 
 /// Reads one target's consumer and hands each message to the target's worker.
 async fn feed(
-    target: String,
+    target: Arc<Target>,
     mut consumer: bus::Consumer,
     queue: mpsc::Sender<Job>,
     ctx: Arc<Ctx>,
 ) {
-    let depth = ctx.metrics.notify_queue_depth.with_label_values(&[&target]);
+    let name = target.name.as_str();
+    let depth = ctx.metrics.notify_queue_depth.with_label_values(&[name]);
     loop {
         let delivery = tokio::select! {
             d = consumer.next() => match d { Some(d) => d, None => break },
             _ = ctx.shutdown.cancelled() => break,
         };
-        let notification = match message::parse(&delivery.payload) {
-            Ok(Parsed { notification, .. }) => notification,
+        let seed = delivery
+            .id()
+            .map(str::to_owned)
+            .unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
+        let rule = ctx.rule_of(&delivery);
+        let prepared = match ctx.prepare(&target, &delivery.payload, rule, seed) {
+            Ok(p) => p,
             Err(e) => {
-                let reason = Reason::InvalidMessage;
-                finish_failed(&ctx, &delivery, &target, reason, 0, &e.to_string()).await;
+                let reason = shape_reason(&e);
+                finish_failed(&ctx, &delivery, name, reason, 0, &e.to_string()).await;
                 continue;
             }
         };
@@ -350,7 +469,7 @@ async fn feed(
         depth.inc();
         let job = Job::Bus {
             delivery,
-            notification: Box::new(notification),
+            prepared: Box::new(prepared),
             deadline: SystemTime::now() + ctx.settings.max_wait,
             held,
         };
@@ -368,6 +487,132 @@ async fn feed(
     consumer.close().await;
 }
 
+/// Reads one route's consumer: each message is forwarded to `notify.<target>` for every target
+/// of every rule it matches (each target once), then acknowledged. Forwarding through the bus
+/// keeps each target's own queue, limits, retries and dead letters; the forwarded copy's id is
+/// derived from the original's, so a forward repeated after a crash is recognised as a
+/// duplicate by the bus.
+async fn forward(route: Route, mut consumer: bus::Consumer, ctx: Arc<Ctx>) {
+    let name = route.name.as_str();
+    loop {
+        let delivery = tokio::select! {
+            d = consumer.next() => match d { Some(d) => d, None => break },
+            _ = ctx.shutdown.cancelled() => break,
+        };
+        let payload = match message::payload(&delivery.payload) {
+            Ok(p) => serde_json::Value::Object(p),
+            Err(e) => {
+                let reason = Reason::InvalidMessage;
+                finish_failed(&ctx, &delivery, name, reason, 0, &e.to_string()).await;
+                continue;
+            }
+        };
+        let id = delivery
+            .id()
+            .map(str::to_owned)
+            .unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
+        let mut chosen: Vec<(&str, usize)> = Vec::new();
+        for (i, rule) in route.rules.iter().enumerate() {
+            if rule.matches(&payload) {
+                for t in &rule.targets {
+                    if !chosen.iter().any(|(c, _)| c == t) {
+                        chosen.push((t, i));
+                    }
+                }
+            }
+        }
+        if chosen.is_empty() {
+            ctx.metrics
+                .notify_routed_total
+                .with_label_values(&[name, ""])
+                .inc();
+            tracing::info!(route = name, id, "no rule matches; nothing to send");
+        }
+        let mut stopped = false;
+        for (target, rule) in chosen {
+            let msg = forwarded(&ctx, &delivery, &id, name, rule, target);
+            if !publish_until_stored(&ctx, &msg, name).await {
+                stopped = true;
+                break;
+            }
+            ctx.metrics
+                .notify_routed_total
+                .with_label_values(&[name, target])
+                .inc();
+        }
+        if stopped {
+            // Shutting down: what was forwarded is recognised as a duplicate next time.
+            let _ = delivery.nak(Duration::ZERO).await;
+            break;
+        }
+        if let Err(e) = delivery.ack().await {
+            tracing::debug!(route = name, error = %e, "ack failed after forwarding; it comes again");
+        }
+    }
+    consumer.close().await;
+}
+
+/// The copy of a routed message for one target.
+fn forwarded(
+    ctx: &Ctx,
+    delivery: &Delivery,
+    id: &str,
+    route: &str,
+    rule: usize,
+    target: &str,
+) -> Message {
+    let id = format!("{id}.{target}");
+    let mut headers = bus_headers(delivery);
+    headers.retain(|(k, _)| {
+        !(k.eq_ignore_ascii_case("ce-id")
+            || k.eq_ignore_ascii_case(ROUTE_HEADER)
+            || k.eq_ignore_ascii_case(RULE_HEADER))
+    });
+    headers.push(("ce-id".into(), id.clone()));
+    headers.push((ROUTE_HEADER.into(), route.into()));
+    headers.push((RULE_HEADER.into(), rule.to_string()));
+    Message {
+        subject: bus::with_prefix(&ctx.prefix, &format!("notify.{target}")),
+        id,
+        headers,
+        payload: Bytes::clone(&delivery.payload),
+    }
+}
+
+/// A delivery's headers without the bus's own control headers (message id, expected
+/// sequences, TTL, rollup): they belonged to the original and would make a new publish fail
+/// or misbehave.
+fn bus_headers(delivery: &Delivery) -> Vec<(String, String)> {
+    delivery
+        .headers
+        .iter()
+        .filter(|(k, _)| !k.to_ascii_lowercase().starts_with("nats-"))
+        .cloned()
+        .collect()
+}
+
+/// Publishes, retrying with backoff while the bus refuses; `false` when shutdown came first.
+/// Retried here rather than by handing the message back: a redelivery would repeat what was
+/// already done for it (a send to the platform, say).
+async fn publish_until_stored(ctx: &Ctx, msg: &Message, name: &str) -> bool {
+    let mut attempt = 0;
+    loop {
+        match ctx.bus.publish(msg).await {
+            Ok(_) => return true,
+            Err(e) => {
+                attempt += 1;
+                tracing::error!(name, subject = %msg.subject, error = %e, attempt, "cannot publish yet; retrying");
+                let delay =
+                    retry_delay(attempt, Duration::from_millis(200), Duration::from_secs(10));
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = ctx.shutdown.cancelled() => return false,
+                }
+            }
+        }
+    }
+}
+
 /// Reads every notification: those for configured targets are their own consumers' business
 /// (acknowledged here at once), the others are dead-lettered as `unknown_target`.
 async fn catch_all(mut consumer: bus::Consumer, notifier: Arc<Notifier>) {
@@ -383,7 +628,7 @@ async fn catch_all(mut consumer: bus::Consumer, notifier: Arc<Notifier>) {
             .strip_prefix(&subject_prefix)
             .unwrap_or(&delivery.subject)
             .to_owned();
-        if notifier.queues.contains_key(&target) {
+        if notifier.queues.contains_key(&target) || notifier.routes.contains_key(&target) {
             if let Err(e) = delivery.ack().await {
                 tracing::debug!(error = %e, "catch-all ack failed; it comes again");
             }
@@ -409,23 +654,23 @@ async fn worker(target: Arc<Target>, mut rx: mpsc::Receiver<Job>, ctx: Arc<Ctx>)
         match job {
             Job::Bus {
                 delivery,
-                notification,
+                prepared,
                 deadline,
                 held,
             } => {
                 let current = || delivery.is_current();
-                let outcome = deliver(&ctx, &target, &notification, deadline, &current).await;
+                let outcome = deliver(&ctx, &target, &prepared, deadline, &current).await;
                 finish(&ctx, &target, &delivery, outcome).await;
                 ctx.held.remove(held);
             }
             Job::Sync {
-                notification,
+                prepared,
                 reply,
                 deadline,
             } => {
                 // A caller that gave up must not get a delivery it was told timed out.
                 if !reply.is_closed() {
-                    let outcome = deliver(&ctx, &target, &notification, deadline, &|| true).await;
+                    let outcome = deliver(&ctx, &target, &prepared, deadline, &|| true).await;
                     let _ = reply.send(outcome);
                 }
             }
@@ -490,14 +735,7 @@ async fn finish_failed(
     attempts: u32,
     answer: &str,
 ) {
-    let mut headers: Vec<(String, String)> = delivery
-        .headers
-        .iter()
-        // The bus's own control headers (message id, expected sequences, TTL, rollup) would
-        // make the dead letter's publish fail or misbehave: they belonged to the original.
-        .filter(|(k, _)| !k.to_ascii_lowercase().starts_with("nats-"))
-        .cloned()
-        .collect();
+    let mut headers = bus_headers(delivery);
     headers.push((DLQ_REASON.into(), reason.label().into()));
     headers.push((DLQ_ATTEMPTS.into(), attempts.to_string()));
     headers.push((DLQ_TARGET.into(), target.into()));
@@ -528,26 +766,9 @@ async fn finish_failed(
     } else {
         target
     };
-    // Retried here rather than by handing the message back: a redelivery would send it to the
-    // platform again.
-    let mut attempt = 0;
-    loop {
-        match ctx.bus.publish(&msg).await {
-            Ok(_) => break,
-            Err(e) => {
-                attempt += 1;
-                tracing::error!(target, error = %e, attempt, "cannot dead-letter yet; retrying");
-                let delay =
-                    retry_delay(attempt, Duration::from_millis(200), Duration::from_secs(10));
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = ctx.shutdown.cancelled() => {
-                        let _ = delivery.nak(Duration::ZERO).await;
-                        return;
-                    }
-                }
-            }
-        }
+    if !publish_until_stored(ctx, &msg, target).await {
+        let _ = delivery.nak(Duration::ZERO).await;
+        return;
     }
     ctx.metrics
         .notify_dead_letters_total
@@ -559,34 +780,49 @@ async fn finish_failed(
     }
 }
 
-/// Renders and sends every part, waiting for the limiter before each send, retrying transient
-/// failures with backoff, pausing on "too fast". Stops before any send once `current` says
-/// the message has become another replica's.
+/// Renders and sends every request, waiting for the limiter before each send, retrying
+/// transient failures with backoff, pausing on "too fast". Stops before any send once `current`
+/// says the message has become another replica's.
 async fn deliver(
     ctx: &Ctx,
     target: &Target,
-    n: &Notification,
+    prepared: &Prepared,
     deadline: SystemTime,
     current: &(dyn Fn() -> bool + Sync),
 ) -> Outcome {
-    let bodies = render(target, n);
+    let requests = render(target, prepared);
     let name = target.name.as_str();
     let mut attempts = 0u32;
     let mut transient = 0u32;
     let mut limited = 0u32;
     let mut last: Option<Answer> = None;
+    let mut accepted = 0usize;
     let failed = |reason, attempts, answer| Outcome::Failed {
         reason,
         attempts,
         answer,
     };
-    for body in &bodies {
+    for request in &requests {
+        let member_keys: Vec<String> = if target.member_limits.is_empty() {
+            Vec::new()
+        } else {
+            request
+                .members
+                .iter()
+                .map(|m| member_key(target, m))
+                .collect()
+        };
+        let mut keys: Vec<(&str, &[crate::config::Limit])> = member_keys
+            .iter()
+            .map(|k| (k.as_str(), target.member_limits.as_slice()))
+            .collect();
+        keys.push((name, &target.limits));
+        let mut refreshed = false;
         loop {
             match ctx
                 .limiter
-                .acquire(
-                    name,
-                    &target.limits,
+                .acquire_all(
+                    &keys,
                     ctx.settings.rate_limit_margin,
                     deadline,
                     &ctx.shutdown,
@@ -605,18 +841,60 @@ async fn deliver(
                 return failed(Reason::Moved, attempts, last);
             }
             attempts += 1;
-            let answer = send(ctx, target, body).await;
-            let class = answer.class;
+            let sent = send(ctx, target, request).await;
+            let answer = sent.answer;
+            // An access token the platform no longer takes (expired early, or revoked): fetch
+            // a new one and send again at once, once per request.
+            if let Some(token) = &sent.token {
+                if !refreshed && answer.code.is_some_and(|c| token_rejected(target.kind, c)) {
+                    refreshed = true;
+                    invalidate_token(ctx, target, token);
+                    tracing::info!(target = name, code = ?answer.code, "access token refused; fetching a new one");
+                    last = Some(answer);
+                    continue;
+                }
+            }
+            let mut class = answer.class;
+            if sent.token.is_some() && answer.code.is_some_and(|c| token_rejected(target.kind, c))
+            {
+                // A fresh token refused too: the platform's side; try again later.
+                if let Some(token) = &sent.token {
+                    invalidate_token(ctx, target, token);
+                }
+                class = Class::Transient;
+            }
             if class != Class::Ok {
                 ctx.metrics
                     .notify_failed_total
                     .with_label_values(&[name, class.label()])
                     .inc();
-                tracing::info!(target = name, class = class.label(), code = ?answer.code, status = answer.status, detail = %answer.detail, "send failed");
+                tracing::info!(target = name, class = class.label(), code = ?answer.code, status = answer.status, detail = %answer.detail, stage = if sent.token_failed { "token" } else { "send" }, "send failed");
+            }
+            let recipient_error = target.kind == TargetKind::LarkApp
+                && answer.code.is_some_and(lark::app::is_recipient_error);
+            let token_failed = sent.token_failed;
+            if class == Class::Ok {
+                report_invalid_users(ctx, target, &answer);
             }
             last = Some(answer);
             match class {
-                Class::Ok => break,
+                Class::Ok => {
+                    accepted += 1;
+                    break;
+                }
+                // One Lark recipient the bot cannot reach: the others still get theirs.
+                Class::Permanent if recipient_error => {
+                    let invalid = request.members.join(", ");
+                    ctx.metrics
+                        .notify_invalid_recipients_total
+                        .with_label_values(&[name])
+                        .inc();
+                    tracing::warn!(target = name, recipients = %invalid, "the platform cannot reach this recipient; skipped");
+                    break;
+                }
+                Class::Permanent if token_failed => {
+                    return failed(Reason::TokenRefused, attempts, last)
+                }
                 Class::Permanent => return failed(Reason::Permanent, attempts, last),
                 Class::RateLimited { pause } => {
                     limited += 1;
@@ -654,10 +932,41 @@ async fn deliver(
             }
         }
     }
-    Outcome::Delivered {
-        parts: bodies.len(),
-        answer: last.expect("at least one part was sent"),
+    if accepted == 0 {
+        // Every recipient was refused.
+        return failed(Reason::Permanent, attempts, last);
     }
+    Outcome::Delivered {
+        parts: requests.len(),
+        answer: last.expect("at least one request was sent"),
+    }
+}
+
+/// WeCom accepts a message while naming the recipients outside the app's visible scope.
+fn report_invalid_users(ctx: &Ctx, target: &Target, answer: &Answer) {
+    if target.kind != TargetKind::WeComApp {
+        return;
+    }
+    let invalid = wecom::app::invalid_users(answer.detail.as_bytes());
+    if !invalid.is_empty() {
+        ctx.metrics
+            .notify_invalid_recipients_total
+            .with_label_values(&[&target.name])
+            .inc_by(invalid.len() as u64);
+        tracing::warn!(target = %target.name, users = ?invalid, "WeCom did not deliver to these users (invaliduser: outside the app's visible scope?)");
+    }
+}
+
+/// The limiter key of one recipient of an app: shared by every target of the same app, since
+/// the platform counts per app and member. Hashed, so it is a valid bus token whatever the id.
+fn member_key(target: &Target, member: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let app = match &target.endpoint {
+        Endpoint::App(a) => format!("{}|{}", a.app_id, a.agent_id),
+        Endpoint::Robot { .. } => target.name.clone(),
+    };
+    let digest = Sha256::digest(format!("{}|{app}|{member}", target.kind.as_str()));
+    format!("member_{}", &hex::encode(digest)[..24])
 }
 
 /// Exponential backoff with full jitter in its upper half: `initial × 2^(n−1)`, capped, then
@@ -668,73 +977,352 @@ fn retry_delay(n: u32, initial: Duration, max: Duration) -> Duration {
     half + Duration::from_nanos(rand::thread_rng().gen_range(0..=half.as_nanos().max(1) as u64))
 }
 
-/// The request bodies for a notification, one per part.
-pub fn render(target: &Target, n: &Notification) -> Vec<serde_json::Value> {
+/// One request to a platform.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub body: serde_json::Value,
+    /// App messages: the recipients it goes to (for their limits and for reports).
+    pub members: Vec<String>,
+}
+
+/// The requests for a prepared message: one per part, and for app messages per chunk of
+/// recipients (Lark: per recipient, its API takes one receive id).
+pub fn render(target: &Target, p: &Prepared) -> Vec<Request> {
+    let n = &p.notification;
+    let opts = &target.render;
+    let bot = |bodies: Vec<serde_json::Value>| {
+        bodies
+            .into_iter()
+            .map(|body| Request {
+                body,
+                members: Vec::new(),
+            })
+            .collect()
+    };
+    let agent_id = match &target.endpoint {
+        Endpoint::App(a) => a.agent_id,
+        Endpoint::Robot { .. } => 0,
+    };
+    let listed = |bodies: Vec<serde_json::Value>, field: &str, separator: char| {
+        bodies
+            .into_iter()
+            .map(|body| {
+                let members = body[field]
+                    .as_str()
+                    .unwrap_or_default()
+                    .split(separator)
+                    .filter(|m| !m.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                Request { body, members }
+            })
+            .collect()
+    };
     match target.kind {
-        TargetKind::DingTalkRobot => dingtalk::robot::render(n, &target.render),
-        TargetKind::WeComRobot => wecom::robot::render(n, &target.render),
-        TargetKind::LarkRobot => lark::robot::render(n, &target.render),
+        TargetKind::DingTalkRobot => bot(dingtalk::robot::render(n, opts)),
+        TargetKind::WeComRobot => bot(wecom::robot::render(n, opts)),
+        TargetKind::LarkRobot => bot(lark::robot::render(n, opts)),
+        TargetKind::DingTalkWork => listed(
+            dingtalk::work::render(n, opts, agent_id, &p.recipients),
+            "userid_list",
+            ',',
+        ),
+        TargetKind::WeComApp => listed(
+            wecom::app::render(n, opts, agent_id, &p.recipients),
+            "touser",
+            '|',
+        ),
+        TargetKind::LarkApp => p
+            .recipients
+            .iter()
+            .flat_map(|r| {
+                lark::app::render(n, opts, r, &format!("{}/{r}", p.seed))
+                    .into_iter()
+                    .map(|body| Request {
+                        body,
+                        members: vec![r.clone()],
+                    })
+            })
+            .collect(),
     }
 }
 
-/// Signs and posts one body; classifies the answer. Never logs the URL (it holds the token).
-async fn send(ctx: &Ctx, target: &Target, body: &serde_json::Value) -> Answer {
-    let secret = target.secret.as_ref().map(|s| s.expose());
-    let (url, body) = match target.kind {
-        TargetKind::DingTalkRobot => (
-            dingtalk::robot::signed_url(target.url.expose(), secret, now_ms()),
-            body.clone(),
-        ),
-        TargetKind::WeComRobot => (target.url.expose().to_owned(), body.clone()),
-        TargetKind::LarkRobot => {
-            let mut body = body.clone();
-            lark::robot::apply_signature(&mut body, secret, now_ms() / 1000);
-            (target.url.expose().to_owned(), body)
-        }
+/// What a target or route would send for `body`, request by request, without sending. `id`
+/// stands for the message id (Lark's idempotency
+/// uuid derives from it; a route's copies get `<id>.<target>`, as on the bus).
+pub fn preview(
+    settings: &crate::config::Settings,
+    name: &str,
+    body: &[u8],
+    id: &str,
+) -> Result<Preview, PreviewError> {
+    let users = Directory::new(settings.users.clone());
+    let shaper = Shaper {
+        templates: &settings.templates,
+        users: &users,
     };
+    let mut jobs: Vec<(&Target, Option<(&str, &Rule)>, String)> = Vec::new();
+    if let Some(t) = settings.targets.get(name) {
+        jobs.push((t, None, id.to_owned()));
+    } else if let Some(route) = settings.routes.get(name) {
+        let payload = serde_json::Value::Object(message::payload(body).map_err(ShapeError::from)?);
+        for (i, rule) in route.rules.iter().enumerate() {
+            if !rule.matches(&payload) {
+                continue;
+            }
+            for t in &rule.targets {
+                if jobs.iter().any(|(j, _, _)| &j.name == t) {
+                    continue;
+                }
+                let target = &settings.targets[t];
+                jobs.push((target, Some((route.name.as_str(), &route.rules[i])), format!("{id}.{t}")));
+            }
+        }
+    } else {
+        return Err(PreviewError::Unknown(name.to_owned()));
+    }
+    let (mut requests, mut unbound) = (Vec::new(), Vec::new());
+    for (target, rule, seed) in jobs {
+        let prepared = shaper
+            .prepare(body, target, rule, seed)
+            .map_err(|e| PreviewError::Shape(target.name.clone(), e))?;
+        if !prepared.unbound.is_empty() {
+            unbound.push((target.name.clone(), prepared.unbound.clone()));
+        }
+        for request in render(target, &prepared) {
+            requests.push((target.name.clone(), describe(target, &request), request));
+        }
+    }
+    Ok(Preview { requests, unbound })
+}
+
+/// What `imbridge render` shows.
+#[derive(Debug)]
+pub struct Preview {
+    /// `(target, where it goes, request)`, in sending order.
+    pub requests: Vec<(String, String, Request)>,
+    /// `(target, accounts)` named but not bound on the target's platform: skipped.
+    pub unbound: Vec<(String, Vec<String>)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreviewError {
+    #[error("no target or route named {0:?} is configured")]
+    Unknown(String),
+    #[error("{0}: {1}")]
+    Shape(String, ShapeError),
+}
+
+impl From<ShapeError> for PreviewError {
+    fn from(e: ShapeError) -> Self {
+        PreviewError::Shape(String::new(), e)
+    }
+}
+
+/// Where a request goes, without credentials (`imbridge render` prints it).
+pub fn describe(target: &Target, request: &Request) -> String {
+    match (&target.endpoint, target.kind) {
+        (Endpoint::Robot { .. }, _) => format!("POST <{} webhook>", target.kind.as_str()),
+        (Endpoint::App(a), TargetKind::DingTalkWork) => format!(
+            "POST {}/topapi/message/corpconversation/asyncsend_v2?access_token=<token>",
+            a.base_url
+        ),
+        (Endpoint::App(a), TargetKind::WeComApp) => format!(
+            "POST {}/cgi-bin/message/send?access_token=<token>",
+            a.base_url
+        ),
+        (Endpoint::App(a), _) => {
+            let id = request.members.first().map(String::as_str).unwrap_or("");
+            lark::app::send_url(&a.base_url, lark::app::receive_id_type(id))
+        }
+    }
+}
+
+/// A send's answer, and the access token it used (app messages).
+struct Sent {
+    answer: Answer,
+    token: Option<String>,
+    /// No token could be had: the answer is the token endpoint's.
+    token_failed: bool,
+}
+
+/// Signs (bots) or authorises (apps) and posts one request; classifies the answer. Never logs
+/// a URL: bot URLs hold their token, app URLs the access token.
+async fn send(ctx: &Ctx, target: &Target, request: &Request) -> Sent {
     let started = Instant::now();
-    let response = ctx.http.post(url).json(&body).send().await;
-    let answer = match response {
-        Err(e) => Answer {
-            class: Class::Transient,
-            code: None,
-            status: 0,
-            detail: transport_error(e),
-        },
-        Ok(resp) => {
-            let status = resp.status().as_u16();
-            let reset = resp
-                .headers()
-                .get("x-ogw-ratelimit-reset")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            match resp.bytes().await {
-                Err(e) => Answer {
-                    class: Class::Transient,
-                    code: None,
-                    status,
-                    detail: transport_error(e),
+    let sent = match &target.endpoint {
+        Endpoint::Robot { url, secret } => {
+            let secret = secret.as_ref().map(|s| s.expose());
+            let (url, body) = match target.kind {
+                TargetKind::DingTalkRobot => (
+                    dingtalk::robot::signed_url(url.expose(), secret, now_ms()),
+                    request.body.clone(),
+                ),
+                TargetKind::LarkRobot => {
+                    let mut body = request.body.clone();
+                    lark::robot::apply_signature(&mut body, secret, now_ms() / 1000);
+                    (url.expose().to_owned(), body)
+                }
+                _ => (url.expose().to_owned(), request.body.clone()),
+            };
+            Sent {
+                answer: post(ctx, target.kind, url, None, &body).await,
+                token: None,
+                token_failed: false,
+            }
+        }
+        Endpoint::App(app) => {
+            let key = token_key(target.kind, app);
+            let fetched = ctx
+                .tokens
+                .get(&key, || fetch_token(ctx, target, app))
+                .await;
+            match fetched {
+                Err(answer) => Sent {
+                    answer,
+                    token: None,
+                    token_failed: true,
                 },
-                Ok(bytes) => {
-                    let mut answer = match target.kind {
-                        TargetKind::DingTalkRobot => dingtalk::robot::classify(status, &bytes),
-                        TargetKind::WeComRobot => wecom::robot::classify(status, &bytes),
-                        TargetKind::LarkRobot => lark::robot::classify(status, &bytes),
+                Ok(token) => {
+                    let (url, bearer) = match target.kind {
+                        TargetKind::DingTalkWork => {
+                            (dingtalk::work::send_url(&app.base_url, &token), None)
+                        }
+                        TargetKind::WeComApp => (wecom::app::send_url(&app.base_url, &token), None),
+                        _ => {
+                            let id = request.members.first().map(String::as_str).unwrap_or("");
+                            let ty = lark::app::receive_id_type(id);
+                            (lark::app::send_url(&app.base_url, ty), Some(token.as_str()))
+                        }
                     };
-                    // Lark's gateway says when its quota resets.
-                    if let (Class::RateLimited { pause: None }, Some(secs)) = (answer.class, reset)
-                    {
-                        answer.class = Class::RateLimited {
-                            pause: Some(Duration::from_secs(secs.min(3600))),
-                        };
+                    let answer = post(ctx, target.kind, url, bearer, &request.body).await;
+                    Sent {
+                        answer,
+                        token: Some(token),
+                        token_failed: false,
                     }
-                    answer
                 }
             }
         }
     };
-    tracing::debug!(target = %target.name, took = ?started.elapsed(), class = answer.class.label(), "sent");
+    tracing::debug!(target = %target.name, took = ?started.elapsed(), class = sent.answer.class.label(), "sent");
+    sent
+}
+
+/// Posts a JSON body and classifies the answer the way `kind`'s platform means it.
+async fn post(
+    ctx: &Ctx,
+    kind: TargetKind,
+    url: String,
+    bearer: Option<&str>,
+    body: &serde_json::Value,
+) -> Answer {
+    let mut request = ctx.http.post(url).json(body);
+    if let Some(token) = bearer {
+        request = request.bearer_auth(token);
+    }
+    let resp = match request.send().await {
+        Err(e) => return transport_answer(e, 0),
+        Ok(resp) => resp,
+    };
+    let status = resp.status().as_u16();
+    let reset = resp
+        .headers()
+        .get("x-ogw-ratelimit-reset")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let bytes = match resp.bytes().await {
+        Err(e) => return transport_answer(e, status),
+        Ok(b) => b,
+    };
+    let mut answer = match kind {
+        TargetKind::DingTalkRobot => dingtalk::robot::classify(status, &bytes),
+        TargetKind::WeComRobot => wecom::robot::classify(status, &bytes),
+        TargetKind::LarkRobot => lark::robot::classify(status, &bytes),
+        TargetKind::DingTalkWork => dingtalk::work::classify(status, &bytes),
+        TargetKind::WeComApp => wecom::app::classify(status, &bytes),
+        TargetKind::LarkApp => lark::app::classify(status, &bytes),
+    };
+    // Lark's gateway says when its quota resets.
+    if let (Class::RateLimited { pause: None }, Some(secs)) = (answer.class, reset) {
+        answer.class = Class::RateLimited {
+            pause: Some(Duration::from_secs(secs.min(3600))),
+        };
+    }
     answer
+}
+
+fn transport_answer(e: reqwest::Error, status: u16) -> Answer {
+    Answer {
+        class: Class::Transient,
+        code: None,
+        status,
+        detail: transport_error(e),
+    }
+}
+
+/// Tokens are cached per credential: targets of the same app share one.
+fn token_key(kind: TargetKind, app: &AppCredentials) -> String {
+    use sha2::{Digest, Sha256};
+    let secret = hex::encode(Sha256::digest(app.secret.expose()));
+    format!("{}|{}|{}|{}", kind.as_str(), app.base_url, app.app_id, &secret[..16])
+}
+
+fn token_rejected(kind: TargetKind, code: i64) -> bool {
+    match kind {
+        TargetKind::DingTalkWork => dingtalk::work::is_token_rejected(code),
+        TargetKind::WeComApp => wecom::app::is_token_rejected(code),
+        TargetKind::LarkApp => lark::app::is_token_rejected(code),
+        _ => false,
+    }
+}
+
+fn invalidate_token(ctx: &Ctx, target: &Target, token: &str) {
+    if let Endpoint::App(app) = &target.endpoint {
+        ctx.tokens.invalidate(&token_key(target.kind, app), token);
+    }
+}
+
+/// Asks the platform for an access token (one flight per credential, see [`TokenCache`]).
+async fn fetch_token(
+    ctx: &Ctx,
+    target: &Target,
+    app: &AppCredentials,
+) -> Result<IssuedToken, Answer> {
+    let secret = app.secret.expose();
+    let (request, parse): (TokenRequest, fn(u16, &[u8]) -> Result<IssuedToken, Answer>) =
+        match target.kind {
+            TargetKind::DingTalkWork => (
+                dingtalk::work::token_request(&app.base_url, &app.app_id, secret),
+                dingtalk::work::parse_token,
+            ),
+            TargetKind::WeComApp => (
+                wecom::app::token_request(&app.base_url, &app.app_id, secret),
+                wecom::app::parse_token,
+            ),
+            _ => (
+                lark::app::token_request(&app.base_url, &app.app_id, secret),
+                lark::app::parse_token,
+            ),
+        };
+    let result = token::fetch(&ctx.http, &request, parse).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(a) => a.class.label(),
+    };
+    ctx.metrics
+        .notify_token_fetches_total
+        .with_label_values(&[&target.name, outcome])
+        .inc();
+    match &result {
+        Ok(t) => {
+            tracing::info!(target = %target.name, expires_in = ?t.expires_in, "access token fetched")
+        }
+        Err(a) => {
+            tracing::warn!(target = %target.name, class = a.class.label(), code = ?a.code, detail = %a.detail, "access token refused")
+        }
+    }
+    result
 }
 
 /// A transport error with its causes, without the URL (it holds the robot's token).

@@ -277,6 +277,122 @@ pub fn detail(body: &[u8]) -> String {
     truncate_utf8(s.trim(), 512)
 }
 
+/// An access token a platform issued, and how long it is valid from now.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IssuedToken {
+    pub token: String,
+    pub expires_in: Duration,
+}
+
+/// The token is a credential: logs see only its lifetime.
+impl std::fmt::Debug for IssuedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedToken")
+            .field("token", &"<redacted>")
+            .field("expires_in", &self.expires_in)
+            .finish()
+    }
+}
+
+/// How to ask for a token: GET `url` when `json` is None, else POST `json`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenRequest {
+    pub url: String,
+    pub json: Option<serde_json::Value>,
+}
+
+/// The URL's query and the JSON body carry the app secret: neither is shown.
+impl std::fmt::Debug for TokenRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let path = self.url.split('?').next().unwrap_or_default();
+        f.debug_struct("TokenRequest")
+            .field("url", &format_args!("{path}?<redacted>"))
+            .field("json", &self.json.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// `base` (a configured base URL, with or without a trailing `/`) followed by `path`.
+pub(crate) fn endpoint(base: &str, path: &str) -> String {
+    format!("{}{path}", base.trim_end_matches('/'))
+}
+
+/// A URL query string, form-encoded.
+pub(crate) fn query(pairs: &[(&str, &str)]) -> String {
+    serde_urlencoded::to_string(pairs).expect("string pairs always encode")
+}
+
+/// Lifetime assumed when a token answer does not say (all three platforms document 7200 s).
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(7200);
+
+/// Parses a token endpoint's answer: HTTP status and `code_field` are judged as by
+/// [`classify`] with `by_code`; on success the token is `token_field` and its lifetime in
+/// seconds `expiry_field`.
+///
+/// The answer body is never quoted whole in the detail, since a success body holds the token
+/// and an error page may echo the request URL, which holds the secret: the detail keeps only
+/// the code and message fields of a JSON answer.
+pub(crate) fn parse_token(
+    status: u16,
+    body: &[u8],
+    code_field: &str,
+    token_field: &str,
+    expiry_field: &str,
+    by_code: impl Fn(i64) -> Class,
+) -> Result<IssuedToken, Answer> {
+    let mut answer = classify(status, body, &[code_field], by_code);
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    answer.detail = token_detail(status, parsed.as_ref());
+    if answer.class != Class::Ok {
+        return Err(answer);
+    }
+    let Some(v) = parsed else {
+        return Err(answer);
+    };
+    let token = v
+        .get(token_field)
+        .and_then(serde_json::Value::as_str)
+        .filter(|t| !t.is_empty());
+    let Some(token) = token else {
+        // A success without a token is not the platform's answer as documented: retrying may
+        // reach one that is.
+        answer.class = Class::Transient;
+        answer.detail = format!("{} without {token_field}", answer.detail);
+        return Err(answer);
+    };
+    // [U] A missing or unusable lifetime is taken as the documented 7200 s rather than
+    // refused: should the token die earlier, the platform's token-rejected code makes the
+    // caller fetch another.
+    let expires_in = v
+        .get(expiry_field)
+        .and_then(|e| {
+            e.as_u64()
+                .or_else(|| e.as_str().and_then(|s| s.parse().ok()))
+        })
+        .filter(|&s| s > 0)
+        .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+    Ok(IssuedToken {
+        token: token.to_owned(),
+        expires_in,
+    })
+}
+
+/// A token answer's detail: its code and message fields only, or what the body was.
+fn token_detail(status: u16, parsed: Option<&serde_json::Value>) -> String {
+    const KEPT: [&str; 4] = ["errcode", "errmsg", "code", "msg"];
+    match parsed.and_then(serde_json::Value::as_object) {
+        Some(fields) => {
+            let kept: serde_json::Map<String, serde_json::Value> = fields
+                .iter()
+                .filter(|(k, _)| KEPT.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            truncate_utf8(&serde_json::Value::Object(kept).to_string(), 512)
+        }
+        None => format!("HTTP {status}, not a JSON object"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,6 +414,72 @@ mod tests {
         let t = truncate_utf8("你好你好你好", 10);
         assert!(t.len() <= 10, "{t}");
         assert_eq!(t, "你好…");
+    }
+
+    #[test]
+    fn token_debug_shows_no_secret() {
+        let t = IssuedToken {
+            token: "t-secret".into(),
+            expires_in: Duration::from_secs(7200),
+        };
+        let r = TokenRequest {
+            url: "https://example.com/gettoken?appkey=k&appsecret=s3cret".into(),
+            json: Some(serde_json::json!({"app_secret": "s3cret"})),
+        };
+        let shown = format!("{t:?} {r:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(
+            shown.contains("https://example.com/gettoken?<redacted>"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn endpoint_strips_the_trailing_slash() {
+        assert_eq!(endpoint("http://h:1/", "/a?b=c"), "http://h:1/a?b=c");
+        assert_eq!(endpoint("http://h:1", "/a"), "http://h:1/a");
+        assert_eq!(query(&[("a", "x y"), ("b", "+/=")]), "a=x+y&b=%2B%2F%3D");
+    }
+
+    #[test]
+    fn token_answers_never_quote_the_token() {
+        let ok = br#"{"errcode":0,"access_token":"t-1","expires_in":"60"}"#;
+        let t = parse_token(200, ok, "errcode", "access_token", "expires_in", |_| {
+            Class::Permanent
+        })
+        .unwrap();
+        assert_eq!(t.expires_in, Duration::from_secs(60));
+        let no_lifetime = br#"{"errcode":0,"access_token":"t-1","expires_in":-5}"#;
+        let t = parse_token(
+            200,
+            no_lifetime,
+            "errcode",
+            "access_token",
+            "expires_in",
+            |_| Class::Permanent,
+        )
+        .unwrap();
+        assert_eq!(t.expires_in, DEFAULT_TOKEN_LIFETIME);
+        let odd = br#"{"errcode":0,"access_token":42,"extra":"t-1"}"#;
+        let a = parse_token(200, odd, "errcode", "access_token", "expires_in", |_| {
+            Class::Permanent
+        })
+        .unwrap_err();
+        assert_eq!(a.class, Class::Transient);
+        assert!(
+            !a.detail.contains("t-1") && !a.detail.contains("42"),
+            "{}",
+            a.detail
+        );
+        let page = b"<html>Cannot GET /gettoken?appsecret=s3cret</html>";
+        let a = parse_token(404, page, "errcode", "access_token", "expires_in", |_| {
+            Class::Permanent
+        })
+        .unwrap_err();
+        assert_eq!(
+            (a.class, a.detail.as_str()),
+            (Class::Permanent, "HTTP 404, not a JSON object")
+        );
     }
 
     proptest! {

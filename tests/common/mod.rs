@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod apps;
 pub mod engine;
 pub mod fakes;
 pub mod kafka;

@@ -1,4 +1,5 @@
 //! Lark / Feishu.
 
+pub mod app;
 pub mod callback;
 pub mod robot;

@@ -1,4 +1,5 @@
 //! WeCom (WeChat Work).
 
+pub mod app;
 pub mod callback;
 pub mod robot;
