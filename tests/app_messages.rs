@@ -487,12 +487,24 @@ async fn render_prints_exactly_what_the_platforms_receive() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let printed = String::from_utf8(out.stdout).unwrap();
+    // Each request: a "# <target>: <where>" line, then pretty JSON (whose lines never start
+    // with '#').
     let mut rendered: Vec<(String, Value)> = Vec::new();
-    for chunk in printed.split("# ").filter(|c| !c.is_empty()) {
-        let (head, json) = chunk.split_once('\n').unwrap();
-        let target = head.split(':').next().unwrap().to_owned();
-        rendered.push((target, serde_json::from_str(json).unwrap()));
+    let mut json = String::new();
+    for line in printed.lines().chain(["# end"]) {
+        if let Some(head) = line.strip_prefix("# ") {
+            if let Some(last) = rendered.last_mut() {
+                last.1 = serde_json::from_str(&json).unwrap();
+            }
+            json.clear();
+            let target = head.split(':').next().unwrap().to_owned();
+            rendered.push((target, Value::Null));
+        } else {
+            json.push_str(line);
+            json.push('\n');
+        }
     }
+    rendered.pop();
     let targets: Vec<&str> = rendered.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(targets, ["ops", "dev", "lark", "lark"], "{printed}");
     assert!(printed.contains("@张三"), "{printed}");

@@ -544,3 +544,112 @@ fn targets_and_rate_limits_are_parsed_and_validated() {
         Ok(())
     });
 }
+
+#[test]
+fn app_targets_users_routes_and_templates_are_validated() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "apps.toml",
+            r#"
+            [users.zhangsan]
+            wecom = "ZhangSan"
+            [users.nobody]
+            name = "No Ids"
+
+            [targets.robot]
+            kind = "dingtalk_robot"
+            app_secret = "app-secret-value"
+            users = ["zhangsan"]
+
+            [targets.work]
+            kind = "dingtalk_work"
+            agent_id = "not-a-number"
+            url = "https://x.invalid/robot"
+
+            [targets.wecom]
+            kind = "wecom_app"
+            app_id = "x"
+            app_secret = "s"
+            users = ["ghost"]
+            member_rate_limit = "lots"
+            base_url = "ftp://qyapi"
+            template = "nope"
+
+            [targets.lark]
+            kind = "lark_app"
+            app_id = "cli_1"
+            app_secret = "s"
+            agent_id = 7
+
+            [targets.feishu]
+            kind = "lark_robot"
+            url = "https://x.invalid/hook"
+            member_rate_limit = "3/s"
+
+            [routes.lark]
+            targets = ["robot"]
+
+            [routes.zentao]
+            template = "nope"
+            [[routes.zentao.rules]]
+            targets = ["missing"]
+            match = { product = [] }
+
+            [routes.empty]
+
+            [templates.bad]
+            text = "{{ oops "
+            "#,
+        )?;
+        let err = config::load(Some(Path::new("apps.toml"))).unwrap_err();
+        let keys = keys(&err);
+        for expected in [
+            "users.nobody",
+            "targets.robot.app_secret",
+            "targets.robot.url",
+            "targets.robot.users",
+            "targets.work.url",
+            "targets.work.app_id",
+            "targets.work.app_secret",
+            "targets.work.agent_id",
+            "targets.wecom.corp_id",
+            "targets.wecom.app_id",
+            "targets.wecom.agent_id",
+            "targets.wecom.users",
+            "targets.wecom.member_rate_limit",
+            "targets.wecom.base_url",
+            "targets.wecom.template",
+            "targets.lark.agent_id",
+            "targets.feishu.member_rate_limit",
+            "routes.lark",
+            "routes.zentao",
+            "routes.zentao.rules[0].targets",
+            "routes.zentao.rules[0].match.product",
+            "routes.empty.targets",
+            "templates.bad.text",
+        ] {
+            assert!(keys.contains(&expected), "{expected} not reported in {err}");
+        }
+        assert!(!err.to_string().contains("app-secret-value"));
+        Ok(())
+    });
+}
+
+#[test]
+fn unknown_keys_in_targets_and_routes_are_refused() {
+    for (section, body) in [
+        ("targets", "kind = \"dingtalk_robot\"\nurl = \"https://x\"\ntemplte = \"t\""),
+        ("routes", "targets = [\"a\"]\nrecipient = [\"mailto\"]"),
+        ("users", "wecom = \"w\"\nphone = \"138\""),
+    ] {
+        Jail::expect_with(|jail| {
+            jail.create_file("typo.toml", &format!("[{section}.x]\n{body}\n"))?;
+            let err = config::load(Some(Path::new("typo.toml"))).unwrap_err();
+            assert!(
+                err.to_string().contains("unknown field"),
+                "{section}: {err}"
+            );
+            Ok(())
+        });
+    }
+}
