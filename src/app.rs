@@ -82,8 +82,8 @@ impl App {
         };
         let notifier = Notifier::start(
             &settings.notify,
-            &settings.targets,
             notify::pipeline::Outbound {
+                targets: settings.targets.clone(),
                 routes: settings.routes.clone(),
                 templates: settings.templates.clone(),
                 users: notify::shape::Directory::new(settings.users.clone()),

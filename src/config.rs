@@ -1041,7 +1041,10 @@ impl Checker {
     fn limits(&mut self, key: &str, value: Option<&OneOrMany>) -> Option<Vec<Limit>> {
         let value = value?;
         if value.items().is_empty() {
-            self.problem(key, "must not be empty (omit it for the platform's default)");
+            self.problem(
+                key,
+                "must not be empty (omit it for the platform's default)",
+            );
             return Some(Vec::new());
         }
         Some(
@@ -1630,7 +1633,10 @@ impl TargetConfig {
 
     fn app_endpoint(&self, kind: TargetKind, key: &str, c: &mut Checker) -> Option<Endpoint> {
         let before = c.problems.len();
-        for (field, set) in [("url", self.url.is_some()), ("secret", self.secret.is_some())] {
+        for (field, set) in [
+            ("url", self.url.is_some()),
+            ("secret", self.secret.is_some()),
+        ] {
             if set {
                 c.problem(
                     format!("{key}.{field}"),

@@ -519,7 +519,7 @@ async fn render_prints_exactly_what_the_platforms_receive() {
     assert_eq!(robot[0].body, rendered[0].1);
     assert_eq!(wecom[0].body, rendered[1].1);
     lark.sort_by_key(|s| s.body["receive_id"].as_str().unwrap_or_default().to_owned());
-    let mut expected = vec![rendered[2].1.clone(), rendered[3].1.clone()];
+    let mut expected = [rendered[2].1.clone(), rendered[3].1.clone()];
     expected.sort_by_key(|b| b["receive_id"].as_str().unwrap_or_default().to_owned());
     assert_eq!(lark[0].body, expected[0]);
     assert_eq!(lark[1].body, expected[1]);

@@ -638,7 +638,10 @@ fn app_targets_users_routes_and_templates_are_validated() {
 #[test]
 fn unknown_keys_in_targets_and_routes_are_refused() {
     for (section, body) in [
-        ("targets", "kind = \"dingtalk_robot\"\nurl = \"https://x\"\ntemplte = \"t\""),
+        (
+            "targets",
+            "kind = \"dingtalk_robot\"\nurl = \"https://x\"\ntemplte = \"t\"",
+        ),
         ("routes", "targets = [\"a\"]\nrecipient = [\"mailto\"]"),
         ("users", "wecom = \"w\"\nphone = \"138\""),
     ] {

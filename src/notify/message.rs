@@ -159,7 +159,9 @@ impl ZenTao {
         let mut text = summary;
         if !self.comment.trim().is_empty() {
             text.push_str("\n\n> ");
-            text.push_str(&strip_html(self.comment.trim()).replace('\n', "\n> "));
+            // ZenTao comments are HTML from its rich-text editor; chat messages want text.
+            let comment = super::template::html_to_text(self.comment.trim());
+            text.push_str(&comment.trim().replace('\n', "\n> "));
         }
         if !self.date.is_empty() {
             text.push_str(&format!("\n\n{}", self.date));
@@ -193,25 +195,6 @@ fn strip_markdown_link(s: &str) -> String {
     }
     out.push_str(rest);
     out
-}
-
-/// ZenTao comments are HTML from its rich-text editor; chat messages want text.
-fn strip_html(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut in_tag = false;
-    for c in s.chars() {
-        match c {
-            '<' => in_tag = true,
-            '>' if in_tag => in_tag = false,
-            _ if !in_tag => out.push(c),
-            _ => {}
-        }
-    }
-    out.replace("&nbsp;", " ")
-        .replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&amp;", "&")
 }
 
 /// A parsed message body: what to render, and the ZenTao payload when that is what came.

@@ -24,7 +24,7 @@ use super::token::{self, TokenCache};
 use crate::bus::{self, Bus, Delivery, Message};
 use crate::config::{AppCredentials, Endpoint, NotifySettings, Route, Rule, Target, TargetKind};
 use crate::metrics::{Metrics, UNKNOWN_APP};
-use crate::platform::outbound::{Answer, Class, IssuedToken, TokenRequest};
+use crate::platform::outbound::{transport_answer, Answer, Class, IssuedToken, TokenRequest};
 use crate::platform::{dingtalk, lark, now_ms, wecom};
 use crate::shutdown::Shutdown;
 
@@ -244,8 +244,9 @@ async fn keep_alive(ctx: Arc<Ctx>) {
     }
 }
 
-/// What the notify pipeline needs from the configuration besides the targets.
+/// What the notify pipeline sends to and how: targets, routes, templates, user bindings.
 pub struct Outbound {
+    pub targets: BTreeMap<String, Target>,
     pub routes: BTreeMap<String, Route>,
     pub templates: Templates,
     pub users: Directory,
@@ -263,7 +264,6 @@ impl Notifier {
     /// Starts one worker per target and, when `settings.enabled`, the bus consumer.
     pub fn start(
         settings: &NotifySettings,
-        targets: &BTreeMap<String, Target>,
         outbound: Outbound,
         bus: Arc<Bus>,
         limiter: Limiter,
@@ -293,6 +293,7 @@ impl Notifier {
         let mut queues = HashMap::new();
         let mut tasks = Vec::new();
         let mut arcs = BTreeMap::new();
+        let targets = &outbound.targets;
         for (name, target) in targets {
             let target = Arc::new(target.clone());
             let (tx, rx) = mpsc::channel(settings.queue_capacity);
@@ -855,8 +856,7 @@ async fn deliver(
                 }
             }
             let mut class = answer.class;
-            if sent.token.is_some() && answer.code.is_some_and(|c| token_rejected(target.kind, c))
-            {
+            if sent.token.is_some() && answer.code.is_some_and(|c| token_rejected(target.kind, c)) {
                 // A fresh token refused too: the platform's side; try again later.
                 if let Some(token) = &sent.token {
                     invalidate_token(ctx, target, token);
@@ -1061,7 +1061,9 @@ pub fn preview(
         templates: &settings.templates,
         users: &users,
     };
-    let mut jobs: Vec<(&Target, Option<(&str, &Rule)>, String)> = Vec::new();
+    // (target, the rule that forwards to it, message id)
+    type Planned<'a> = (&'a Target, Option<(&'a str, &'a Rule)>, String);
+    let mut jobs: Vec<Planned> = Vec::new();
     if let Some(t) = settings.targets.get(name) {
         jobs.push((t, None, id.to_owned()));
     } else if let Some(route) = settings.routes.get(name) {
@@ -1075,7 +1077,11 @@ pub fn preview(
                     continue;
                 }
                 let target = &settings.targets[t];
-                jobs.push((target, Some((route.name.as_str(), &route.rules[i])), format!("{id}.{t}")));
+                jobs.push((
+                    target,
+                    Some((route.name.as_str(), &route.rules[i])),
+                    format!("{id}.{t}"),
+                ));
             }
         }
     } else {
@@ -1173,10 +1179,7 @@ async fn send(ctx: &Ctx, target: &Target, request: &Request) -> Sent {
         }
         Endpoint::App(app) => {
             let key = token_key(target.kind, app);
-            let fetched = ctx
-                .tokens
-                .get(&key, || fetch_token(ctx, target, app))
-                .await;
+            let fetched = ctx.tokens.get(&key, || fetch_token(ctx, target, app)).await;
             match fetched {
                 Err(answer) => Sent {
                     answer,
@@ -1252,20 +1255,17 @@ async fn post(
     answer
 }
 
-fn transport_answer(e: reqwest::Error, status: u16) -> Answer {
-    Answer {
-        class: Class::Transient,
-        code: None,
-        status,
-        detail: transport_error(e),
-    }
-}
-
 /// Tokens are cached per credential: targets of the same app share one.
 fn token_key(kind: TargetKind, app: &AppCredentials) -> String {
     use sha2::{Digest, Sha256};
     let secret = hex::encode(Sha256::digest(app.secret.expose()));
-    format!("{}|{}|{}|{}", kind.as_str(), app.base_url, app.app_id, &secret[..16])
+    format!(
+        "{}|{}|{}|{}",
+        kind.as_str(),
+        app.base_url,
+        app.app_id,
+        &secret[..16]
+    )
 }
 
 fn token_rejected(kind: TargetKind, code: i64) -> bool {
@@ -1290,21 +1290,20 @@ async fn fetch_token(
     app: &AppCredentials,
 ) -> Result<IssuedToken, Answer> {
     let secret = app.secret.expose();
-    let (request, parse): (TokenRequest, fn(u16, &[u8]) -> Result<IssuedToken, Answer>) =
-        match target.kind {
-            TargetKind::DingTalkWork => (
-                dingtalk::work::token_request(&app.base_url, &app.app_id, secret),
-                dingtalk::work::parse_token,
-            ),
-            TargetKind::WeComApp => (
-                wecom::app::token_request(&app.base_url, &app.app_id, secret),
-                wecom::app::parse_token,
-            ),
-            _ => (
-                lark::app::token_request(&app.base_url, &app.app_id, secret),
-                lark::app::parse_token,
-            ),
-        };
+    let (request, parse): (TokenRequest, token::ParseToken) = match target.kind {
+        TargetKind::DingTalkWork => (
+            dingtalk::work::token_request(&app.base_url, &app.app_id, secret),
+            dingtalk::work::parse_token,
+        ),
+        TargetKind::WeComApp => (
+            wecom::app::token_request(&app.base_url, &app.app_id, secret),
+            wecom::app::parse_token,
+        ),
+        _ => (
+            lark::app::token_request(&app.base_url, &app.app_id, secret),
+            lark::app::parse_token,
+        ),
+    };
     let result = token::fetch(&ctx.http, &request, parse).await;
     let outcome = match &result {
         Ok(_) => "ok",
@@ -1323,29 +1322,6 @@ async fn fetch_token(
         }
     }
     result
-}
-
-/// A transport error with its causes, without the URL (it holds the robot's token).
-fn transport_error(e: reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect error"
-    } else {
-        "transport error"
-    };
-    let e = e.without_url();
-    let mut out = format!("{kind}: {e}");
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !text.contains("://") {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! user bindings that turn internal account names into each platform's ids. Pure: no bus, no
 //! HTTP, so `imbridge render` shows exactly what the daemon would send.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -15,6 +16,8 @@ use crate::config::{Rule, Shaping, Target, TargetKind, UserConfig};
 #[derive(Debug, Clone, Default)]
 pub struct Directory {
     users: BTreeMap<String, UserConfig>,
+    /// Display names by account, for templates' `mention()`.
+    names: Arc<HashMap<String, String>>,
 }
 
 /// How a group bot @mentions someone.
@@ -33,11 +36,14 @@ fn bound(v: &Option<String>) -> Option<String> {
 
 impl Directory {
     pub fn new(users: BTreeMap<String, UserConfig>) -> Self {
-        Directory { users }
-    }
-
-    pub fn display_name(&self, account: &str) -> Option<String> {
-        self.users.get(account).and_then(|u| bound(&u.name))
+        let names = users
+            .iter()
+            .filter_map(|(account, u)| Some((account.clone(), bound(&u.name)?)))
+            .collect();
+        Directory {
+            users,
+            names: Arc::new(names),
+        }
     }
 
     /// The id a group bot of `kind` mentions `account` by: DingTalk prefers the mobile (its
@@ -118,7 +124,6 @@ impl Shaper<'_> {
         let payload = Value::Object(map.clone());
         let mut n = match &shaping.template {
             Some(name) => {
-                let display = |a: &str| self.users.display_name(a);
                 let r = self.templates.render(
                     name,
                     &Context {
@@ -126,7 +131,7 @@ impl Shaper<'_> {
                         target: &target.name,
                         kind: target.kind.as_str(),
                         route: rule.map(|(route, _)| route),
-                        display_name: &display,
+                        names: &self.users.names,
                     },
                 )?;
                 // A notification keeps its own recipients and mentions; its text is the
@@ -367,8 +372,12 @@ rules = [
         let p = prepare(&s, "lark", r#"{"text":"hi"}"#).unwrap();
         assert_eq!(p.recipients, ["ou_zs", "lisi@example.com"]);
         // Explicit recipients replace the defaults; platform ids pass through.
-        let p = prepare(&s, "lark", r#"{"text":"hi","to":{"users":["lisi"],"user_ids":["ou_x"]}}"#)
-            .unwrap();
+        let p = prepare(
+            &s,
+            "lark",
+            r#"{"text":"hi","to":{"users":["lisi"],"user_ids":["ou_x"]}}"#,
+        )
+        .unwrap();
         assert_eq!(p.recipients, ["ou_x", "lisi@example.com"]);
     }
 
@@ -392,7 +401,12 @@ rules = [
         assert_eq!(p.recipients, ["ding-ww"]);
         assert_eq!(p.unbound, ["lisi", "nobody"]);
         // Not a notification nor ZenTao: fine with a template.
-        let p = prepare(&s, "ding", r#"{"objectType":"x","objectID":"1","actor":"a","mailto":"wangwu"}"#).unwrap();
+        let p = prepare(
+            &s,
+            "ding",
+            r#"{"objectType":"x","objectID":"1","actor":"a","mailto":"wangwu"}"#,
+        )
+        .unwrap();
         assert_eq!(p.recipients, ["ding-ww"]);
         // Without one, it is invalid.
         assert!(matches!(

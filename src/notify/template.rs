@@ -32,10 +32,6 @@ const FUEL: u64 = 100_000;
 /// without macros or includes never nest deeply.
 const RECURSION_LIMIT: usize = 100;
 
-/// Most renders of one message. A template whose `mention` calls depend on the names earlier
-/// calls returned could otherwise re-render forever; see [`Templates::render`].
-const MAX_PASSES: usize = 3;
-
 /// One `[templates.<name>]` table. Every string except `format` is a template source.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -128,7 +124,9 @@ pub struct Context<'a> {
     pub kind: &'a str,
     pub route: Option<&'a str>,
     /// The name of a bound user, for `mention()`.
-    pub display_name: &'a (dyn Fn(&str) -> Option<String> + Sync),
+    /// Bound users' names by account, for `mention()` (shared, since minijinja functions
+    /// must own what they use).
+    pub names: &'a Arc<HashMap<String, String>>,
 }
 
 /// A rendered template: the parts of a notification.
@@ -236,47 +234,26 @@ impl Templates {
             .defs
             .get(name)
             .ok_or_else(|| error("no such template".to_owned()))?;
-        // minijinja functions must be 'static, and `display_name` borrows: so a render records
-        // the accounts mentioned, their names are looked up after it, and when one differs from
-        // the account the message is rendered again with the names known.
-        let mut names = HashMap::new();
-        let mut pass = 1;
-        loop {
-            let recorded = Arc::new(Mutex::new(Vec::new()));
-            let vars = variables(ctx, def.format, Arc::new(names.clone()), recorded.clone());
-            let mut out = BTreeMap::new();
-            for field in &def.fields {
-                let key = field.key(name);
-                let text = self
-                    .inner
-                    .env
-                    .get_template(&key)
-                    .and_then(|t| t.render(vars.clone()))
-                    .map_err(|e| error(format!("{}: {}", field.name(), describe(&e))))?;
-                out.insert(field.name(), text);
-            }
-            let mentioned =
-                std::mem::take(&mut *recorded.lock().unwrap_or_else(PoisonError::into_inner));
-            let mut changed = false;
-            for account in &mentioned {
-                if !names.contains_key(account) {
-                    let shown = (ctx.display_name)(account)
-                        .filter(|n| !n.trim().is_empty())
-                        .unwrap_or_else(|| account.clone());
-                    changed |= shown != *account;
-                    names.insert(account.clone(), shown);
-                }
-            }
-            if changed && pass < MAX_PASSES {
-                pass += 1;
-                continue;
-            }
-            return finish(def.format, out, mentioned).map_err(error);
+        let recorded = Arc::new(Mutex::new(Vec::new()));
+        let vars = variables(ctx, def.format, ctx.names.clone(), recorded.clone());
+        let mut out = BTreeMap::new();
+        for field in &def.fields {
+            let key = field.key(name);
+            let text = self
+                .inner
+                .env
+                .get_template(&key)
+                .and_then(|t| t.render(vars.clone()))
+                .map_err(|e| error(format!("{}: {}", field.name(), describe(&e))))?;
+            out.insert(field.name(), text);
         }
+        let mentioned =
+            std::mem::take(&mut *recorded.lock().unwrap_or_else(PoisonError::into_inner));
+        finish(def.format, out, mentioned).map_err(error)
     }
 }
 
-/// Builds a `Rendered` from the outputs of one pass.
+/// Builds a `Rendered` from the outputs of a render.
 fn finish(
     format: Format,
     mut out: BTreeMap<&'static str, String>,
@@ -826,7 +803,8 @@ fn strip_html(value: Value) -> Value {
     Value::from(html_to_text(&text_of(&value)))
 }
 
-fn html_to_text(s: &str) -> String {
+/// HTML (a ZenTao rich-text comment) as plain text.
+pub(crate) fn html_to_text(s: &str) -> String {
     let mut text = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(lt) = rest.find('<') {
@@ -970,13 +948,13 @@ mod tests {
         })
     }
 
-    fn names(account: &str) -> Option<String> {
-        match account {
-            "lisi" => Some("李四".to_owned()),
-            "wangwu" => Some("王五".to_owned()),
-            _ => None,
-        }
-    }
+    static NAMES: std::sync::LazyLock<Arc<HashMap<String, String>>> =
+        std::sync::LazyLock::new(|| {
+            Arc::new(HashMap::from([
+                ("lisi".to_owned(), "李四".to_owned()),
+                ("wangwu".to_owned(), "王五".to_owned()),
+            ]))
+        });
 
     fn ctx(payload: &serde_json::Value) -> Context<'_> {
         Context {
@@ -984,7 +962,7 @@ mod tests {
             target: "dev-group",
             kind: "dingtalk_robot",
             route: Some("bugs"),
-            display_name: &names,
+            names: &NAMES,
         }
     }
 
@@ -1302,7 +1280,7 @@ mod tests {
     }
 
     #[test]
-    fn mention_names_come_from_display_name() {
+    fn mention_shows_bound_names() {
         assert_eq!(
             eval(
                 "{{ mention('lisi') }} {{ mention(' wangwu ') }} {{ mention('nobody') }}[{{ mention(missing) }}]",

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::platform::outbound::{Answer, Class, IssuedToken, TokenRequest};
+use crate::platform::outbound::{self, Answer, Class, IssuedToken, TokenRequest};
 
 /// Longest lifetime taken at the platform's word: a token claiming more is refetched after
 /// this anyway (and an absurd `expires_in` cannot overflow the clock).
@@ -183,12 +183,15 @@ pub fn refresh_margin(lifetime: Duration) -> Duration {
     (lifetime / 10).min(Duration::from_secs(5 * 60))
 }
 
+/// A platform's reading of its token endpoint's answer.
+pub type ParseToken = fn(u16, &[u8]) -> Result<IssuedToken, Answer>;
+
 /// Performs a TokenRequest with reqwest and parses it with `parse`; transport errors and
 /// timeouts (the client's) are Transient answers (never print the URL: it holds the secret).
 pub async fn fetch(
     http: &reqwest::Client,
     req: &TokenRequest,
-    parse: fn(u16, &[u8]) -> Result<IssuedToken, Answer>,
+    parse: ParseToken,
 ) -> Result<IssuedToken, Answer> {
     let request = match &req.json {
         None => http.get(&req.url),
@@ -211,36 +214,11 @@ pub async fn fetch(
     parse(status, &body)
 }
 
+/// A token request that got no answer.
 fn transport(e: reqwest::Error) -> Answer {
-    Answer {
-        class: Class::Transient,
-        code: None,
-        status: 0,
-        detail: transport_error(e),
-    }
-}
-
-/// A transport error with its causes, without the URL (its query may hold the secret).
-fn transport_error(e: reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timeout"
-    } else if e.is_connect() {
-        "connect error"
-    } else {
-        "transport error"
-    };
-    let e = e.without_url();
-    let mut out = format!("token request {kind}: {e}");
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !text.contains("://") {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
+    let mut answer = outbound::transport_answer(e, 0);
+    answer.detail.insert_str(0, "token request ");
+    answer
 }
 
 #[cfg(test)]

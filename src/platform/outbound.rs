@@ -271,6 +271,36 @@ pub fn classify(
     }
 }
 
+/// The answer of a request that got no answer: a transport error, with its causes but without
+/// the URL (a bot URL holds its token, a token request its secret). `status` is the HTTP
+/// status when the headers came but the body did not, otherwise 0.
+pub fn transport_answer(e: reqwest::Error, status: u16) -> Answer {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect error"
+    } else {
+        "transport error"
+    };
+    let e = e.without_url();
+    let mut detail = format!("{kind}: {e}");
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !text.contains("://") {
+            detail.push_str(": ");
+            detail.push_str(&text);
+        }
+        source = s.source();
+    }
+    Answer {
+        class: Class::Transient,
+        code: None,
+        status,
+        detail,
+    }
+}
+
 /// Truncates an answer body for logs and dead-letter headers.
 pub fn detail(body: &[u8]) -> String {
     let s = String::from_utf8_lossy(body);
