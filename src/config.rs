@@ -432,13 +432,9 @@ pub struct ShapingConfig {
     #[serde(default)]
     pub mention: Vec<String>,
     /// Leave the payload's `actor` out of recipients and mentions, as ZenTao does: people are
-    /// not notified of their own actions.
-    #[serde(default = "yes")]
-    pub exclude_actor: bool,
-}
-
-fn yes() -> bool {
-    true
+    /// not notified of their own actions. Default true; a rule without it takes the target's.
+    #[serde(default)]
+    pub exclude_actor: Option<bool>,
 }
 
 /// `[routes.<name>]`: a message on `notify.<name>` is matched on its fields and forwarded to
@@ -695,7 +691,7 @@ pub enum LimiterKind {
 }
 
 /// The kinds of notification target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum TargetKind {
     DingTalkRobot,
     WeComRobot,
@@ -864,7 +860,8 @@ pub struct Shaping {
     pub template: Option<String>,
     pub recipients: Vec<String>,
     pub mention: Vec<String>,
-    pub exclude_actor: bool,
+    /// `None`: not said (true, unless a route rule's target says otherwise).
+    pub exclude_actor: Option<bool>,
 }
 
 /// A validated route: its rules in order.
@@ -1234,6 +1231,32 @@ impl Config {
                 targets.insert(name.clone(), t);
             }
         }
+        // Targets of one app share its limits on the platform, and so in the limiter: they must
+        // say the same, or each would prune the shared logs by its own.
+        let mut by_app: BTreeMap<(TargetKind, String, u64), &Target> = BTreeMap::new();
+        for t in targets.values() {
+            if let Endpoint::App(a) = &t.endpoint {
+                let key = (t.kind, a.app_id.clone(), a.agent_id);
+                match by_app.get(&key) {
+                    Some(first)
+                        if first.limits != t.limits || first.member_limits != t.member_limits =>
+                    {
+                        c.problem(
+                            format!("targets.{}", t.name),
+                            format!(
+                                "shares its app with targets.{} but not its rate_limit and \
+                                 member_rate_limit: one app has one set of limits",
+                                first.name
+                            ),
+                        );
+                    }
+                    Some(_) => {}
+                    None => {
+                        by_app.insert(key, t);
+                    }
+                }
+            }
+        }
         let mut routes = BTreeMap::new();
         for (name, r) in &self.routes {
             let key = format!("routes.{name}");
@@ -1567,6 +1590,19 @@ impl TargetConfig {
         };
         if self.max_bytes.is_some_and(|m| m < 64) {
             c.problem(format!("{key}.max_bytes"), "must be at least 64");
+        }
+        let is_app = kind.is_some_and(|k| k.is_app());
+        if kind.is_some() && !is_app && !self.shaping.recipients.is_empty() {
+            c.problem(
+                format!("{key}.recipients"),
+                "group bots post to their group; use mention to @ people",
+            );
+        }
+        if is_app && !self.shaping.mention.is_empty() {
+            c.problem(
+                format!("{key}.mention"),
+                "app messages cannot @mention; use recipients to send to people",
+            );
         }
         if !self.users.is_empty() && !kind.is_some_and(|k| k.is_app()) {
             c.problem(

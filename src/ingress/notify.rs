@@ -26,7 +26,7 @@ pub async fn post(
     body: Result<Bytes, ApiError>,
     state: Arc<State>,
 ) -> Response {
-    let known = state.notifier.has_target(&target);
+    let known = state.notifier.has_target(&target) || state.notifier.has_route(&target);
     let result = handle(&target, &query, idempotency_key, body, &state).await;
     let label = if known { target.as_str() } else { UNKNOWN_APP };
     let (outcome, response) = match result {

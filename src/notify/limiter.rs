@@ -186,10 +186,11 @@ impl Limiter {
     /// Waits until every key may send under its limits, and records the send for all of them
     /// (an app message counts for the app and for each recipient).
     ///
-    /// Keys are taken one by one; when one is not free, the slots already taken stay recorded
-    /// and are taken again once all are free. A slot recorded without a send only costs
+    /// All keys are tried at once; when one is not free, the slots the others took stay
+    /// recorded, and all are taken again once it is. A slot recorded without a send only costs
     /// throughput, while one recorded earlier than its send could let a later send break a
-    /// window; taking them all again keeps every record within `margin` of the send.
+    /// window: so a pass that took longer than `margin` (a slow store) is taken again too, and
+    /// every record is within `margin` of the send that follows.
     pub async fn acquire_all(
         &self,
         keys: &[(&str, &[Limit])],
@@ -203,28 +204,40 @@ impl Limiter {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        'again: loop {
-            for (key, limits) in keys {
-                let now = now_ms();
-                let slot = match self.try_take(key, limits, margin_ms, now).await {
+        loop {
+            let pass = now_ms();
+            if pass > deadline_ms {
+                return Err(LimiterError::Deadline);
+            }
+            let takes = keys
+                .iter()
+                .map(|(key, limits)| self.try_take(key, limits, margin_ms, now_ms()));
+            let mut next: Option<u64> = None;
+            for ((key, _), taken) in keys.iter().zip(futures::future::join_all(takes).await) {
+                let slot = match taken {
                     Ok(None) => continue,
                     Ok(Some(slot)) => slot,
                     Err(e) => {
                         tracing::warn!(key, error = %e, "rate-limit store unavailable; waiting");
-                        now + STORE_RETRY.as_millis() as u64
+                        now_ms() + STORE_RETRY.as_millis() as u64
                     }
                 };
-                if slot > deadline_ms {
-                    return Err(LimiterError::Deadline);
-                }
-                let wait = Duration::from_millis(slot.saturating_sub(now_ms()));
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.cancelled() => return Err(LimiterError::Shutdown),
-                }
-                continue 'again;
+                next = Some(next.map_or(slot, |n| n.max(slot)));
             }
-            return Ok(started.elapsed());
+            let Some(slot) = next else {
+                if keys.len() > 1 && now_ms().saturating_sub(pass) > margin_ms {
+                    continue;
+                }
+                return Ok(started.elapsed());
+            };
+            if slot > deadline_ms {
+                return Err(LimiterError::Deadline);
+            }
+            let wait = Duration::from_millis(slot.saturating_sub(now_ms()));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return Err(LimiterError::Shutdown),
+            }
         }
     }
 

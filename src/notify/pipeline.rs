@@ -34,10 +34,9 @@ pub const DLQ_ATTEMPTS: &str = "imbridge-dlq-attempts";
 pub const DLQ_ANSWER: &str = "imbridge-dlq-answer";
 pub const DLQ_TARGET: &str = "imbridge-dlq-target";
 
-/// Headers of a message a route forwarded to a target: which route and which of its rules, so
-/// the target applies that rule's template and recipients.
+/// Header of a message a route forwarded to a target: which route, so the target applies the
+/// matching rule's template and recipients.
 pub const ROUTE_HEADER: &str = "imbridge-route";
-pub const RULE_HEADER: &str = "imbridge-rule";
 
 /// How a delivery ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,12 +153,19 @@ impl Ctx {
         }
     }
 
-    /// The rule a forwarded message came through, if its route still has it.
-    fn rule_of(&self, delivery: &Delivery) -> Option<(&str, &Rule)> {
+    /// The rule a forwarded message came through: the route's first rule that matches it and
+    /// names this target, as when it was forwarded. Matched again rather than trusted by
+    /// position, so a configuration change while copies wait cannot give them another rule's
+    /// template or recipients.
+    fn rule_of(&self, delivery: &Delivery, target: &str) -> Option<(&str, &Rule)> {
         let route = delivery.header(ROUTE_HEADER)?;
-        let index: usize = delivery.header(RULE_HEADER)?.parse().ok()?;
         let (name, r) = self.routes.get_key_value(route)?;
-        Some((name.as_str(), r.rules.get(index)?))
+        let payload = serde_json::Value::Object(message::payload(&delivery.payload).ok()?);
+        let rule = r
+            .rules
+            .iter()
+            .find(|rule| rule.targets.iter().any(|t| t == target) && rule.matches(&payload))?;
+        Some((name.as_str(), rule))
     }
 
     /// Prepares a message for `target`, reporting unbound accounts.
@@ -185,6 +191,26 @@ impl Ctx {
         }
         result
     }
+}
+
+/// The publisher's message id, or one derived from where and when the bus stored the message
+/// and what it holds: the same on every redelivery, so copies made from it (a route's
+/// forwards, Lark's idempotency uuid) are recognised as the same.
+fn message_id(delivery: &Delivery) -> String {
+    use sha2::{Digest, Sha256};
+    if let Some(id) = delivery.id() {
+        return id.to_owned();
+    }
+    let stored = delivery
+        .published
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let mut h = Sha256::new();
+    h.update(delivery.subject.as_bytes());
+    h.update(stored.to_be_bytes());
+    h.update(&delivery.payload);
+    hex::encode(&h.finalize()[..16])
 }
 
 /// The dead-letter reason of a message that cannot be prepared.
@@ -452,11 +478,8 @@ async fn feed(
             d = consumer.next() => match d { Some(d) => d, None => break },
             _ = ctx.shutdown.cancelled() => break,
         };
-        let seed = delivery
-            .id()
-            .map(str::to_owned)
-            .unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
-        let rule = ctx.rule_of(&delivery);
+        let seed = message_id(&delivery);
+        let rule = ctx.rule_of(&delivery, &target.name);
         let prepared = match ctx.prepare(&target, &delivery.payload, rule, seed) {
             Ok(p) => p,
             Err(e) => {
@@ -508,16 +531,13 @@ async fn forward(route: Route, mut consumer: bus::Consumer, ctx: Arc<Ctx>) {
                 continue;
             }
         };
-        let id = delivery
-            .id()
-            .map(str::to_owned)
-            .unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
-        let mut chosen: Vec<(&str, usize)> = Vec::new();
-        for (i, rule) in route.rules.iter().enumerate() {
+        let id = message_id(&delivery);
+        let mut chosen: Vec<&str> = Vec::new();
+        for rule in &route.rules {
             if rule.matches(&payload) {
                 for t in &rule.targets {
-                    if !chosen.iter().any(|(c, _)| c == t) {
-                        chosen.push((t, i));
+                    if !chosen.contains(&t.as_str()) {
+                        chosen.push(t);
                     }
                 }
             }
@@ -530,8 +550,14 @@ async fn forward(route: Route, mut consumer: bus::Consumer, ctx: Arc<Ctx>) {
             tracing::info!(route = name, id, "no rule matches; nothing to send");
         }
         let mut stopped = false;
-        for (target, rule) in chosen {
-            let msg = forwarded(&ctx, &delivery, &id, name, rule, target);
+        for target in chosen {
+            // A Kafka partition moved to another replica: the message is theirs now, and what
+            // was forwarded already carries ids they derive the same way.
+            if !delivery.is_current() {
+                stopped = true;
+                break;
+            }
+            let msg = forwarded(&ctx, &delivery, &id, name, target);
             if !publish_until_stored(&ctx, &msg, name).await {
                 stopped = true;
                 break;
@@ -542,9 +568,13 @@ async fn forward(route: Route, mut consumer: bus::Consumer, ctx: Arc<Ctx>) {
                 .inc();
         }
         if stopped {
-            // Shutting down: what was forwarded is recognised as a duplicate next time.
+            // Shutting down or moved: it comes again, and what was forwarded already is
+            // recognised as a duplicate (within the bus's duplicate window).
             let _ = delivery.nak(Duration::ZERO).await;
-            break;
+            if ctx.shutdown.is_triggered() {
+                break;
+            }
+            continue;
         }
         if let Err(e) = delivery.ack().await {
             tracing::debug!(route = name, error = %e, "ack failed after forwarding; it comes again");
@@ -554,24 +584,14 @@ async fn forward(route: Route, mut consumer: bus::Consumer, ctx: Arc<Ctx>) {
 }
 
 /// The copy of a routed message for one target.
-fn forwarded(
-    ctx: &Ctx,
-    delivery: &Delivery,
-    id: &str,
-    route: &str,
-    rule: usize,
-    target: &str,
-) -> Message {
+fn forwarded(ctx: &Ctx, delivery: &Delivery, id: &str, route: &str, target: &str) -> Message {
     let id = format!("{id}.{target}");
     let mut headers = bus_headers(delivery);
     headers.retain(|(k, _)| {
-        !(k.eq_ignore_ascii_case("ce-id")
-            || k.eq_ignore_ascii_case(ROUTE_HEADER)
-            || k.eq_ignore_ascii_case(RULE_HEADER))
+        !(k.eq_ignore_ascii_case("ce-id") || k.eq_ignore_ascii_case(ROUTE_HEADER))
     });
     headers.push(("ce-id".into(), id.clone()));
     headers.push((ROUTE_HEADER.into(), route.into()));
-    headers.push((RULE_HEADER.into(), rule.to_string()));
     Message {
         subject: bus::with_prefix(&ctx.prefix, &format!("notify.{target}")),
         id,
@@ -817,32 +837,52 @@ async fn deliver(
             .iter()
             .map(|k| (k.as_str(), target.member_limits.as_slice()))
             .collect();
-        keys.push((name, &target.limits));
+        let limit_key = limit_key(target);
+        keys.push((&limit_key, &target.limits));
         let mut refreshed = false;
         loop {
-            match ctx
-                .limiter
-                .acquire_all(
-                    &keys,
-                    ctx.settings.rate_limit_margin,
-                    deadline,
-                    &ctx.shutdown,
-                )
-                .await
-            {
-                Ok(waited) => ctx
-                    .metrics
-                    .notify_limiter_wait_seconds
-                    .with_label_values(&[name])
-                    .observe(waited.as_secs_f64()),
-                Err(LimiterError::Deadline) => return failed(Reason::Expired, attempts, last),
-                Err(LimiterError::Shutdown) => return failed(Reason::Shutdown, attempts, last),
-            }
-            if !current() {
-                return failed(Reason::Moved, attempts, last);
-            }
-            attempts += 1;
-            let sent = send(ctx, target, request).await;
+            // The access token first: fetching it after the slots were taken could put a
+            // round trip between a slot's record and its send.
+            let sent = match app_token(ctx, target).await {
+                Err(answer) => {
+                    attempts += 1;
+                    Sent {
+                        answer,
+                        token: None,
+                        token_failed: true,
+                        invalid_users: Vec::new(),
+                    }
+                }
+                Ok(token) => {
+                    match ctx
+                        .limiter
+                        .acquire_all(
+                            &keys,
+                            ctx.settings.rate_limit_margin,
+                            deadline,
+                            &ctx.shutdown,
+                        )
+                        .await
+                    {
+                        Ok(waited) => ctx
+                            .metrics
+                            .notify_limiter_wait_seconds
+                            .with_label_values(&[name])
+                            .observe(waited.as_secs_f64()),
+                        Err(LimiterError::Deadline) => {
+                            return failed(Reason::Expired, attempts, last)
+                        }
+                        Err(LimiterError::Shutdown) => {
+                            return failed(Reason::Shutdown, attempts, last)
+                        }
+                    }
+                    if !current() {
+                        return failed(Reason::Moved, attempts, last);
+                    }
+                    attempts += 1;
+                    send(ctx, target, request, token).await
+                }
+            };
             let answer = sent.answer;
             // An access token the platform no longer takes (expired early, or revoked): fetch
             // a new one and send again at once, once per request.
@@ -873,8 +913,8 @@ async fn deliver(
             let recipient_error = target.kind == TargetKind::LarkApp
                 && answer.code.is_some_and(lark::app::is_recipient_error);
             let token_failed = sent.token_failed;
-            if class == Class::Ok {
-                report_invalid_users(ctx, target, &answer);
+            if !sent.invalid_users.is_empty() {
+                report_invalid_users(ctx, target, &sent.invalid_users);
             }
             last = Some(answer);
             match class {
@@ -905,7 +945,9 @@ async fn deliver(
                     // try again, without counting it as an attempt of this message.
                     let pause = pause.unwrap_or(target.pause_on_rate_limit);
                     tracing::warn!(target = name, pause = ?pause, "platform says too fast; pausing the target");
-                    ctx.limiter.pause(name, SystemTime::now() + pause).await;
+                    ctx.limiter
+                        .pause(&limit_key, SystemTime::now() + pause)
+                        .await;
                 }
                 Class::Transient => {
                     transient += 1;
@@ -943,17 +985,25 @@ async fn deliver(
 }
 
 /// WeCom accepts a message while naming the recipients outside the app's visible scope.
-fn report_invalid_users(ctx: &Ctx, target: &Target, answer: &Answer) {
-    if target.kind != TargetKind::WeComApp {
-        return;
-    }
-    let invalid = wecom::app::invalid_users(answer.detail.as_bytes());
-    if !invalid.is_empty() {
-        ctx.metrics
-            .notify_invalid_recipients_total
-            .with_label_values(&[&target.name])
-            .inc_by(invalid.len() as u64);
-        tracing::warn!(target = %target.name, users = ?invalid, "WeCom did not deliver to these users (invaliduser: outside the app's visible scope?)");
+fn report_invalid_users(ctx: &Ctx, target: &Target, invalid: &[String]) {
+    ctx.metrics
+        .notify_invalid_recipients_total
+        .with_label_values(&[&target.name])
+        .inc_by(invalid.len() as u64);
+    tracing::warn!(target = %target.name, users = ?invalid, "WeCom did not deliver to these users (invaliduser: outside the app's visible scope?)");
+}
+
+/// The limiter key of a target's own limits: a group bot's name, or for app messages the app
+/// (the platform counts per app, whichever targets share it; the configuration makes them
+/// agree on the limits).
+fn limit_key(target: &Target) -> String {
+    use sha2::{Digest, Sha256};
+    match &target.endpoint {
+        Endpoint::Robot { .. } => target.name.clone(),
+        Endpoint::App(a) => {
+            let app = format!("{}|{}|{}", target.kind.as_str(), a.app_id, a.agent_id);
+            format!("app_{}", &hex::encode(Sha256::digest(app))[..24])
+        }
     }
 }
 
@@ -1150,66 +1200,78 @@ struct Sent {
     token: Option<String>,
     /// No token could be had: the answer is the token endpoint's.
     token_failed: bool,
+    /// WeCom's `invaliduser`, read from the whole answer (the answer's detail is cut short).
+    invalid_users: Vec<String>,
 }
 
 /// Signs (bots) or authorises (apps) and posts one request; classifies the answer. Never logs
 /// a URL: bot URLs hold their token, app URLs the access token.
-async fn send(ctx: &Ctx, target: &Target, request: &Request) -> Sent {
+async fn send(ctx: &Ctx, target: &Target, request: &Request, token: Option<String>) -> Sent {
     let started = Instant::now();
-    let sent = match &target.endpoint {
-        Endpoint::Robot { url, secret } => {
+    let (url, body, bearer) = match (&target.endpoint, &token) {
+        (Endpoint::Robot { url, secret }, _) => {
             let secret = secret.as_ref().map(|s| s.expose());
-            let (url, body) = match target.kind {
+            match target.kind {
                 TargetKind::DingTalkRobot => (
                     dingtalk::robot::signed_url(url.expose(), secret, now_ms()),
                     request.body.clone(),
+                    None,
                 ),
                 TargetKind::LarkRobot => {
                     let mut body = request.body.clone();
                     lark::robot::apply_signature(&mut body, secret, now_ms() / 1000);
-                    (url.expose().to_owned(), body)
+                    (url.expose().to_owned(), body, None)
                 }
-                _ => (url.expose().to_owned(), request.body.clone()),
-            };
-            Sent {
-                answer: post(ctx, target.kind, url, None, &body).await,
-                token: None,
-                token_failed: false,
+                _ => (url.expose().to_owned(), request.body.clone(), None),
             }
         }
-        Endpoint::App(app) => {
-            let key = token_key(target.kind, app);
-            let fetched = ctx.tokens.get(&key, || fetch_token(ctx, target, app)).await;
-            match fetched {
-                Err(answer) => Sent {
-                    answer,
-                    token: None,
-                    token_failed: true,
-                },
-                Ok(token) => {
-                    let (url, bearer) = match target.kind {
-                        TargetKind::DingTalkWork => {
-                            (dingtalk::work::send_url(&app.base_url, &token), None)
-                        }
-                        TargetKind::WeComApp => (wecom::app::send_url(&app.base_url, &token), None),
-                        _ => {
-                            let id = request.members.first().map(String::as_str).unwrap_or("");
-                            let ty = lark::app::receive_id_type(id);
-                            (lark::app::send_url(&app.base_url, ty), Some(token.as_str()))
-                        }
-                    };
-                    let answer = post(ctx, target.kind, url, bearer, &request.body).await;
-                    Sent {
-                        answer,
-                        token: Some(token),
-                        token_failed: false,
-                    }
+        (Endpoint::App(app), token) => {
+            let token = token.as_deref().unwrap_or_default();
+            match target.kind {
+                TargetKind::DingTalkWork => (
+                    dingtalk::work::send_url(&app.base_url, token),
+                    request.body.clone(),
+                    None,
+                ),
+                TargetKind::WeComApp => (
+                    wecom::app::send_url(&app.base_url, token),
+                    request.body.clone(),
+                    None,
+                ),
+                _ => {
+                    let id = request.members.first().map(String::as_str).unwrap_or("");
+                    let ty = lark::app::receive_id_type(id);
+                    (
+                        lark::app::send_url(&app.base_url, ty),
+                        request.body.clone(),
+                        Some(token),
+                    )
                 }
             }
         }
     };
-    tracing::debug!(target = %target.name, took = ?started.elapsed(), class = sent.answer.class.label(), "sent");
-    sent
+    let (answer, invalid_users) = post(ctx, target.kind, url, bearer, &body).await;
+    tracing::debug!(target = %target.name, took = ?started.elapsed(), class = answer.class.label(), "sent");
+    Sent {
+        answer,
+        token,
+        token_failed: false,
+        invalid_users,
+    }
+}
+
+/// An app target's access token (`None` for group bots), from the cache or fetched.
+async fn app_token(ctx: &Ctx, target: &Target) -> Result<Option<String>, Answer> {
+    match &target.endpoint {
+        Endpoint::Robot { .. } => Ok(None),
+        Endpoint::App(app) => {
+            let key = token_key(target.kind, app);
+            ctx.tokens
+                .get(&key, || fetch_token(ctx, target, app))
+                .await
+                .map(Some)
+        }
+    }
 }
 
 /// Posts a JSON body and classifies the answer the way `kind`'s platform means it.
@@ -1219,13 +1281,13 @@ async fn post(
     url: String,
     bearer: Option<&str>,
     body: &serde_json::Value,
-) -> Answer {
+) -> (Answer, Vec<String>) {
     let mut request = ctx.http.post(url).json(body);
     if let Some(token) = bearer {
         request = request.bearer_auth(token);
     }
     let resp = match request.send().await {
-        Err(e) => return transport_answer(e, 0),
+        Err(e) => return (transport_answer(e, 0), Vec::new()),
         Ok(resp) => resp,
     };
     let status = resp.status().as_u16();
@@ -1235,7 +1297,7 @@ async fn post(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let bytes = match resp.bytes().await {
-        Err(e) => return transport_answer(e, status),
+        Err(e) => return (transport_answer(e, status), Vec::new()),
         Ok(b) => b,
     };
     let mut answer = match kind {
@@ -1252,7 +1314,12 @@ async fn post(
             pause: Some(Duration::from_secs(secs.min(3600))),
         };
     }
-    answer
+    let invalid = if kind == TargetKind::WeComApp && answer.class == Class::Ok {
+        wecom::app::invalid_users(&bytes)
+    } else {
+        Vec::new()
+    };
+    (answer, invalid)
 }
 
 /// Tokens are cached per credential: targets of the same app share one.

@@ -138,6 +138,8 @@ impl Shaper<'_> {
                 // template's.
                 let base = message::from_payload(map).map(|p| p.notification).ok();
                 let mut n = base.unwrap_or_default();
+                // The template decides what is said; a platform-native body would override it.
+                n.raw = None;
                 n.title = r.title;
                 n.text = r.text;
                 n.url = r.url.or(n.url);
@@ -151,20 +153,33 @@ impl Shaper<'_> {
             None => message::from_payload(map)?.notification,
         };
 
-        let actor = payload.get("actor").and_then(Value::as_str).unwrap_or("");
         let from_fields = |fields: &[String]| -> Vec<String> {
             fields
                 .iter()
                 .flat_map(|f| accounts(payload.get(f)))
-                .filter(|a| !(shaping.exclude_actor && a == actor))
                 .collect()
         };
         n.mentions.users.extend(from_fields(&shaping.mention));
         let to_fields = from_fields(&shaping.recipients);
+        // Whether anyone was named for this message (before the actor is left out): only a
+        // message naming nobody goes to the target's default users.
+        let named = !to_fields.is_empty()
+            || n.to
+                .as_ref()
+                .is_some_and(|t| !t.users.is_empty() || !t.user_ids.is_empty());
         if !to_fields.is_empty() {
             n.to.get_or_insert_with(Recipients::default)
                 .users
                 .extend(to_fields);
+        }
+        // People are not notified of their own actions, as in ZenTao, whoever named them.
+        if let Some(actor) = payload.get("actor").and_then(Value::as_str) {
+            if shaping.exclude_actor.unwrap_or(true) && !actor.is_empty() {
+                n.mentions.users.retain(|a| a != actor);
+                if let Some(to) = n.to.as_mut() {
+                    to.users.retain(|a| a != actor);
+                }
+            }
         }
 
         let mut unbound = Vec::new();
@@ -184,12 +199,21 @@ impl Shaper<'_> {
         let mut recipients = Vec::new();
         if target.kind.is_app() {
             let to = n.to.take().unwrap_or_default();
-            let accounts = if to.users.is_empty() && to.user_ids.is_empty() {
-                target.users.clone()
-            } else {
+            let accounts = if named {
                 to.users
+            } else {
+                target.users.clone()
             };
-            recipients.extend(to.user_ids);
+            // Platform ids go into a separated list ("a|b", "a,b"): one holding a separator,
+            // or WeCom's "@all", would reach people nobody named.
+            for id in to.user_ids {
+                let id = id.trim().to_owned();
+                if id.is_empty() || id.starts_with('@') || id.contains(['|', ',', ' ']) {
+                    unbound.push(id);
+                } else {
+                    recipients.push(id);
+                }
+            }
             for account in dedup(accounts) {
                 match self.users.recipient(target.kind, &account) {
                     Some(id) => recipients.push(id),
@@ -225,7 +249,7 @@ impl Shaping {
             } else {
                 self.mention.clone()
             },
-            exclude_actor: self.exclude_actor,
+            exclude_actor: self.exclude_actor.or(base.exclude_actor),
         }
     }
 }
@@ -382,6 +406,19 @@ rules = [
     }
 
     #[test]
+    fn platform_ids_with_separators_or_at_all_are_refused() {
+        let s = settings();
+        let p = prepare(
+            &s,
+            "wecom",
+            r#"{"text":"hi","to":{"user_ids":["ok","@all","a|b","c,d"]}}"#,
+        )
+        .unwrap();
+        assert_eq!(p.recipients, ["ok"]);
+        assert_eq!(p.unbound, ["@all", "a|b", "c,d"]);
+    }
+
+    #[test]
     fn no_reachable_recipient_is_an_error_naming_the_unbound() {
         let s = settings();
         let e = prepare(&s, "wecom", r#"{"text":"hi","to":{"users":["wangwu"]}}"#).unwrap_err();
@@ -394,12 +431,18 @@ rules = [
     #[test]
     fn templates_render_any_object_and_name_recipients() {
         let s = settings();
-        let p = prepare(&s, "ding", ZENTAO).unwrap();
+        let by_zhangsan = ZENTAO.replace(r#""actor":"wangwu""#, r#""actor":"zhangsan""#);
+        let p = prepare(&s, "ding", &by_zhangsan).unwrap();
         assert_eq!(p.notification.title.as_deref(), Some("bug #12"));
-        assert_eq!(p.notification.text, "@wangwu assigned [it](https://z/12)");
+        assert_eq!(p.notification.text, "@张三 assigned [it](https://z/12)");
         // `to` rendered ",lisi,wangwu,nobody,": only wangwu is bound on DingTalk.
         assert_eq!(p.recipients, ["ding-ww"]);
         assert_eq!(p.unbound, ["lisi", "nobody"]);
+        // The actor is left out whoever names them, here the template.
+        match prepare(&s, "ding", ZENTAO) {
+            Err(ShapeError::NoRecipients { unbound }) => assert_eq!(unbound, ["lisi", "nobody"]),
+            other => panic!("{other:?}"),
+        }
         // Not a notification nor ZenTao: fine with a template.
         let p = prepare(
             &s,
