@@ -423,6 +423,20 @@ fn token_detail(status: u16, parsed: Option<&serde_json::Value>) -> String {
     }
 }
 
+/// Texts the platforms' tests cut and split.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    /// `lines` numbered lines of an alert in Chinese (3-byte characters), then a run of
+    /// `tail` × "告警未恢复" without any newline or space to cut at.
+    pub fn long_chinese(lines: usize, tail: usize) -> String {
+        let mut s: String = (1..=lines)
+            .map(|i| format!("第{i}行：数据库连接池耗尽，请值班同学尽快处理。\n"))
+            .collect();
+        s.push_str(&"告警未恢复".repeat(tail));
+        s
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -243,11 +243,7 @@ mod tests {
     }
 
     fn long_chinese() -> String {
-        let mut s: String = (1..=20)
-            .map(|i| format!("第{i}行：数据库连接池耗尽，请值班同学尽快处理。\n"))
-            .collect();
-        s.push_str(&"告警未恢复".repeat(60));
-        s
+        crate::platform::outbound::fixtures::long_chinese(20, 60)
     }
 
     #[test]
