@@ -62,22 +62,6 @@ async fn handle(
     let body = body?;
     let query = super::parse_query(query)?;
     let wait = matches!(query.get("wait").map(String::as_str), Some("true" | "1"));
-    // What the target would make of it is checked now, so the caller hears of a bad body or a
-    // template failing on it instead of finding it among the dead letters.
-    match state.notifier.check(target, &body) {
-        Ok(()) => {}
-        Err(e @ ShapeError::Invalid(_)) => {
-            return Err(ApiError::bad_request("invalid_message", e.to_string()))
-        }
-        Err(e) => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                shape_reason(&e).label(),
-                e.to_string(),
-            ))
-        }
-    }
-
     if wait && is_route {
         return Err(ApiError::bad_request(
             "wait_on_route",
@@ -115,11 +99,7 @@ async fn handle(
                 )
                 .into_response(),
             )),
-            Err(NotifyError::Shape(e)) => Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                shape_reason(&e).label(),
-                e.to_string(),
-            )),
+            Err(NotifyError::Shape(e)) => Err(refusal(e)),
             Err(e @ NotifyError::Timeout) => Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "wait_timeout",
@@ -132,6 +112,11 @@ async fn handle(
             )),
         };
     }
+
+    // What the target would make of it is checked now, so the caller hears of a bad body or a
+    // template failing on it instead of finding it among the dead letters. (A synchronous
+    // delivery above prepares it once, and refuses it the same way.)
+    state.notifier.check(target, &body).map_err(refusal)?;
 
     // The in-process bus keeps nothing nobody consumes: refuse rather than accept and drop.
     if state.bus.memory().is_some() && !state.notifier.is_consuming() {
@@ -195,6 +180,19 @@ async fn handle(
         )
         .into_response(),
     ))
+}
+
+/// A body the target cannot use: 400 when it is no message at all, 422 when it is one the
+/// target cannot send (template failing, nobody to send to).
+fn refusal(e: ShapeError) -> ApiError {
+    match e {
+        ShapeError::Invalid(_) => ApiError::bad_request("invalid_message", e.to_string()),
+        e => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            shape_reason(&e).label(),
+            e.to_string(),
+        ),
+    }
 }
 
 fn answer_json(a: &Answer) -> serde_json::Value {

@@ -161,10 +161,10 @@ impl Ctx {
         let route = delivery.header(ROUTE_HEADER)?;
         let (name, r) = self.routes.get_key_value(route)?;
         let payload = serde_json::Value::Object(message::payload(&delivery.payload).ok()?);
-        let rule = r
-            .rules
-            .iter()
-            .find(|rule| rule.targets.iter().any(|t| t == target) && rule.matches(&payload))?;
+        let (_, rule) = r
+            .forwards(&payload)
+            .into_iter()
+            .find(|(t, _)| *t == target)?;
         Some((name.as_str(), rule))
     }
 
@@ -532,16 +532,7 @@ async fn forward(route: Route, mut consumer: bus::Consumer, ctx: Arc<Ctx>) {
             }
         };
         let id = message_id(&delivery);
-        let mut chosen: Vec<&str> = Vec::new();
-        for rule in &route.rules {
-            if rule.matches(&payload) {
-                for t in &rule.targets {
-                    if !chosen.contains(&t.as_str()) {
-                        chosen.push(t);
-                    }
-                }
-            }
-        }
+        let chosen = route.forwards(&payload);
         if chosen.is_empty() {
             ctx.metrics
                 .notify_routed_total
@@ -550,7 +541,7 @@ async fn forward(route: Route, mut consumer: bus::Consumer, ctx: Arc<Ctx>) {
             tracing::info!(route = name, id, "no rule matches; nothing to send");
         }
         let mut stopped = false;
-        for target in chosen {
+        for (target, _) in chosen {
             // A Kafka partition moved to another replica: the message is theirs now, and what
             // was forwarded already carries ids they derive the same way.
             if !delivery.is_current() {
@@ -884,23 +875,19 @@ async fn deliver(
                 }
             };
             let answer = sent.answer;
-            // An access token the platform no longer takes (expired early, or revoked): fetch
-            // a new one and send again at once, once per request.
-            if let Some(token) = &sent.token {
-                if !refreshed && answer.code.is_some_and(|c| token_rejected(target.kind, c)) {
+            let mut class = answer.class;
+            let rejected = answer.code.is_some_and(|c| token_rejected(target.kind, c));
+            if let (true, Some(token)) = (rejected, &sent.token) {
+                invalidate_token(ctx, target, token);
+                // An access token the platform no longer takes (expired early, or revoked):
+                // send again at once with a new one, once per request.
+                if !refreshed {
                     refreshed = true;
-                    invalidate_token(ctx, target, token);
                     tracing::info!(target = name, code = ?answer.code, "access token refused; fetching a new one");
                     last = Some(answer);
                     continue;
                 }
-            }
-            let mut class = answer.class;
-            if sent.token.is_some() && answer.code.is_some_and(|c| token_rejected(target.kind, c)) {
                 // A fresh token refused too: the platform's side; try again later.
-                if let Some(token) = &sent.token {
-                    invalidate_token(ctx, target, token);
-                }
                 class = Class::Transient;
             }
             if class != Class::Ok {
@@ -1118,21 +1105,12 @@ pub fn preview(
         jobs.push((t, None, id.to_owned()));
     } else if let Some(route) = settings.routes.get(name) {
         let payload = serde_json::Value::Object(message::payload(body).map_err(ShapeError::from)?);
-        for (i, rule) in route.rules.iter().enumerate() {
-            if !rule.matches(&payload) {
-                continue;
-            }
-            for t in &rule.targets {
-                if jobs.iter().any(|(j, _, _)| &j.name == t) {
-                    continue;
-                }
-                let target = &settings.targets[t];
-                jobs.push((
-                    target,
-                    Some((route.name.as_str(), &route.rules[i])),
-                    format!("{id}.{t}"),
-                ));
-            }
+        for (t, rule) in route.forwards(&payload) {
+            jobs.push((
+                &settings.targets[t],
+                Some((route.name.as_str(), rule)),
+                format!("{id}.{t}"),
+            ));
         }
     } else {
         return Err(PreviewError::Unknown(name.to_owned()));

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::message::{self, MessageError, Notification, Recipients};
 use super::template::{Context, TemplateError, Templates};
-use crate::config::{Rule, Shaping, Target, TargetKind, UserConfig};
+use crate::config::{Route, Rule, Shaping, Target, TargetKind, UserConfig};
 
 /// Internal accounts and their platform ids (`[users.<account>]`).
 #[derive(Debug, Clone, Default)]
@@ -251,6 +251,23 @@ impl Shaping {
             },
             exclude_actor: self.exclude_actor.or(base.exclude_actor),
         }
+    }
+}
+
+impl Route {
+    /// The targets `payload` goes to, each with the first rule that matches and names it, in
+    /// the order of the rules: what the route forwards, and which rule's shaping each target
+    /// applies.
+    pub fn forwards(&self, payload: &Value) -> Vec<(&str, &Rule)> {
+        let mut out: Vec<(&str, &Rule)> = Vec::new();
+        for rule in self.rules.iter().filter(|r| r.matches(payload)) {
+            for t in &rule.targets {
+                if !out.iter().any(|(seen, _)| seen == t) {
+                    out.push((t, rule));
+                }
+            }
+        }
+        out
     }
 }
 
