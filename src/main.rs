@@ -76,7 +76,13 @@ fn render(config: Option<&PathBuf>, target: &str, id: &str) -> ExitCode {
             accounts.join(", ")
         );
     }
-    if preview.requests.is_empty() {
+    for (target, reason, e) in &preview.failed {
+        eprintln!(
+            "{target}: would be dead-lettered as {}: {e}",
+            reason.label()
+        );
+    }
+    if preview.requests.is_empty() && preview.failed.is_empty() {
         eprintln!("{target}: no rule matches this payload; nothing would be sent");
     }
     let mut out = std::io::stdout().lock();
@@ -86,7 +92,11 @@ fn render(config: Option<&PathBuf>, target: &str, id: &str) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    ExitCode::SUCCESS
+    if preview.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_DATA)
+    }
 }
 
 fn load(path: Option<&PathBuf>) -> Result<config::Settings, ConfigError> {

@@ -469,21 +469,7 @@ async fn render_prints_exactly_what_the_platforms_receive() {
     file.write_all(config.as_bytes()).unwrap();
     let form = zentao_form(",1,", "bug");
 
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_imbridge"))
-        .args(["render", "--target", "zentao", "--id", "K-1", "--config"])
-        .arg(file.path())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(form.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = render_cli(file.path(), "zentao", "K-1", &form);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let printed = String::from_utf8(out.stdout).unwrap();
@@ -526,6 +512,58 @@ async fn render_prints_exactly_what_the_platforms_receive() {
     assert!(robots.violations().is_empty(), "{:?}", robots.violations());
     assert!(farm.violations().is_empty(), "{:?}", farm.violations());
     app.stop().await;
+}
+
+/// `imbridge render --target <name> --id <id> --config <config> < payload`.
+fn render_cli(
+    config: &std::path::Path,
+    name: &str,
+    id: &str,
+    payload: &str,
+) -> std::process::Output {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_imbridge"))
+        .args(["render", "--target", name, "--id", id, "--config"])
+        .arg(config)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(payload.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test]
+async fn render_shows_a_routes_other_targets_when_one_cannot_send() {
+    let farm = AppFarm::start().await;
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    let config = toml_with(&format!(
+        "{USERS}
+{}",
+        route_config("https://x.invalid/robot/send?access_token=t", &farm, "")
+    ));
+    file.write_all(config.as_bytes()).unwrap();
+    // Assigned to someone bound nowhere, mailto only the actor: the WeCom app has nobody.
+    let form = zentao_form(",1,", "bug")
+        .replace("assignedTo=lisi", "assignedTo=ghost")
+        .replace("mailto=%2Cwangwu%2Czhangsan%2C", "mailto=zhangsan");
+    let out = render_cli(file.path(), "zentao", "K-2", &form);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(65), "{stderr}");
+    assert!(stdout.starts_with("# ops: "), "{stdout}");
+    assert!(!stdout.contains("# dev"), "{stdout}");
+    assert!(
+        stderr.contains("dev: would be dead-lettered as no_recipients"),
+        "{stderr}"
+    );
 }
 
 #[test]

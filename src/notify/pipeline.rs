@@ -1115,11 +1115,19 @@ pub fn preview(
     } else {
         return Err(PreviewError::Unknown(name.to_owned()));
     }
-    let (mut requests, mut unbound) = (Vec::new(), Vec::new());
+    // A target's own message either renders or not; a route's targets each on their own.
+    let single = settings.targets.contains_key(name);
+    let (mut requests, mut unbound, mut failed) = (Vec::new(), Vec::new(), Vec::new());
     for (target, rule, seed) in jobs {
-        let prepared = shaper
-            .prepare(body, target, rule, seed)
-            .map_err(|e| PreviewError::Shape(target.name.clone(), e))?;
+        let prepared = match shaper.prepare(body, target, rule, seed) {
+            Ok(p) => p,
+            Err(e) if single => return Err(PreviewError::Shape(target.name.clone(), e)),
+            // A route still sends to its other targets; this copy would be dead-lettered.
+            Err(e) => {
+                failed.push((target.name.clone(), shape_reason(&e), e));
+                continue;
+            }
+        };
         if !prepared.unbound.is_empty() {
             unbound.push((target.name.clone(), prepared.unbound.clone()));
         }
@@ -1127,7 +1135,11 @@ pub fn preview(
             requests.push((target.name.clone(), describe(target, &request), request));
         }
     }
-    Ok(Preview { requests, unbound })
+    Ok(Preview {
+        requests,
+        unbound,
+        failed,
+    })
 }
 
 /// What `imbridge render` shows.
@@ -1137,6 +1149,9 @@ pub struct Preview {
     pub requests: Vec<(String, String, Request)>,
     /// `(target, accounts)` named but not bound on the target's platform: skipped.
     pub unbound: Vec<(String, Vec<String>)>,
+    /// A route's targets that could not use the payload: their copy would be dead-lettered
+    /// with that reason, while the other targets still get theirs.
+    pub failed: Vec<(String, Reason, ShapeError)>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -811,17 +811,26 @@ pub(crate) fn html_to_text(s: &str) -> String {
         text.push_str(&rest[..lt]);
         let after = &rest[lt + 1..];
         let is_tag = after.starts_with(|c: char| c.is_ascii_alphabetic() || "/!?".contains(c));
-        match after.find('>').filter(|_| is_tag) {
+        if !is_tag {
+            // "a < b": text, not markup.
+            text.push('<');
+            rest = after;
+            continue;
+        }
+        match after.find('>') {
             Some(gt) => {
                 if breaks_line(&after[..gt]) {
                     text.push('\n');
                 }
                 rest = &after[gt + 1..];
             }
-            // "a < b" or an unclosed tag: text, not markup.
+            // An unclosed tag, and no '>' further on either: the rest is text. (Searching
+            // again for every later '<' would take quadratic time on hostile input.)
             None => {
                 text.push('<');
-                rest = after;
+                text.push_str(after);
+                rest = "";
+                break;
             }
         }
     }
@@ -880,9 +889,12 @@ fn decode_entities(s: &str) -> String {
     while let Some(amp) = rest.find('&') {
         out.push_str(&rest[..amp]);
         let after = &rest[amp + 1..];
-        let decoded = after
-            .find(';')
-            .filter(|&semi| semi <= 10)
+        // Entity names are short: look for the ';' only that far, not to the end of the text
+        // for every '&'.
+        let window = &after.as_bytes()[..after.len().min(11)];
+        let decoded = window
+            .iter()
+            .position(|&b| b == b';')
             .and_then(|semi| entity(&after[..semi]).map(|c| (c, semi)));
         match decoded {
             Some((c, semi)) => {
@@ -1215,6 +1227,14 @@ mod tests {
             "zhangsan+lisi/a+b+c/x+y+7/00"
         );
         assert_eq!(split_accounts(r#"["a", 'b']"#), ["a", "b"]);
+    }
+
+    #[test]
+    fn unclosed_tags_and_bare_ampersands_stay_text() {
+        // Many of them: each is looked at once, not scanned to the end of the text.
+        let hostile = "<a&".repeat(20_000);
+        assert_eq!(html_to_text(&hostile), hostile);
+        assert_eq!(html_to_text("x<b>y</b> <i &amp"), "xy <i &amp");
     }
 
     #[test]
