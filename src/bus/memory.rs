@@ -35,9 +35,20 @@ pub struct MemoryBus {
     tx: broadcast::Sender<Arc<Received>>,
     /// Queue subscriptions: each matching message goes to exactly one of them, and a full
     /// queue refuses the publish (back-pressure instead of loss).
-    queues: Mutex<Vec<(String, tokio::sync::mpsc::Sender<Delivery>)>>,
+    queues: Mutex<Queues>,
     seen: Mutex<Seen>,
     window: Duration,
+}
+
+type QueueTx = tokio::sync::mpsc::Sender<Delivery>;
+
+/// Queue subscriptions by pattern. Most are one subject each (a notify target's), so those are
+/// found by a map lookup: scanning thousands of targets' patterns for every publish made the
+/// publish cost grow with the number of targets.
+#[derive(Default)]
+struct Queues {
+    exact: HashMap<String, Vec<QueueTx>>,
+    wildcard: Vec<(String, QueueTx)>,
 }
 
 /// Ids published within the duplicate window, oldest first.
@@ -91,27 +102,31 @@ impl MemoryBus {
             tx,
             seen: Mutex::new(Seen::default()),
             window: settings.duplicate_window,
-            queues: Mutex::new(Vec::new()),
+            queues: Mutex::new(Queues::default()),
         }
     }
 
     /// Registers a queue subscription for `pattern`.
     pub fn queue(&self, pattern: &str, tx: tokio::sync::mpsc::Sender<Delivery>) {
-        self.queues
-            .lock()
-            .expect("not poisoned")
-            .push((pattern.to_owned(), tx));
+        let mut queues = self.queues.lock().expect("not poisoned");
+        if pattern.split('.').any(|t| t == "*" || t == ">") {
+            queues.wildcard.push((pattern.to_owned(), tx));
+        } else {
+            queues.exact.entry(pattern.to_owned()).or_default().push(tx);
+        }
     }
 
     /// Gives the message to every queue subscription whose pattern matches (as with an
     /// interest-based stream, each subscription sees it), or to none if one of them is full.
     fn enqueue(&self, msg: &Message) -> Result<(), BusError> {
         let queues = self.queues.lock().expect("not poisoned");
-        let matching: Vec<_> = queues
+        let exact = queues.exact.get(&msg.subject).into_iter().flatten();
+        let wildcard = queues
+            .wildcard
             .iter()
-            .filter(|(p, tx)| super::subject_matches(p, &msg.subject) && !tx.is_closed())
-            .map(|(_, tx)| tx)
-            .collect();
+            .filter(|(p, _)| super::subject_matches(p, &msg.subject))
+            .map(|(_, tx)| tx);
+        let matching: Vec<_> = exact.chain(wildcard).filter(|tx| !tx.is_closed()).collect();
         if matching.iter().any(|tx| tx.capacity() == 0) {
             return Err(BusError::Unavailable("in-process queue is full".into()));
         }
