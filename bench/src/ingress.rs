@@ -1,0 +1,376 @@
+//! Ingress: DingTalk callbacks (1 KiB events) through the daemon to JetStream (file storage)
+//! and to Kafka (tansu), against the baselines measured in the same run with the same load
+//! generator and concurrency: (a) a trivial hyper server answering 200 to the same requests,
+//! (b) the raw publish with acknowledgement from a Rust client (async-nats; rdkafka with
+//! acks=all, idempotent). Then memory: RSS idle and with 10,000 callbacks in flight.
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+
+use crate::callbacks::{self, Maker};
+use crate::load::{closed_loop, Stats};
+use crate::procs::{self, Daemon, Proc};
+
+pub const CONCURRENCY: [usize; 3] = [16, 64, 256];
+const WARMUP: Duration = Duration::from_secs(1);
+
+/// One measured point.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Point {
+    /// "nats" or "kafka".
+    pub bus: String,
+    /// "ok_server" (baseline a), "raw_publish" (baseline b) or "imbridge".
+    pub scenario: String,
+    pub concurrency: usize,
+    pub stats: Stats,
+    /// CPU the daemon used during the measured time, in % of one core (imbridge only).
+    pub daemon_cpu_percent: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Memory {
+    pub idle_rss_kib: u64,
+    /// Callbacks the daemon held at the peak (its in-flight gauge).
+    pub in_flight: u64,
+    pub peak_rss_kib: u64,
+    pub kib_per_in_flight: f64,
+    /// All answered once the bus came back.
+    pub answered_ok: u64,
+}
+
+/// Baseline (a): answers 200 with a short body to every request, after reading the body.
+pub async fn ok_server(port: u16) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let service = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                let _ = req.into_body().collect().await;
+                Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
+                    b"{\"ok\":true}",
+                ))))
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// Posts callbacks to `port` from a closed loop.
+async fn callbacks_load(port: u16, concurrency: usize, d: Duration) -> Stats {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .expect("client");
+    let maker = Arc::new(Maker::new());
+    let base = format!("http://127.0.0.1:{port}/callbacks/dingtalk/bench");
+    closed_loop(concurrency, WARMUP, d, move |_| {
+        let (http, maker, base) = (http.clone(), maker.clone(), base.clone());
+        async move {
+            let cb = maker.make();
+            match http
+                .post(format!("{base}?{}", cb.query))
+                .header("content-type", "application/json")
+                .body(cb.body)
+                .send()
+                .await
+            {
+                Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    })
+    .await
+}
+
+/// Callbacks to the daemon, with its CPU use over the measured time.
+async fn daemon_load(daemon: &Daemon, concurrency: usize, d: Duration) -> (Stats, f64) {
+    let before = daemon.proc.cpu_time();
+    let started = Instant::now();
+    let stats = callbacks_load(daemon.ingress, concurrency, d).await;
+    let cpu = daemon.proc.cpu_time().saturating_sub(before);
+    let percent = 100.0 * cpu.as_secs_f64() / started.elapsed().as_secs_f64();
+    (stats, percent)
+}
+
+fn point(bus: &str, scenario: &str, c: usize, stats: Stats, cpu: Option<f64>) -> Point {
+    eprintln!(
+        "  {bus:5} {scenario:11} c={c:3}: {:8.0}/s p50 {:6.2} ms p99 {:6.2} ms p99.9 {:6.2} ms errors {}",
+        stats.rate, stats.p50_ms, stats.p99_ms, stats.p999_ms, stats.errors
+    );
+    Point {
+        bus: bus.into(),
+        scenario: scenario.into(),
+        concurrency: c,
+        stats,
+        daemon_cpu_percent: cpu,
+    }
+}
+
+pub async fn run(out: &Path, d: Duration) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let mut points = Vec::new();
+
+    eprintln!("ingress: baseline (a), trivial hyper server");
+    let ok_port = procs::free_port();
+    let _ok = procs::own_mode(&["ok-server", "--port", &ok_port.to_string()]).await?;
+    wait_listening(ok_port).await?;
+    let mut ok_points = Vec::new();
+    for c in CONCURRENCY {
+        let stats = callbacks_load(ok_port, c, d).await;
+        ok_points.push(point("any", "ok_server", c, stats, None));
+    }
+    for p in &ok_points {
+        points.push(Point {
+            bus: "nats".into(),
+            ..p.clone()
+        });
+        points.push(Point {
+            bus: "kafka".into(),
+            ..p.clone()
+        });
+    }
+
+    eprintln!("ingress: NATS JetStream (file storage)");
+    let (nats, nats_port) = procs::nats_server()?;
+    let url = format!("nats://127.0.0.1:{nats_port}");
+    for c in CONCURRENCY {
+        let stats = jetstream_raw(&url, c, d).await?;
+        points.push(point("nats", "raw_publish", c, stats, None));
+    }
+    let daemon = Daemon::start(&format!(
+        "{}\n[bus]\nkind = \"nats\"\n[bus.nats]\nurl = \"{url}\"\nstorage = \"file\"\n\
+         [notify]\nenabled = false\n",
+        callbacks::app_toml()
+    ))
+    .await?;
+    for c in CONCURRENCY {
+        let (stats, cpu) = daemon_load(&daemon, c, d).await;
+        points.push(point("nats", "imbridge", c, stats, Some(cpu)));
+    }
+    drop(daemon);
+
+    eprintln!("memory: idle and with 10,000 callbacks in flight");
+    let memory = memory(&nats, &url).await?;
+    eprintln!(
+        "  idle {} KiB, {} in flight at {} KiB: {:.1} KiB each",
+        memory.idle_rss_kib, memory.in_flight, memory.peak_rss_kib, memory.kib_per_in_flight
+    );
+    crate::save(out, "memory", &memory)?;
+    drop(nats);
+
+    eprintln!("ingress: Kafka (tansu)");
+    let (_tansu, kafka_port) = procs::tansu().await?;
+    let brokers = format!("127.0.0.1:{kafka_port}");
+    for c in CONCURRENCY {
+        let stats = kafka_raw(&brokers, c, d).await?;
+        points.push(point("kafka", "raw_publish", c, stats, None));
+    }
+    let daemon = Daemon::start(&format!(
+        "{}\n[bus]\nkind = \"kafka\"\n[bus.kafka]\nbrokers = \"{brokers}\"\n\
+         [notify]\nenabled = false\n",
+        callbacks::app_toml()
+    ))
+    .await?;
+    for c in CONCURRENCY {
+        let (stats, cpu) = daemon_load(&daemon, c, d).await;
+        points.push(point("kafka", "imbridge", c, stats, Some(cpu)));
+    }
+    crate::save(out, "ingress", &points)
+}
+
+/// Baseline (b) on NATS: a 1 KiB publish to a file-storage stream, waiting for the PubAck.
+async fn jetstream_raw(url: &str, concurrency: usize, d: Duration) -> anyhow::Result<Stats> {
+    let client = async_nats::connect(url).await?;
+    let js = async_nats::jetstream::new(client);
+    let stream = format!("RAW{concurrency}");
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: stream.clone(),
+        subjects: vec![format!("raw{concurrency}.>")],
+        storage: async_nats::jetstream::stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .context("creating the raw stream")?;
+    let payload = Bytes::from(vec![b'x'; callbacks::EVENT_BYTES]);
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let subject = format!("raw{concurrency}.bpms_instance_change");
+    Ok(closed_loop(concurrency, WARMUP, d, move |_| {
+        let (js, payload, next, subject) =
+            (js.clone(), payload.clone(), next.clone(), subject.clone());
+        async move {
+            // A message id, as the daemon sends one, so the server does the same dedupe work.
+            let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("raw-{n}").as_str());
+            match js.publish_with_headers(subject, headers, payload).await {
+                Ok(ack) => ack.await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    })
+    .await)
+}
+
+/// Baseline (b) on Kafka: a 1 KiB idempotent produce with acks=all, waiting for the delivery
+/// report.
+async fn kafka_raw(brokers: &str, concurrency: usize, d: Duration) -> anyhow::Result<Stats> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let topic = format!("raw{concurrency}.bpms_instance_change");
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    let admin: AdminClient<DefaultClientContext> = config.create()?;
+    let _ = admin
+        .create_topics(
+            &[NewTopic::new(&topic, 3, TopicReplication::Fixed(-1))],
+            &AdminOptions::new(),
+        )
+        .await;
+    let producer: FutureProducer = config
+        .clone()
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "0")
+        .create()?;
+    let payload = Arc::new(vec![b'x'; callbacks::EVENT_BYTES]);
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    Ok(closed_loop(concurrency, WARMUP, d, move |_| {
+        let (producer, payload, next, topic) = (
+            producer.clone(),
+            payload.clone(),
+            next.clone(),
+            topic.clone(),
+        );
+        async move {
+            let key = next
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .to_string();
+            let record = FutureRecord::to(&topic)
+                .key(&key)
+                .payload(payload.as_slice());
+            producer.send(record, Duration::from_secs(5)).await.is_ok()
+        }
+    })
+    .await)
+}
+
+/// RSS idle, then with 10,000 callbacks held: the bus is stalled (SIGSTOP), so every callback
+/// waits for its publish; then the bus comes back and every one is answered.
+async fn memory(nats: &Proc, url: &str) -> anyhow::Result<Memory> {
+    const HELD: usize = 10_000;
+    let daemon = Daemon::start(&format!(
+        "{}\n[bus]\nkind = \"nats\"\n[bus.nats]\nurl = \"{url}\"\nstorage = \"file\"\n\
+         publish_timeout = \"120s\"\n[notify]\nenabled = false\n",
+        callbacks::app_toml()
+    ))
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = daemon.proc.rss_kib();
+    let maker = Maker::new();
+    let requests: Vec<_> = (0..HELD).map(|_| maker.make()).collect();
+    nats.signal(libc::SIGSTOP);
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(HELD)
+        .timeout(Duration::from_secs(180))
+        .build()?;
+    let base = format!(
+        "http://127.0.0.1:{}/callbacks/dingtalk/bench",
+        daemon.ingress
+    );
+    let sends: Vec<_> = requests
+        .into_iter()
+        .map(|cb| {
+            let req = http
+                .post(format!("{base}?{}", cb.query))
+                .header("content-type", "application/json")
+                .body(cb.body);
+            tokio::spawn(async move { matches!(req.send().await, Ok(r) if r.status() == 200) })
+        })
+        .collect();
+    // Wait until the daemon holds them all (or stops gaining), sampling its RSS.
+    let metrics = format!("http://127.0.0.1:{}/metrics", daemon.admin);
+    let (mut peak, mut held, mut last_change) = (idle, 0u64, Instant::now());
+    while last_change.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        peak = peak.max(daemon.proc.rss_kib());
+        let now = in_flight(&metrics).await.unwrap_or(held);
+        if now > held {
+            held = now;
+            last_change = Instant::now();
+        }
+        if held >= HELD as u64 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            peak = peak.max(daemon.proc.rss_kib());
+            break;
+        }
+    }
+    nats.signal(libc::SIGCONT);
+    let mut answered_ok = 0;
+    for s in sends {
+        if s.await.unwrap_or(false) {
+            answered_ok += 1;
+        }
+    }
+    Ok(Memory {
+        idle_rss_kib: idle,
+        in_flight: held,
+        peak_rss_kib: peak,
+        kib_per_in_flight: peak.saturating_sub(idle) as f64 / held.max(1) as f64,
+        answered_ok,
+    })
+}
+
+/// `imbridge_requests_in_flight` from the admin port.
+async fn in_flight(metrics_url: &str) -> Option<u64> {
+    let text = reqwest::get(metrics_url).await.ok()?.text().await.ok()?;
+    text.lines()
+        .find(|l| l.starts_with("imbridge_requests_in_flight "))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<f64>()
+        .ok()
+        .map(|v| v as u64)
+}
+
+async fn wait_listening(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        anyhow::ensure!(Instant::now() < deadline, "nothing listens on {port}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// 10,000 connections at once need as many descriptors.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit on this process with a valid struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
