@@ -74,9 +74,9 @@ pub fn write(out: &Path) -> anyhow::Result<()> {
             writeln!(r, "## Ingress: {title}\n")?;
             writeln!(
                 r,
-                "| concurrency | (a) ok server /s | (b) raw publish /s | imbridge /s | imbridge ÷ (b) | rate goal | p50 a / b / imbridge ms | p50 goal | p99 a / b / imbridge ms | p99 goal | p99.9 imbridge ms | daemon CPU |"
+                "| concurrency | (a) ok server /s | (b) raw publish /s | imbridge /s | imbridge ÷ (b) | rate goal | imbridge ÷ shared-CPU bound | p50 a / b / imbridge ms | p50 goal | p99 a / b / imbridge ms | p99 goal | p99.9 imbridge ms | daemon CPU |"
             )?;
-            writeln!(r, "|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+            writeln!(r, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
             for c in CONCURRENCY {
                 let (Some(a), Some(b), Some(i)) = (
                     find(points, bus, "ok_server", c),
@@ -87,15 +87,19 @@ pub fn write(out: &Path) -> anyhow::Result<()> {
                 };
                 let (a, b, i2) = (&a.stats, &b.stats, &i.stats);
                 let ratio = i2.rate / b.rate.max(f64::MIN_POSITIVE);
+                // When the machine's cores are the limit, the costs of (a) and (b) add up:
+                // even a daemon costing nothing would do no better than this.
+                let bound = 1.0 / (1.0 / a.rate.max(1.0) + 1.0 / b.rate.max(1.0));
                 let p50_goal = a.p50_ms + b.p50_ms + 0.2;
                 let p99_goal = 2.0 * (a.p99_ms + b.p99_ms);
                 writeln!(
                     r,
-                    "| {c} | {:.0} | {:.0} | {:.0} | **{ratio:.2}** | {} | {:.2} / {:.2} / {:.2} | {} (≤ {p50_goal:.2}) | {:.2} / {:.2} / {:.2} | {} (≤ {p99_goal:.2}) | {:.2} | {:.0} % |",
+                    "| {c} | {:.0} | {:.0} | {:.0} | **{ratio:.2}** | {} | {:.2} | {:.2} / {:.2} / {:.2} | {} (≤ {p50_goal:.2}) | {:.2} / {:.2} / {:.2} | {} (≤ {p99_goal:.2}) | {:.2} | {:.0} % |",
                     a.rate,
                     b.rate,
                     i2.rate,
                     mark(ratio >= 0.6),
+                    i2.rate / bound,
                     a.p50_ms,
                     b.p50_ms,
                     i2.p50_ms,
@@ -110,7 +114,7 @@ pub fn write(out: &Path) -> anyhow::Result<()> {
                 if i2.errors + b.errors + a.errors > 0 {
                     writeln!(
                         r,
-                        "| | errors: a {} b {} imbridge {} | | | | | | | | | | |",
+                        "| | errors: a {} b {} imbridge {} | | | | | | | | | | | |",
                         a.errors, b.errors, i2.errors
                     )?;
                 }

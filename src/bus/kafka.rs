@@ -408,6 +408,14 @@ fn client_config(settings: &KafkaSettings) -> ClientConfig {
 
 fn producer(config: &ClientConfig, settings: &KafkaSettings) -> Result<FutureProducer, BusError> {
     let mut config = config.clone();
+    // Every callback waits for its delivery report before the platform is answered, so
+    // librdkafka's default 5 ms of lingering for a batch is 5 ms added to each answer; under
+    // load, records queued while a request is in flight are batched anyway. (Measured in
+    // bench/, 16 connections to tansu: p50 from 7.4 ms to 3.8 ms, 2,100 to 3,650 callbacks/s.)
+    // A configured linger wins.
+    if config.get("linger.ms").is_none() && config.get("queue.buffering.max.ms").is_none() {
+        config.set("linger.ms", "0");
+    }
     config
         .set("enable.idempotence", "true")
         .set("acks", "all")
