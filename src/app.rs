@@ -14,13 +14,12 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 
 use crate::bus::{self, Bus};
-use crate::config::{LimiterKind, Settings};
+use crate::config::Settings;
 use crate::ingress::{self, State};
 use crate::metrics::Metrics;
-use crate::notify;
-use crate::notify::limiter::kafka_log::KafkaLog;
 use crate::notify::limiter::Limiter;
-use crate::notify::pipeline::Notifier;
+use crate::notify::notifier::{self, Notifier};
+use crate::platform::Platform;
 use crate::shutdown::Shutdown;
 
 pub struct App {
@@ -39,61 +38,24 @@ pub struct App {
 impl App {
     pub async fn build(settings: Settings, shutdown: Shutdown) -> anyhow::Result<App> {
         let metrics = Metrics::new();
-        let bus = Arc::new(
-            Bus::start(
-                &settings.bus,
-                &settings.notify,
-                &notify::pipeline::all_consumer_specs(
-                    &settings.notify,
-                    &settings.targets,
-                    &settings.routes,
-                    &settings.bus.subject_prefix,
-                ),
-                metrics.clone(),
-                shutdown.clone(),
-            )
+        let prefix = &settings.bus.subject_prefix;
+        let layout = bus_layout(&settings);
+        let bus = Bus::start(&settings.bus, &layout, metrics.clone(), shutdown.clone())
             .await
-            .context("starting the bus")?,
-        );
-        let limiter = match (settings.notify.limiter, bus.nats(), bus.kafka()) {
-            (LimiterKind::NatsKv, Some(nats), _) => {
-                let (storage, replicas) = nats.storage();
-                Limiter::nats_kv(
-                    nats.jetstream().clone(),
-                    &settings.notify.limiter_bucket,
-                    storage,
-                    replicas,
-                )
-            }
-            (LimiterKind::KafkaLog, _, Some(kafka)) => Limiter::KafkaLog(Box::new(
-                KafkaLog::start(
-                    kafka.client_config(),
-                    &bus::with_prefix(
-                        &settings.bus.subject_prefix,
-                        &settings.notify.limiter_bucket,
-                    ),
-                    kafka.settings().publish_timeout,
-                    kafka.assignments(),
-                    shutdown.clone(),
-                )
-                .map_err(|e| anyhow::anyhow!("starting the kafka_log limiter: {e}"))?,
-            )),
-            _ => Limiter::local(),
-        };
+            .context("starting the bus")?;
+        let bus = Arc::new(bus);
+        let limiter = Limiter::start(&settings.notify, &bus, prefix, shutdown.clone())
+            .context("starting the rate limiter")?;
         let notifier = Notifier::start(
             &settings.notify,
-            notify::pipeline::Outbound {
-                targets: settings.targets.clone(),
-                routes: settings.routes.clone(),
-                templates: settings.templates.clone(),
-                users: notify::shape::Directory::new(settings.users.clone()),
-            },
+            settings.catalog(),
             bus.clone(),
             limiter,
             metrics.clone(),
-            &settings.bus.subject_prefix,
+            prefix,
             shutdown.clone(),
-        );
+        )
+        .context("starting the notify pipeline")?;
         let state = Arc::new(State {
             dingtalk: settings.dingtalk_apps.clone(),
             wecom: settings.wecom_apps.clone(),
@@ -185,4 +147,17 @@ impl App {
         tracing::info!("shutdown complete");
         Ok(())
     }
+}
+
+/// What the bus keeps in place: the inbound stream's subjects (every platform's events) and
+/// what the notify pipeline needs.
+fn bus_layout(settings: &Settings) -> bus::Layout {
+    let prefix = &settings.bus.subject_prefix;
+    let mut layout =
+        notifier::bus_layout(&settings.notify, &settings.targets, &settings.routes, prefix);
+    layout.inbound = Platform::ALL
+        .iter()
+        .map(|p| bus::with_prefix(prefix, &format!("{}.>", p.as_str())))
+        .collect();
+    layout
 }

@@ -13,10 +13,25 @@ use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 
+use crate::bus::kafka::KafkaSettings;
+use crate::bus::memory::MemorySettings;
+use crate::bus::nats::NatsSettings;
+use crate::bus::{BusSettings, EngineSettings};
+use crate::message::UserBinding;
+use crate::notify::compose::Directory;
+use crate::notify::notifier::Catalog;
+use crate::notify::router::{Route, Rule};
+use crate::notify::target::{Composition, Target};
+use crate::notify::settings::{LimiterKind, NotifySettings};
+use crate::platform::dingtalk::callback::DingTalkApp;
+use crate::platform::lark::callback::LarkApp;
 use crate::platform::msgcrypt::{self, MsgCrypt};
 use crate::platform::outbound::{LarkMarkdown, RenderOptions, TooLong};
+use crate::platform::wecom::callback::WeComApp;
+use crate::platform::{AppCredentials, Endpoint, Kind, Limit};
+use crate::secret::{lenient_opt_string, lenient_string, Secret};
 
 /// Prefix of the environment variables that override the file; `__` separates nesting levels.
 pub const ENV_PREFIX: &str = "IMBRIDGE_";
@@ -414,13 +429,13 @@ pub struct TargetConfig {
     /// How messages published straight to `notify.<name>` are turned into a notification
     /// (a route's own shaping applies to what it forwards).
     #[serde(flatten)]
-    pub shaping: ShapingConfig,
+    pub composition: CompositionConfig,
 }
 
 /// How a message body becomes the notification that is sent: a template, and which payload
 /// fields name recipients and people to @mention (ZenTao's assignee and `mailto`).
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-pub struct ShapingConfig {
+pub struct CompositionConfig {
     /// Name of a `[templates.<name>]` rendering the payload into title, text, url, mentions.
     #[serde(default)]
     pub template: Option<String>,
@@ -449,7 +464,7 @@ pub struct RouteConfig {
     #[serde(default, rename = "match")]
     pub matches: BTreeMap<String, OneOrMany>,
     #[serde(flatten)]
-    pub shaping: ShapingConfig,
+    pub composition: CompositionConfig,
     /// More rules, each with its own match, targets and shaping.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
@@ -465,7 +480,7 @@ pub struct RuleConfig {
     #[serde(default, rename = "match")]
     pub matches: BTreeMap<String, OneOrMany>,
     #[serde(flatten)]
-    pub shaping: ShapingConfig,
+    pub composition: CompositionConfig,
 }
 
 /// `[users.<account>]`: one person's ids on each platform, for `to.users`, `mentions.users`,
@@ -489,6 +504,19 @@ pub struct UserConfig {
     pub mobile: Option<String>,
     /// Email (Lark app messages can be addressed by email).
     pub email: Option<String>,
+}
+
+impl UserConfig {
+    fn binding(&self) -> UserBinding {
+        UserBinding {
+            name: self.name.clone(),
+            dingtalk: self.dingtalk.clone(),
+            wecom: self.wecom.clone(),
+            lark: self.lark.clone(),
+            mobile: self.mobile.clone(),
+            email: self.email.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -540,72 +568,6 @@ pub struct DingTalkAppConfig {
     pub receiver_id: String,
 }
 
-/// A configured secret. It prints as `***` so it cannot leak through `Debug` into logs.
-#[derive(Clone, Default, PartialEq, Eq, Serialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl<'de> Deserialize<'de> for Secret {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        lenient_string(d).map(Secret)
-    }
-}
-
-/// Environment values are parsed as TOML-like values, so a numeric token such as `123456`
-/// arrives as an integer; secrets and ids are strings whatever they look like.
-fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    struct Visitor;
-    impl serde::de::Visitor<'_> for Visitor {
-        type Value = String;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a string")
-        }
-        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
-            Ok(v.to_owned())
-        }
-        fn visit_string<E: serde::de::Error>(self, v: String) -> Result<String, E> {
-            Ok(v)
-        }
-        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-        fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-        fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
-            Ok(v.to_string())
-        }
-    }
-    d.deserialize_any(Visitor)
-}
-
-/// [`lenient_string`] for an optional value.
-fn lenient_opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    lenient_string(d).map(Some)
-}
-
 /// One configuration problem, naming the key it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -654,229 +616,34 @@ pub struct Settings {
     pub bus: BusSettings,
     pub dingtalk_apps: BTreeMap<String, DingTalkApp>,
     pub wecom_apps: BTreeMap<String, WeComApp>,
-    pub lark_apps: BTreeMap<String, crate::platform::lark::callback::LarkApp>,
+    pub lark_apps: BTreeMap<String, LarkApp>,
     pub notify: NotifySettings,
     pub targets: BTreeMap<String, Target>,
     pub routes: BTreeMap<String, Route>,
     pub templates: crate::notify::template::Templates,
-    pub users: BTreeMap<String, UserConfig>,
+    pub users: BTreeMap<String, UserBinding>,
 }
 
-#[derive(Debug, Clone)]
-pub struct NotifySettings {
-    pub enabled: bool,
-    pub stream: String,
-    pub dlq_stream: String,
-    pub consumer: String,
-    pub ack_wait: Duration,
-    pub max_ack_pending: i64,
-    pub max_attempts: u32,
-    pub retry_initial: Duration,
-    pub retry_max: Duration,
-    pub max_wait: Duration,
-    pub queue_capacity: usize,
-    pub requeue_delay: Duration,
-    pub request_timeout: Duration,
-    pub wait_timeout: Duration,
-    pub rate_limit_margin: Duration,
-    pub limiter: LimiterKind,
-    pub limiter_bucket: String,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimiterKind {
-    Local,
-    NatsKv,
-    KafkaLog,
-}
-
-/// The kinds of notification target.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum TargetKind {
-    DingTalkRobot,
-    WeComRobot,
-    LarkRobot,
-    DingTalkWork,
-    WeComApp,
-    LarkApp,
-}
-
-impl TargetKind {
-    pub const ALL: [TargetKind; 6] = [
-        TargetKind::DingTalkRobot,
-        TargetKind::WeComRobot,
-        TargetKind::LarkRobot,
-        TargetKind::DingTalkWork,
-        TargetKind::WeComApp,
-        TargetKind::LarkApp,
-    ];
-
-    pub fn parse(s: &str) -> Option<Self> {
-        TargetKind::ALL.into_iter().find(|k| k.as_str() == s)
+/// Parses "20/min", "5/s", "100/60s", "20/1m", "1000/h".
+pub fn parse_limit(s: &str) -> Result<Limit, String> {
+    let (n, per) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is not N/WINDOW (e.g. \"20/min\")"))?;
+    let max: u32 = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("{n:?} is not a positive count"))?;
+    let per = per.trim();
+    let window = match per {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        other => parse_duration(other)?,
+    };
+    if max == 0 || window.is_zero() {
+        return Err(format!("{s:?}: count and window must be greater than 0"));
     }
-
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            TargetKind::DingTalkRobot => "dingtalk_robot",
-            TargetKind::WeComRobot => "wecom_robot",
-            TargetKind::LarkRobot => "lark_robot",
-            TargetKind::DingTalkWork => "dingtalk_work",
-            TargetKind::WeComApp => "wecom_app",
-            TargetKind::LarkApp => "lark_app",
-        }
-    }
-
-    /// App messages go to bound users through an app's API; group bots to one chat.
-    pub fn is_app(&self) -> bool {
-        matches!(
-            self,
-            TargetKind::DingTalkWork | TargetKind::WeComApp | TargetKind::LarkApp
-        )
-    }
-
-    /// The platform's documented limits (PROTOCOLS.md §3.3, §4, §6, §8).
-    pub fn default_limits(&self) -> Vec<Limit> {
-        let min = Duration::from_secs(60);
-        match self {
-            TargetKind::DingTalkRobot | TargetKind::WeComRobot => vec![Limit::new(20, min)],
-            // Lark's tenant-level limit for app messages (code 11232) is the custom bots' too.
-            TargetKind::LarkRobot | TargetKind::LarkApp => {
-                vec![Limit::new(5, Duration::from_secs(1)), Limit::new(100, min)]
-            }
-            // [U] DingTalk documents only app/corp QPM codes (143103/143104), not the numbers;
-            // 20 per second keeps far below any figure quoted for them.
-            TargetKind::DingTalkWork => vec![Limit::new(20, Duration::from_secs(1))],
-            // WeCom limits app messages per member (below), not per request.
-            TargetKind::WeComApp => Vec::new(),
-        }
-    }
-
-    /// Per-recipient limits of app messages (PROTOCOLS.md §6.2: WeCom drops the excess
-    /// silently, so it must never be reached).
-    pub fn default_member_limits(&self) -> Vec<Limit> {
-        match self {
-            TargetKind::WeComApp => vec![
-                Limit::new(30, Duration::from_secs(60)),
-                Limit::new(1000, Duration::from_secs(3600)),
-            ],
-            _ => Vec::new(),
-        }
-    }
-
-    /// DingTalk bans a robot for 10 minutes after a burst; the others recover with the window.
-    pub fn default_pause(&self) -> Duration {
-        match self {
-            TargetKind::DingTalkRobot => Duration::from_secs(600),
-            _ => Duration::from_secs(60),
-        }
-    }
-
-    /// The public API of an app kind.
-    pub fn default_base_url(&self) -> &'static str {
-        match self {
-            TargetKind::DingTalkWork | TargetKind::DingTalkRobot => "https://oapi.dingtalk.com",
-            TargetKind::WeComApp | TargetKind::WeComRobot => "https://qyapi.weixin.qq.com",
-            TargetKind::LarkApp | TargetKind::LarkRobot => "https://open.feishu.cn",
-        }
-    }
-}
-
-/// At most `max` requests in any sliding window of length `window`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limit {
-    pub max: u32,
-    pub window: Duration,
-}
-
-impl Limit {
-    pub fn new(max: u32, window: Duration) -> Self {
-        Limit { max, window }
-    }
-
-    /// Parses "20/min", "5/s", "100/60s", "20/1m", "1000/h".
-    pub fn parse(s: &str) -> Result<Limit, String> {
-        let (n, per) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?} is not N/WINDOW (e.g. \"20/min\")"))?;
-        let max: u32 = n
-            .trim()
-            .parse()
-            .map_err(|_| format!("{n:?} is not a positive count"))?;
-        let per = per.trim();
-        let window = match per {
-            "s" | "sec" | "second" => Duration::from_secs(1),
-            "m" | "min" | "minute" => Duration::from_secs(60),
-            "h" | "hour" => Duration::from_secs(3600),
-            other => parse_duration(other)?,
-        };
-        if max == 0 || window.is_zero() {
-            return Err(format!("{s:?}: count and window must be greater than 0"));
-        }
-        Ok(Limit { max, window })
-    }
-}
-
-/// A configured notification target, validated.
-#[derive(Debug, Clone)]
-pub struct Target {
-    pub name: String,
-    pub kind: TargetKind,
-    pub endpoint: Endpoint,
-    pub limits: Vec<Limit>,
-    /// Per recipient (app messages).
-    pub member_limits: Vec<Limit>,
-    pub pause_on_rate_limit: Duration,
-    pub render: RenderOptions,
-    /// Accounts receiving app messages that name no recipient.
-    pub users: Vec<String>,
-    pub shaping: Shaping,
-}
-
-/// Where a target's requests go.
-#[derive(Debug, Clone)]
-pub enum Endpoint {
-    /// A group bot's webhook.
-    Robot { url: Secret, secret: Option<Secret> },
-    /// An app's API.
-    App(AppCredentials),
-}
-
-/// An app's credentials: DingTalk AppKey/AppSecret + AgentId, WeCom corp id/Secret + AgentId,
-/// Lark App ID/App Secret.
-#[derive(Debug, Clone)]
-pub struct AppCredentials {
-    /// Without a trailing slash.
-    pub base_url: String,
-    /// DingTalk AppKey, WeCom corp id, Lark App ID.
-    pub app_id: String,
-    pub secret: Secret,
-    /// DingTalk and WeCom; 0 for Lark.
-    pub agent_id: u64,
-}
-
-/// How a body becomes the notification sent (see [`ShapingConfig`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Shaping {
-    pub template: Option<String>,
-    pub recipients: Vec<String>,
-    pub mention: Vec<String>,
-    /// `None`: not said (true, unless a route rule's target says otherwise).
-    pub exclude_actor: Option<bool>,
-}
-
-/// A validated route: its rules in order.
-#[derive(Debug, Clone)]
-pub struct Route {
-    pub name: String,
-    pub rules: Vec<Rule>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Rule {
-    pub targets: Vec<String>,
-    /// Field → accepted values; every field must match.
-    pub matches: Vec<(String, Vec<String>)>,
-    pub shaping: Shaping,
+    Ok(Limit { max, window })
 }
 
 #[derive(Debug, Clone)]
@@ -889,69 +656,16 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
 }
 
-#[derive(Debug, Clone)]
-pub struct BusSettings {
-    pub subject_prefix: String,
-    pub engine: EngineSettings,
-}
-
-#[derive(Debug, Clone)]
-pub enum EngineSettings {
-    Memory(MemorySettings),
-    Nats(Box<NatsSettings>),
-    Kafka(Box<KafkaSettings>),
-}
-
-#[derive(Debug, Clone)]
-pub struct KafkaSettings {
-    pub brokers: String,
-    pub group_id: String,
-    pub client_id: String,
-    /// librdkafka properties, keys normalised (`_` → `.`); values may be secrets.
-    pub properties: Vec<(String, Secret)>,
-    pub create_topics: bool,
-    pub partitions: i32,
-    pub replication_factor: i32,
-    pub publish_timeout: Duration,
-    pub duplicate_window: Duration,
-    /// (subject pattern, JSON pointer) pairs choosing record keys, most specific first.
-    pub keys: Vec<(String, String)>,
-}
-
-#[derive(Debug, Clone)]
-pub struct MemorySettings {
-    pub capacity: usize,
-    pub duplicate_window: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct NatsSettings {
-    pub url: String,
-    pub client_name: String,
-    pub credentials_file: Option<String>,
-    pub user_password: Option<(String, Secret)>,
-    pub token: Option<Secret>,
-    pub stream: String,
-    pub memory_storage: bool,
-    pub replicas: usize,
-    pub duplicate_window: Duration,
-    pub max_age: Duration,
-    pub publish_timeout: Duration,
-    pub connect_timeout: Duration,
-    pub reconnect_max_delay: Duration,
-}
-
-/// A DingTalk app ready to verify and decrypt callbacks.
-#[derive(Debug, Clone)]
-pub struct DingTalkApp {
-    pub crypt: MsgCrypt,
-}
-
-/// A WeCom app ready to verify and decrypt callbacks.
-#[derive(Debug, Clone)]
-pub struct WeComApp {
-    pub crypt: MsgCrypt,
-    pub keep_raw_xml: bool,
+impl Settings {
+    /// What the notify pipeline sends to and how.
+    pub fn catalog(&self) -> Catalog {
+        Catalog {
+            targets: self.targets.clone(),
+            routes: self.routes.clone(),
+            templates: self.templates.clone(),
+            users: Directory::new(self.users.clone()),
+        }
+    }
 }
 
 /// Builds the layered figment: defaults → TOML file → `IMBRIDGE_` environment.
@@ -1048,7 +762,7 @@ impl Checker {
             value
                 .items()
                 .into_iter()
-                .filter_map(|item| Limit::parse(item).map_err(|e| self.problem(key, e)).ok())
+                .filter_map(|item| parse_limit(item).map_err(|e| self.problem(key, e)).ok())
                 .collect(),
         )
     }
@@ -1195,7 +909,7 @@ impl Config {
             }
             lark_apps.insert(
                 name.clone(),
-                crate::platform::lark::callback::LarkApp {
+                LarkApp {
                     verification_token,
                     encrypt_key,
                 },
@@ -1233,7 +947,7 @@ impl Config {
         }
         // Targets of one app share its limits on the platform, and so in the limiter: they must
         // say the same, or each would prune the shared logs by its own.
-        let mut by_app: BTreeMap<(TargetKind, String, u64), &Target> = BTreeMap::new();
+        let mut by_app: BTreeMap<(Kind, String, u64), &Target> = BTreeMap::new();
         for t in targets.values() {
             if let Endpoint::App(a) = &t.endpoint {
                 let key = (t.kind, a.app_id.clone(), a.agent_id);
@@ -1305,7 +1019,7 @@ impl Config {
             targets,
             routes,
             templates,
-            users: self.users.clone(),
+            users: self.users.iter().map(|(k, u)| (k.clone(), u.binding())).collect(),
         })
     }
 }
@@ -1558,9 +1272,9 @@ impl NotifyConfig {
 impl TargetConfig {
     fn validate(&self, name: &str, key: &str, c: &mut Checker) -> Option<Target> {
         let before = c.problems.len();
-        let kind = TargetKind::parse(&self.kind);
+        let kind = Kind::parse(&self.kind);
         if kind.is_none() {
-            let kinds: Vec<&str> = TargetKind::ALL.iter().map(TargetKind::as_str).collect();
+            let kinds: Vec<&str> = Kind::ALL.iter().map(Kind::as_str).collect();
             c.problem(
                 format!("{key}.kind"),
                 format!(
@@ -1628,11 +1342,11 @@ impl TargetConfig {
                 lark_markdown: self.lark_markdown,
             },
             users: self.users.clone(),
-            shaping: self.shaping.typed(),
+            composition: self.shaping.typed(),
         })
     }
 
-    fn robot_endpoint(&self, kind: TargetKind, key: &str, c: &mut Checker) -> Option<Endpoint> {
+    fn robot_endpoint(&self, kind: Kind, key: &str, c: &mut Checker) -> Option<Endpoint> {
         for (field, set) in [
             ("app_id", self.app_id.is_some()),
             ("app_secret", self.app_secret.is_some()),
@@ -1655,7 +1369,7 @@ impl TargetConfig {
             // The URL holds the robot's token: name the problem, never echo the value.
             c.problem(format!("{key}.url"), "must be an http(s) webhook URL");
         }
-        if kind == TargetKind::WeComRobot && self.secret.is_some() {
+        if kind == Kind::WeComRobot && self.secret.is_some() {
             c.problem(
                 format!("{key}.secret"),
                 "WeCom robots are not signed (the key in the URL is the credential)",
@@ -1667,7 +1381,7 @@ impl TargetConfig {
         })
     }
 
-    fn app_endpoint(&self, kind: TargetKind, key: &str, c: &mut Checker) -> Option<Endpoint> {
+    fn app_endpoint(&self, kind: Kind, key: &str, c: &mut Checker) -> Option<Endpoint> {
         let before = c.problems.len();
         for (field, set) in [
             ("url", self.url.is_some()),
@@ -1681,10 +1395,10 @@ impl TargetConfig {
             }
         }
         let (id_field, id) = match kind {
-            TargetKind::WeComApp => ("corp_id", &self.corp_id),
+            Kind::WeComApp => ("corp_id", &self.corp_id),
             _ => ("app_id", &self.app_id),
         };
-        if kind == TargetKind::WeComApp && self.app_id.is_some() {
+        if kind == Kind::WeComApp && self.app_id.is_some() {
             c.problem(
                 format!("{key}.app_id"),
                 "WeCom apps are named by corp_id and agent_id",
@@ -1701,8 +1415,8 @@ impl TargetConfig {
             c.problem(format!("{key}.app_secret"), "must be set for this kind");
         }
         let agent_id = match (kind, &self.agent_id) {
-            (TargetKind::LarkApp, None) => 0,
-            (TargetKind::LarkApp, Some(_)) => {
+            (Kind::LarkApp, None) => 0,
+            (Kind::LarkApp, Some(_)) => {
                 c.problem(format!("{key}.agent_id"), "Lark apps have no agent id");
                 0
             }
@@ -1736,9 +1450,9 @@ impl TargetConfig {
     }
 }
 
-impl ShapingConfig {
-    fn typed(&self) -> Shaping {
-        Shaping {
+impl CompositionConfig {
+    fn typed(&self) -> Composition {
+        Composition {
             template: self.template.clone(),
             recipients: self.recipients.clone(),
             mention: self.mention.clone(),
@@ -1780,7 +1494,7 @@ impl RouteConfig {
                 RuleConfig {
                     targets: self.targets.clone(),
                     matches: self.matches.clone(),
-                    shaping: self.shaping.clone(),
+                    composition: self.shaping.clone(),
                 },
             ));
         } else if self.shaping.template.is_some()
@@ -1833,7 +1547,7 @@ impl RouteConfig {
                 Rule {
                     targets: r.targets,
                     matches,
-                    shaping: r.shaping.typed(),
+                    composition: r.shaping.typed(),
                 }
             })
             .collect();

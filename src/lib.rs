@@ -7,23 +7,43 @@
 //!
 //! # Layout
 //!
+//! Dependencies point down this list; no module imports one above it, and no two files import
+//! each other (a test in `tests/it/layout.rs` keeps it so).
+//!
+//! - [`app`]: builds the daemon from settings (binds listeners, starts the bus, the limiter
+//!   and the notify pipeline) and runs it until shutdown.
 //! - [`config`]: figment load (defaults → TOML → `IMBRIDGE_` env) and validation into
-//!   [`config::Settings`], every problem reported at once.
-//! - [`app`]: builds the daemon from settings (binds listeners, starts the bus) and runs it
-//!   until shutdown.
-//! - [`bus`]: the bus contract and one engine per file: [`bus::memory`], [`bus::nats`],
-//!   [`bus::kafka`].
-//! - [`platform`]: pure protocol code, one module per platform; the AES scheme DingTalk and
-//!   WeCom share is [`platform::msgcrypt`].
-//! - [`ingress`]: warp routes and handlers for callbacks, the admin listener, error replies.
-//! - [`metrics`], [`shutdown`], [`telemetry`]: Prometheus metrics, the shutdown signal, logs.
+//!   [`config::Settings`], every problem reported at once. It builds each domain's own
+//!   settings types; no domain imports `config`.
+//! - [`ingress`]: warp routes and handlers for callbacks and `POST /notify`, the admin
+//!   listener, error replies.
+//! - [`notify`]: the outbound pipeline in named parts: consumer, router, compose, worker,
+//!   sender (the only HTTP to platforms), dead letters, limiter, preview.
+//! - [`bus`]: the bus contract and one engine per file ([`bus::memory`], [`bus::nats`],
+//!   [`bus::kafka`]); it keeps in place what the app describes in a neutral [`bus::Layout`]
+//!   and knows nothing of notify.
+//! - [`platform`]: pure protocol code, one folder per platform (callback, robot, app), and
+//!   [`platform::Kind`], the one enum whose methods hold every per-kind decision; the AES
+//!   scheme DingTalk and WeCom share is [`platform::msgcrypt`].
+//! - [`message`]: the notification model shared by `platform` and `notify`, user bindings and
+//!   HTML-to-text.
+//! - [`secret`], [`backoff`], [`metrics`], [`shutdown`], [`telemetry`]: masked secrets, retry
+//!   delays, Prometheus metrics (one method per event), the shutdown signal, logs.
+//!
+//! Adding a target kind: a file under `platform/<platform>/` and one arm in each method of
+//! [`platform::Kind`]. Adding a platform: a folder under `platform/`, a [`platform::Platform`]
+//! variant, and its callback handler in `ingress/`. Adding a bus engine: one file under `bus/`
+//! and one arm per method of [`bus::Bus`].
 
 pub mod app;
+pub mod backoff;
 pub mod bus;
 pub mod config;
 pub mod ingress;
+pub mod message;
 pub mod metrics;
 pub mod notify;
 pub mod platform;
+pub mod secret;
 pub mod shutdown;
 pub mod telemetry;

@@ -63,7 +63,7 @@ fn render(config: Option<&PathBuf>, target: &str, id: &str) -> ExitCode {
         eprintln!("cannot read the payload from stdin: {e}");
         return ExitCode::from(EXIT_DATA);
     }
-    let preview = match imbridge::notify::pipeline::preview(&settings, target, &body, id) {
+    let preview = match imbridge::notify::preview::preview(&settings.catalog(), target, &body, id) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("{e}");
@@ -114,9 +114,9 @@ fn main() -> ExitCode {
                 println!(
                     "configuration is valid: bus {}, {} DingTalk app(s), ingress {}, admin {}",
                     match s.bus.engine {
-                        config::EngineSettings::Memory(_) => "memory",
-                        config::EngineSettings::Nats(_) => "nats",
-                        config::EngineSettings::Kafka(_) => "kafka",
+                        imbridge::bus::EngineSettings::Memory(_) => "memory",
+                        imbridge::bus::EngineSettings::Nats(_) => "nats",
+                        imbridge::bus::EngineSettings::Kafka(_) => "kafka",
                     },
                     s.dingtalk_apps.len(),
                     s.server.listen,

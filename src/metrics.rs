@@ -3,6 +3,7 @@
 //! unit suffix, `_total` for counters, low-cardinality labels only.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -255,10 +256,107 @@ impl Metrics {
         String::from_utf8(buf).expect("text exposition is UTF-8")
     }
 
+    // One method per event: the only place that decides label names and values.
+
     /// Counts one callback outcome.
     pub fn callback(&self, platform: &str, app: &str, outcome: &str) {
         self.callbacks_total
             .with_label_values(&[platform, app, outcome])
+            .inc();
+    }
+
+    /// Times one callback, from request to reply.
+    pub fn callback_took(&self, platform: &str, took: Duration) {
+        self.callback_duration_seconds
+            .with_label_values(&[platform])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Whether the bus `engine` is connected.
+    pub fn bus_connected(&self, engine: &str, connected: bool) {
+        self.bus_connected
+            .with_label_values(&[engine])
+            .set(i64::from(connected));
+    }
+
+    /// Times one publish to the bus, by how it ended.
+    pub fn bus_published(&self, engine: &str, outcome: &str, took: Duration) {
+        self.bus_publish_duration_seconds
+            .with_label_values(&[engine, outcome])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts one `POST /notify/<target>` request by outcome.
+    pub fn notify_request(&self, target: &str, outcome: &str) {
+        self.notify_requests_total
+            .with_label_values(&[target, outcome])
+            .inc();
+    }
+
+    /// A delivered notification, and its latency from publish to the platform's answer.
+    pub fn notify_sent(&self, target: &str, latency: Duration) {
+        self.notify_sent_total.with_label_values(&[target]).inc();
+        self.notify_latency_seconds
+            .with_label_values(&[target])
+            .observe(latency.as_secs_f64());
+    }
+
+    /// A send the platform did not accept, by the class of its answer.
+    pub fn notify_failed(&self, target: &str, class: &str) {
+        self.notify_failed_total
+            .with_label_values(&[target, class])
+            .inc();
+    }
+
+    /// A retry after a transient failure.
+    pub fn notify_retry(&self, target: &str) {
+        self.notify_retries_total.with_label_values(&[target]).inc();
+    }
+
+    /// A dead-lettered notification, by reason.
+    pub fn notify_dead_letter(&self, target: &str, reason: &str) {
+        self.notify_dead_letters_total
+            .with_label_values(&[target, reason])
+            .inc();
+    }
+
+    /// Time a send waited for the rate limiter.
+    pub fn notify_limiter_waited(&self, target: &str, waited: Duration) {
+        self.notify_limiter_wait_seconds
+            .with_label_values(&[target])
+            .observe(waited.as_secs_f64());
+    }
+
+    /// The gauge of notifications queued for `target` in this replica.
+    pub fn notify_queue_depth(&self, target: &str) -> IntGauge {
+        self.notify_queue_depth.with_label_values(&[target])
+    }
+
+    /// Accounts named but not bound on the target's platform.
+    pub fn notify_unbound_users(&self, target: &str, count: usize) {
+        self.notify_unbound_users_total
+            .with_label_values(&[target])
+            .inc_by(count as u64);
+    }
+
+    /// Recipients the platform refused or could not reach.
+    pub fn notify_invalid_recipients(&self, target: &str, count: usize) {
+        self.notify_invalid_recipients_total
+            .with_label_values(&[target])
+            .inc_by(count as u64);
+    }
+
+    /// One access-token request, by outcome (`ok` or the class of the refusal).
+    pub fn notify_token_fetch(&self, target: &str, outcome: &str) {
+        self.notify_token_fetches_total
+            .with_label_values(&[target, outcome])
+            .inc();
+    }
+
+    /// A message a route forwarded to `target` ("" when no rule matched).
+    pub fn notify_routed(&self, route: &str, target: &str) {
+        self.notify_routed_total
+            .with_label_values(&[route, target])
             .inc();
     }
 }

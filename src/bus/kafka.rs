@@ -35,8 +35,8 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
 use super::memory::Seen;
-use super::{Ack, BusError, ConsumerSpec, Delivery, Message};
-use crate::config::{KafkaSettings, LimiterKind, NotifySettings};
+use super::{Ack, BusError, ConsumerSpec, Delivery, Layout, Message};
+use crate::secret::Secret;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -52,6 +52,8 @@ pub struct KafkaBus {
     admin: AdminClient<DefaultClientContext>,
     settings: KafkaSettings,
     prefix: String,
+    /// Subject prefixes whose records are keyed by the rest of the subject (see [`Layout`]).
+    keyed_by_name: Vec<String>,
     /// The brokers answered the last metadata request.
     connected: Arc<AtomicBool>,
     /// The topics the daemon needs at start exist.
@@ -69,13 +71,29 @@ pub struct KafkaBus {
     renewed: Mutex<Option<Instant>>,
 }
 
+/// `[bus.kafka]`, validated.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub group_id: String,
+    pub client_id: String,
+    /// librdkafka properties, keys normalised (`_` → `.`); values may be secrets.
+    pub properties: Vec<(String, Secret)>,
+    pub create_topics: bool,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    pub publish_timeout: Duration,
+    pub duplicate_window: Duration,
+    /// (subject pattern, JSON pointer) pairs choosing record keys, most specific first.
+    pub keys: Vec<(String, String)>,
+}
+
 impl KafkaBus {
-    /// Creates the clients and starts the keeper (brokers, topics) and, when notify consumers
-    /// are configured, the group consumer. Never waits for a broker.
+    /// Creates the clients and starts the keeper (brokers, the layout's topics) and, when the
+    /// layout has consumers, the group consumer. Never waits for a broker.
     pub fn start(
         settings: &KafkaSettings,
-        notify: &NotifySettings,
-        consumers: &[ConsumerSpec],
+        layout: &Layout,
         prefix: &str,
         metrics: Metrics,
         shutdown: Shutdown,
@@ -85,29 +103,17 @@ impl KafkaBus {
         let admin: AdminClient<DefaultClientContext> = config
             .create()
             .map_err(|e| BusError::Unavailable(format!("creating the Kafka admin client: {e}")))?;
-        metrics.bus_connected.with_label_values(&["kafka"]).set(0);
-
-        // The topics that must exist before the daemon is ready: each target's notify and
-        // dead-letter topics, with one partition so that one replica at a time owns a target,
-        // and the limiter's log.
-        let mut needed = Vec::new();
-        if notify.enabled {
-            for spec in consumers.iter().filter(|s| !s.filter.ends_with('>')) {
-                needed.push((spec.filter.clone(), 1));
-                needed.push((spec.filter.replacen("notify.", "dlq.notify.", 1), 1));
-            }
-        }
-        // Also without the consumers: `POST /notify/<target>?wait=true` sends through the
-        // limiter, which waits until it has read its topic.
-        if notify.limiter == LimiterKind::KafkaLog {
-            needed.push((super::with_prefix(prefix, &notify.limiter_bucket), 1));
-        }
+        metrics.bus_connected("kafka", false);
+        // One partition each, so that one replica at a time owns what a topic carries.
+        let needed = layout.topics.iter().map(|t| (t.clone(), 1)).collect();
+        let consumers = &layout.consumers;
         let bus = Arc::new(KafkaBus {
             producer: RwLock::new(Arc::new(producer)),
             config,
             admin,
             settings: settings.clone(),
             prefix: prefix.to_owned(),
+            keyed_by_name: layout.keyed_by_name.clone(),
             connected: Arc::new(AtomicBool::new(false)),
             topics_ready: Arc::new(AtomicBool::new(false)),
             known: Mutex::new(HashSet::new()),
@@ -120,14 +126,11 @@ impl KafkaBus {
             consumer_task: Mutex::new(None),
             renewed: Mutex::new(None),
         });
-        if notify.enabled && !consumers.is_empty() {
+        if !consumers.is_empty() {
             let task = tokio::spawn(run_consumer(
                 bus.config.clone(),
                 settings.group_id.clone(),
-                format!(
-                    "^{}notify\\..+",
-                    regex_escape(&super::with_prefix(prefix, ""))
-                ),
+                subscription(consumers),
                 bus.routes.clone(),
                 bus.assignments.clone(),
                 shutdown.clone(),
@@ -267,7 +270,7 @@ impl KafkaBus {
             Ok(Err(e)) => return Err(BusError::Unavailable(e)),
             Err(_) => return Err(BusError::Timeout(timeout)),
         }
-        let key = record_key(&self.prefix, &self.settings.keys, msg);
+        let key = record_key(&self.prefix, &self.keyed_by_name, &self.settings.keys, msg);
         let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
         for (name, value) in &msg.headers {
             let name = kafka_header_name(name);
@@ -368,7 +371,7 @@ async fn keep(
                 if !bus.connected.swap(true, Ordering::SeqCst) {
                     tracing::info!(brokers = %bus.settings.brokers, "connected to Kafka");
                 }
-                metrics.bus_connected.with_label_values(&["kafka"]).set(1);
+                metrics.bus_connected("kafka", true);
                 // Replaced, not extended: a broker that lost its topics (restarted without
                 // persistent storage, or topics deleted) gets them created again.
                 *bus.known.lock().expect("not poisoned") = topics.into_iter().collect();
@@ -384,7 +387,7 @@ async fn keep(
                 if bus.connected.swap(false, Ordering::SeqCst) {
                     tracing::warn!(error = %e, "Kafka brokers unreachable");
                 }
-                metrics.bus_connected.with_label_values(&["kafka"]).set(0);
+                metrics.bus_connected("kafka", false);
             }
         }
         tokio::select! {
@@ -428,11 +431,16 @@ fn producer(config: &ClientConfig, settings: &KafkaSettings) -> Result<FuturePro
         .map_err(|e| BusError::Unavailable(format!("creating the Kafka producer: {e}")))
 }
 
-/// The record key: the target for notify and dead-letter topics (so one partition, and so one
-/// replica, handles a target), the business key of the first `keys` pattern (most specific
+/// The record key: the rest of the subject after a `keyed_by_name` prefix (the daemon's own
+/// per-name topics: one name, one partition, one replica), the business key of the first `keys` pattern (most specific
 /// first, see the configuration) matching the subject whose JSON pointer finds a string or
 /// number in the body, or else `ce-id`.
-fn record_key(prefix: &str, keys: &[(String, String)], msg: &Message) -> String {
+fn record_key(
+    prefix: &str,
+    keyed_by_name: &[String],
+    keys: &[(String, String)],
+    msg: &Message,
+) -> String {
     let subject = match prefix {
         "" => msg.subject.as_str(),
         p => msg
@@ -441,9 +449,9 @@ fn record_key(prefix: &str, keys: &[(String, String)], msg: &Message) -> String 
             .and_then(|s| s.strip_prefix('.'))
             .unwrap_or(&msg.subject),
     };
-    for notify in ["notify.", "dlq.notify."] {
-        if let Some(target) = subject.strip_prefix(notify) {
-            return target.to_owned();
+    for by_name in keyed_by_name {
+        if let Some(name) = subject.strip_prefix(by_name.as_str()) {
+            return name.to_owned();
         }
     }
     for (pattern, pointer) in keys {
@@ -475,6 +483,44 @@ fn internal_header_name(name: &str) -> String {
         Some(attr) => format!("ce-{attr}"),
         None => name.to_owned(),
     }
+}
+
+/// The group consumer's regex subscription: the subjects of the consumers that read many
+/// topics (a filter with a wildcard), NATS-style patterns turned into regexes (`*` one token,
+/// `>` the rest), or the exact topics when none has a wildcard.
+fn subscription(consumers: &[ConsumerSpec]) -> String {
+    let wildcards: Vec<&str> = consumers
+        .iter()
+        .map(|c| c.filter.as_str())
+        .filter(|f| f.split('.').any(|t| t == "*" || t == ">"))
+        .collect();
+    let patterns: Vec<&str> = if wildcards.is_empty() {
+        consumers.iter().map(|c| c.filter.as_str()).collect()
+    } else {
+        wildcards
+    };
+    patterns
+        .iter()
+        .map(|p| {
+            // A trailing `>` matches to the end already.
+            let end = if p.ends_with('>') { "" } else { "$" };
+            format!("^{}{end}", subject_regex(p))
+        })
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+/// A NATS-style subject pattern as a regex (without anchors).
+fn subject_regex(pattern: &str) -> String {
+    pattern
+        .split('.')
+        .map(|token| match token {
+            "*" => "[^.]+".to_owned(),
+            ">" => ".+".to_owned(),
+            t => regex_escape(t),
+        })
+        .collect::<Vec<_>>()
+        .join("\\.")
 }
 
 fn regex_escape(s: &str) -> String {
@@ -903,7 +949,26 @@ mod tests {
     }
 
     #[test]
+    fn subscriptions_follow_the_wildcard_consumers() {
+        let spec = |filter: &str| ConsumerSpec {
+            durable: "d".into(),
+            filter: filter.into(),
+            max_pending: 1,
+            stream: "s".into(),
+            ack_wait: Duration::from_secs(1),
+        };
+        let specs = [spec("notify.a"), spec("notify.>")];
+        assert_eq!(subscription(&specs), "^notify\\..+");
+        let specs = [spec("prod.notify.a"), spec("prod.notify.>")];
+        assert_eq!(subscription(&specs), "^prod\\.notify\\..+");
+        let specs = [spec("dingtalk.*.x"), spec("notify.>")];
+        assert_eq!(subscription(&specs), "^dingtalk\\.[^.]+\\.x$|^notify\\..+");
+        assert_eq!(subscription(&[spec("a.b")]), "^a\\.b$");
+    }
+
+    #[test]
     fn record_keys() {
+        let by_name = ["notify.".to_owned(), "dlq.notify.".to_owned()];
         let keys = vec![
             (
                 "dingtalk.bpms_instance_change".to_owned(),
@@ -920,28 +985,28 @@ mod tests {
         };
         let approval = r#"{"processInstanceId":"p-1","corpId":"ding1"}"#;
         let change = "dingtalk.bpms_instance_change";
-        assert_eq!(record_key("", &keys, &msg(change, approval)), "p-1");
+        assert_eq!(record_key("", &by_name, &keys, &msg(change, approval)), "p-1");
         assert_eq!(
-            record_key("prod", &keys, &msg(&format!("prod.{change}"), approval)),
+            record_key("prod", &by_name, &keys, &msg(&format!("prod.{change}"), approval)),
             "p-1"
         );
         assert_eq!(
-            record_key("", &keys, &msg("dingtalk.bpms_task_change", approval)),
+            record_key("", &by_name, &keys, &msg("dingtalk.bpms_task_change", approval)),
             "p-1"
         );
         // The patterns that match find nothing until the last one.
-        assert_eq!(record_key("", &keys, &msg(change, r#"{"corpId":7}"#)), "7");
+        assert_eq!(record_key("", &by_name, &keys, &msg(change, r#"{"corpId":7}"#)), "7");
         assert_eq!(
-            record_key("", &keys, &msg("lark.im.message", approval)),
+            record_key("", &by_name, &keys, &msg("lark.im.message", approval)),
             "ce1"
         );
         assert_eq!(
-            record_key("", &keys, &msg("dingtalk.user_add_org", "not json")),
+            record_key("", &by_name, &keys, &msg("dingtalk.user_add_org", "not json")),
             "ce1"
         );
-        assert_eq!(record_key("", &keys, &msg("notify.ops", approval)), "ops");
+        assert_eq!(record_key("", &by_name, &keys, &msg("notify.ops", approval)), "ops");
         assert_eq!(
-            record_key("prod", &keys, &msg("prod.dlq.notify.ops", "")),
+            record_key("prod", &by_name, &keys, &msg("prod.dlq.notify.ops", "")),
             "ops"
         );
     }

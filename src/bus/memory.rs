@@ -11,7 +11,6 @@ use bytes::Bytes;
 use tokio::sync::broadcast;
 
 use super::{Ack, BusError, Delivery, Message};
-use crate::config::MemorySettings;
 use crate::metrics::Metrics;
 
 /// A message as a subscriber receives it.
@@ -29,6 +28,13 @@ impl Received {
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
+}
+
+/// `[bus.memory]`, validated.
+#[derive(Debug, Clone)]
+pub struct MemorySettings {
+    pub capacity: usize,
+    pub duplicate_window: Duration,
 }
 
 pub struct MemoryBus {
@@ -96,7 +102,7 @@ impl Seen {
 
 impl MemoryBus {
     pub fn new(settings: &MemorySettings, metrics: Metrics) -> Self {
-        metrics.bus_connected.with_label_values(&["memory"]).set(1);
+        metrics.bus_connected("memory", true);
         let (tx, _) = broadcast::channel(settings.capacity);
         MemoryBus {
             tx,

@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::config::{BusSettings, EngineSettings, NotifySettings};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -156,6 +155,17 @@ impl Delivery {
         });
     }
 
+    /// The headers a copy of this message carries (a forward, a dead letter): all but the
+    /// bus's own control headers (message id, expected sequences, TTL, rollup), which belonged
+    /// to the original and would make a new publish fail or misbehave.
+    pub fn copied_headers(&self) -> Vec<(String, String)> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| !k.to_ascii_lowercase().starts_with("nats-"))
+            .cloned()
+            .collect()
+    }
+
     /// The publisher's message id (`ce-id`, or `Nats-Msg-Id`), when it gave one.
     pub fn id(&self) -> Option<&str> {
         self.header("ce-id").or_else(|| self.header("Nats-Msg-Id"))
@@ -223,6 +233,39 @@ pub struct ConsumerSpec {
     pub filter: String,
     /// Messages handed out and not yet acknowledged, across all replicas.
     pub max_pending: usize,
+    /// The stream it reads (NATS).
+    pub stream: String,
+    /// Redelivered when not acknowledged (nor kept alive with progress acks) within this.
+    pub ack_wait: Duration,
+}
+
+/// What the bus keeps in place for the daemon, told by the daemon as neutral specs: the bus
+/// itself knows nothing of what its users do with them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// Subjects of the inbound stream (NATS: `bus.nats.stream`), prefix included.
+    pub inbound: Vec<String>,
+    /// Further streams (NATS).
+    pub streams: Vec<StreamSpec>,
+    /// Topics that must exist before the daemon is ready (Kafka; one partition each, so that
+    /// one replica at a time owns each).
+    pub topics: Vec<String>,
+    /// The durable consumers the daemon reads; created before the bus reports ready.
+    pub consumers: Vec<ConsumerSpec>,
+    /// Subject prefixes (without the bus prefix) whose records are keyed by the rest of the
+    /// subject (Kafka): all the records of one name in one partition, in order.
+    pub keyed_by_name: Vec<String>,
+}
+
+/// A stream (NATS) for some of the daemon's subjects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSpec {
+    pub name: String,
+    /// Prefix included.
+    pub subjects: Vec<String>,
+    /// Keep a message only until every consumer interested in it acknowledged it (else until
+    /// the stream's age and size limits).
+    pub interest: bool,
 }
 
 /// The deliveries of one subscription, whatever the engine.
@@ -259,6 +302,20 @@ pub struct Bus {
     metrics: Metrics,
 }
 
+/// Where events go: the subject prefix and the engine with its settings.
+#[derive(Debug, Clone)]
+pub struct BusSettings {
+    pub subject_prefix: String,
+    pub engine: EngineSettings,
+}
+
+#[derive(Debug, Clone)]
+pub enum EngineSettings {
+    Memory(memory::MemorySettings),
+    Nats(Box<nats::NatsSettings>),
+    Kafka(Box<kafka::KafkaSettings>),
+}
+
 /// The engines. A small enum, not a trait object: there are few and they are known.
 pub enum Engine {
     Memory(memory::MemoryBus),
@@ -271,28 +328,18 @@ impl Bus {
     /// readiness through [`Bus::is_ready`]; starting never waits for a broker.
     pub async fn start(
         settings: &BusSettings,
-        notify: &NotifySettings,
-        consumers: &[ConsumerSpec],
+        layout: &Layout,
         metrics: Metrics,
         shutdown: Shutdown,
     ) -> Result<Bus, BusError> {
         let engine = match &settings.engine {
             EngineSettings::Memory(m) => Engine::Memory(memory::MemoryBus::new(m, metrics.clone())),
             EngineSettings::Nats(n) => Engine::Nats(Box::new(
-                nats::NatsBus::start(
-                    n,
-                    notify,
-                    consumers,
-                    &settings.subject_prefix,
-                    metrics.clone(),
-                    shutdown,
-                )
-                .await?,
+                nats::NatsBus::start(n, layout, metrics.clone(), shutdown).await?,
             )),
             EngineSettings::Kafka(k) => Engine::Kafka(kafka::KafkaBus::start(
                 k,
-                notify,
-                consumers,
+                layout,
                 &settings.subject_prefix,
                 metrics.clone(),
                 shutdown,
@@ -303,16 +350,11 @@ impl Bus {
 
     /// Reads the durable consumer `spec`, shared by every replica: each message goes to one of
     /// them and stays on the bus until acknowledged.
-    pub fn consume(
-        &self,
-        spec: &ConsumerSpec,
-        notify: &NotifySettings,
-        shutdown: Shutdown,
-    ) -> Consumer {
+    pub fn consume(&self, spec: &ConsumerSpec, shutdown: Shutdown) -> Consumer {
         let (tx, rx) = mpsc::channel(spec.max_pending.max(1));
         match &self.engine {
             Engine::Memory(b) => b.queue(&spec.filter, tx),
-            Engine::Nats(b) => b.consume(spec, notify, tx, shutdown),
+            Engine::Nats(b) => b.consume(spec, tx, shutdown),
             Engine::Kafka(b) => b.consume(spec, tx),
         }
         Consumer { rx }
@@ -364,10 +406,34 @@ impl Bus {
             Err(e) => e.label(),
         };
         self.metrics
-            .bus_publish_duration_seconds
-            .with_label_values(&[self.engine(), outcome])
-            .observe(started.elapsed().as_secs_f64());
+            .bus_published(self.engine(), outcome, started.elapsed());
         result
+    }
+
+    /// Publishes, retrying with backoff while the bus refuses; `false` when `shutdown` came
+    /// first. For copies made while handling a delivery (forwards, dead letters): retried here
+    /// rather than by handing the delivery back, since a redelivery would repeat what was
+    /// already done for it (a send to the platform, say).
+    pub async fn publish_until_stored(&self, msg: &Message, shutdown: &Shutdown) -> bool {
+        let mut attempt = 0;
+        loop {
+            match self.publish(msg).await {
+                Ok(_) => return true,
+                Err(e) => {
+                    attempt += 1;
+                    tracing::error!(subject = %msg.subject, error = %e, attempt, "cannot publish yet; retrying");
+                    let delay = crate::backoff::delay(
+                        attempt,
+                        Duration::from_millis(200),
+                        Duration::from_secs(10),
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => return false,
+                    }
+                }
+            }
+        }
     }
 
     /// Connected and ready to store (streams in place).

@@ -14,13 +14,10 @@ use async_nats::connection::State;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use tokio::sync::Notify;
 
-use super::{Ack, BusError, ConsumerSpec, Delivery, Message};
-use crate::config::{NatsSettings, NotifySettings};
+use super::{Ack, BusError, ConsumerSpec, Delivery, Layout, Message};
+use crate::secret::Secret;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-
-/// The platforms whose events the inbound stream holds.
-pub const INBOUND_PLATFORMS: [&str; 3] = ["dingtalk", "wecom", "lark"];
 
 pub struct NatsBus {
     client: async_nats::Client,
@@ -34,118 +31,56 @@ pub struct NatsBus {
     replicas: usize,
 }
 
+/// `[bus.nats]`, validated.
+#[derive(Debug, Clone)]
+pub struct NatsSettings {
+    pub url: String,
+    pub client_name: String,
+    pub credentials_file: Option<String>,
+    pub user_password: Option<(String, Secret)>,
+    pub token: Option<Secret>,
+    pub stream: String,
+    pub memory_storage: bool,
+    pub replicas: usize,
+    pub duplicate_window: Duration,
+    pub max_age: Duration,
+    pub publish_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub reconnect_max_delay: Duration,
+}
+
 impl NatsBus {
+    /// Connects (in the background: a server that is down is retried forever) and keeps the
+    /// streams and consumers of `layout` in place.
     pub async fn start(
         settings: &NatsSettings,
-        notify: &NotifySettings,
-        consumers: &[ConsumerSpec],
-        prefix: &str,
+        layout: &Layout,
         metrics: Metrics,
         shutdown: Shutdown,
     ) -> Result<Self, BusError> {
         let recheck = Arc::new(Notify::new());
         let stream_ready = Arc::new(AtomicBool::new(false));
         let max_delay = settings.reconnect_max_delay;
-        let events = {
-            let metrics = metrics.clone();
-            let recheck = recheck.clone();
-            let stream_ready = stream_ready.clone();
-            move |event: async_nats::Event| {
-                let metrics = metrics.clone();
-                let recheck = recheck.clone();
-                let stream_ready = stream_ready.clone();
-                async move {
-                    match event {
-                        async_nats::Event::Connected => {
-                            tracing::info!("connected to NATS");
-                            metrics.bus_connected.with_label_values(&["nats"]).set(1);
-                            // The server may have restarted without the stream (memory storage).
-                            stream_ready.store(false, Ordering::SeqCst);
-                            recheck.notify_one();
-                        }
-                        async_nats::Event::Disconnected => {
-                            tracing::warn!("disconnected from NATS; reconnecting");
-                            metrics.bus_connected.with_label_values(&["nats"]).set(0);
-                        }
-                        other => tracing::info!(event = %other, "NATS connection event"),
-                    }
-                }
-            }
-        };
-        let mut options = match &settings.credentials_file {
-            Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
-                .await
-                .map_err(|e| BusError::Unavailable(format!("reading credentials file: {e}")))?,
-            None => async_nats::ConnectOptions::new(),
-        };
-        if let Some((user, password)) = &settings.user_password {
-            options = options.user_and_password(user.clone(), password.expose().to_owned());
-        }
-        if let Some(token) = &settings.token {
-            options = options.token(token.expose().to_owned());
-        }
-        let options = options
-            .name(&settings.client_name)
-            .retry_on_initial_connect()
-            .max_reconnects(None)
-            .connection_timeout(settings.connect_timeout)
-            .reconnect_delay_callback(move |attempts| backoff(attempts, max_delay))
-            .event_callback(events);
-        metrics.bus_connected.with_label_values(&["nats"]).set(0);
+        let options = connect_options(settings, &metrics, &recheck, &stream_ready).await?;
+        metrics.bus_connected("nats", false);
         let client = options
             .connect(settings.url.as_str())
             .await
             .map_err(|e| BusError::Unavailable(e.to_string()))?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(settings.publish_timeout);
-
-        let storage = if settings.memory_storage {
-            stream::StorageType::Memory
-        } else {
-            stream::StorageType::File
-        };
-        let base = stream::Config {
-            storage,
-            num_replicas: settings.replicas,
-            duplicate_window: settings.duplicate_window,
-            max_age: settings.max_age,
-            ..Default::default()
-        };
-        let mut configs = vec![stream::Config {
-            name: settings.stream.clone(),
-            subjects: INBOUND_PLATFORMS
+        let kept = Kept {
+            streams: stream_configs(settings, layout),
+            consumers: layout
+                .consumers
                 .iter()
-                .map(|p| super::with_prefix(prefix, &format!("{p}.>")))
+                .map(|c| (c.stream.clone(), consumer_config(c)))
                 .collect(),
-            ..base.clone()
-        }];
-        if notify.enabled {
-            // Interest retention: a notification leaves the stream once every consumer that
-            // sees it (its target's, and the catch-all for unknown targets) acknowledged it.
-            configs.push(stream::Config {
-                name: notify.stream.clone(),
-                subjects: vec![super::with_prefix(prefix, "notify.>")],
-                retention: stream::RetentionPolicy::Interest,
-                ..base.clone()
-            });
-            configs.push(stream::Config {
-                name: notify.dlq_stream.clone(),
-                subjects: vec![super::with_prefix(prefix, "dlq.notify.>")],
-                ..base
-            });
-        }
-        let consumer_configs = consumers
-            .iter()
-            .map(|c| consumer_config(c, notify))
-            .collect();
+        };
         tokio::spawn(keep_streams(
             client.clone(),
             js.clone(),
-            Layout {
-                streams: configs,
-                consumer_stream: notify.stream.clone(),
-                consumers: consumer_configs,
-            },
+            kept,
             stream_ready.clone(),
             recheck.clone(),
             max_delay,
@@ -184,15 +119,14 @@ impl NatsBus {
     pub fn consume(
         &self,
         spec: &ConsumerSpec,
-        notify: &NotifySettings,
         tx: tokio::sync::mpsc::Sender<Delivery>,
         shutdown: Shutdown,
     ) {
         let js = self.js.clone();
         let client = self.client.clone();
         let ready = self.stream_ready.clone();
-        let stream_name = notify.stream.clone();
-        let config = consumer_config(spec, notify);
+        let stream_name = spec.stream.clone();
+        let config = consumer_config(spec);
         let max_delay = self.max_delay;
         tokio::spawn(async move {
             let mut attempt = 1;
@@ -201,7 +135,7 @@ impl NatsBus {
                     match run_consumer(&js, &stream_name, config.clone(), &tx, &shutdown).await {
                         Ok(()) => return,
                         Err(e) => {
-                            tracing::warn!(stream = %stream_name, error = %e, "notify consumer interrupted; restarting it");
+                            tracing::warn!(stream = %stream_name, error = %e, "consumer interrupted; restarting it");
                         }
                     }
                 }
@@ -278,6 +212,95 @@ pub fn header_pairs(headers: Option<&async_nats::HeaderMap>) -> Vec<(String, Str
         .unwrap_or_default()
 }
 
+/// Credentials, reconnection, and the connection events that drive readiness: after every
+/// (re)connect the streams are checked again, since the server may have restarted without
+/// them (memory storage).
+async fn connect_options(
+    settings: &NatsSettings,
+    metrics: &Metrics,
+    recheck: &Arc<Notify>,
+    stream_ready: &Arc<AtomicBool>,
+) -> Result<async_nats::ConnectOptions, BusError> {
+    let max_delay = settings.reconnect_max_delay;
+    let events = {
+        let metrics = metrics.clone();
+        let recheck = recheck.clone();
+        let stream_ready = stream_ready.clone();
+        move |event: async_nats::Event| {
+            let metrics = metrics.clone();
+            let recheck = recheck.clone();
+            let stream_ready = stream_ready.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!("connected to NATS");
+                        metrics.bus_connected("nats", true);
+                        stream_ready.store(false, Ordering::SeqCst);
+                        recheck.notify_one();
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("disconnected from NATS; reconnecting");
+                        metrics.bus_connected("nats", false);
+                    }
+                    other => tracing::info!(event = %other, "NATS connection event"),
+                }
+            }
+        }
+    };
+    let mut options = match &settings.credentials_file {
+        Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("reading credentials file: {e}")))?,
+        None => async_nats::ConnectOptions::new(),
+    };
+    if let Some((user, password)) = &settings.user_password {
+        options = options.user_and_password(user.clone(), password.expose().to_owned());
+    }
+    if let Some(token) = &settings.token {
+        options = options.token(token.expose().to_owned());
+    }
+    Ok(options
+        .name(&settings.client_name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(settings.connect_timeout)
+        .reconnect_delay_callback(move |attempts| backoff(attempts, max_delay))
+        .event_callback(events))
+}
+
+/// The inbound stream and the layout's others, with the configured storage, replicas,
+/// duplicate window and age.
+fn stream_configs(settings: &NatsSettings, layout: &Layout) -> Vec<stream::Config> {
+    let storage = if settings.memory_storage {
+        stream::StorageType::Memory
+    } else {
+        stream::StorageType::File
+    };
+    let base = stream::Config {
+        storage,
+        num_replicas: settings.replicas,
+        duplicate_window: settings.duplicate_window,
+        max_age: settings.max_age,
+        ..Default::default()
+    };
+    let inbound = stream::Config {
+        name: settings.stream.clone(),
+        subjects: layout.inbound.clone(),
+        ..base.clone()
+    };
+    let others = layout.streams.iter().map(|s| stream::Config {
+        name: s.name.clone(),
+        subjects: s.subjects.clone(),
+        retention: if s.interest {
+            stream::RetentionPolicy::Interest
+        } else {
+            stream::RetentionPolicy::Limits
+        },
+        ..base.clone()
+    });
+    std::iter::once(inbound).chain(others).collect()
+}
+
 /// Reconnect delay: 0 for the first attempt, then doubling from 100 ms up to `max`.
 fn backoff(attempts: usize, max: Duration) -> Duration {
     if attempts <= 1 {
@@ -287,22 +310,18 @@ fn backoff(attempts: usize, max: Duration) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << exp)).min(max)
 }
 
-/// What the daemon keeps in place on the server: streams, and the durable consumers of one.
-struct Layout {
+/// What the daemon keeps in place on the server: streams, and durable consumers by stream.
+struct Kept {
     streams: Vec<stream::Config>,
-    consumer_stream: String,
-    consumers: Vec<jetstream::consumer::pull::Config>,
+    consumers: Vec<(String, jetstream::consumer::pull::Config)>,
 }
 
-fn consumer_config(
-    spec: &ConsumerSpec,
-    notify: &NotifySettings,
-) -> jetstream::consumer::pull::Config {
+fn consumer_config(spec: &ConsumerSpec) -> jetstream::consumer::pull::Config {
     jetstream::consumer::pull::Config {
         durable_name: Some(spec.durable.clone()),
         filter_subject: spec.filter.clone(),
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
-        ack_wait: notify.ack_wait,
+        ack_wait: spec.ack_wait,
         max_deliver: -1,
         // Per consumer, across all replicas: with one consumer per target, a flooded target
         // can only fill its own slots.
@@ -330,7 +349,7 @@ async fn run_consumer(
         .await
         .map_err(|e| e.to_string())?;
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-    tracing::info!(stream = stream_name, consumer = %name, "notify consumer running");
+    tracing::info!(stream = stream_name, consumer = %name, "consumer running");
     loop {
         let next = tokio::select! {
             m = messages.next() => m,
@@ -368,7 +387,7 @@ async fn run_consumer(
 async fn keep_streams(
     client: async_nats::Client,
     js: jetstream::Context,
-    layout: Layout,
+    layout: Kept,
     ready: Arc<AtomicBool>,
     recheck: Arc<Notify>,
     max_delay: Duration,
@@ -395,27 +414,10 @@ async fn keep_streams(
                         }
                     }
                 }
-                // The notify stream keeps a message only while some consumer is interested,
-                // so the consumers must exist before anything may be published.
-                if all && !layout.consumers.is_empty() {
-                    match js.get_stream(&layout.consumer_stream).await {
-                        Ok(stream) => {
-                            for config in &layout.consumers {
-                                let name = config.durable_name.clone().unwrap_or_default();
-                                let created: Result<jetstream::consumer::PullConsumer, _> =
-                                    stream.get_or_create_consumer(&name, config.clone()).await;
-                                if let Err(e) = created {
-                                    tracing::warn!(consumer = %name, error = %e, "cannot create consumer; retrying");
-                                    all = false;
-                                    break;
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(stream = %layout.consumer_stream, error = %e, "cannot read stream; retrying");
-                            all = false;
-                        }
-                    }
+                // A stream with interest retention keeps a message only while some consumer
+                // is interested, so the consumers must exist before anything may be published.
+                if all {
+                    all = keep_consumers(&js, &layout.consumers).await;
                 }
                 if all {
                     ready.store(true, Ordering::SeqCst);
@@ -429,6 +431,30 @@ async fn keep_streams(
             }
         }
     }
+}
+
+/// Creates the durable consumers that do not exist yet; `false` when one could not be.
+async fn keep_consumers(
+    js: &jetstream::Context,
+    consumers: &[(String, jetstream::consumer::pull::Config)],
+) -> bool {
+    for (stream_name, config) in consumers {
+        let stream = match js.get_stream(stream_name).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                tracing::warn!(stream = %stream_name, error = %e, "cannot read stream; retrying");
+                return false;
+            }
+        };
+        let name = config.durable_name.clone().unwrap_or_default();
+        let created: Result<jetstream::consumer::PullConsumer, _> =
+            stream.get_or_create_consumer(&name, config.clone()).await;
+        if let Err(e) = created {
+            tracing::warn!(consumer = %name, error = %e, "cannot create consumer; retrying");
+            return false;
+        }
+    }
+    true
 }
 
 #[cfg(test)]

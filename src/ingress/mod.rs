@@ -19,9 +19,10 @@ use futures::TryStreamExt;
 use warp::{Buf, Filter, Rejection, Reply};
 
 use crate::bus::{self, Bus, CloudEvent, Message};
-use crate::config::{DingTalkApp, WeComApp};
+use crate::platform::dingtalk::callback::DingTalkApp;
+use crate::platform::wecom::callback::WeComApp;
 use crate::metrics::{Metrics, UNKNOWN_APP};
-use crate::notify::pipeline::Notifier;
+use crate::notify::notifier::Notifier;
 use crate::platform::lark::callback::LarkApp;
 use reply::ApiError;
 
@@ -189,11 +190,7 @@ pub async fn serve_callback(
             err.into_response()
         }
     };
-    state
-        .metrics
-        .callback_duration_seconds
-        .with_label_values(&[platform])
-        .observe(started.elapsed().as_secs_f64());
+    state.metrics.callback_took(platform, started.elapsed());
     response
 }
 
@@ -226,7 +223,6 @@ pub async fn publish(state: &State, event: Event) -> Result<Outcome, ApiError> {
         event.platform,
         bus::sanitize_event_type(&event.event_type)
     );
-    let subject = bus::with_prefix(&state.subject_prefix, &ty);
     let cloud_event = CloudEvent {
         id: event.id,
         source: format!("{}/{}", event.platform, event.app),
@@ -236,20 +232,33 @@ pub async fn publish(state: &State, event: Event) -> Result<Outcome, ApiError> {
         app: event.app,
         tenant: event.tenant,
     };
-    let msg = Message::event(subject, &cloud_event, event.payload);
-    let ack = state.bus.publish(&msg).await.map_err(|e| {
-        ApiError::new(
-            warp::http::StatusCode::SERVICE_UNAVAILABLE,
-            "bus_unavailable",
-            format!("event not stored, retry later: {e}"),
-        )
-    })?;
+    let (msg, ack) = store(state, &cloud_event, event.payload, "event").await?;
     tracing::debug!(platform = event.platform, app = %cloud_event.app, subject = %msg.subject, id = %msg.id, duplicate = ack.duplicate, "published");
     Ok(if ack.duplicate {
         Outcome::Duplicate
     } else {
         Outcome::Published
     })
+}
+
+/// Publishes `event` (its type is the subject, prefixed) and waits for the bus to have it; 503
+/// when it cannot, so the sender tries again. `what` names it in the refusal.
+pub async fn store(
+    state: &State,
+    event: &CloudEvent,
+    payload: Bytes,
+    what: &str,
+) -> Result<(Message, bus::Ack), ApiError> {
+    let subject = bus::with_prefix(&state.subject_prefix, &event.ty);
+    let msg = Message::event(subject, event, payload);
+    match state.bus.publish(&msg).await {
+        Ok(ack) => Ok((msg, ack)),
+        Err(e) => Err(ApiError::new(
+            warp::http::StatusCode::SERVICE_UNAVAILABLE,
+            "bus_unavailable",
+            format!("{what} not stored, retry later: {e}"),
+        )),
+    }
 }
 
 /// Counts a request in flight until dropped, even when the client goes away mid-request.

@@ -15,8 +15,9 @@ use super::reply::ApiError;
 use super::State;
 use crate::bus::{self, CloudEvent, Message};
 use crate::metrics::UNKNOWN_APP;
-use crate::notify::pipeline::{shape_reason, NotifyError, Outcome};
-use crate::notify::shape::ShapeError;
+use crate::notify::compose::ComposeError;
+use crate::notify::notifier::NotifyError;
+use crate::notify::verdict::{Reason, Verdict};
 use crate::platform::outbound::Answer;
 
 pub async fn post(
@@ -36,11 +37,7 @@ pub async fn post(
             (e.code, e.into_response())
         }
     };
-    state
-        .metrics
-        .notify_requests_total
-        .with_label_values(&[label, outcome])
-        .inc();
+    state.metrics.notify_request(label, outcome);
     response
 }
 
@@ -69,48 +66,7 @@ async fn handle(
         ));
     }
     if wait {
-        let seed = idempotency_key
-            .clone()
-            .unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
-        return match state.notifier.deliver_now(target, &body, seed).await {
-            Ok(Outcome::Delivered { parts, answer }) => Ok((
-                "delivered",
-                warp::reply::json(&json!({
-                    "status": "delivered",
-                    "parts": parts,
-                    "answer": answer_json(&answer),
-                }))
-                .into_response(),
-            )),
-            Ok(Outcome::Failed {
-                reason,
-                attempts,
-                answer,
-            }) => Ok((
-                "failed",
-                warp::reply::with_status(
-                    warp::reply::json(&json!({
-                        "code": reason.label(),
-                        "message": "the platform did not accept the notification",
-                        "attempts": attempts,
-                        "answer": answer.as_ref().map(answer_json),
-                    })),
-                    StatusCode::BAD_GATEWAY,
-                )
-                .into_response(),
-            )),
-            Err(NotifyError::Shape(e)) => Err(refusal(e)),
-            Err(e @ NotifyError::Timeout) => Err(ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "wait_timeout",
-                e.to_string(),
-            )),
-            Err(e) => Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                e.to_string(),
-            )),
-        };
+        return deliver_now(target, idempotency_key, &body, state).await;
     }
 
     // What the target would make of it is checked now, so the caller hears of a bad body or a
@@ -153,43 +109,85 @@ async fn handle(
         }
         None => hex::encode(rand::random::<[u8; 16]>()),
     };
-    let ty = format!("notify.{target}");
-    let subject = bus::with_prefix(&state.subject_prefix, &ty);
     let event = CloudEvent {
         id,
         source: "imbridge/http".into(),
-        ty,
+        ty: format!("notify.{target}"),
         time: SystemTime::now(),
         content_type: "application/json",
         app: target.to_owned(),
         tenant: None,
     };
-    let msg = Message::event(subject.clone(), &event, payload);
-    state.bus.publish(&msg).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "bus_unavailable",
-            format!("notification not stored, retry later: {e}"),
-        )
-    })?;
+    let (msg, _) = super::store(state, &event, payload, "notification").await?;
     Ok((
         "accepted",
         warp::reply::with_status(
-            warp::reply::json(&json!({ "id": msg.id, "subject": subject })),
+            warp::reply::json(&json!({ "id": msg.id, "subject": msg.subject })),
             StatusCode::ACCEPTED,
         )
         .into_response(),
     ))
 }
 
+/// `?wait=true`: delivers through the target's queue and limiter and answers with the verdict.
+async fn deliver_now(
+    target: &str,
+    idempotency_key: Option<String>,
+    body: &[u8],
+    state: &State,
+) -> Result<(&'static str, Response), ApiError> {
+    let seed = idempotency_key
+        .clone()
+        .unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
+    match state.notifier.deliver_now(target, body, seed).await {
+        Ok(Verdict::Delivered { parts, answer }) => Ok((
+            "delivered",
+            warp::reply::json(&json!({
+                "status": "delivered",
+                "parts": parts,
+                "answer": answer_json(&answer),
+            }))
+            .into_response(),
+        )),
+        Ok(Verdict::Failed {
+            reason,
+            attempts,
+            answer,
+        }) => Ok((
+            "failed",
+            warp::reply::with_status(
+                warp::reply::json(&json!({
+                    "code": reason.label(),
+                    "message": "the platform did not accept the notification",
+                    "attempts": attempts,
+                    "answer": answer.as_ref().map(answer_json),
+                })),
+                StatusCode::BAD_GATEWAY,
+            )
+            .into_response(),
+        )),
+        Err(NotifyError::Compose(e)) => Err(refusal(e)),
+        Err(e @ NotifyError::Timeout) => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "wait_timeout",
+            e.to_string(),
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        )),
+    }
+}
+
 /// A body the target cannot use: 400 when it is no message at all, 422 when it is one the
 /// target cannot send (template failing, nobody to send to).
-fn refusal(e: ShapeError) -> ApiError {
+fn refusal(e: ComposeError) -> ApiError {
     match e {
-        ShapeError::Invalid(_) => ApiError::bad_request("invalid_message", e.to_string()),
+        ComposeError::Invalid(_) => ApiError::bad_request("invalid_message", e.to_string()),
         e => ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
-            shape_reason(&e).label(),
+            Reason::from(&e).label(),
             e.to_string(),
         ),
     }

@@ -1,9 +1,31 @@
-//! The outbound direction: consume `notify.<target>`, render, rate-limit, send, retry,
-//! dead-letter (DESIGN.md §3).
+//! The outbound direction (DESIGN.md §3): consume `notify.<target>`, route, compose, render,
+//! rate-limit, send, retry, dead-letter.
+//!
+//! - [`notifier`]: the pipeline as the daemon sees it: start, synchronous sends, join.
+//! - [`consumer`]: the bus consumers: per target, per route, and the catch-all.
+//! - [`router`]: routes and their rules; the copies a route forwards.
+//! - [`compose`]: from a body to what one target sends (template, recipients, bindings).
+//! - [`worker`]: one worker per target, the retry loop.
+//! - [`sender`]: the only HTTP to the platforms, with managed access tokens ([`token`]).
+//! - [`dead_letter`]: ack, nak or dead letter; [`verdict`]: how a delivery ended.
+//! - [`limiter`]: the sliding-window rate limits, kept locally, in NATS or in Kafka.
+//! - [`preview`]: `imbridge render`.
+//!
+//! Nothing here knows one platform from another: every per-kind decision is a method of
+//! [`crate::platform::Kind`].
 
+pub mod compose;
+pub mod consumer;
+pub mod dead_letter;
+pub mod in_flight;
 pub mod limiter;
-pub mod message;
-pub mod pipeline;
-pub mod shape;
+pub mod notifier;
+pub mod preview;
+pub mod router;
+pub mod sender;
+pub mod settings;
+pub mod target;
 pub mod template;
 pub mod token;
+pub mod verdict;
+pub mod worker;

@@ -184,14 +184,12 @@ pub fn refresh_margin(lifetime: Duration) -> Duration {
 }
 
 /// A platform's reading of its token endpoint's answer.
-pub type ParseToken = fn(u16, &[u8]) -> Result<IssuedToken, Answer>;
-
 /// Performs a TokenRequest with reqwest and parses it with `parse`; transport errors and
 /// timeouts (the client's) are Transient answers (never print the URL: it holds the secret).
 pub async fn fetch(
     http: &reqwest::Client,
     req: &TokenRequest,
-    parse: ParseToken,
+    parse: impl Fn(u16, &[u8]) -> Result<IssuedToken, Answer>,
 ) -> Result<IssuedToken, Answer> {
     let request = match &req.json {
         None => http.get(&req.url),

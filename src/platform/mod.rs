@@ -2,10 +2,13 @@
 //! platform; the AES scheme DingTalk and WeCom share is in [`msgcrypt`].
 
 pub mod dingtalk;
+pub mod kind;
 pub mod lark;
 pub mod msgcrypt;
 pub mod outbound;
 pub mod wecom;
+
+pub use kind::{AppCredentials, Endpoint, Kind, Limit, Platform};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

@@ -307,6 +307,59 @@ pub fn detail(body: &[u8]) -> String {
     truncate_utf8(s.trim(), 512)
 }
 
+/// The user ids of an app message, trimmed, empty ones and repeats left out, in order.
+pub fn recipients(user_ids: &[String]) -> Vec<&str> {
+    let mut seen = std::collections::HashSet::new();
+    user_ids
+        .iter()
+        .map(|u| u.trim())
+        .filter(|u| !u.is_empty() && seen.insert(*u))
+        .collect()
+}
+
+/// One request to a platform.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub body: serde_json::Value,
+    /// App messages: the recipients it goes to (for their limits and for reports).
+    pub members: Vec<String>,
+}
+
+impl Request {
+    /// Group bot bodies: no recipients of their own.
+    pub fn to_group(bodies: Vec<serde_json::Value>) -> Vec<Request> {
+        bodies
+            .into_iter()
+            .map(|body| Request {
+                body,
+                members: Vec::new(),
+            })
+            .collect()
+    }
+
+    /// App message bodies whose `field` lists their recipients, separated by `separator`.
+    pub fn listing(bodies: Vec<serde_json::Value>, field: &str, separator: char) -> Vec<Request> {
+        bodies
+            .into_iter()
+            .map(|body| {
+                let members = body[field]
+                    .as_str()
+                    .unwrap_or_default()
+                    .split(separator)
+                    .filter(|m| !m.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                Request { body, members }
+            })
+            .collect()
+    }
+
+    /// The first recipient, or "" for group bots.
+    pub fn first_member(&self) -> &str {
+        self.members.first().map(String::as_str).unwrap_or("")
+    }
+}
+
 /// An access token a platform issued, and how long it is valid from now.
 #[derive(Clone, PartialEq, Eq)]
 pub struct IssuedToken {

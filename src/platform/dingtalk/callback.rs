@@ -10,6 +10,12 @@ use crate::platform::msgcrypt::{self, DecryptError, MsgCrypt};
 /// The event type of the URL-verification handshake; answered, never published.
 pub const CHECK_URL: &str = "check_url";
 
+/// A DingTalk app ready to verify and decrypt callbacks.
+#[derive(Debug, Clone)]
+pub struct DingTalkApp {
+    pub crypt: MsgCrypt,
+}
+
 /// Why a callback was refused. Each variant is a distinct reply code and metric label.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CallbackError {

@@ -6,7 +6,7 @@
 use serde_json::{json, Value};
 
 use super::robot;
-use crate::notify::message::{Mentions, Notification};
+use crate::message::{Mentions, Notification};
 use crate::platform::outbound::{
     self, endpoint, query, Answer, Class, IssuedToken, RenderOptions, TokenRequest,
 };
@@ -78,7 +78,7 @@ pub fn render(
     agent_id: u64,
     user_ids: &[String],
 ) -> Vec<Value> {
-    let users = recipients(user_ids);
+    let users = outbound::recipients(user_ids);
     if users.is_empty() {
         return Vec::new();
     }
@@ -138,16 +138,6 @@ fn json_len(v: &Value) -> usize {
     serde_json::to_vec(v).map_or(0, |b| b.len())
 }
 
-/// The user ids worth sending to, once each, in the order given.
-fn recipients(user_ids: &[String]) -> Vec<&str> {
-    let mut seen = std::collections::HashSet::new();
-    user_ids
-        .iter()
-        .map(|u| u.trim())
-        .filter(|u| !u.is_empty() && seen.insert(*u))
-        .collect()
-}
-
 /// Classifies an `asyncsend_v2` answer. DingTalk answers HTTP 200 to errors too, so `errcode`
 /// decides. `errcode` 0 only means the task was accepted: delivery is asynchronous, and the
 /// per-user limits drop messages silently (PROTOCOLS.md §4).
@@ -179,7 +169,7 @@ pub fn is_token_rejected(code: i64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::notify::message::Format;
+    use crate::message::Format;
     use crate::platform::outbound::TooLong;
     use std::time::Duration;
 

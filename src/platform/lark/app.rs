@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::robot;
-use crate::notify::message::Notification;
+use crate::message::Notification;
 use crate::platform::outbound::{
     self, endpoint, query, Answer, Class, IssuedToken, RenderOptions, TokenRequest,
 };
@@ -226,7 +226,7 @@ pub fn is_recipient_error(code: i64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::notify::message::{Format, Mentions};
+    use crate::message::{Format, Mentions};
     use crate::platform::outbound::LarkMarkdown;
     use std::time::Duration;
 

@@ -8,7 +8,7 @@ use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
-use crate::notify::message::{Format, Mentions, Notification};
+use crate::message::{Format, Mentions, Notification};
 use crate::platform::outbound::{
     self, cut, non_empty, Answer, Class, LarkMarkdown, RenderOptions, TooLong,
 };

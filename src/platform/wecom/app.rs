@@ -6,7 +6,7 @@
 use serde_json::{json, Value};
 
 use super::robot;
-use crate::notify::message::{Mentions, Notification};
+use crate::message::{Mentions, Notification};
 use crate::platform::outbound::{
     self, endpoint, query, Answer, Class, IssuedToken, RenderOptions, TokenRequest,
 };
@@ -67,7 +67,7 @@ pub fn render(
     agent_id: u64,
     user_ids: &[String],
 ) -> Vec<Value> {
-    let users = recipients(user_ids);
+    let users = outbound::recipients(user_ids);
     if users.is_empty() {
         return Vec::new();
     }
@@ -117,16 +117,6 @@ fn messages(n: &Notification, opts: &RenderOptions) -> Vec<Value> {
             }
             body
         })
-        .collect()
-}
-
-/// The user ids worth sending to, once each, in the order given.
-fn recipients(user_ids: &[String]) -> Vec<&str> {
-    let mut seen = std::collections::HashSet::new();
-    user_ids
-        .iter()
-        .map(|u| u.trim())
-        .filter(|u| !u.is_empty() && seen.insert(*u))
         .collect()
 }
 
@@ -188,7 +178,7 @@ pub fn invalid_users(body: &[u8]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::notify::message::Format;
+    use crate::message::Format;
     use std::time::Duration;
 
     fn users(n: usize) -> Vec<String> {

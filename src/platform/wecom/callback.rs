@@ -52,6 +52,13 @@ use sha2::{Digest, Sha256};
 
 use crate::platform::msgcrypt::{self, DecryptError, MsgCrypt};
 
+/// A WeCom app ready to verify and decrypt callbacks.
+#[derive(Debug, Clone)]
+pub struct WeComApp {
+    pub crypt: MsgCrypt,
+    pub keep_raw_xml: bool,
+}
+
 /// Which XML document a parse error is about: the envelope anyone can send, or the decrypted
 /// message, which only someone holding the key can write. Both get the same error code; the
 /// message says which, so a log tells a scanner from a misconfigured key.
@@ -589,7 +596,9 @@ pub fn xml_to_json(
             }
             XmlEvent::End(_) => {
                 // quick-xml has checked that the name matches the open element.
-                let frame = stack.pop().expect("the reader refuses unmatched end tags");
+                let Some(frame) = stack.pop() else {
+                    return Err(invalid("end tag without a start tag".into()));
+                };
                 match stack.last_mut() {
                     Some(parent) => {
                         let name = frame.name.clone();
@@ -614,22 +623,7 @@ pub fn xml_to_json(
                 }
             }
             XmlEvent::GeneralRef(r) => {
-                let name = r.decode().map_err(|e| invalid(e.to_string()))?;
-                let resolved = if r.is_char_ref() {
-                    r.resolve_char_ref()
-                        .map_err(|e| invalid(e.to_string()))?
-                        .map(String::from)
-                } else {
-                    quick_xml::escape::resolve_xml_entity(&name).map(str::to_owned)
-                };
-                // Without a DOCTYPE no other entity can be declared: a reference to one is
-                // either an error or an attempt to make a lenient parser fetch or expand it.
-                let Some(resolved) = resolved else {
-                    return Err(CallbackError::UnsupportedXml(
-                        part,
-                        format!("reference to undeclared entity &{name};"),
-                    ));
-                };
+                let resolved = resolve_reference(&r, part)?;
                 match stack.last_mut() {
                     Some(frame) => frame.text.push_str(&resolved),
                     None => return Err(invalid("reference outside the root element".into())),
@@ -649,6 +643,27 @@ pub fn xml_to_json(
         return Err(invalid(format!("element <{}> is not closed", open.name)));
     }
     root.ok_or_else(|| invalid("no root element".into()))
+}
+
+/// The text a character or entity reference stands for. Without a DOCTYPE no entity but the
+/// predefined ones can be declared: a reference to another is either an error or an attempt
+/// to make a lenient parser fetch or expand it.
+fn resolve_reference(
+    r: &quick_xml::events::BytesRef<'_>,
+    part: Part,
+) -> Result<String, CallbackError> {
+    let invalid = |detail: String| CallbackError::InvalidXml(part, detail);
+    let name = r.decode().map_err(|e| invalid(e.to_string()))?;
+    let resolved = if r.is_char_ref() {
+        r.resolve_char_ref()
+            .map_err(|e| invalid(e.to_string()))?
+            .map(String::from)
+    } else {
+        quick_xml::escape::resolve_xml_entity(&name).map(str::to_owned)
+    };
+    resolved.ok_or_else(|| {
+        CallbackError::UnsupportedXml(part, format!("reference to undeclared entity &{name};"))
+    })
 }
 
 /// Escapes text for a CDATA section: `]]>` would end it early, so it is split across two

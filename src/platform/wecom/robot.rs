@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 
-use crate::notify::message::{Format, Mentions, Notification};
+use crate::message::{Format, Mentions, Notification};
 use crate::platform::outbound::{self, cut, non_empty, Answer, Class, RenderOptions};
 
 /// Byte limit of a `text` message's content (PROTOCOLS.md §6.1).

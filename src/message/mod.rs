@@ -1,6 +1,8 @@
 //! The notification message model of the bus contract (DESIGN.md §1 "Outbound"), and the
 //! ZenTao/Sanplex "default" webhook payload, which is accepted too and rendered into one.
 
+pub mod html;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -62,6 +64,56 @@ pub struct Notification {
     /// platform wants them in the body).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw: Option<serde_json::Value>,
+}
+
+/// One person's ids on each platform (`[users.<account>]`): the user bindings that turn
+/// internal account names into platform ids.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserBinding {
+    /// Display name, for templates' `mention()`.
+    pub name: Option<String>,
+    pub dingtalk: Option<String>,
+    pub wecom: Option<String>,
+    /// Lark open_id ("ou_…"), union_id ("on_…") or user_id.
+    pub lark: Option<String>,
+    pub mobile: Option<String>,
+    pub email: Option<String>,
+}
+
+/// A configured id, unless it is blank.
+fn bound(v: &Option<String>) -> Option<String> {
+    v.as_deref()
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+}
+
+impl UserBinding {
+    pub fn name(&self) -> Option<String> {
+        bound(&self.name)
+    }
+    pub fn dingtalk(&self) -> Option<String> {
+        bound(&self.dingtalk)
+    }
+    pub fn wecom(&self) -> Option<String> {
+        bound(&self.wecom)
+    }
+    pub fn lark(&self) -> Option<String> {
+        bound(&self.lark)
+    }
+    pub fn mobile(&self) -> Option<String> {
+        bound(&self.mobile)
+    }
+    pub fn email(&self) -> Option<String> {
+        bound(&self.email)
+    }
+}
+
+/// How a group bot @mentions someone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MentionId {
+    Mobile(String),
+    UserId(String),
 }
 
 /// Why a message body is not a notification.
@@ -160,7 +212,7 @@ impl ZenTao {
         if !self.comment.trim().is_empty() {
             text.push_str("\n\n> ");
             // ZenTao comments are HTML from its rich-text editor; chat messages want text.
-            let comment = super::template::html_to_text(self.comment.trim());
+            let comment = html::html_to_text(self.comment.trim());
             text.push_str(&comment.trim().replace('\n', "\n> "));
         }
         if !self.date.is_empty() {

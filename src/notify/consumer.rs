@@ -1,0 +1,278 @@
+//! Reading the bus: one durable consumer per target (feeding its worker's queue) and per route
+//! (forwarding to the targets its rules name), and a catch-all that dead-letters notifications
+//! for targets nobody configured. A message is acknowledged only once the platform accepted it
+//! or it was dead-lettered; while it waits it is kept alive on the bus (see [`InFlight`]).
+//!
+//! [`InFlight`]: super::in_flight::InFlight
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+
+use super::compose::{ComposeError, Composer, Directory, Prepared};
+use super::router::{self, Route, Rule};
+use super::target::Target;
+use super::template::Templates;
+use super::verdict::Reason;
+use super::worker::{Job, Shared};
+use super::settings::NotifySettings;
+use crate::bus::{self, Bus, Delivery};
+use crate::message;
+
+/// What reading the bus needs besides what the workers share.
+pub struct Intake {
+    pub bus: Arc<Bus>,
+    pub prefix: String,
+    pub routes: BTreeMap<String, Route>,
+    pub templates: Templates,
+    pub users: Directory,
+}
+
+impl Intake {
+    pub fn composer(&self) -> Composer<'_> {
+        Composer {
+            templates: &self.templates,
+            users: &self.users,
+        }
+    }
+
+    /// Prepares a message for `target`, reporting accounts not bound on its platform.
+    pub fn prepare(
+        &self,
+        shared: &Shared,
+        target: &Target,
+        body: &[u8],
+        rule: Option<(&str, &Rule)>,
+        seed: String,
+    ) -> Result<Prepared, ComposeError> {
+        let result = self.composer().prepare(body, target, rule, seed);
+        let unbound = match &result {
+            Ok(p) => &p.unbound,
+            Err(ComposeError::NoRecipients { unbound }) => unbound,
+            Err(_) => return result,
+        };
+        if !unbound.is_empty() {
+            shared
+                .metrics
+                .notify_unbound_users(&target.name, unbound.len());
+            tracing::warn!(target = %target.name, accounts = ?unbound, "accounts not bound on this platform ([users.<account>]); skipped");
+        }
+        result
+    }
+}
+
+/// The durable consumers of the notify pipeline: one per target or route (in the order of
+/// `names`), whose in-flight limit is the queue size, so that a flooded target holds only its
+/// own slots on the bus and never starves another; and one for every notification, which
+/// dead-letters those for targets nobody configured.
+pub fn specs<'a>(
+    settings: &NotifySettings,
+    names: impl Iterator<Item = &'a String>,
+    prefix: &str,
+) -> (Vec<bus::ConsumerSpec>, bus::ConsumerSpec) {
+    let spec = |durable: String, filter: &str, max_pending: usize| bus::ConsumerSpec {
+        durable,
+        filter: bus::with_prefix(prefix, filter),
+        max_pending,
+        stream: settings.stream.clone(),
+        ack_wait: settings.ack_wait,
+    };
+    let per_name = names
+        .map(|name| {
+            spec(
+                format!("{}-{name}", settings.consumer),
+                &format!("notify.{name}"),
+                settings.queue_capacity,
+            )
+        })
+        .collect();
+    let all = spec(
+        settings.consumer.clone(),
+        "notify.>",
+        settings.max_ack_pending as usize,
+    );
+    (per_name, all)
+}
+
+/// The publisher's message id, or one derived from where and when the bus stored the message
+/// and what it holds: the same on every redelivery, so copies made from it (a route's
+/// forwards, Lark's idempotency uuid) are recognised as the same.
+pub fn message_id(delivery: &Delivery) -> String {
+    use sha2::{Digest, Sha256};
+    if let Some(id) = delivery.id() {
+        return id.to_owned();
+    }
+    let stored = delivery
+        .published
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let mut h = Sha256::new();
+    h.update(delivery.subject.as_bytes());
+    h.update(stored.to_be_bytes());
+    h.update(&delivery.payload);
+    hex::encode(&h.finalize()[..16])
+}
+
+/// Reads one target's consumer and hands each message to the target's worker.
+pub async fn feed(
+    target: Arc<Target>,
+    mut consumer: bus::Consumer,
+    queue: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+    intake: Arc<Intake>,
+) {
+    let name = target.name.as_str();
+    let depth = shared.metrics.notify_queue_depth(name);
+    loop {
+        let delivery = tokio::select! {
+            d = consumer.next() => match d { Some(d) => d, None => break },
+            _ = shared.shutdown.cancelled() => break,
+        };
+        let seed = message_id(&delivery);
+        let rule = router::rule_of(&intake.routes, &delivery, name);
+        let prepared = match intake.prepare(&shared, &target, &delivery.payload, rule, seed) {
+            Ok(p) => p,
+            Err(e) => {
+                let letters = &shared.dead_letters;
+                let detail = e.to_string();
+                letters
+                    .store(&delivery, name, Reason::from(&e), 0, &detail)
+                    .await;
+                continue;
+            }
+        };
+        let delivery = Arc::new(delivery);
+        let held = shared.in_flight.insert(delivery.clone());
+        depth.inc();
+        let job = Job::Bus {
+            delivery,
+            prepared: Box::new(prepared),
+            deadline: SystemTime::now() + shared.settings.max_wait,
+            held,
+        };
+        // The consumer hands out at most queue_capacity messages, so this rarely waits; when it
+        // does, only this target waits.
+        if let Err(mpsc::error::SendError(job)) = queue.send(job).await {
+            depth.dec();
+            if let Job::Bus { delivery, held, .. } = job {
+                shared.in_flight.remove(held);
+                let _ = delivery.nak(Duration::ZERO).await;
+            }
+            break;
+        }
+    }
+    consumer.close().await;
+}
+
+/// Reads one route's consumer: each message is forwarded to `notify.<target>` for every target
+/// of every rule it matches (each target once), then acknowledged. Forwarding through the bus
+/// keeps each target's own queue, limits, retries and dead letters.
+pub async fn forward(
+    route: Route,
+    mut consumer: bus::Consumer,
+    shared: Arc<Shared>,
+    intake: Arc<Intake>,
+) {
+    let name = route.name.as_str();
+    loop {
+        let delivery = tokio::select! {
+            d = consumer.next() => match d { Some(d) => d, None => break },
+            _ = shared.shutdown.cancelled() => break,
+        };
+        let payload = match message::payload(&delivery.payload) {
+            Ok(p) => serde_json::Value::Object(p),
+            Err(e) => {
+                let (reason, detail) = (Reason::InvalidMessage, e.to_string());
+                let letters = &shared.dead_letters;
+                letters.store(&delivery, name, reason, 0, &detail).await;
+                continue;
+            }
+        };
+        if !forward_one(&route, &delivery, &payload, &shared, &intake).await {
+            // Shutting down or moved: it comes again, and what was forwarded already is
+            // recognised as a duplicate (within the bus's duplicate window).
+            let _ = delivery.nak(Duration::ZERO).await;
+            if shared.shutdown.is_triggered() {
+                break;
+            }
+            continue;
+        }
+        if let Err(e) = delivery.ack().await {
+            tracing::debug!(route = name, error = %e, "ack failed after forwarding; it comes again");
+        }
+    }
+    consumer.close().await;
+}
+
+/// Publishes a message's copies for the targets its rules name; `false` when it stopped
+/// before all were stored (shutdown, or the message moved to another replica).
+async fn forward_one(
+    route: &Route,
+    delivery: &Delivery,
+    payload: &serde_json::Value,
+    shared: &Shared,
+    intake: &Intake,
+) -> bool {
+    let name = route.name.as_str();
+    let id = message_id(delivery);
+    let chosen = route.forwards(payload);
+    if chosen.is_empty() {
+        shared.metrics.notify_routed(name, "");
+        tracing::info!(route = name, id, "no rule matches; nothing to send");
+    }
+    for (target, _) in chosen {
+        // A Kafka partition moved to another replica: the message is theirs now, and what
+        // was forwarded already carries ids they derive the same way.
+        if !delivery.is_current() {
+            return false;
+        }
+        let msg = router::forwarded(delivery, &id, name, target, &intake.prefix);
+        if !intake
+            .bus
+            .publish_until_stored(&msg, &shared.shutdown)
+            .await
+        {
+            return false;
+        }
+        shared.metrics.notify_routed(name, target);
+    }
+    true
+}
+
+/// Reads every notification: those for configured targets and routes are their own
+/// consumers' business (acknowledged here at once), the others are dead-lettered as
+/// `unknown_target`.
+pub async fn catch_all(
+    mut consumer: bus::Consumer,
+    known: HashSet<String>,
+    shared: Arc<Shared>,
+    prefix: String,
+) {
+    let subject_prefix = bus::with_prefix(&prefix, "notify.");
+    loop {
+        let delivery = tokio::select! {
+            d = consumer.next() => match d { Some(d) => d, None => break },
+            _ = shared.shutdown.cancelled() => break,
+        };
+        let target = delivery
+            .subject
+            .strip_prefix(&subject_prefix)
+            .unwrap_or(&delivery.subject)
+            .to_owned();
+        if known.contains(&target) {
+            if let Err(e) = delivery.ack().await {
+                tracing::debug!(error = %e, "catch-all ack failed; it comes again");
+            }
+            continue;
+        }
+        let detail = format!("no target named {target:?} is configured");
+        let letters = &shared.dead_letters;
+        letters
+            .store(&delivery, &target, Reason::UnknownTarget, 0, &detail)
+            .await;
+    }
+    consumer.close().await;
+}

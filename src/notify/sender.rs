@@ -1,0 +1,164 @@
+//! The only code that does HTTP to the platforms: signs (bots) or authorises (apps, with
+//! managed access tokens) each request, posts it and classifies the answer the way the
+//! target's kind means it. Never logs a URL: bot URLs hold their token, app URLs the access
+//! token.
+
+use std::time::{Duration, Instant};
+
+use super::target::Target;
+use super::token::{self, TokenCache};
+use crate::metrics::Metrics;
+use crate::platform::kind::HttpRequest;
+use crate::platform::outbound::{transport_answer, Answer, Class, IssuedToken, Request};
+use crate::platform::outbound::TokenRequest;
+use crate::platform::{now_ms, AppCredentials, Endpoint, Kind};
+
+/// A send's answer, and the access token it used (app messages).
+pub struct Sent {
+    pub answer: Answer,
+    pub token: Option<String>,
+    /// No token could be had: the answer is the token endpoint's.
+    pub token_failed: bool,
+    /// Recipients the platform accepted the message for but names as not reached.
+    pub invalid_users: Vec<String>,
+}
+
+impl Sent {
+    /// No access token could be had: the token endpoint's answer stands for the send's.
+    pub fn no_token(answer: Answer) -> Sent {
+        Sent {
+            answer,
+            token: None,
+            token_failed: true,
+            invalid_users: Vec::new(),
+        }
+    }
+}
+
+pub struct Sender {
+    http: reqwest::Client,
+    tokens: TokenCache,
+    metrics: Metrics,
+}
+
+impl Sender {
+    pub fn new(request_timeout: Duration, metrics: Metrics) -> Result<Sender, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(request_timeout)
+            .user_agent(concat!("imbridge/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Sender {
+            http,
+            tokens: TokenCache::default(),
+            metrics,
+        })
+    }
+
+    /// Signs or authorises one request, posts it and classifies the answer.
+    pub async fn send(&self, target: &Target, request: &Request, token: Option<String>) -> Sent {
+        let started = Instant::now();
+        let http = target
+            .kind
+            .http_request(&target.endpoint, request, token.as_deref(), now_ms());
+        let (answer, invalid_users) = self.post(target.kind, http).await;
+        tracing::debug!(target = %target.name, took = ?started.elapsed(), class = answer.class.label(), "sent");
+        Sent {
+            answer,
+            token,
+            token_failed: false,
+            invalid_users,
+        }
+    }
+
+    /// Posts a JSON body and classifies the answer the way `kind`'s platform means it.
+    async fn post(&self, kind: Kind, http: HttpRequest) -> (Answer, Vec<String>) {
+        let mut request = self.http.post(http.url).json(&http.body);
+        if let Some(token) = &http.bearer {
+            request = request.bearer_auth(token);
+        }
+        let resp = match request.send().await {
+            Err(e) => return (transport_answer(e, 0), Vec::new()),
+            Ok(resp) => resp,
+        };
+        let status = resp.status().as_u16();
+        let reset = resp
+            .headers()
+            .get("x-ogw-ratelimit-reset")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let bytes = match resp.bytes().await {
+            Err(e) => return (transport_answer(e, status), Vec::new()),
+            Ok(b) => b,
+        };
+        let mut answer = kind.classify(status, &bytes);
+        // Lark's gateway says when its quota resets.
+        if let (Class::RateLimited { pause: None }, Some(secs)) = (answer.class, reset) {
+            answer.class = Class::RateLimited {
+                pause: Some(Duration::from_secs(secs.min(3600))),
+            };
+        }
+        let invalid = if answer.class == Class::Ok {
+            kind.invalid_users(&bytes)
+        } else {
+            Vec::new()
+        };
+        (answer, invalid)
+    }
+
+    /// An app target's access token (`None` for group bots), from the cache or fetched.
+    pub async fn token(&self, target: &Target) -> Result<Option<String>, Answer> {
+        let (Endpoint::App(app), Some(request)) = (
+            &target.endpoint,
+            target.kind.token_request(&target.endpoint),
+        ) else {
+            return Ok(None);
+        };
+        let key = token_key(target.kind, app);
+        self.tokens
+            .get(&key, || self.fetch_token(target, request))
+            .await
+            .map(Some)
+    }
+
+    /// Forgets a token the platform refused, unless another send already replaced it.
+    pub fn invalidate(&self, target: &Target, token: &str) {
+        if let Endpoint::App(app) = &target.endpoint {
+            self.tokens.invalidate(&token_key(target.kind, app), token);
+        }
+    }
+
+    /// Asks the platform for an access token (one flight per credential, see [`TokenCache`]).
+    async fn fetch_token(
+        &self,
+        target: &Target,
+        request: TokenRequest,
+    ) -> Result<IssuedToken, Answer> {
+        let kind = target.kind;
+        let result = token::fetch(&self.http, &request, |s, b| kind.parse_token(s, b)).await;
+        match &result {
+            Ok(t) => {
+                self.metrics.notify_token_fetch(&target.name, "ok");
+                tracing::info!(target = %target.name, expires_in = ?t.expires_in, "access token fetched")
+            }
+            Err(a) => {
+                self.metrics
+                    .notify_token_fetch(&target.name, a.class.label());
+                tracing::warn!(target = %target.name, class = a.class.label(), code = ?a.code, detail = %a.detail, "access token refused")
+            }
+        }
+        result
+    }
+}
+
+/// Tokens are cached per credential: targets of the same app share one.
+fn token_key(kind: Kind, app: &AppCredentials) -> String {
+    use sha2::{Digest, Sha256};
+    let secret = hex::encode(Sha256::digest(app.secret.expose()));
+    format!(
+        "{}|{}|{}|{}",
+        kind.as_str(),
+        app.base_url,
+        app.app_id,
+        &secret[..16]
+    )
+}
