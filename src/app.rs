@@ -153,8 +153,12 @@ impl App {
 /// what the notify pipeline needs.
 fn bus_layout(settings: &Settings) -> bus::Layout {
     let prefix = &settings.bus.subject_prefix;
-    let mut layout =
-        notifier::bus_layout(&settings.notify, &settings.targets, &settings.routes, prefix);
+    let mut layout = notifier::bus_layout(
+        &settings.notify,
+        &settings.targets,
+        &settings.routes,
+        prefix,
+    );
     layout.inbound = Platform::ALL
         .iter()
         .map(|p| bus::with_prefix(prefix, &format!("{}.>", p.as_str())))

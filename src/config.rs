@@ -23,8 +23,8 @@ use crate::message::UserBinding;
 use crate::notify::compose::Directory;
 use crate::notify::notifier::Catalog;
 use crate::notify::router::{Route, Rule};
-use crate::notify::target::{Composition, Target};
 use crate::notify::settings::{LimiterKind, NotifySettings};
+use crate::notify::target::{Composition, Target};
 use crate::platform::dingtalk::callback::DingTalkApp;
 use crate::platform::lark::callback::LarkApp;
 use crate::platform::msgcrypt::{self, MsgCrypt};
@@ -932,7 +932,7 @@ impl Config {
             if !crate::bus::is_valid_token(name) {
                 c.problem(&key, "target names must be of [A-Za-z0-9_-]");
             }
-            t.shaping.check(&key, &templates, &mut c);
+            t.composition.check(&key, &templates, &mut c);
             for u in &t.users {
                 if !self.users.contains_key(u) {
                     c.problem(
@@ -1019,7 +1019,11 @@ impl Config {
             targets,
             routes,
             templates,
-            users: self.users.iter().map(|(k, u)| (k.clone(), u.binding())).collect(),
+            users: self
+                .users
+                .iter()
+                .map(|(k, u)| (k.clone(), u.binding()))
+                .collect(),
         })
     }
 }
@@ -1306,13 +1310,13 @@ impl TargetConfig {
             c.problem(format!("{key}.max_bytes"), "must be at least 64");
         }
         let is_app = kind.is_some_and(|k| k.is_app());
-        if kind.is_some() && !is_app && !self.shaping.recipients.is_empty() {
+        if kind.is_some() && !is_app && !self.composition.recipients.is_empty() {
             c.problem(
                 format!("{key}.recipients"),
                 "group bots post to their group; use mention to @ people",
             );
         }
-        if is_app && !self.shaping.mention.is_empty() {
+        if is_app && !self.composition.mention.is_empty() {
             c.problem(
                 format!("{key}.mention"),
                 "app messages cannot @mention; use recipients to send to people",
@@ -1342,7 +1346,7 @@ impl TargetConfig {
                 lark_markdown: self.lark_markdown,
             },
             users: self.users.clone(),
-            composition: self.shaping.typed(),
+            composition: self.composition.typed(),
         })
     }
 
@@ -1494,12 +1498,12 @@ impl RouteConfig {
                 RuleConfig {
                     targets: self.targets.clone(),
                     matches: self.matches.clone(),
-                    composition: self.shaping.clone(),
+                    composition: self.composition.clone(),
                 },
             ));
-        } else if self.shaping.template.is_some()
-            || !self.shaping.recipients.is_empty()
-            || !self.shaping.mention.is_empty()
+        } else if self.composition.template.is_some()
+            || !self.composition.recipients.is_empty()
+            || !self.composition.mention.is_empty()
         {
             c.problem(
                 key,
@@ -1543,11 +1547,11 @@ impl RouteConfig {
                         (field.clone(), values)
                     })
                     .collect();
-                r.shaping.check(&key, templates, c);
+                r.composition.check(&key, templates, c);
                 Rule {
                     targets: r.targets,
                     matches,
-                    composition: r.shaping.typed(),
+                    composition: r.composition.typed(),
                 }
             })
             .collect();

@@ -36,8 +36,8 @@ use tokio::sync::mpsc;
 
 use super::memory::Seen;
 use super::{Ack, BusError, ConsumerSpec, Delivery, Layout, Message};
-use crate::secret::Secret;
 use crate::metrics::Metrics;
+use crate::secret::Secret;
 use crate::shutdown::Shutdown;
 
 /// How often the keeper checks the brokers while they answer, and while they don't.
@@ -180,7 +180,7 @@ impl KafkaBus {
     }
 
     /// Creates the topics that do not exist yet.
-    async fn ensure_topics(&self, topics: &[(String, i32)]) -> Result<(), String> {
+    async fn ensure_topics(&self, topics: &[(String, i32)]) -> Result<(), TopicError> {
         let missing: Vec<&(String, i32)> = {
             let known = self.known.lock().expect("not poisoned");
             topics.iter().filter(|(t, _)| !known.contains(t)).collect()
@@ -205,7 +205,7 @@ impl KafkaBus {
             .admin
             .create_topics(&new, &options)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(TopicError::Admin)?;
         let mut known = self.known.lock().expect("not poisoned");
         for result in results {
             match result {
@@ -216,7 +216,7 @@ impl KafkaBus {
                 Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
                     known.insert(name);
                 }
-                Err((name, code)) => return Err(format!("creating topic {name}: {code}")),
+                Err((name, code)) => return Err(TopicError::Refused { name, code }),
             }
         }
         Ok(())
@@ -267,7 +267,7 @@ impl KafkaBus {
         let topic = [(msg.subject.clone(), self.settings.partitions)];
         match tokio::time::timeout(timeout, self.ensure_topics(&topic)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(BusError::Unavailable(e)),
+            Ok(Err(e)) => return Err(BusError::Unavailable(e.to_string())),
             Err(_) => return Err(BusError::Timeout(timeout)),
         }
         let key = record_key(&self.prefix, &self.keyed_by_name, &self.settings.keys, msg);
@@ -429,6 +429,18 @@ fn producer(config: &ClientConfig, settings: &KafkaSettings) -> Result<FuturePro
     config
         .create()
         .map_err(|e| BusError::Unavailable(format!("creating the Kafka producer: {e}")))
+}
+
+/// Why a topic could not be created.
+#[derive(Debug, thiserror::Error)]
+enum TopicError {
+    #[error("the admin request failed: {0}")]
+    Admin(#[source] KafkaError),
+    #[error("creating topic {name}: {code}")]
+    Refused {
+        name: String,
+        code: RDKafkaErrorCode,
+    },
 }
 
 /// The record key: the rest of the subject after a `keyed_by_name` prefix (the daemon's own
@@ -985,26 +997,50 @@ mod tests {
         };
         let approval = r#"{"processInstanceId":"p-1","corpId":"ding1"}"#;
         let change = "dingtalk.bpms_instance_change";
-        assert_eq!(record_key("", &by_name, &keys, &msg(change, approval)), "p-1");
         assert_eq!(
-            record_key("prod", &by_name, &keys, &msg(&format!("prod.{change}"), approval)),
+            record_key("", &by_name, &keys, &msg(change, approval)),
             "p-1"
         );
         assert_eq!(
-            record_key("", &by_name, &keys, &msg("dingtalk.bpms_task_change", approval)),
+            record_key(
+                "prod",
+                &by_name,
+                &keys,
+                &msg(&format!("prod.{change}"), approval)
+            ),
+            "p-1"
+        );
+        assert_eq!(
+            record_key(
+                "",
+                &by_name,
+                &keys,
+                &msg("dingtalk.bpms_task_change", approval)
+            ),
             "p-1"
         );
         // The patterns that match find nothing until the last one.
-        assert_eq!(record_key("", &by_name, &keys, &msg(change, r#"{"corpId":7}"#)), "7");
+        assert_eq!(
+            record_key("", &by_name, &keys, &msg(change, r#"{"corpId":7}"#)),
+            "7"
+        );
         assert_eq!(
             record_key("", &by_name, &keys, &msg("lark.im.message", approval)),
             "ce1"
         );
         assert_eq!(
-            record_key("", &by_name, &keys, &msg("dingtalk.user_add_org", "not json")),
+            record_key(
+                "",
+                &by_name,
+                &keys,
+                &msg("dingtalk.user_add_org", "not json")
+            ),
             "ce1"
         );
-        assert_eq!(record_key("", &by_name, &keys, &msg("notify.ops", approval)), "ops");
+        assert_eq!(
+            record_key("", &by_name, &keys, &msg("notify.ops", approval)),
+            "ops"
+        );
         assert_eq!(
             record_key("prod", &by_name, &keys, &msg("prod.dlq.notify.ops", "")),
             "ops"

@@ -15,8 +15,8 @@ use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use tokio::sync::Notify;
 
 use super::{Ack, BusError, ConsumerSpec, Delivery, Layout, Message};
-use crate::secret::Secret;
 use crate::metrics::Metrics;
+use crate::secret::Secret;
 use crate::shutdown::Shutdown;
 
 pub struct NatsBus {
@@ -337,18 +337,13 @@ async fn run_consumer(
     config: jetstream::consumer::pull::Config,
     tx: &tokio::sync::mpsc::Sender<Delivery>,
     shutdown: &Shutdown,
-) -> Result<(), String> {
+) -> Result<(), async_nats::Error> {
     use futures::StreamExt;
-    let stream = js
-        .get_stream(stream_name)
-        .await
-        .map_err(|e| e.to_string())?;
+    let stream = js.get_stream(stream_name).await?;
     let name = config.durable_name.clone().unwrap_or_default();
-    let consumer: jetstream::consumer::PullConsumer = stream
-        .get_or_create_consumer(&name, config)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let consumer: jetstream::consumer::PullConsumer =
+        stream.get_or_create_consumer(&name, config).await?;
+    let mut messages = consumer.messages().await?;
     tracing::info!(stream = stream_name, consumer = %name, "consumer running");
     loop {
         let next = tokio::select! {
@@ -357,7 +352,7 @@ async fn run_consumer(
         };
         let msg = match next {
             Some(Ok(m)) => m,
-            Some(Err(e)) => return Err(e.to_string()),
+            Some(Err(e)) => return Err(e.into()),
             None => return Err("message stream ended".into()),
         };
         let (published, delivered) = match msg.info() {

@@ -12,8 +12,9 @@ use super::reply::ApiError;
 use super::{Outcome, State};
 use crate::platform::dingtalk::callback::{self, CallbackError};
 use crate::platform::now_ms;
+use crate::platform::Platform;
 
-const PLATFORM: &str = "dingtalk";
+const PLATFORM: &str = Platform::DingTalk.as_str();
 
 pub async fn callback(
     app: String,

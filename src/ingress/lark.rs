@@ -13,8 +13,9 @@ use warp::Reply;
 use super::reply::ApiError;
 use super::{Outcome, State};
 use crate::platform::lark::callback::{self, CallbackError, Headers, Incoming};
+use crate::platform::Platform;
 
-const PLATFORM: &str = "lark";
+const PLATFORM: &str = Platform::Lark.as_str();
 
 pub async fn callback(
     app: String,

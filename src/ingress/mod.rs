@@ -19,11 +19,11 @@ use futures::TryStreamExt;
 use warp::{Buf, Filter, Rejection, Reply};
 
 use crate::bus::{self, Bus, CloudEvent, Message};
-use crate::platform::dingtalk::callback::DingTalkApp;
-use crate::platform::wecom::callback::WeComApp;
 use crate::metrics::{Metrics, UNKNOWN_APP};
 use crate::notify::notifier::Notifier;
+use crate::platform::dingtalk::callback::DingTalkApp;
 use crate::platform::lark::callback::LarkApp;
+use crate::platform::wecom::callback::WeComApp;
 use reply::ApiError;
 
 /// What the handlers share.

@@ -13,7 +13,7 @@ use warp::Reply;
 
 use super::reply::ApiError;
 use super::State;
-use crate::bus::{self, CloudEvent, Message};
+use crate::bus::CloudEvent;
 use crate::metrics::UNKNOWN_APP;
 use crate::notify::compose::ComposeError;
 use crate::notify::notifier::NotifyError;

@@ -13,8 +13,9 @@ use super::reply::ApiError;
 use super::{Outcome, State};
 use crate::platform::now_ms;
 use crate::platform::wecom::callback::{self, CallbackError, Limits};
+use crate::platform::Platform;
 
-const PLATFORM: &str = "wecom";
+const PLATFORM: &str = Platform::WeCom.as_str();
 
 /// Where the raw XML goes in the body when `keep_raw_xml` is set: `#` is no XML name
 /// character, so no element of the message can collide with it.

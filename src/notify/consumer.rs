@@ -13,11 +13,11 @@ use tokio::sync::mpsc;
 
 use super::compose::{ComposeError, Composer, Directory, Prepared};
 use super::router::{self, Route, Rule};
+use super::settings::NotifySettings;
 use super::target::Target;
 use super::template::Templates;
 use super::verdict::Reason;
 use super::worker::{Job, Shared};
-use super::settings::NotifySettings;
 use crate::bus::{self, Bus, Delivery};
 use crate::message;
 

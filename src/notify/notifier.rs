@@ -16,11 +16,11 @@ use super::in_flight::InFlight;
 use super::limiter::Limiter;
 use super::router::Route;
 use super::sender::Sender;
+use super::settings::{LimiterKind, NotifySettings};
 use super::target::Target;
 use super::template::Templates;
 use super::verdict::Verdict;
 use super::worker::{self, Job, Shared};
-use super::settings::{LimiterKind, NotifySettings};
 use crate::bus::{self, Bus};
 use crate::message;
 use crate::metrics::Metrics;
@@ -167,7 +167,10 @@ impl Notifier {
         if settings.enabled {
             tasks.extend(notifier.consume(shutdown));
         }
-        *notifier.tasks.get_mut().unwrap_or_else(PoisonError::into_inner) = tasks;
+        *notifier
+            .tasks
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner) = tasks;
         Ok(Arc::new(notifier))
     }
 

@@ -29,7 +29,8 @@ pub fn preview(
     if let Some(t) = catalog.targets.get(name) {
         jobs.push((t, None, id.to_owned()));
     } else if let Some(route) = catalog.routes.get(name) {
-        let payload = serde_json::Value::Object(message::payload(body).map_err(ComposeError::from)?);
+        let payload =
+            serde_json::Value::Object(message::payload(body).map_err(ComposeError::from)?);
         for (t, rule) in route.forwards(&payload) {
             jobs.push((
                 &catalog.targets[t],

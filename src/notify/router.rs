@@ -28,7 +28,6 @@ pub struct Rule {
     pub composition: Composition,
 }
 
-
 impl Route {
     /// The targets `payload` goes to, each with the first rule that matches and names it, in
     /// the order of the rules: what the route forwards, and which rule's shaping each target

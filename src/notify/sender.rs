@@ -9,8 +9,8 @@ use super::target::Target;
 use super::token::{self, TokenCache};
 use crate::metrics::Metrics;
 use crate::platform::kind::HttpRequest;
-use crate::platform::outbound::{transport_answer, Answer, Class, IssuedToken, Request};
 use crate::platform::outbound::TokenRequest;
+use crate::platform::outbound::{transport_answer, Answer, Class, IssuedToken, Request};
 use crate::platform::{now_ms, AppCredentials, Endpoint, Kind};
 
 /// A send's answer, and the access token it used (app messages).

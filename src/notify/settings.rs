@@ -31,4 +31,3 @@ pub enum LimiterKind {
     NatsKv,
     KafkaLog,
 }
-

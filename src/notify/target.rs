@@ -32,7 +32,6 @@ pub struct Composition {
     pub exclude_actor: Option<bool>,
 }
 
-
 impl Composition {
     /// This (a route rule's) shaping, with the target's where this one says nothing.
     pub fn over(&self, base: &Composition) -> Composition {

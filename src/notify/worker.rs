@@ -13,9 +13,9 @@ use super::dead_letter::DeadLetters;
 use super::in_flight::InFlight;
 use super::limiter::{Limiter, LimiterError};
 use super::sender::{Sender, Sent};
+use super::settings::NotifySettings;
 use super::target::Target;
 use super::verdict::{Reason, Verdict};
-use super::settings::NotifySettings;
 use crate::bus::Delivery;
 use crate::metrics::Metrics;
 use crate::platform::kind::Addressing;
@@ -309,11 +309,8 @@ impl Delivering<'_> {
             return Err(tally.failed(Reason::AttemptsExhausted));
         }
         self.shared.metrics.notify_retry(&self.target.name);
-        let delay = crate::backoff::delay(
-            tally.transient,
-            settings.retry_initial,
-            settings.retry_max,
-        );
+        let delay =
+            crate::backoff::delay(tally.transient, settings.retry_initial, settings.retry_max);
         if SystemTime::now() + delay > self.deadline {
             return Err(tally.failed(Reason::Expired));
         }

@@ -24,7 +24,7 @@ impl Platform {
     pub const ALL: [Platform; 3] = [Platform::DingTalk, Platform::WeCom, Platform::Lark];
 
     /// The name in subjects (`dingtalk.<event>`), callback paths and metric labels.
-    pub fn as_str(&self) -> &'static str {
+    pub const fn as_str(&self) -> &'static str {
         match self {
             Platform::DingTalk => "dingtalk",
             Platform::WeCom => "wecom",
@@ -295,7 +295,10 @@ impl Kind {
             }
             (_, Endpoint::App(app)) => {
                 let ty = lark::app::receive_id_type(request.first_member());
-                (lark::app::send_url(&app.base_url, ty), Some(token.to_owned()))
+                (
+                    lark::app::send_url(&app.base_url, ty),
+                    Some(token.to_owned()),
+                )
             }
         };
         HttpRequest { url, body, bearer }

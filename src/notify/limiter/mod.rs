@@ -159,15 +159,15 @@ impl Limiter {
                 let kv = nats::KvLimiter::new(js, &settings.limiter_bucket, storage, replicas);
                 Limiter::NatsKv(Box::new(kv))
             }
-            (LimiterKind::KafkaLog, _, Some(kafka)) => Limiter::KafkaLog(Box::new(
-                kafka::KafkaLog::start(
+            (LimiterKind::KafkaLog, _, Some(kafka)) => {
+                Limiter::KafkaLog(Box::new(kafka::KafkaLog::start(
                     kafka.client_config(),
                     &bus::with_prefix(prefix, &settings.limiter_bucket),
                     kafka.settings().publish_timeout,
                     kafka.assignments(),
                     shutdown,
-                )?,
-            )),
+                )?))
+            }
             _ => Limiter::local(),
         };
         Ok(limiter)

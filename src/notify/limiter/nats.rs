@@ -160,4 +160,3 @@ impl KvLimiter {
         self.write(target, &log, sequence).await
     }
 }
-
