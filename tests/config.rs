@@ -9,7 +9,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use figment::Jail;
-use imbridge::config::{self, EngineSettings};
+use imbridge::bus::EngineSettings;
+use imbridge::config;
+use imbridge::notify::settings::LimiterKind;
+use imbridge::platform::Limit;
 
 fn example() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("imbridge.example.toml")
@@ -367,7 +370,7 @@ fn kafka_properties_come_from_the_environment_without_echoing_secrets() {
                 "/processInstanceId".to_owned()
             )]
         );
-        assert_eq!(s.notify.limiter, imbridge::config::LimiterKind::KafkaLog);
+        assert_eq!(s.notify.limiter, LimiterKind::KafkaLog);
         assert!(
             !format!("{s:?}").contains("hunter2"),
             "secrets print as ***"
@@ -463,17 +466,17 @@ fn targets_and_rate_limits_are_parsed_and_validated() {
         assert_eq!(
             lark.limits,
             [
-                config::Limit::new(5, Duration::from_secs(1)),
-                config::Limit::new(100, Duration::from_secs(60))
+                Limit::new(5, Duration::from_secs(1)),
+                Limit::new(100, Duration::from_secs(60))
             ]
         );
         let ding = &s.targets["ops-dingtalk"];
         assert_eq!(
             ding.limits,
-            [config::Limit::new(20, Duration::from_secs(60))]
+            [Limit::new(20, Duration::from_secs(60))]
         );
         assert_eq!(ding.pause_on_rate_limit, Duration::from_secs(600));
-        assert!(matches!(s.notify.limiter, config::LimiterKind::Local));
+        assert!(matches!(s.notify.limiter, LimiterKind::Local));
 
         jail.create_file(
             "targets.toml",
@@ -537,10 +540,10 @@ fn targets_and_rate_limits_are_parsed_and_validated() {
         let s = config::load(Some(Path::new("defaults.toml"))).expect("valid");
         assert_eq!(
             s.targets["w"].limits,
-            [config::Limit::new(20, Duration::from_secs(60))]
+            [Limit::new(20, Duration::from_secs(60))]
         );
         assert_eq!(s.targets["w"].pause_on_rate_limit, Duration::from_secs(60));
-        assert!(matches!(s.notify.limiter, config::LimiterKind::NatsKv));
+        assert!(matches!(s.notify.limiter, LimiterKind::NatsKv));
         Ok(())
     });
 }
