@@ -2,15 +2,13 @@
 //! routes and templates, end to end: the daemon against fake app platforms that check tokens,
 //! parameters and per-member limits, and the fake robot farm for group bots.
 
-mod common;
-
 use std::io::Write;
 use std::time::Duration;
 
-use common::apps::{AppFarm, DingTalkApp, LarkApp, Scripted, WeComApp};
-use common::engine::Engine;
-use common::fakes::{Robot, RobotFarm};
-use common::*;
+use crate::common::apps::{AppFarm, DingTalkApp, LarkApp, Scripted, WeComApp};
+use crate::common::engine::Engine;
+use crate::common::fakes::{Robot, RobotFarm};
+use crate::common::*;
 use serde_json::{json, Value};
 
 const NOTIFY: &str = r#"
