@@ -5,7 +5,7 @@
 
 No cluster and no helm binary: helm-python-sdk bundles Helm's Go SDK, so linting and rendering
 use Helm's own engine, and kubernetes-validate bundles the Kubernetes JSON schemas. `.ci/run`
-installs both (pinned); tests/helm_chart.rs runs this script from `cargo test`, passing the
+installs both (pinned); tests/it/helm_chart.rs runs this script from `cargo test`, passing the
 binary it built in IMBRIDGE_BIN so every rendered configuration also goes through
 `imbridge check-config`.
 
