@@ -14,5 +14,6 @@ mod dingtalk_nats;
 mod fakes_selftest;
 mod helm_chart;
 mod kafka_harness;
+mod layout;
 mod notify;
 mod wecom_lark;
