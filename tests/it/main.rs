@@ -1,6 +1,6 @@
 //! The integration tests, in one binary so the crate is linked once: a module per area, the
 //! shared harness (real `nats-server` and tansu brokers, fake platforms, the daemon on port 0)
-//! in [`common`].
+//! in [`common`]. `./test` at the repository root installs what they need and runs them.
 
 mod common;
 
