@@ -11,7 +11,7 @@
 // The farm is the one the integration tests use, so the bench checks limits exactly as the
 // test suite does; the bench needs only part of it.
 #[allow(dead_code)]
-#[path = "../../tests/common/fakes.rs"]
+#[path = "../../tests/it/common/fakes.rs"]
 mod fakes;
 
 use std::fmt::Write as _;

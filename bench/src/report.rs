@@ -127,7 +127,7 @@ pub fn write(out: &Path) -> anyhow::Result<()> {
         writeln!(r, "## Notify: 10,000 DingTalk robots at 20 per 60 s\n")?;
         writeln!(
             r,
-            "A fake robot farm in the load generator's process (`tests/common/fakes.rs`, the \
+            "A fake robot farm in the load generator's process (`tests/it/common/fakes.rs`, the \
              test suite's) with {} robots, each limited to 20 requests in any 60 s and counting \
              every request over it as a violation; {} messages published through `POST \
              /notify/<target>` (in-process bus, local limiter) round-robin over the targets \

@@ -4,8 +4,8 @@
     python3 helm/imbridge/tests/validate.py
 
 No cluster and no helm binary: helm-python-sdk bundles Helm's Go SDK, so linting and rendering
-use Helm's own engine, and kubernetes-validate bundles the Kubernetes JSON schemas. `.ci/run`
-installs both (pinned); tests/helm_chart.rs runs this script from `cargo test`, passing the
+use Helm's own engine, and kubernetes-validate bundles the Kubernetes JSON schemas. `./test`
+installs both (pinned); tests/it/helm_chart.rs runs this script from `cargo test`, passing the
 binary it built in IMBRIDGE_BIN so every rendered configuration also goes through
 `imbridge check-config`.
 
@@ -41,7 +41,7 @@ try:
     import yaml
 except ImportError as missing:
     sys.stderr.write(
-        f"validate.py: the Python package {missing.name!r} is missing. `bash .ci/run` installs "
+        f"validate.py: the Python package {missing.name!r} is missing. `./test` installs "
         "the pinned helm-python-sdk and kubernetes-validate before running the tests.\n"
     )
     sys.exit(2)

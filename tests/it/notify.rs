@@ -4,13 +4,11 @@
 //! in-process bus, a real nats-server and a real Kafka-protocol broker (tansu); those about
 //! surviving the daemon (kill, handover between replicas) on the durable ones.
 
-mod common;
-
 use std::time::Duration;
 
-use common::engine::Engine;
-use common::fakes::{Robot, RobotFarm, Scripted};
-use common::*;
+use crate::common::engine::Engine;
+use crate::common::fakes::{Robot, RobotFarm, Scripted};
+use crate::common::*;
 
 const SECRET: &str = "SEC0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 const LARK_SECRET: &str = "demo-secret-abc";
@@ -56,7 +54,7 @@ async fn post(app: &TestApp, target: &str, body: serde_json::Value) -> reqwest::
         .unwrap()
 }
 
-fn text_of(r: &common::fakes::Received) -> String {
+fn text_of(r: &crate::common::fakes::Received) -> String {
     let b = &r.body;
     b["text"]["content"]
         .as_str()

@@ -2,13 +2,11 @@
 //! for byte; a consumer group subscribed by regex picks up new topics, commits, and a new
 //! member resumes after the committed offsets; a restarted broker answers again (empty).
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::kafka::{self, Record, Tansu};
-use common::WAIT;
+use crate::common::kafka::{self, Record, Tansu};
+use crate::common::WAIT;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::Message;
 

@@ -2,12 +2,10 @@
 //! published with the documented body and headers, and every kind of bad input refused with
 //! a JSON error, counted, and never published.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use imbridge::platform::dingtalk::callback::Reply;
 use imbridge::platform::msgcrypt::MsgCrypt;
 
@@ -36,7 +34,7 @@ async fn vendor_check_url_vector_through_the_server() {
     // D1 was signed in 2020, so the replay check is disabled for it.
     let app = memory_app("replay_window = \"0\"").await;
     let v: serde_json::Value =
-        serde_json::from_str(include_str!("data/platform-vectors.json")).unwrap();
+        serde_json::from_str(include_str!("../data/platform-vectors.json")).unwrap();
     let d1 = &v["dingtalk_callback"]["D1_vendor_decrypt"];
     let q = &d1["query"];
     let res = app

@@ -1,13 +1,11 @@
-//! Checks the app farm itself (tests/common/apps.rs) with plain reqwest: tokens and their
+//! Checks the app farm itself (tests/it/common/apps.rs) with plain reqwest: tokens and their
 //! expiry, credentials, every body check both ways, recipients, limits, Lark's uuid
 //! deduplication and scripted answers.
 
-mod common;
-
 use std::time::Duration;
 
-use common::apps::{AppFarm, DingTalkApp, LarkApp, Scripted, WeComApp};
-use common::WAIT;
+use crate::common::apps::{AppFarm, DingTalkApp, LarkApp, Scripted, WeComApp};
+use crate::common::WAIT;
 use serde_json::{json, Value};
 
 const DT: &str = "dingkey";

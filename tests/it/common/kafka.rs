@@ -3,7 +3,7 @@
 //! read back and count records. Every wait is bounded by [`WAIT`].
 //!
 //! tansu 0.6.0 must be built with its `dynostore` feature, which provides the `memory://`
-//! storage engine (`.ci/run` installs it that way).
+//! storage engine (`./test` installs it that way).
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
@@ -134,7 +134,7 @@ impl Tansu {
             if feature_missing {
                 "; it lacks the memory storage engine: reinstall it with \
                  `cargo install tansu --version 0.6.0 --locked --features dynostore --force` \
-                 (see .ci/run)"
+                 (see ./test)"
             } else {
                 ""
             },
@@ -165,7 +165,7 @@ fn tansu_bin() -> PathBuf {
         .map(|dir| dir.join("tansu"))
         .find(|bin| bin.is_file())
         .expect(
-            "tansu not found on PATH nor in ~/.cargo/bin: run .ci/run, or \
+            "tansu not found on PATH nor in ~/.cargo/bin: run ./test, or \
              `cargo install tansu --version 0.6.0 --locked --features dynostore`",
         )
 }

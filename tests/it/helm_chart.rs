@@ -2,7 +2,7 @@
 //! `helm/imbridge/tests/validate.py`: Helm's own linter and template engine (PyPI
 //! `helm-python-sdk`), the Kubernetes schemas (PyPI `kubernetes-validate`), and the properties
 //! the chart promises, with every rendered configuration passed through this build's
-//! `imbridge check-config`. `.ci/run` installs the two Python packages.
+//! `imbridge check-config`. `./test` installs the two Python packages.
 
 use std::path::Path;
 use std::process::Command;
@@ -18,7 +18,7 @@ fn helm_chart_and_deploy_files_validate() {
         .output()
         .unwrap_or_else(|e| {
             panic!(
-                "cannot run python3 {} ({e}); `bash .ci/run` sets up what it needs",
+                "cannot run python3 {} ({e}); `./test` sets up what it needs",
                 script.display()
             )
         });
@@ -27,7 +27,7 @@ fn helm_chart_and_deploy_files_validate() {
     // Missing packages fail the test rather than skip it: the chart is part of the product.
     assert!(
         output.status.success(),
-        "chart validation failed ({}); `bash .ci/run` installs the pinned helm-python-sdk and \
+        "chart validation failed ({}); `./test` installs the pinned helm-python-sdk and \
          kubernetes-validate it needs\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
         output.status
     );

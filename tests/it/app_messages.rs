@@ -2,15 +2,13 @@
 //! routes and templates, end to end: the daemon against fake app platforms that check tokens,
 //! parameters and per-member limits, and the fake robot farm for group bots.
 
-mod common;
-
 use std::io::Write;
 use std::time::Duration;
 
-use common::apps::{AppFarm, DingTalkApp, LarkApp, Scripted, WeComApp};
-use common::engine::Engine;
-use common::fakes::{Robot, RobotFarm};
-use common::*;
+use crate::common::apps::{AppFarm, DingTalkApp, LarkApp, Scripted, WeComApp};
+use crate::common::engine::Engine;
+use crate::common::fakes::{Robot, RobotFarm};
+use crate::common::*;
 use serde_json::{json, Value};
 
 const NOTIFY: &str = r#"
@@ -524,6 +522,8 @@ fn render_cli(
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_imbridge"))
         .args(["render", "--target", name, "--id", id, "--config"])
         .arg(config)
+        // The config tests in this process set IMBRIDGE_ variables inside their jails.
+        .env_clear()
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -581,6 +581,8 @@ fn template_errors_stop_the_daemon_naming_template_and_line() {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_imbridge"))
             .args([command, "--config"])
             .arg(file.path())
+            // The config tests in this process set IMBRIDGE_ variables inside their jails.
+            .env_clear()
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(64), "{command}");

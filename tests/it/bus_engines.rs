@@ -2,12 +2,10 @@
 //! `nats-server -js` and a real Kafka-protocol broker (tansu). Each scenario is written once,
 //! so the subjects, bodies, headers and guarantees cannot drift between engines.
 
-mod common;
-
 use std::time::Duration;
 
-use common::engine::Engine;
-use common::*;
+use crate::common::engine::Engine;
+use crate::common::*;
 use imbridge::platform::dingtalk::callback::Reply;
 
 async fn app_on(engine: &Engine, extra: &str) -> TestApp {

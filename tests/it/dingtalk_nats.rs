@@ -2,12 +2,10 @@
 //! stream is created or updated, and plain subscribers see events live. The contract every
 //! engine shares is in `bus_engines.rs`.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use async_nats::jetstream;
-use common::*;
 
 async fn nats_app(server: &NatsServer, extra: &str) -> TestApp {
     let app = TestApp::start(&toml_with(&format!(

@@ -3,10 +3,8 @@
 //! documented body and headers, retries recognisable by `ce-id`, and bad input refused with a
 //! JSON error and never published.
 
-mod common;
-
-use common::engine::Engine;
-use common::*;
+use crate::common::engine::Engine;
+use crate::common::*;
 use imbridge::platform::lark::callback as lark;
 use imbridge::platform::msgcrypt::MsgCrypt;
 

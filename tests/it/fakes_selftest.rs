@@ -1,16 +1,14 @@
-//! Checks the robot farm itself (tests/common/fakes.rs) with plain reqwest: signatures against
+//! Checks the robot farm itself (tests/it/common/fakes.rs) with plain reqwest: signatures against
 //! the shared vectors, the platforms' answers, the sliding-window limit and scripted answers.
-
-mod common;
 
 use std::time::Duration;
 
-use common::fakes::{dingtalk_sign, lark_sign, Robot, RobotFarm, Scripted};
-use common::WAIT;
+use crate::common::fakes::{dingtalk_sign, lark_sign, Robot, RobotFarm, Scripted};
+use crate::common::WAIT;
 use serde_json::{json, Value};
 
 fn vectors() -> Value {
-    serde_json::from_str(include_str!("data/platform-vectors.json")).unwrap()
+    serde_json::from_str(include_str!("../data/platform-vectors.json")).unwrap()
 }
 
 async fn farm() -> RobotFarm {

@@ -102,7 +102,7 @@ fn spawn_nats(port: Option<u16>, store: &std::path::Path) -> (Child, u16) {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("nats-server must be installed (see .ci/run)");
+            .expect("nats-server must be installed (see ./test)");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

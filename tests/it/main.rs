@@ -1,0 +1,19 @@
+//! The integration tests, in one binary so the crate is linked once: a module per area, the
+//! shared harness (real `nats-server` and tansu brokers, fake platforms, the daemon on port 0)
+//! in [`common`]. `./test` at the repository root installs what they need and runs them.
+
+mod common;
+
+mod app_messages;
+mod apps_selftest;
+mod bus_engines;
+mod cli;
+mod config;
+mod dingtalk_ingress;
+mod dingtalk_nats;
+mod fakes_selftest;
+mod helm_chart;
+mod kafka_harness;
+mod layout;
+mod notify;
+mod wecom_lark;
