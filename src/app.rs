@@ -17,10 +17,10 @@ use crate::bus::{self, Bus};
 use crate::config::Settings;
 use crate::ingress::{self, State};
 use crate::metrics::Metrics;
-use crate::notify::limiter::Limiter;
 use crate::notify::notifier::{self, Notifier};
 use crate::platform::Platform;
 use crate::shutdown::Shutdown;
+use crate::supervise::Supervisor;
 
 pub struct App {
     pub ingress_addr: SocketAddr,
@@ -44,15 +44,14 @@ impl App {
             .await
             .context("starting the bus")?;
         let bus = Arc::new(bus);
-        let limiter = Limiter::start(&settings.notify, &bus, prefix, shutdown.clone())
-            .context("starting the rate limiter")?;
+        let supervisor = Supervisor::new(metrics.clone());
         let notifier = Notifier::start(
             &settings.notify,
             settings.catalog(),
             bus.clone(),
-            limiter,
             metrics.clone(),
             prefix,
+            &supervisor,
             shutdown.clone(),
         )
         .context("starting the notify pipeline")?;
@@ -82,6 +81,7 @@ impl App {
         let (admin_addr, admin) = warp::serve(ingress::admin::routes(
             bus.clone(),
             metrics.clone(),
+            supervisor,
             shutdown.clone(),
         ))
         .try_bind_with_graceful_shutdown(settings.server.admin_listen, async move {

@@ -46,4 +46,5 @@ pub mod notify;
 pub mod platform;
 pub mod secret;
 pub mod shutdown;
+pub mod supervise;
 pub mod telemetry;

@@ -54,6 +54,8 @@ pub struct Inner {
     pub notify_token_fetches_total: IntCounterVec,
     /// Messages a route forwarded, by route and target (target "" when no rule matched).
     pub notify_routed_total: IntCounterVec,
+    /// Restarts of supervised tasks after a panic, by task (`<kind>:<configured name>`).
+    pub task_restarts_total: IntCounterVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -167,6 +169,14 @@ impl Metrics {
                 &["route", "target"],
             )
             .unwrap(),
+            task_restarts_total: IntCounterVec::new(
+                Opts::new(
+                    "imbridge_task_restarts_total",
+                    "Supervised tasks restarted after a panic",
+                ),
+                &["task"],
+            )
+            .unwrap(),
             notify_dead_letters_total: IntCounterVec::new(
                 Opts::new(
                     "imbridge_notify_dead_letters_total",
@@ -235,6 +245,7 @@ impl Metrics {
             &inner.notify_invalid_recipients_total,
             &inner.notify_token_fetches_total,
             &inner.notify_routed_total,
+            &inner.task_restarts_total,
         ] {
             r.register(Box::new(c.clone())).unwrap();
         }
@@ -351,6 +362,11 @@ impl Metrics {
         self.notify_token_fetches_total
             .with_label_values(&[target, outcome])
             .inc();
+    }
+
+    /// A supervised task restarted after a panic.
+    pub fn task_restart(&self, task: &str) {
+        self.task_restarts_total.with_label_values(&[task]).inc();
     }
 
     /// A message a route forwarded to `target` ("" when no rule matched).

@@ -280,7 +280,7 @@ impl Consumer {
 
     /// Stops receiving and hands back, at once, what was already received but not yet taken,
     /// so that another replica gets it without waiting for `ack_wait`.
-    pub async fn close(mut self) {
+    pub async fn close(&mut self) {
         self.rx.close();
         while let Ok(d) = self.rx.try_recv() {
             let _ = d.nak(Duration::ZERO).await;

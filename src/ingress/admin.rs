@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics`, `/healthz` (the process is up) and `/readyz` (the bus is
-//! connected with its streams in place, and no shutdown has begun).
+//! connected with its streams in place, no supervised task keeps failing, and no shutdown has
+//! begun).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -11,10 +12,12 @@ use warp::{Filter, Reply};
 use crate::bus::Bus;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::supervise::Supervisor;
 
 pub fn routes(
     bus: Arc<Bus>,
     metrics: Metrics,
+    supervisor: Supervisor,
     shutdown: Shutdown,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let metrics = warp::path!("metrics").and(warp::get()).map(move || {
@@ -28,10 +31,13 @@ pub fn routes(
         .and(warp::get())
         .map(|| warp::reply::json(&json!({"status": "ok"})));
     let readyz = warp::path!("readyz").and(warp::get()).map(move || {
+        let failing = supervisor.failing();
         let (status, reason) = if shutdown.is_triggered() {
             (StatusCode::SERVICE_UNAVAILABLE, Some("shutting down"))
         } else if !bus.is_ready() {
             (StatusCode::SERVICE_UNAVAILABLE, Some("bus not ready"))
+        } else if !failing.is_empty() {
+            (StatusCode::SERVICE_UNAVAILABLE, Some("tasks keep failing"))
         } else {
             (StatusCode::OK, None)
         };
@@ -39,6 +45,7 @@ pub fn routes(
             "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
             "bus": bus.engine(),
             "reason": reason,
+            "failing": failing,
         });
         warp::reply::with_status(warp::reply::json(&body), status)
     });

@@ -116,51 +116,54 @@ pub fn message_id(delivery: &Delivery) -> String {
     hex::encode(&h.finalize()[..16])
 }
 
+/// A bus consumer shared with the restarts of the task reading it: a task that panicked
+/// leaves it behind (the lock is released as the panic unwinds) for the next one.
+pub type Source = Arc<tokio::sync::Mutex<bus::Consumer>>;
+
 /// Reads one target's consumer and hands each message to the target's worker.
 pub async fn feed(
     target: Arc<Target>,
-    mut consumer: bus::Consumer,
+    source: Source,
     queue: mpsc::Sender<Job>,
     shared: Arc<Shared>,
     intake: Arc<Intake>,
 ) {
     let name = target.name.as_str();
     let depth = shared.metrics.notify_queue_depth(name);
+    let mut consumer = source.lock().await;
     loop {
         let delivery = tokio::select! {
             d = consumer.next() => match d { Some(d) => d, None => break },
             _ = shared.shutdown.cancelled() => break,
         };
-        let seed = message_id(&delivery);
-        let rule = router::rule_of(&intake.routes, &delivery, name);
+        // Held from here: should this task die before the message is settled, it goes back.
+        let held = shared.in_flight.hold(Arc::new(delivery));
+        let delivery = held.delivery();
+        let seed = message_id(delivery);
+        let rule = router::rule_of(&intake.routes, delivery, name);
         let prepared = match intake.prepare(&shared, &target, &delivery.payload, rule, seed) {
             Ok(p) => p,
             Err(e) => {
                 let letters = &shared.dead_letters;
                 let detail = e.to_string();
                 letters
-                    .store(&delivery, name, Reason::from(&e), 0, &detail)
+                    .store(delivery, name, Reason::from(&e), 0, &detail)
                     .await;
+                held.settled();
                 continue;
             }
         };
-        let delivery = Arc::new(delivery);
-        let held = shared.in_flight.insert(delivery.clone());
         depth.inc();
         let job = Job::Bus {
-            delivery,
+            held,
             prepared: Box::new(prepared),
             deadline: SystemTime::now() + shared.settings.max_wait,
-            held,
         };
         // The consumer hands out at most queue_capacity messages, so this rarely waits; when it
-        // does, only this target waits.
-        if let Err(mpsc::error::SendError(job)) = queue.send(job).await {
+        // does, only this target waits. A queue that is gone hands the message back (the
+        // guard's drop).
+        if queue.send(job).await.is_err() {
             depth.dec();
-            if let Job::Bus { delivery, held, .. } = job {
-                shared.in_flight.remove(held);
-                let _ = delivery.nak(Duration::ZERO).await;
-            }
             break;
         }
     }
@@ -170,13 +173,9 @@ pub async fn feed(
 /// Reads one route's consumer: each message is forwarded to `notify.<target>` for every target
 /// of every rule it matches (each target once), then acknowledged. Forwarding through the bus
 /// keeps each target's own queue, limits, retries and dead letters.
-pub async fn forward(
-    route: Route,
-    mut consumer: bus::Consumer,
-    shared: Arc<Shared>,
-    intake: Arc<Intake>,
-) {
+pub async fn forward(route: Route, source: Source, shared: Arc<Shared>, intake: Arc<Intake>) {
     let name = route.name.as_str();
+    let mut consumer = source.lock().await;
     loop {
         let delivery = tokio::select! {
             d = consumer.next() => match d { Some(d) => d, None => break },
@@ -246,12 +245,13 @@ async fn forward_one(
 /// consumers' business (acknowledged here at once), the others are dead-lettered as
 /// `unknown_target`.
 pub async fn catch_all(
-    mut consumer: bus::Consumer,
-    known: HashSet<String>,
+    source: Source,
+    known: Arc<HashSet<String>>,
     shared: Arc<Shared>,
     prefix: String,
 ) {
     let subject_prefix = bus::with_prefix(&prefix, "notify.");
+    let mut consumer = source.lock().await;
     loop {
         let delivery = tokio::select! {
             d = consumer.next() => match d { Some(d) => d, None => break },

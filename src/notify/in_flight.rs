@@ -17,14 +17,16 @@ pub struct InFlight {
 }
 
 impl InFlight {
-    pub fn insert(&self, d: Arc<Delivery>) -> u64 {
+    /// Holds `d` until the returned guard is settled or dropped.
+    pub fn hold(self: &Arc<Self>, d: Arc<Delivery>) -> Held {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(id, d);
-        id
-    }
-
-    pub fn remove(&self, id: u64) {
-        self.lock().remove(&id);
+        self.lock().insert(id, d.clone());
+        Held {
+            id,
+            delivery: d,
+            in_flight: self.clone(),
+            settled: false,
+        }
     }
 
     fn all(&self) -> Vec<Arc<Delivery>> {
@@ -52,6 +54,43 @@ impl InFlight {
                 if let Err(e) = d.progress().await {
                     tracing::debug!(error = %e, "progress ack failed");
                 }
+            }
+        }
+    }
+}
+
+/// One held bus message. Settle it once it was acked, dead-lettered or handed back; dropped
+/// unsettled (its task panicked, or was cancelled), it is handed back to the bus for
+/// redelivery instead of being kept alive forever.
+pub struct Held {
+    id: u64,
+    delivery: Arc<Delivery>,
+    in_flight: Arc<InFlight>,
+    settled: bool,
+}
+
+impl Held {
+    pub fn delivery(&self) -> &Arc<Delivery> {
+        &self.delivery
+    }
+
+    /// The message was settled on the bus: stop keeping it alive.
+    pub fn settled(mut self) {
+        self.settled = true;
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.in_flight.lock().remove(&self.id);
+        if !self.settled {
+            let delivery = self.delivery.clone();
+            // A drop cannot wait; without a runtime (the process is ending) the bus
+            // redelivers once the ack wait runs out.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    let _ = delivery.nak(Duration::ZERO).await;
+                });
             }
         }
     }

@@ -13,7 +13,7 @@ use super::compose::{ComposeError, Directory};
 use super::consumer::{self, Intake};
 use super::dead_letter::DeadLetters;
 use super::in_flight::InFlight;
-use super::limiter::Limiter;
+use super::limiter::{Limiter, StoreError};
 use super::router::Route;
 use super::sender::Sender;
 use super::settings::{LimiterKind, NotifySettings};
@@ -25,6 +25,7 @@ use crate::bus::{self, Bus};
 use crate::message;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::supervise::Supervisor;
 
 /// What the notify pipeline sends to and how: targets, routes, templates, user bindings.
 pub struct Catalog {
@@ -54,6 +55,8 @@ pub enum NotifyError {
 pub enum StartError {
     #[error("building the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("starting the rate limiter: {0}")]
+    Limiter(#[from] StoreError),
 }
 
 /// What the pipeline needs the bus to keep in place: the notify and dead-letter streams (NATS)
@@ -118,11 +121,12 @@ impl Notifier {
         settings: &NotifySettings,
         catalog: Catalog,
         bus: Arc<Bus>,
-        limiter: Limiter,
         metrics: Metrics,
         prefix: &str,
+        supervisor: &Supervisor,
         shutdown: Shutdown,
     ) -> Result<Arc<Notifier>, StartError> {
+        let limiter = Limiter::start(settings, &bus, prefix, shutdown.clone())?;
         let shared = Arc::new(Shared {
             settings: settings.clone(),
             limiter,
@@ -133,7 +137,7 @@ impl Notifier {
                 metrics: metrics.clone(),
                 shutdown: shutdown.clone(),
             },
-            in_flight: InFlight::default(),
+            in_flight: Arc::new(InFlight::default()),
             metrics,
             shutdown: shutdown.clone(),
         });
@@ -156,16 +160,17 @@ impl Notifier {
         for (name, target) in catalog.targets {
             let target = Arc::new(target);
             let (tx, rx) = mpsc::channel(settings.queue_capacity);
-            tasks.push(tokio::spawn(worker::run(
-                target.clone(),
-                rx,
-                notifier.shared.clone(),
-            )));
+            let queue: worker::Queue = Arc::new(tokio::sync::Mutex::new(rx));
+            let (t, shared) = (target.clone(), notifier.shared.clone());
+            let task = format!("notify_worker:{name}");
+            tasks.push(supervisor.spawn(task, shutdown.clone(), move || {
+                worker::run(t.clone(), queue.clone(), shared.clone())
+            }));
             notifier.queues.insert(name.clone(), tx);
             notifier.targets.insert(name, target);
         }
         if settings.enabled {
-            tasks.extend(notifier.consume(shutdown));
+            tasks.extend(notifier.consume(supervisor, shutdown));
         }
         *notifier
             .tasks
@@ -174,53 +179,69 @@ impl Notifier {
         Ok(Arc::new(notifier))
     }
 
-    /// Starts the bus consumers: one per target and route, the catch-all, and the keeper of
-    /// in-flight messages.
-    fn consume(&self, shutdown: Shutdown) -> Vec<JoinHandle<()>> {
+    /// Starts the bus consumers, supervised: one per target and route, the catch-all, and the
+    /// keeper of in-flight messages.
+    fn consume(&self, supervisor: &Supervisor, shutdown: Shutdown) -> Vec<JoinHandle<()>> {
         let (shared, intake) = (&self.shared, &self.intake);
         let mut tasks = Vec::new();
         let ack_wait = self.settings.ack_wait;
         let keeper = shared.clone();
-        tasks.push(tokio::spawn(async move {
-            let stop = keeper.shutdown.clone();
-            keeper.in_flight.keep_alive(ack_wait, stop).await
-        }));
+        let stop = shutdown.clone();
+        tasks.push(
+            supervisor.spawn("notify_keeper".into(), shutdown.clone(), move || {
+                let (keeper, stop) = (keeper.clone(), stop.clone());
+                async move { keeper.in_flight.keep_alive(ack_wait, stop).await }
+            }),
+        );
         let names = self.targets.keys().chain(intake.routes.keys());
         let (per_name, all) = consumer::specs(&self.settings, names.clone(), &intake.prefix);
         for (name, spec) in names.zip(&per_name) {
-            let source = intake.bus.consume(spec, shutdown.clone());
+            let source = self.source(spec, &shutdown);
+            let (shared, intake) = (shared.clone(), intake.clone());
             let task = match intake.routes.get(name) {
-                Some(route) => tokio::spawn(consumer::forward(
-                    route.clone(),
-                    source,
-                    shared.clone(),
-                    intake.clone(),
-                )),
-                None => tokio::spawn(consumer::feed(
-                    self.targets[name].clone(),
-                    source,
-                    self.queues[name].clone(),
-                    shared.clone(),
-                    intake.clone(),
-                )),
+                Some(route) => {
+                    let route = route.clone();
+                    supervisor.spawn(
+                        format!("notify_route:{name}"),
+                        shutdown.clone(),
+                        move || {
+                            let (r, s) = (route.clone(), source.clone());
+                            consumer::forward(r, s, shared.clone(), intake.clone())
+                        },
+                    )
+                }
+                None => {
+                    let (target, queue) = (self.targets[name].clone(), self.queues[name].clone());
+                    supervisor.spawn(format!("notify_feed:{name}"), shutdown.clone(), move || {
+                        let (t, s, q) = (target.clone(), source.clone(), queue.clone());
+                        consumer::feed(t, s, q, shared.clone(), intake.clone())
+                    })
+                }
             };
             tasks.push(task);
         }
-        let known: HashSet<String> = self
-            .targets
-            .keys()
-            .chain(intake.routes.keys())
-            .cloned()
-            .collect();
-        let source = intake.bus.consume(&all, shutdown);
-        let prefix = intake.prefix.clone();
-        tasks.push(tokio::spawn(consumer::catch_all(
-            source,
-            known,
-            shared.clone(),
-            prefix,
-        )));
+        let known: Arc<HashSet<String>> = Arc::new(
+            self.targets
+                .keys()
+                .chain(intake.routes.keys())
+                .cloned()
+                .collect(),
+        );
+        let source = self.source(&all, &shutdown);
+        let (shared, prefix) = (shared.clone(), intake.prefix.clone());
+        tasks.push(
+            supervisor.spawn("notify_catch_all".into(), shutdown, move || {
+                let (s, k) = (source.clone(), known.clone());
+                consumer::catch_all(s, k, shared.clone(), prefix.clone())
+            }),
+        );
         tasks
+    }
+
+    /// The bus consumer of `spec`, kept across the restarts of the task reading it.
+    fn source(&self, spec: &bus::ConsumerSpec, shutdown: &Shutdown) -> consumer::Source {
+        let consumer = self.intake.bus.consume(spec, shutdown.clone());
+        Arc::new(tokio::sync::Mutex::new(consumer))
     }
 
     /// Whether this replica consumes `notify.>`.

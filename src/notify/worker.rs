@@ -10,13 +10,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::compose::Prepared;
 use super::dead_letter::DeadLetters;
-use super::in_flight::InFlight;
+use super::in_flight::{Held, InFlight};
 use super::limiter::{Limiter, LimiterError};
 use super::sender::{Sender, Sent};
 use super::settings::NotifySettings;
 use super::target::Target;
 use super::verdict::{Reason, Verdict};
-use crate::bus::Delivery;
 use crate::metrics::Metrics;
 use crate::platform::kind::Addressing;
 use crate::platform::outbound::{Answer, Class, Request};
@@ -29,7 +28,7 @@ pub struct Shared {
     pub limiter: Limiter,
     pub sender: Sender,
     pub dead_letters: DeadLetters,
-    pub in_flight: InFlight,
+    pub in_flight: Arc<InFlight>,
     pub metrics: Metrics,
     pub shutdown: Shutdown,
 }
@@ -38,12 +37,10 @@ pub struct Shared {
 pub enum Job {
     /// From the bus: ack or dead-letter when done.
     Bus {
-        delivery: Arc<Delivery>,
+        held: Held,
         prepared: Box<Prepared>,
         /// Dead-letter as expired if not delivered by then (`notify.max_wait` from receipt).
         deadline: SystemTime,
-        /// Its entry in [`InFlight`].
-        held: u64,
     },
     /// `POST /notify/<target>?wait=true`: answer the caller, nothing on the bus.
     Sync {
@@ -54,29 +51,37 @@ pub enum Job {
     },
 }
 
+/// A target's queue. Shared with the worker's restarts: a worker that panicked leaves it
+/// behind (the lock is released as the panic unwinds) for the next one.
+pub type Queue = Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>;
+
 /// One target's worker: delivers its queue in order until shutdown, then hands what is still
 /// queued back to the bus at once, for another replica.
-pub async fn run(target: Arc<Target>, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
+pub async fn run(target: Arc<Target>, queue: Queue, shared: Arc<Shared>) {
     let depth = shared.metrics.notify_queue_depth(&target.name);
+    let mut rx = queue.lock().await;
     loop {
         let job = tokio::select! {
             j = rx.recv() => match j { Some(j) => j, None => return },
             _ = shared.shutdown.cancelled() => break,
         };
+        // Counted out when done, or when a panic unwinds past it.
+        let _queued = Queued(&depth);
         match job {
             Job::Bus {
-                delivery,
+                held,
                 prepared,
                 deadline,
-                held,
             } => {
+                crate::supervise::failpoint("notify-worker", &target.name);
+                let delivery = held.delivery().clone();
                 let current = || delivery.is_current();
                 let verdict = deliver(&shared, &target, &prepared, deadline, &current).await;
                 shared
                     .dead_letters
                     .settle(&target.name, &delivery, verdict)
                     .await;
-                shared.in_flight.remove(held);
+                held.settled();
             }
             Job::Sync {
                 prepared,
@@ -90,15 +95,23 @@ pub async fn run(target: Arc<Target>, mut rx: mpsc::Receiver<Job>, shared: Arc<S
                 }
             }
         }
-        depth.dec();
     }
     rx.close();
     while let Ok(job) = rx.try_recv() {
         depth.dec();
-        if let Job::Bus { delivery, held, .. } = job {
-            let _ = delivery.nak(Duration::ZERO).await;
-            shared.in_flight.remove(held);
+        if let Job::Bus { held, .. } = job {
+            let _ = held.delivery().nak(Duration::ZERO).await;
+            held.settled();
         }
+    }
+}
+
+/// Takes one job off the queue-depth gauge when dropped.
+struct Queued<'a>(&'a prometheus::IntGauge);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

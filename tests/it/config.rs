@@ -471,10 +471,7 @@ fn targets_and_rate_limits_are_parsed_and_validated() {
             ]
         );
         let ding = &s.targets["ops-dingtalk"];
-        assert_eq!(
-            ding.limits,
-            [Limit::new(20, Duration::from_secs(60))]
-        );
+        assert_eq!(ding.limits, [Limit::new(20, Duration::from_secs(60))]);
         assert_eq!(ding.pause_on_rate_limit, Duration::from_secs(600));
         assert!(matches!(s.notify.limiter, LimiterKind::Local));
 

@@ -16,4 +16,7 @@ mod helm_chart;
 mod kafka_harness;
 mod layout;
 mod notify;
+// Needs the fault-injection points: `./test` builds with `--features failpoints`.
+#[cfg(feature = "failpoints")]
+mod supervision;
 mod wecom_lark;
