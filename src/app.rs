@@ -40,11 +40,17 @@ impl App {
         let metrics = Metrics::new();
         let prefix = &settings.bus.subject_prefix;
         let layout = bus_layout(&settings);
-        let bus = Bus::start(&settings.bus, &layout, metrics.clone(), shutdown.clone())
-            .await
-            .context("starting the bus")?;
-        let bus = Arc::new(bus);
         let supervisor = Supervisor::new(metrics.clone());
+        let bus = Bus::start(
+            &settings.bus,
+            &layout,
+            metrics.clone(),
+            &supervisor,
+            shutdown.clone(),
+        )
+        .await
+        .context("starting the bus")?;
+        let bus = Arc::new(bus);
         let notifier = Notifier::start(
             &settings.notify,
             settings.catalog(),

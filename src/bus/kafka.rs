@@ -39,6 +39,7 @@ use super::{Ack, BusError, ConsumerSpec, Delivery, Layout, Message};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::shutdown::Shutdown;
+use crate::supervise::Supervisor;
 
 /// How often the keeper checks the brokers while they answer, and while they don't.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -96,6 +97,7 @@ impl KafkaBus {
         layout: &Layout,
         prefix: &str,
         metrics: Metrics,
+        supervisor: &Supervisor,
         shutdown: Shutdown,
     ) -> Result<Arc<Self>, BusError> {
         let config = client_config(settings);
@@ -105,7 +107,7 @@ impl KafkaBus {
             .map_err(|e| BusError::Unavailable(format!("creating the Kafka admin client: {e}")))?;
         metrics.bus_connected("kafka", false);
         // One partition each, so that one replica at a time owns what a topic carries.
-        let needed = layout.topics.iter().map(|t| (t.clone(), 1)).collect();
+        let needed: Vec<(String, i32)> = layout.topics.iter().map(|t| (t.clone(), 1)).collect();
         let consumers = &layout.consumers;
         let bus = Arc::new(KafkaBus {
             producer: RwLock::new(Arc::new(producer)),
@@ -127,18 +129,38 @@ impl KafkaBus {
             renewed: Mutex::new(None),
         });
         if !consumers.is_empty() {
-            let task = tokio::spawn(run_consumer(
-                bus.config.clone(),
-                settings.group_id.clone(),
-                subscription(consumers),
-                bus.routes.clone(),
+            let (config, group) = (bus.config.clone(), settings.group_id.clone());
+            let (pattern, routes) = (subscription(consumers), bus.routes.clone());
+            let (assignments, stop, closing) = (
                 bus.assignments.clone(),
                 shutdown.clone(),
                 bus.closing.clone(),
-            ));
+            );
+            // A new group member after a panic: the partitions are assigned again, and what
+            // was handed out and not finished is read again from the stored offsets.
+            let task = supervisor.spawn("kafka_consumer".into(), shutdown.clone(), move || {
+                run_consumer(
+                    config.clone(),
+                    group.clone(),
+                    pattern.clone(),
+                    routes.clone(),
+                    assignments.clone(),
+                    stop.clone(),
+                    closing.clone(),
+                )
+            });
             *bus.consumer_task.lock().expect("not poisoned") = Some(task);
         }
-        tokio::spawn(keep(bus.clone(), needed, metrics, shutdown));
+        let keeper = bus.clone();
+        let stop = shutdown.clone();
+        supervisor.spawn("kafka_keeper".into(), shutdown, move || {
+            keep(
+                keeper.clone(),
+                needed.clone(),
+                metrics.clone(),
+                stop.clone(),
+            )
+        });
         Ok(bus)
     }
 

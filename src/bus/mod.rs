@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::supervise::Supervisor;
 
 /// Why a publish failed. Every variant means "not stored": the platform must be told to retry.
 #[derive(Debug, thiserror::Error)]
@@ -330,6 +331,7 @@ impl Bus {
         settings: &BusSettings,
         layout: &Layout,
         metrics: Metrics,
+        supervisor: &Supervisor,
         shutdown: Shutdown,
     ) -> Result<Bus, BusError> {
         let engine = match &settings.engine {
@@ -342,6 +344,7 @@ impl Bus {
                 layout,
                 &settings.subject_prefix,
                 metrics.clone(),
+                supervisor,
                 shutdown,
             )?),
         };
