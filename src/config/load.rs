@@ -7,6 +7,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 
 use super::error::{ConfigError, Problem};
+use super::ignored::Checked;
 use super::raw::Config;
 use super::settings::Settings;
 use super::validate;
@@ -40,9 +41,28 @@ pub fn load_file(path: &Path) -> Result<Settings, ConfigError> {
 }
 
 /// Extracts and validates a configuration from an already-built figment (used by tests).
+///
+/// Unknown keys are reported together with what validation finds; a value of the wrong type
+/// stops extraction, and is reported alone, with its key.
 pub fn from_figment(figment: Figment) -> Result<Settings, ConfigError> {
-    let raw: Config = figment.extract().map_err(figment_error)?;
-    validate::validate(&raw)
+    let Checked {
+        value: raw,
+        unknown,
+    } = figment
+        .extract::<Checked<Config>>()
+        .map_err(figment_error)?;
+    let mut problems: Vec<Problem> = unknown
+        .iter()
+        .map(|u| Problem::new(u.key(), "unknown field"))
+        .collect();
+    match validate::validate(&raw) {
+        Ok(settings) if problems.is_empty() => Ok(settings),
+        Ok(_) => Err(ConfigError { problems }),
+        Err(e) => {
+            problems.extend(e.problems);
+            Err(ConfigError { problems })
+        }
+    }
 }
 
 /// A figment error (a wrong type, a missing file) as problems naming their keys.

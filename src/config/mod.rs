@@ -16,6 +16,7 @@
 //! This file only declares and re-exports: its children import each other, never it.
 
 mod error;
+mod ignored;
 mod load;
 mod parse;
 pub mod raw;
@@ -32,3 +33,6 @@ pub use settings::{ServerSettings, Settings};
 pub use crate::bus::{BusSettings, EngineSettings};
 pub use crate::notify::settings::{LimiterKind, NotifySettings};
 pub use crate::platform::Limit;
+
+#[cfg(test)]
+mod tests;

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::secret::{lenient_string, Secret};
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct AppsConfig {
     /// DingTalk apps by name: `POST /callbacks/dingtalk/<name>`.
     pub dingtalk: BTreeMap<String, DingTalkAppConfig>,
@@ -18,7 +18,7 @@ pub struct AppsConfig {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default)]
 pub struct WeComAppConfig {
     /// The callback Token chosen in the admin console ("接收消息" settings).
     pub token: Secret,
@@ -33,7 +33,7 @@ pub struct WeComAppConfig {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default)]
 pub struct LarkAppConfig {
     /// The Verification Token of the app's event subscription; checked when set.
     #[serde(default)]
@@ -44,7 +44,7 @@ pub struct LarkAppConfig {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default)]
 pub struct DingTalkAppConfig {
     /// The callback token chosen when registering the URL.
     pub token: Secret,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::secret::{lenient_string, Secret};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct BusConfig {
     /// "memory" (in-process, the default), "nats" (JetStream) or "kafka".
     #[serde(deserialize_with = "lenient_string")]
@@ -33,7 +33,7 @@ impl Default for BusConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct MemoryConfig {
     /// Messages buffered per in-process subscriber before a slow one starts missing messages.
     pub capacity: usize,
@@ -52,7 +52,7 @@ impl Default for MemoryConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct NatsConfig {
     /// Server URL(s), comma-separated.
     #[serde(deserialize_with = "lenient_string")]
@@ -114,7 +114,7 @@ impl Default for NatsConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct KafkaConfig {
     /// Bootstrap brokers, comma-separated `host:port`.
     #[serde(deserialize_with = "lenient_string")]

@@ -16,12 +16,12 @@ use crate::secret::lenient_string;
 
 pub use apps::{AppsConfig, DingTalkAppConfig, LarkAppConfig, WeComAppConfig};
 pub use bus::{BusConfig, KafkaConfig, MemoryConfig, NatsConfig};
-pub use routes::{RouteConfig, RuleConfig, UserConfig};
+pub use routes::{RouteConfig, RuleConfig, TemplateConfig, UserConfig};
 pub use targets::{OneOrMany, TargetConfig};
 
 /// The raw configuration, as written in TOML.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct Config {
     /// HTTP listeners and request limits.
     pub server: ServerConfig,
@@ -38,13 +38,13 @@ pub struct Config {
     /// Rules forwarding `notify.<name>` to targets by the message's fields.
     pub routes: BTreeMap<String, RouteConfig>,
     /// Templates turning payloads into notifications, by name.
-    pub templates: BTreeMap<String, crate::notify::template::TemplateConfig>,
+    pub templates: BTreeMap<String, TemplateConfig>,
     /// Internal accounts and their ids on each platform.
     pub users: BTreeMap<String, UserConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct ServerConfig {
     /// Address of the ingress (callbacks) listener.
     #[serde(deserialize_with = "lenient_string")]
@@ -75,7 +75,7 @@ impl Default for ServerConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct LogConfig {
     /// "text" or "json".
     #[serde(deserialize_with = "lenient_string")]
@@ -95,7 +95,7 @@ impl Default for LogConfig {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct NotifyConfig {
     /// Consume `notify.>` and deliver. Off, the daemon only serves callbacks.
     pub enabled: bool,

@@ -6,13 +6,14 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::targets::OneOrMany;
+use crate::message::Format;
 use crate::secret::lenient_opt_string;
 
 /// `[routes.<name>]`: a message on `notify.<name>` is matched on its fields and forwarded to
 /// the targets of every rule that matches (each target at most once). The keys at the top
 /// level are one rule (the shorthand); `rules` adds more.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RouteConfig {
     /// Shorthand for one rule: these targets...
     pub targets: Vec<String>,
@@ -51,7 +52,7 @@ impl RouteConfig {
 /// `[[routes.<name>.rules]]`: targets, the fields a message must match to reach them, and how
 /// it is shaped for them (each unset key takes the target's own).
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RuleConfig {
     /// Names of `[targets.<name>]`.
     pub targets: Vec<String>,
@@ -75,7 +76,7 @@ pub struct RuleConfig {
 /// `[users.<account>]`: one person's ids on each platform, for `to.users`, `mentions.users`,
 /// templates and routes.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default)]
 pub struct UserConfig {
     /// Display name used by templates' `mention()`.
     pub name: Option<String>,
@@ -93,4 +94,24 @@ pub struct UserConfig {
     pub mobile: Option<String>,
     /// Email (Lark app messages can be addressed by email).
     pub email: Option<String>,
+}
+
+/// `[templates.<name>]`: minijinja sources turning a payload into a notification. Every string
+/// but `format` is a template.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct TemplateConfig {
+    /// The title (DingTalk markdown and Lark cards show it); empty output means no title.
+    pub title: Option<String>,
+    /// The message text (required); empty output is an error, as an empty message would be.
+    pub text: Option<String>,
+    /// A link to the object; empty output means none.
+    pub url: Option<String>,
+    /// How `text` is meant: `markdown` (the default) or `text`; `link()` follows it.
+    pub format: Format,
+    /// Account names to @mention, separated by commas or spaces, in addition to those the text
+    /// mentions with `mention()`. `{{ mailto|accounts }}` works as it is.
+    pub mentions: Option<String>,
+    /// Account names receiving app messages (work notifications), separated likewise.
+    pub to: Option<String>,
 }

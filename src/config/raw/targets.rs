@@ -23,7 +23,7 @@ impl OneOrMany {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default)]
 pub struct TargetConfig {
     /// Group bots: "dingtalk_robot", "wecom_robot", "lark_robot". App messages to bound users:
     /// "dingtalk_work" (work notification), "wecom_app", "lark_app".

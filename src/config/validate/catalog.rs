@@ -3,14 +3,29 @@
 
 use std::collections::BTreeMap;
 
-use super::super::raw::UserConfig;
+use super::super::raw::{TemplateConfig, UserConfig};
 use super::checker::Checker;
 use crate::message::UserBinding;
 use crate::notify::target::Composition;
-use crate::notify::template::{TemplateConfig, Templates};
+use crate::notify::template::{self, Templates};
 
 pub(super) fn templates(raw: &BTreeMap<String, TemplateConfig>, c: &mut Checker) -> Templates {
-    match Templates::compile(raw) {
+    let defs = raw
+        .iter()
+        .map(|(name, t)| {
+            let def = template::TemplateConfig {
+                title: t.title.clone(),
+                // A missing text is reported as an empty one.
+                text: t.text.clone().unwrap_or_default(),
+                url: t.url.clone(),
+                format: t.format,
+                mentions: t.mentions.clone(),
+                to: t.to.clone(),
+            };
+            (name.clone(), def)
+        })
+        .collect();
+    match Templates::compile(&defs) {
         Ok(t) => t,
         Err(errors) => {
             for (key, message) in errors {
