@@ -6,10 +6,11 @@
 mod apps;
 mod bus;
 mod routes;
-mod targets;
+pub mod targets;
 
 use std::collections::BTreeMap;
 
+use figment::value::Dict;
 use serde::{Deserialize, Serialize};
 
 use crate::secret::lenient_string;
@@ -17,7 +18,7 @@ use crate::secret::lenient_string;
 pub use apps::{AppsConfig, DingTalkAppConfig, LarkAppConfig, WeComAppConfig};
 pub use bus::{BusConfig, KafkaConfig, MemoryConfig, NatsConfig};
 pub use routes::{RouteConfig, RuleConfig, TemplateConfig, UserConfig};
-pub use targets::{OneOrMany, TargetConfig};
+pub use targets::{AppKeys, KindKeys, OneOrMany, TargetConfig};
 
 /// The raw configuration, as written in TOML.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -34,7 +35,8 @@ pub struct Config {
     /// The notify pipeline (consumer of `notify.>`, retries, dead letters, limiter).
     pub notify: NotifyConfig,
     /// Where notifications go: `notify.<name>` and `POST /notify/<name>`.
-    pub targets: BTreeMap<String, TargetConfig>,
+    /// Each table is read for its `kind` by [`targets::read`], after extraction.
+    pub targets: BTreeMap<String, Dict>,
     /// Rules forwarding `notify.<name>` to targets by the message's fields.
     pub routes: BTreeMap<String, RouteConfig>,
     /// Templates turning payloads into notifications, by name.

@@ -12,14 +12,20 @@ mod routes;
 mod server;
 mod targets;
 
+use std::collections::BTreeMap;
+
 use checker::Checker;
 
 use super::error::ConfigError;
-use super::raw::Config;
+use super::raw::{Config, TargetConfig};
 use super::settings::Settings;
 
 /// Checks everything and converts it to [`Settings`], or returns every problem found.
-pub(super) fn validate(config: &Config) -> Result<Settings, ConfigError> {
+/// `targets` are the target tables of `config` that could be read for their kind.
+pub(super) fn validate(
+    config: &Config,
+    targets: &BTreeMap<String, TargetConfig>,
+) -> Result<Settings, ConfigError> {
     let mut c = Checker::default();
     let server = server::server(&config.server, &mut c);
     server::log(&config.log, &mut c);
@@ -29,7 +35,7 @@ pub(super) fn validate(config: &Config) -> Result<Settings, ConfigError> {
     let lark_apps = apps::lark(&config.apps.lark, &mut c);
     let notify = notify::notify(&config.notify, &bus.engine, &mut c);
     let templates = catalog::templates(&config.templates, &mut c);
-    let targets = targets::targets(config, &templates, &mut c);
+    let targets = targets::targets(config, targets, &templates, &mut c);
     let routes = routes::routes(config, &templates, &mut c);
     let users = catalog::users(&config.users, &mut c);
     c.finish()?;
