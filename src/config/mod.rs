@@ -3,10 +3,13 @@
 //!
 //! # Layout
 //!
-//! - `load`: the figment layers and the extraction into the raw structs.
+//! - `load`: the figment layers, the extraction into the raw structs, and the reading of each
+//!   target table for its kind.
 //! - [`raw`]: the serde structs, mirroring the TOML. Values that need parsing (addresses,
 //!   durations, keys) stay strings there, so that validation can name every bad key in one
-//!   pass instead of stopping at the first.
+//!   pass instead of stopping at the first. [`raw::targets`] gives each target kind its shape.
+//! - `ignored`: unknown keys, collected through `serde_ignored` rather than refused by serde
+//!   one at a time, and reported with the rest.
 //! - `validate`: one function per section, turning the raw structs into [`Settings`] and each
 //!   problem into a [`Problem`] naming its key.
 //! - `settings`: the typed [`Settings`] handed to the daemon; each domain's own settings types

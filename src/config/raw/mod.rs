@@ -1,7 +1,10 @@
 //! The raw configuration: serde structs mirroring the TOML, with the documented defaults.
 //!
 //! Values that need parsing (addresses, durations, keys) stay strings here so that
-//! validation can name every bad key in one pass instead of stopping at the first.
+//! validation can name every bad key in one pass instead of stopping at the first. For the
+//! same reason nothing here denies unknown fields: they are collected while extracting
+//! (`config::ignored`) and each is reported; and nothing uses `flatten` or untagged or
+//! internally tagged enums around a table, which would hide them.
 
 mod apps;
 mod bus;

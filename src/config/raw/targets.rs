@@ -16,7 +16,7 @@ use figment::value::{Dict, Tag, Value};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::super::ignored::{Checked, Unknown};
+use crate::config::ignored::{Checked, Unknown};
 use crate::platform::outbound::{LarkMarkdown, TooLong};
 use crate::platform::Kind;
 use crate::secret::{lenient_opt_string, Secret};

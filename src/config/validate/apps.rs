@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use super::super::raw::{DingTalkAppConfig, LarkAppConfig, WeComAppConfig};
 use super::checker::Checker;
+use crate::config::raw::{DingTalkAppConfig, LarkAppConfig, WeComAppConfig};
 use crate::platform::dingtalk::callback::DingTalkApp;
 use crate::platform::lark::callback::LarkApp;
 use crate::platform::msgcrypt::{self, MsgCrypt};

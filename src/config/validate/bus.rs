@@ -4,12 +4,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::super::raw::{BusConfig, KafkaConfig, NatsConfig};
 use super::checker::Checker;
 use crate::bus::kafka::KafkaSettings;
 use crate::bus::memory::MemorySettings;
 use crate::bus::nats::NatsSettings;
 use crate::bus::{BusSettings, EngineSettings};
+use crate::config::raw::{BusConfig, KafkaConfig, NatsConfig};
 use crate::secret::Secret;
 
 pub(super) fn bus(raw: &BusConfig, c: &mut Checker) -> BusSettings {

@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use super::super::raw::{TemplateConfig, UserConfig};
 use super::checker::Checker;
+use crate::config::raw::{TemplateConfig, UserConfig};
 use crate::message::UserBinding;
 use crate::notify::target::Composition;
 use crate::notify::template::{self, Templates};

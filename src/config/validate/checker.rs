@@ -3,9 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::super::error::{ConfigError, Problem};
-use super::super::parse::{parse_duration, parse_limit};
-use super::super::raw::OneOrMany;
+use crate::config::error::{ConfigError, Problem};
+use crate::config::parse::{parse_duration, parse_limit};
+use crate::config::raw::OneOrMany;
 use crate::platform::Limit;
 
 /// Collects problems while validating, so every one of them is reported.

@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
-use super::super::parse::parse_duration;
-use super::super::raw::NotifyConfig;
 use super::checker::Checker;
 use crate::bus::EngineSettings;
+use crate::config::parse::parse_duration;
+use crate::config::raw::NotifyConfig;
 use crate::notify::settings::{LimiterKind, NotifySettings};
 
 pub(super) fn notify(

@@ -2,9 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use super::super::raw::{Config, OneOrMany, RouteConfig, RuleConfig};
 use super::catalog::Shaping;
 use super::checker::Checker;
+use crate::config::raw::{Config, OneOrMany, RouteConfig, RuleConfig};
 use crate::notify::router::{Route, Rule};
 use crate::notify::template::Templates;
 

@@ -1,8 +1,8 @@
 //! `[server]` and `[log]`.
 
-use super::super::raw::{LogConfig, ServerConfig};
-use super::super::settings::ServerSettings;
 use super::checker::Checker;
+use crate::config::raw::{LogConfig, ServerConfig};
+use crate::config::settings::ServerSettings;
 
 pub(super) fn server(raw: &ServerConfig, c: &mut Checker) -> ServerSettings {
     let server = ServerSettings {

@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use super::super::raw::{AppKeys, Config, KindKeys, TargetConfig};
 use super::catalog::Shaping;
 use super::checker::Checker;
+use crate::config::raw::{AppKeys, Config, KindKeys, TargetConfig};
 use crate::notify::target::Target;
 use crate::notify::template::Templates;
 use crate::platform::outbound::RenderOptions;
