@@ -1,0 +1,56 @@
+//! `[apps.<platform>.<name>]`: the platform apps whose callbacks the ingress accepts.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::secret::{lenient_string, Secret};
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct AppsConfig {
+    /// DingTalk apps by name: `POST /callbacks/dingtalk/<name>`.
+    pub dingtalk: BTreeMap<String, DingTalkAppConfig>,
+    /// WeCom apps by name: `GET|POST /callbacks/wecom/<name>`.
+    pub wecom: BTreeMap<String, WeComAppConfig>,
+    /// Lark / Feishu apps by name: `POST /callbacks/lark/<name>`.
+    pub lark: BTreeMap<String, LarkAppConfig>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct WeComAppConfig {
+    /// The callback Token chosen in the admin console ("接收消息" settings).
+    pub token: Secret,
+    /// The 43-character EncodingAESKey chosen there.
+    pub aes_key: Secret,
+    /// The corpId (企业ID) the callbacks are encrypted for.
+    #[serde(deserialize_with = "lenient_string")]
+    pub corp_id: String,
+    /// Also carry the decrypted XML, byte for byte, in the event body under `"#xml"`.
+    #[serde(default)]
+    pub keep_raw_xml: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct LarkAppConfig {
+    /// The Verification Token of the app's event subscription; checked when set.
+    #[serde(default)]
+    pub verification_token: Option<Secret>,
+    /// The Encrypt Key; when set, events must be encrypted and signed with it.
+    #[serde(default)]
+    pub encrypt_key: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct DingTalkAppConfig {
+    /// The callback token chosen when registering the URL.
+    pub token: Secret,
+    /// The 43-character EncodingAESKey ("aes_key") chosen when registering the URL.
+    pub aes_key: Secret,
+    /// corpId (API-registered callback), appKey (in-house app event subscription) or suiteKey.
+    #[serde(deserialize_with = "lenient_string")]
+    pub receiver_id: String,
+}

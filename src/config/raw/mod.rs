@@ -1,0 +1,181 @@
+//! The raw configuration: serde structs mirroring the TOML, with the documented defaults.
+//!
+//! Values that need parsing (addresses, durations, keys) stay strings here so that
+//! validation can name every bad key in one pass instead of stopping at the first. For the
+//! same reason nothing here denies unknown fields: they are collected while extracting
+//! (`config::ignored`) and each is reported; and nothing uses `flatten` or untagged or
+//! internally tagged enums around a table, which would hide them.
+
+mod apps;
+mod bus;
+mod routes;
+pub mod targets;
+
+use std::collections::BTreeMap;
+
+use figment::value::Dict;
+use serde::{Deserialize, Serialize};
+
+use crate::secret::lenient_string;
+
+pub use apps::{AppsConfig, DingTalkAppConfig, LarkAppConfig, WeComAppConfig};
+pub use bus::{BusConfig, KafkaConfig, MemoryConfig, NatsConfig};
+pub use routes::{RouteConfig, RuleConfig, TemplateConfig, UserConfig};
+pub use targets::{AppKeys, KindKeys, OneOrMany, TargetConfig};
+
+/// The raw configuration, as written in TOML.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Config {
+    /// HTTP listeners and request limits.
+    pub server: ServerConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// The message bus events are published to.
+    pub bus: BusConfig,
+    /// Platform apps whose callbacks the ingress accepts.
+    pub apps: AppsConfig,
+    /// The notify pipeline (consumer of `notify.>`, retries, dead letters, limiter).
+    pub notify: NotifyConfig,
+    /// Where notifications go: `notify.<name>` and `POST /notify/<name>`.
+    /// Each table is read for its `kind` by [`targets::read`], after extraction.
+    pub targets: BTreeMap<String, Dict>,
+    /// Rules forwarding `notify.<name>` to targets by the message's fields.
+    pub routes: BTreeMap<String, RouteConfig>,
+    /// Templates turning payloads into notifications, by name.
+    pub templates: BTreeMap<String, TemplateConfig>,
+    /// Internal accounts and their ids on each platform.
+    pub users: BTreeMap<String, UserConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ServerConfig {
+    /// Address of the ingress (callbacks) listener.
+    #[serde(deserialize_with = "lenient_string")]
+    pub listen: String,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`).
+    #[serde(deserialize_with = "lenient_string")]
+    pub admin_listen: String,
+    /// Largest request body accepted; larger bodies get 413.
+    pub max_body_bytes: u64,
+    /// Callbacks whose timestamp is further than this from now are rejected; "0" disables.
+    #[serde(deserialize_with = "lenient_string")]
+    pub replay_window: String,
+    /// How long a shutdown waits for in-flight requests (and their publishes) to finish.
+    #[serde(deserialize_with = "lenient_string")]
+    pub shutdown_grace: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "0.0.0.0:8080".into(),
+            admin_listen: "0.0.0.0:9090".into(),
+            max_body_bytes: 64 * 1024,
+            replay_window: "1h".into(),
+            shutdown_grace: "20s".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct LogConfig {
+    /// "text" or "json".
+    #[serde(deserialize_with = "lenient_string")]
+    pub format: String,
+    /// A tracing filter such as "info" or "imbridge=debug,warn"; `RUST_LOG` overrides it.
+    #[serde(deserialize_with = "lenient_string")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct NotifyConfig {
+    /// Consume `notify.>` and deliver. Off, the daemon only serves callbacks.
+    pub enabled: bool,
+    /// JetStream stream holding `notify.>` (work-queue retention: a message leaves once delivered
+    /// or dead-lettered).
+    #[serde(deserialize_with = "lenient_string")]
+    pub stream: String,
+    /// JetStream stream holding `dlq.notify.>`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub dlq_stream: String,
+    /// Durable consumer shared by all replicas.
+    #[serde(deserialize_with = "lenient_string")]
+    pub consumer: String,
+    /// How long the bus waits for an ack before redelivering; held messages are kept alive with
+    /// progress acks, so this only matters when a replica dies.
+    #[serde(deserialize_with = "lenient_string")]
+    pub ack_wait: String,
+    /// Messages handed out but not yet acknowledged, across all targets of one replica.
+    pub max_ack_pending: i64,
+    /// Attempts on transient failures (network, timeouts, 5xx) before a message is dead-lettered.
+    pub max_attempts: u32,
+    /// First retry delay; it doubles (with jitter) up to retry_max.
+    #[serde(deserialize_with = "lenient_string")]
+    pub retry_initial: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub retry_max: String,
+    /// A message not delivered within this time after it reached the daemon (throttled, paused,
+    /// retried) is dead-lettered with reason "expired".
+    #[serde(deserialize_with = "lenient_string")]
+    pub max_wait: String,
+    /// Messages queued in memory per target; beyond it they stay on the bus and come back
+    /// after requeue_delay, so a flooded target cannot hold every in-flight slot.
+    pub queue_capacity: usize,
+    #[serde(deserialize_with = "lenient_string")]
+    pub requeue_delay: String,
+    /// Timeout of one request to a platform.
+    #[serde(deserialize_with = "lenient_string")]
+    pub request_timeout: String,
+    /// How long `POST /notify/<target>?wait=true` waits for the platform's answer.
+    #[serde(deserialize_with = "lenient_string")]
+    pub wait_timeout: String,
+    /// Added to every rate-limit window, to absorb network jitter between the limiter and the
+    /// platform and clock differences between replicas.
+    #[serde(deserialize_with = "lenient_string")]
+    pub rate_limit_margin: String,
+    /// "local" (this process only), "nats_kv" (shared by all replicas through a JetStream
+    /// key-value bucket), "kafka_log" (shared through a Kafka topic) or "auto" (nats_kv on
+    /// the nats bus, kafka_log on kafka, local otherwise).
+    #[serde(deserialize_with = "lenient_string")]
+    pub limiter: String,
+    /// Key-value bucket of the nats_kv limiter, or topic of the kafka_log limiter.
+    #[serde(deserialize_with = "lenient_string")]
+    pub limiter_bucket: String,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig {
+            enabled: true,
+            stream: "IMBRIDGE_NOTIFY".into(),
+            dlq_stream: "IMBRIDGE_DLQ".into(),
+            consumer: "imbridge-notify".into(),
+            ack_wait: "30s".into(),
+            max_ack_pending: 1000,
+            max_attempts: 5,
+            retry_initial: "1s".into(),
+            retry_max: "1m".into(),
+            max_wait: "30m".into(),
+            queue_capacity: 100,
+            requeue_delay: "5s".into(),
+            request_timeout: "10s".into(),
+            wait_timeout: "30s".into(),
+            rate_limit_margin: "250ms".into(),
+            limiter: "auto".into(),
+            limiter_bucket: "imbridge_rate_limits".into(),
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! The validated configuration handed to the daemon: everything already parsed, each domain's
+//! part in the domain's own types.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::raw::LogConfig;
+use crate::bus::BusSettings;
+use crate::message::UserBinding;
+use crate::notify::compose::Directory;
+use crate::notify::notifier::Catalog;
+use crate::notify::router::Route;
+use crate::notify::settings::NotifySettings;
+use crate::notify::target::Target;
+use crate::notify::template::Templates;
+use crate::platform::dingtalk::callback::DingTalkApp;
+use crate::platform::lark::callback::LarkApp;
+use crate::platform::wecom::callback::WeComApp;
+
+/// Validated, typed configuration: everything the daemon needs, already parsed.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The listeners' addresses, body limit, replay window and shutdown grace.
+    pub server: ServerSettings,
+    pub log: LogConfig,
+    pub bus: BusSettings,
+    pub dingtalk_apps: BTreeMap<String, DingTalkApp>,
+    pub wecom_apps: BTreeMap<String, WeComApp>,
+    pub lark_apps: BTreeMap<String, LarkApp>,
+    pub notify: NotifySettings,
+    pub targets: BTreeMap<String, Target>,
+    pub routes: BTreeMap<String, Route>,
+    pub templates: Templates,
+    pub users: BTreeMap<String, UserBinding>,
+}
+
+/// `[server]`, validated.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub max_body_bytes: u64,
+    /// `None` when the replay check is disabled.
+    pub replay_window: Option<Duration>,
+    pub shutdown_grace: Duration,
+}
+
+impl Settings {
+    /// What the notify pipeline sends to and how.
+    pub fn catalog(&self) -> Catalog {
+        Catalog {
+            targets: self.targets.clone(),
+            routes: self.routes.clone(),
+            templates: self.templates.clone(),
+            users: Directory::new(self.users.clone()),
+        }
+    }
+}

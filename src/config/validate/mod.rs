@@ -1,0 +1,55 @@
+//! Validation: one function per section, each turning its raw table into the domain's settings
+//! and writing every problem it finds to one [`Checker`], so they are all reported at once.
+//!
+//! The sections import the checker and each other as siblings; this file only runs them.
+
+mod apps;
+mod bus;
+mod catalog;
+mod checker;
+mod notify;
+mod routes;
+mod server;
+mod targets;
+
+use std::collections::BTreeMap;
+
+use checker::Checker;
+
+use super::error::ConfigError;
+use super::raw::{Config, TargetConfig};
+use super::settings::Settings;
+
+/// Checks everything and converts it to [`Settings`], or returns every problem found.
+/// `targets` are the target tables of `config` that could be read for their kind.
+pub(super) fn validate(
+    config: &Config,
+    targets: &BTreeMap<String, TargetConfig>,
+) -> Result<Settings, ConfigError> {
+    let mut c = Checker::default();
+    let server = server::server(&config.server, &mut c);
+    server::log(&config.log, &mut c);
+    let bus = bus::bus(&config.bus, &mut c);
+    let dingtalk_apps = apps::dingtalk(&config.apps.dingtalk, &mut c);
+    let wecom_apps = apps::wecom(&config.apps.wecom, &mut c);
+    let lark_apps = apps::lark(&config.apps.lark, &mut c);
+    let notify = notify::notify(&config.notify, &bus.engine, &mut c);
+    let templates = catalog::templates(&config.templates, &mut c);
+    let targets = targets::targets(config, targets, &templates, &mut c);
+    let routes = routes::routes(config, &templates, &mut c);
+    let users = catalog::users(&config.users, &mut c);
+    c.finish()?;
+    Ok(Settings {
+        server,
+        log: config.log.clone(),
+        bus,
+        dingtalk_apps,
+        wecom_apps,
+        lark_apps,
+        notify,
+        targets,
+        routes,
+        templates,
+        users,
+    })
+}

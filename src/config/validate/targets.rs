@@ -1,0 +1,214 @@
+//! `[targets.<name>]`: each target's endpoint, limits, rendering and shaping, and the limits
+//! the targets of one app must share. Keys a kind does not take were refused when the table
+//! was read (`raw::targets`); what is left here is what the values say.
+
+use std::collections::BTreeMap;
+
+use super::catalog::Shaping;
+use super::checker::Checker;
+use crate::config::raw::{AppKeys, Config, KindKeys, TargetConfig};
+use crate::notify::target::Target;
+use crate::notify::template::Templates;
+use crate::platform::outbound::RenderOptions;
+use crate::platform::{AppCredentials, Endpoint, Kind};
+use crate::secret::Secret;
+
+pub(super) fn targets(
+    config: &Config,
+    read: &BTreeMap<String, TargetConfig>,
+    templates: &Templates,
+    c: &mut Checker,
+) -> BTreeMap<String, Target> {
+    for name in config.targets.keys() {
+        c.name(&format!("targets.{name}"), name, "target");
+    }
+    let mut targets = BTreeMap::new();
+    for (name, t) in read {
+        let key = format!("targets.{name}");
+        shaping(t).check(&key, templates, c);
+        for u in t.kind.app().map_or(&[][..], |a| &a.users) {
+            if !config.users.contains_key(u) {
+                c.problem(
+                    format!("{key}.users"),
+                    format!("no [users.{u}] is configured"),
+                );
+            }
+        }
+        if let Some(t) = target(t, name, &key, c) {
+            targets.insert(name.clone(), t);
+        }
+    }
+    shared_app_limits(&targets, c);
+    targets
+}
+
+fn target(t: &TargetConfig, name: &str, key: &str, c: &mut Checker) -> Option<Target> {
+    let before = c.count();
+    let kind = t.kind.kind();
+    let endpoint = endpoint(&t.kind, key, c);
+    let limits = c
+        .limits(&format!("{key}.rate_limit"), t.common.rate_limit.as_ref())
+        .unwrap_or_else(|| kind.default_limits());
+    let member_rate_limit = t.kind.app().and_then(|a| a.member_rate_limit.as_ref());
+    let member_limits = c
+        .limits(&format!("{key}.member_rate_limit"), member_rate_limit)
+        .unwrap_or_else(|| kind.default_member_limits());
+    let pause_on_rate_limit = match &t.common.pause_on_rate_limit {
+        Some(p) => c.duration(&format!("{key}.pause_on_rate_limit"), p),
+        None => kind.default_pause(),
+    };
+    if t.common.max_bytes.is_some_and(|m| m < 64) {
+        c.problem(format!("{key}.max_bytes"), "must be at least 64");
+    }
+    if c.count() > before {
+        return None;
+    }
+    let render = RenderOptions {
+        max_bytes: t.common.max_bytes,
+        too_long: t.common.too_long,
+        link_text: (t.common.link_text.clone()).unwrap_or(RenderOptions::default().link_text),
+        lark_markdown: t.kind.lark_markdown(),
+    };
+    Some(Target {
+        name: name.to_owned(),
+        kind,
+        endpoint: endpoint?,
+        limits,
+        member_limits,
+        pause_on_rate_limit,
+        render,
+        users: t.kind.app().map(|a| a.users.clone()).unwrap_or_default(),
+        composition: shaping(t).composition(),
+    })
+}
+
+/// The target's template and exclude_actor, with the mentions of a group bot or the
+/// recipients of an app.
+fn shaping(t: &TargetConfig) -> Shaping<'_> {
+    Shaping {
+        template: t.common.template.as_ref(),
+        recipients: t.kind.app().map_or(&[], |a| &a.recipients),
+        mention: t.kind.robot().map_or(&[], |r| &r.mention),
+        exclude_actor: t.common.exclude_actor,
+    }
+}
+
+fn endpoint(keys: &KindKeys, key: &str, c: &mut Checker) -> Option<Endpoint> {
+    let kind = keys.kind();
+    match keys {
+        KindKeys::DingTalkRobot(robot, own) => {
+            webhook(robot.url.as_ref(), own.secret.as_ref(), key, c)
+        }
+        KindKeys::WeComRobot(robot) => webhook(robot.url.as_ref(), None, key, c),
+        KindKeys::LarkRobot(robot, own) => webhook(robot.url.as_ref(), own.secret.as_ref(), key, c),
+        KindKeys::DingTalkWork(app, own) => {
+            let id = ("app_id", own.app_id.as_deref());
+            api(kind, app, id, Some(own.agent_id.as_deref()), key, c)
+        }
+        KindKeys::WeComApp(app, own) => {
+            let id = ("corp_id", own.corp_id.as_deref());
+            api(kind, app, id, Some(own.agent_id.as_deref()), key, c)
+        }
+        KindKeys::LarkApp(app, own) => {
+            api(kind, app, ("app_id", own.app_id.as_deref()), None, key, c)
+        }
+    }
+}
+
+/// A group bot's webhook.
+fn webhook(
+    url: Option<&Secret>,
+    secret: Option<&Secret>,
+    key: &str,
+    c: &mut Checker,
+) -> Option<Endpoint> {
+    let Some(url) = url else {
+        c.problem(format!("{key}.url"), "group bots need their webhook URL");
+        return None;
+    };
+    if !is_http(url.expose()) {
+        // The URL holds the robot's token: name the problem, never echo the value.
+        c.problem(format!("{key}.url"), "must be an http(s) webhook URL");
+    }
+    Some(Endpoint::Robot {
+        url: url.clone(),
+        secret: secret.cloned(),
+    })
+}
+
+/// An app's API and credentials. `id` is the key naming the app and its value; `agent_id` is
+/// `None` for the kinds that have none.
+fn api(
+    kind: Kind,
+    app: &AppKeys,
+    (id_key, id): (&str, Option<&str>),
+    agent_id: Option<Option<&str>>,
+    key: &str,
+    c: &mut Checker,
+) -> Option<Endpoint> {
+    let before = c.count();
+    if id.is_none_or(|v| v.trim().is_empty()) {
+        c.problem(format!("{key}.{id_key}"), "must be set for this kind");
+    }
+    let secret = app.app_secret.as_ref().filter(|s| !s.expose().is_empty());
+    if secret.is_none() {
+        c.problem(format!("{key}.app_secret"), "must be set for this kind");
+    }
+    let agent_id = match agent_id {
+        None => 0,
+        Some(None) => {
+            c.problem(format!("{key}.agent_id"), "must be set for this kind");
+            0
+        }
+        Some(Some(a)) => a.trim().parse().unwrap_or_else(|_| {
+            c.problem(format!("{key}.agent_id"), format!("{a:?} is not a number"));
+            0
+        }),
+    };
+    let base_url = app.base_url.as_deref().unwrap_or(kind.default_base_url());
+    let base_url = base_url.trim_end_matches('/').to_owned();
+    if !is_http(&base_url) {
+        c.problem(format!("{key}.base_url"), "must be an http(s) URL");
+    }
+    if c.count() > before {
+        return None;
+    }
+    Some(Endpoint::App(AppCredentials {
+        base_url,
+        app_id: id.unwrap_or_default().trim().to_owned(),
+        secret: secret.cloned().unwrap_or_default(),
+        agent_id,
+    }))
+}
+
+fn is_http(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
+}
+
+/// Targets of one app share its limits on the platform, and so in the limiter: they must say
+/// the same, or each would prune the shared logs by its own.
+fn shared_app_limits(targets: &BTreeMap<String, Target>, c: &mut Checker) {
+    let mut by_app: BTreeMap<(Kind, String, u64), &Target> = BTreeMap::new();
+    for t in targets.values() {
+        let Endpoint::App(a) = &t.endpoint else {
+            continue;
+        };
+        let key = (t.kind, a.app_id.clone(), a.agent_id);
+        match by_app.get(&key) {
+            Some(first) if first.limits != t.limits || first.member_limits != t.member_limits => {
+                c.problem(
+                    format!("targets.{}", t.name),
+                    format!(
+                        "shares its app with targets.{} but not its rate_limit and \
+                         member_rate_limit: one app has one set of limits",
+                        first.name
+                    ),
+                );
+            }
+            Some(_) => {}
+            None => {
+                by_app.insert(key, t);
+            }
+        }
+    }
+}
