@@ -128,7 +128,7 @@ pub struct Delivery {
 enum Acker {
     Memory(memory::Requeue),
     Nats(Box<async_nats::jetstream::Message>),
-    Kafka(Box<kafka::KafkaAck>),
+    Kafka(Box<kafka::consumer::KafkaAck>),
 }
 
 impl Delivery {

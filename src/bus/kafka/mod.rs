@@ -8,31 +8,30 @@
 //! reached [`KafkaBus::is_ready`] is false and publishes fail at once, so the platform gets a
 //! 503 and retries instead of waiting out its own deadline.
 //!
-//! Notify consumer: one consumer group for every replica, subscribed to `^notify\..+`. Each
-//! record goes to exactly one of the pipeline's consumers (its target's, or the catch-all for
-//! unconfigured targets). Offsets are stored only up to the first record not yet delivered or
-//! dead-lettered, so a replica that dies leaves every unfinished record to the next owner (at
-//! least once). A target whose queue is full has its partition paused, never the others.
-//! Notify topics are created with one partition and keyed by target, so one replica at a time
-//! owns a target; when its partition moves, the records the old owner still holds are dropped
-//! there (not acknowledged) and the new owner delivers them.
+//! Consumers ([`consumer`]): one consumer group for every replica, subscribed by regex to the
+//! layout's wildcard consumers (the daemon's `notify.>`). Each record goes to exactly one of
+//! the layout's consumers (its topic's, or the wildcard one for topics nobody names). Offsets
+//! are stored only up to the first record not yet finished, so a replica that dies leaves
+//! every unfinished record to the next owner (at least once). A consumer whose queue is full
+//! has its partition paused, never the others. The layout's topics are created with one
+//! partition and keyed by name, so one replica at a time owns a name (a notify target); when
+//! its partition moves, the records the old owner still holds are dropped there (not
+//! acknowledged) and the new owner delivers them.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::{ClientContext, DefaultClientContext};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::StreamConsumer;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
+
+pub(in crate::bus) mod consumer;
 
 use super::memory::Seen;
 use super::{Ack, BusError, ConsumerSpec, Delivery, Layout, Message};
@@ -63,7 +62,7 @@ pub struct KafkaBus {
     known: Mutex<HashSet<String>>,
     /// ce-ids stored recently by this replica, so a platform retry is not stored twice.
     seen: Mutex<Seen>,
-    routes: Arc<Routes>,
+    routes: Arc<consumer::Routes>,
     /// Bumped on every partition assignment of the notify consumer (see [`KafkaBus::assignments`]).
     assignments: Arc<AtomicU64>,
     closing: Shutdown,
@@ -120,7 +119,7 @@ impl KafkaBus {
             topics_ready: Arc::new(AtomicBool::new(false)),
             known: Mutex::new(HashSet::new()),
             seen: Mutex::new(Seen::default()),
-            routes: Arc::new(Routes::new(consumers.len())),
+            routes: Arc::new(consumer::Routes::new(consumers.len())),
             // Starts at 1, so the kafka_log limiter catches up before the first send even when
             // nothing has been assigned yet (a `?wait=true` send needs no assignment).
             assignments: Arc::new(AtomicU64::new(1)),
@@ -130,7 +129,7 @@ impl KafkaBus {
         });
         if !consumers.is_empty() {
             let (config, group) = (bus.config.clone(), settings.group_id.clone());
-            let (pattern, routes) = (subscription(consumers), bus.routes.clone());
+            let (pattern, routes) = (consumer::subscription(consumers), bus.routes.clone());
             let (assignments, stop, closing) = (
                 bus.assignments.clone(),
                 shutdown.clone(),
@@ -139,7 +138,7 @@ impl KafkaBus {
             // A new group member after a panic: the partitions are assigned again, and what
             // was handed out and not finished is read again from the stored offsets.
             let task = supervisor.spawn("kafka_consumer".into(), shutdown.clone(), move || {
-                run_consumer(
+                consumer::run_consumer(
                     config.clone(),
                     group.clone(),
                     pattern.clone(),
@@ -519,486 +518,9 @@ fn internal_header_name(name: &str) -> String {
     }
 }
 
-/// The group consumer's regex subscription: the subjects of the consumers that read many
-/// topics (a filter with a wildcard), NATS-style patterns turned into regexes (`*` one token,
-/// `>` the rest), or the exact topics when none has a wildcard.
-fn subscription(consumers: &[ConsumerSpec]) -> String {
-    let wildcards: Vec<&str> = consumers
-        .iter()
-        .map(|c| c.filter.as_str())
-        .filter(|f| f.split('.').any(|t| t == "*" || t == ">"))
-        .collect();
-    let patterns: Vec<&str> = if wildcards.is_empty() {
-        consumers.iter().map(|c| c.filter.as_str()).collect()
-    } else {
-        wildcards
-    };
-    patterns
-        .iter()
-        .map(|p| {
-            // A trailing `>` matches to the end already.
-            let end = if p.ends_with('>') { "" } else { "$" };
-            format!("^{}{end}", subject_regex(p))
-        })
-        .collect::<Vec<_>>()
-        .join("|")
-}
-
-/// A NATS-style subject pattern as a regex (without anchors).
-fn subject_regex(pattern: &str) -> String {
-    pattern
-        .split('.')
-        .map(|token| match token {
-            "*" => "[^.]+".to_owned(),
-            ">" => ".+".to_owned(),
-            t => regex_escape(t),
-        })
-        .collect::<Vec<_>>()
-        .join("\\.")
-}
-
-fn regex_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if !c.is_ascii_alphanumeric() && c != '_' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// Where the consumer hands records: one sender per target topic, and the catch-all.
-struct Routes {
-    expected: usize,
-    map: Mutex<RouteMap>,
-    complete: tokio::sync::Notify,
-}
-
-#[derive(Default)]
-struct RouteMap {
-    targets: HashMap<String, mpsc::Sender<Delivery>>,
-    catch_all: Option<mpsc::Sender<Delivery>>,
-}
-
-impl RouteMap {
-    fn len(&self) -> usize {
-        self.targets.len() + usize::from(self.catch_all.is_some())
-    }
-}
-
-impl Routes {
-    fn new(expected: usize) -> Self {
-        Routes {
-            expected,
-            map: Mutex::new(RouteMap::default()),
-            complete: tokio::sync::Notify::new(),
-        }
-    }
-
-    fn register(&self, spec: &ConsumerSpec, tx: mpsc::Sender<Delivery>) {
-        let mut map = self.map.lock().expect("not poisoned");
-        if spec.filter.ends_with('>') {
-            map.catch_all = Some(tx);
-        } else {
-            map.targets.insert(spec.filter.clone(), tx);
-        }
-        if map.len() >= self.expected {
-            self.complete.notify_one();
-        }
-    }
-
-    fn is_complete(&self) -> bool {
-        self.map.lock().expect("not poisoned").len() >= self.expected
-    }
-
-    fn sender(&self, topic: &str) -> Option<mpsc::Sender<Delivery>> {
-        let map = self.map.lock().expect("not poisoned");
-        map.targets.get(topic).or(map.catch_all.as_ref()).cloned()
-    }
-}
-
-/// What this replica holds of one assigned partition: the offsets handed out and not yet
-/// finished, so the stored offset never passes one of them.
-pub(super) struct Tracker {
-    topic: String,
-    partition: i32,
-    /// False once the partition is revoked: its records belong to another replica now.
-    owned: AtomicBool,
-    state: Mutex<TrackState>,
-}
-
-#[derive(Default)]
-struct TrackState {
-    pending: BTreeSet<i64>,
-    /// One past the highest offset received.
-    next: i64,
-    /// The position last stored (or to store).
-    stored: i64,
-    dirty: bool,
-}
-
-impl Tracker {
-    fn new(topic: &str, partition: i32) -> Self {
-        Tracker {
-            topic: topic.to_owned(),
-            partition,
-            owned: AtomicBool::new(true),
-            state: Mutex::new(TrackState::default()),
-        }
-    }
-
-    fn received(&self, offset: i64) {
-        let mut s = self.state.lock().expect("not poisoned");
-        s.pending.insert(offset);
-        s.next = s.next.max(offset + 1);
-    }
-
-    /// The record at `offset` is delivered or dead-lettered.
-    pub(super) fn done(&self, offset: i64) {
-        let mut s = self.state.lock().expect("not poisoned");
-        if s.pending.remove(&offset) {
-            let position = s.pending.first().copied().unwrap_or(s.next);
-            if position > s.stored {
-                s.stored = position;
-                s.dirty = true;
-            }
-        }
-    }
-
-    pub(super) fn is_owned(&self) -> bool {
-        self.owned.load(Ordering::SeqCst)
-    }
-
-    /// The position to store, if it moved since the last call.
-    fn take_position(&self) -> Option<i64> {
-        let mut s = self.state.lock().expect("not poisoned");
-        std::mem::take(&mut s.dirty).then_some(s.stored)
-    }
-}
-
-type Trackers = Arc<Mutex<HashMap<(String, i32), Arc<Tracker>>>>;
-
-/// Follows rebalances: fresh trackers for assigned partitions; revoked ones are disowned (their
-/// records are dropped here and redelivered to the new owner) after storing what was finished,
-/// which librdkafka commits before giving the partitions up.
-struct GroupContext {
-    trackers: Trackers,
-    assignments: Arc<AtomicU64>,
-}
-
-impl ClientContext for GroupContext {}
-
-impl ConsumerContext for GroupContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Revoke(tpl) => {
-                let mut trackers = self.trackers.lock().expect("not poisoned");
-                let mut positions = TopicPartitionList::new();
-                for elem in tpl.elements() {
-                    let key = (elem.topic().to_owned(), elem.partition());
-                    if let Some(t) = trackers.remove(&key) {
-                        t.owned.store(false, Ordering::SeqCst);
-                        if let Some(p) = t.take_position() {
-                            let _ = positions.add_partition_offset(
-                                &t.topic,
-                                t.partition,
-                                Offset::Offset(p),
-                            );
-                        }
-                    }
-                }
-                if positions.count() > 0 {
-                    if let Err(e) = consumer.store_offsets(&positions) {
-                        tracing::warn!(error = %e, "storing offsets of revoked partitions");
-                    }
-                }
-                tracing::info!(partitions = tpl.count(), "notify partitions revoked");
-            }
-            Rebalance::Assign(_) => {}
-            Rebalance::Error(e) => tracing::warn!(error = %e, "notify consumer rebalance error"),
-        }
-    }
-
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            let mut trackers = self.trackers.lock().expect("not poisoned");
-            for elem in tpl.elements() {
-                trackers.insert(
-                    (elem.topic().to_owned(), elem.partition()),
-                    Arc::new(Tracker::new(elem.topic(), elem.partition())),
-                );
-            }
-            self.assignments.fetch_add(1, Ordering::SeqCst);
-            tracing::info!(partitions = tpl.count(), "notify partitions assigned");
-        }
-    }
-}
-
-/// Records waiting for room in a full target queue, by partition; the partition is paused
-/// meanwhile, so only that target waits.
-type Backlogs = HashMap<(String, i32), (mpsc::Sender<Delivery>, VecDeque<Delivery>)>;
-
-/// Reads the notify topics until `closing`: dispatches records, stores finished offsets, and
-/// at the end commits them.
-async fn run_consumer(
-    config: ClientConfig,
-    group_id: String,
-    pattern: String,
-    routes: Arc<Routes>,
-    assignments: Arc<AtomicU64>,
-    shutdown: Shutdown,
-    closing: Shutdown,
-) {
-    // Everything is registered before the first record is read, so none finds no consumer.
-    while !routes.is_complete() {
-        tokio::select! {
-            _ = routes.complete.notified() => {}
-            _ = tokio::time::sleep(TICK) => {}
-            _ = closing.cancelled() => return,
-        }
-    }
-    let trackers: Trackers = Arc::default();
-    let mut config = config;
-    config
-        .set("group.id", &group_id)
-        .set("enable.auto.commit", "true")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.commit.interval.ms", "1000")
-        .set("auto.offset.reset", "earliest")
-        // Incremental rebalances: a new notify topic (a new target, or a message for an
-        // unknown one) moves only its own partition, instead of taking every target away from
-        // every replica and restarting what they were delivering.
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("enable.partition.eof", "false");
-    let consumer: StreamConsumer<GroupContext> = loop {
-        match config.create_with_context(GroupContext {
-            trackers: trackers.clone(),
-            assignments: assignments.clone(),
-        }) {
-            Ok(c) => break c,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot create the Kafka notify consumer; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(CHECK_EVERY) => {}
-                    _ = closing.cancelled() => return,
-                }
-            }
-        }
-    };
-    if let Err(e) = consumer.subscribe(&[&pattern]) {
-        tracing::error!(error = %e, pattern, "cannot subscribe to the notify topics");
-        return;
-    }
-    tracing::info!(group = %group_id, pattern, "Kafka notify consumer running");
-    let mut backlogs: Backlogs = HashMap::new();
-    let mut tick = tokio::time::interval(TICK);
-    {
-        let mut stream = consumer.stream();
-        loop {
-            tokio::select! {
-                m = stream.next(), if !shutdown.is_triggered() => match m {
-                    Some(Ok(m)) => dispatch(&consumer, &routes, &trackers, &mut backlogs, &m),
-                    Some(Err(e)) => tracing::warn!(error = %e, "Kafka notify consumer error"),
-                    None => break,
-                },
-                _ = tick.tick() => {
-                    refill(&consumer, &mut backlogs, &trackers);
-                    store_positions(&consumer, &trackers);
-                }
-                _ = closing.cancelled() => break,
-            }
-        }
-    }
-    store_positions(&consumer, &trackers);
-    let consumer = Arc::new(consumer);
-    let committing = consumer.clone();
-    let committed =
-        tokio::task::spawn_blocking(move || committing.commit_consumer_state(CommitMode::Sync))
-            .await;
-    match committed {
-        Ok(Ok(())) | Ok(Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "committing notify offsets at shutdown"),
-        Err(e) => tracing::warn!(error = %e, "committing notify offsets at shutdown"),
-    }
-    // Leaving the group (in a blocking thread: it waits for the coordinator).
-    let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
-}
-
-fn dispatch(
-    consumer: &StreamConsumer<GroupContext>,
-    routes: &Routes,
-    trackers: &Trackers,
-    backlogs: &mut Backlogs,
-    m: &rdkafka::message::BorrowedMessage<'_>,
-) {
-    let key = (m.topic().to_owned(), m.partition());
-    let Some(tracker) = trackers.lock().expect("not poisoned").get(&key).cloned() else {
-        // Not (or no longer) ours: the owner reads it from the committed offset.
-        return;
-    };
-    let Some(tx) = routes.sender(m.topic()) else {
-        return;
-    };
-    tracker.received(m.offset());
-    let headers = m
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| {
-                    (
-                        internal_header_name(h.key),
-                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let published = m
-        .timestamp()
-        .to_millis()
-        .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64))
-        .unwrap_or_else(SystemTime::now);
-    let delivery = Delivery {
-        subject: m.topic().to_owned(),
-        headers,
-        payload: bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default()),
-        published,
-        delivered: 1,
-        acker: super::Acker::Kafka(Box::new(KafkaAck {
-            tracker,
-            offset: m.offset(),
-            tx: tx.clone(),
-        })),
-    };
-    if let Some((_, queue)) = backlogs.get_mut(&key) {
-        queue.push_back(delivery);
-        return;
-    }
-    match tx.try_send(delivery) {
-        Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(d)) => {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&key.0, key.1);
-            if let Err(e) = consumer.pause(&tpl) {
-                tracing::debug!(error = %e, "pausing a notify partition");
-            }
-            backlogs.insert(key, (tx, VecDeque::from([d])));
-        }
-        // The pipeline stopped taking records: leave it for whoever reads it next.
-        Err(mpsc::error::TrySendError::Closed(_)) => {}
-    }
-}
-
-/// Moves backlogged records into queues that have room, resuming partitions that caught up.
-fn refill(consumer: &StreamConsumer<GroupContext>, backlogs: &mut Backlogs, trackers: &Trackers) {
-    let owned = trackers.lock().expect("not poisoned");
-    backlogs.retain(|key, (tx, queue)| {
-        if !owned.contains_key(key) {
-            // Revoked: these records are the new owner's now.
-            return false;
-        }
-        while let Some(d) = queue.pop_front() {
-            match tx.try_send(d) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(d)) => {
-                    queue.push_front(d);
-                    return true;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return false,
-            }
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&key.0, key.1);
-        if let Err(e) = consumer.resume(&tpl) {
-            tracing::debug!(error = %e, "resuming a notify partition");
-        }
-        false
-    });
-}
-
-/// Stores (for the next commit) the position of every partition whose position moved.
-fn store_positions<C: rdkafka::consumer::Consumer<GroupContext>>(
-    consumer: &C,
-    trackers: &Trackers,
-) {
-    let mut tpl = TopicPartitionList::new();
-    for t in trackers.lock().expect("not poisoned").values() {
-        if let Some(p) = t.take_position() {
-            let _ = tpl.add_partition_offset(&t.topic, t.partition, Offset::Offset(p));
-        }
-    }
-    if tpl.count() > 0 {
-        if let Err(e) = consumer.store_offsets(&tpl) {
-            tracing::debug!(error = %e, "storing notify offsets");
-        }
-    }
-}
-
-/// How a Kafka delivery is finished: its offset marked done, or handed to the queue again.
-pub(super) struct KafkaAck {
-    pub(super) tracker: Arc<Tracker>,
-    pub(super) offset: i64,
-    pub(super) tx: mpsc::Sender<Delivery>,
-}
-
-impl KafkaAck {
-    /// Kafka has no negative acknowledgement: the record stays pending (its offset is not
-    /// stored) and comes back to the same queue after `delay`, unless the partition moved.
-    pub(super) fn requeue(&self, d: &Delivery, delay: Duration) {
-        if !self.tracker.is_owned() {
-            return;
-        }
-        let acker = super::Acker::Kafka(Box::new(KafkaAck {
-            tracker: self.tracker.clone(),
-            offset: self.offset,
-            tx: self.tx.clone(),
-        }));
-        d.redeliver_later(acker, self.tx.clone(), delay);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn offsets_are_stored_only_up_to_the_first_unfinished() {
-        let t = Tracker::new("notify.a", 0);
-        for o in 5..10 {
-            t.received(o);
-        }
-        t.done(7);
-        assert_eq!(t.take_position(), Some(5), "5 and 6 are not finished");
-        t.done(5);
-        assert_eq!(t.take_position(), Some(6));
-        assert_eq!(t.take_position(), None, "unchanged");
-        t.done(6);
-        assert_eq!(t.take_position(), Some(8));
-        t.done(9);
-        t.done(8);
-        assert_eq!(t.take_position(), Some(10));
-        t.done(8);
-        assert_eq!(t.take_position(), None, "a second ack changes nothing");
-    }
-
-    #[test]
-    fn subscriptions_follow_the_wildcard_consumers() {
-        let spec = |filter: &str| ConsumerSpec {
-            durable: "d".into(),
-            filter: filter.into(),
-            max_pending: 1,
-            stream: "s".into(),
-            ack_wait: Duration::from_secs(1),
-        };
-        let specs = [spec("notify.a"), spec("notify.>")];
-        assert_eq!(subscription(&specs), "^notify\\..+");
-        let specs = [spec("prod.notify.a"), spec("prod.notify.>")];
-        assert_eq!(subscription(&specs), "^prod\\.notify\\..+");
-        let specs = [spec("dingtalk.*.x"), spec("notify.>")];
-        assert_eq!(subscription(&specs), "^dingtalk\\.[^.]+\\.x$|^notify\\..+");
-        assert_eq!(subscription(&[spec("a.b")]), "^a\\.b$");
-    }
 
     #[test]
     fn record_keys() {
@@ -1075,10 +597,5 @@ mod tests {
         assert_eq!(kafka_header_name("content-type"), "content-type");
         assert_eq!(internal_header_name("ce_type"), "ce-type");
         assert_eq!(internal_header_name("imbridge-app"), "imbridge-app");
-    }
-
-    #[test]
-    fn subscription_pattern_escapes_the_prefix() {
-        assert_eq!(regex_escape("prod.eu-1."), "prod\\.eu\\-1\\.");
     }
 }
