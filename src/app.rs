@@ -24,6 +24,8 @@ use crate::supervise::Supervisor;
 
 pub struct App {
     pub ingress_addr: SocketAddr,
+    /// The internal listener's address, when `server.internal_listen` is set.
+    pub internal_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     bus: Arc<Bus>,
     metrics: Metrics,
@@ -70,15 +72,9 @@ impl App {
             replay_window: settings.server.replay_window,
             subject_prefix: settings.bus.subject_prefix.clone(),
             notifier: notifier.clone(),
+            clients: settings.clients.clone(),
         });
-
-        let stop = shutdown.clone();
-        let (ingress_addr, ingress) =
-            warp::serve(ingress::routes(state, settings.server.max_body_bytes))
-                .try_bind_with_graceful_shutdown(settings.server.listen, async move {
-                    stop.cancelled().await
-                })
-                .with_context(|| format!("binding server.listen {}", settings.server.listen))?;
+        let (ingress_addr, internal_addr, ingress) = serve_ingress(&settings, state, &shutdown)?;
 
         // The admin listener outlives the ingress drain, so probes and metrics answer (readyz
         // with 503) while in-flight callbacks finish.
@@ -102,6 +98,7 @@ impl App {
 
         Ok(App {
             ingress_addr,
+            internal_addr,
             admin_addr,
             bus,
             metrics,
@@ -109,7 +106,7 @@ impl App {
             shutdown,
             admin_stop,
             grace: settings.server.shutdown_grace,
-            ingress: ingress.boxed(),
+            ingress,
             admin: admin.boxed(),
         })
     }
@@ -124,7 +121,8 @@ impl App {
 
     /// Serves until the shutdown signal, then drains and returns.
     pub async fn run(self) -> anyhow::Result<()> {
-        tracing::info!(ingress = %self.ingress_addr, admin = %self.admin_addr, bus = self.bus.engine(), "imbridge serving");
+        let internal = self.internal_addr.map(|a| a.to_string());
+        tracing::info!(ingress = %self.ingress_addr, internal = internal.as_deref().unwrap_or("off"), admin = %self.admin_addr, bus = self.bus.engine(), "imbridge serving");
         let mut ingress = tokio::spawn(self.ingress);
         let admin = tokio::spawn(self.admin);
         // Biased: the ingress future also ends on the shutdown signal, and that is no error.
@@ -153,6 +151,33 @@ impl App {
         tracing::info!("shutdown complete");
         Ok(())
     }
+}
+
+/// Binds the public listener and, when configured, the internal one; both stop accepting on
+/// `shutdown` and are drained together.
+fn serve_ingress(
+    settings: &Settings,
+    state: Arc<State>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<(SocketAddr, Option<SocketAddr>, BoxFuture<'static, ()>)> {
+    let server = &settings.server;
+    let stop = shutdown.clone();
+    let (ingress_addr, public) = warp::serve(ingress::routes(state.clone(), server.max_body_bytes))
+        .try_bind_with_graceful_shutdown(server.listen, async move { stop.cancelled().await })
+        .with_context(|| format!("binding server.listen {}", server.listen))?;
+    let Some(internal_listen) = server.internal_listen else {
+        return Ok((ingress_addr, None, public.boxed()));
+    };
+    if state.clients.anonymous {
+        tracing::warn!("server.allow_anonymous: POST /notify on the internal listener accepts requests without a client token");
+    }
+    let stop = shutdown.clone();
+    let routes = ingress::internal_routes(state, server.max_body_bytes);
+    let (internal_addr, internal) = warp::serve(routes)
+        .try_bind_with_graceful_shutdown(internal_listen, async move { stop.cancelled().await })
+        .with_context(|| format!("binding server.internal_listen {internal_listen}"))?;
+    let both = futures::future::join(public, internal).map(drop);
+    Ok((ingress_addr, Some(internal_addr), both.boxed()))
 }
 
 /// What the bus keeps in place: the inbound stream's subjects (every platform's events) and

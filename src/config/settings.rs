@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::raw::LogConfig;
 use crate::bus::BusSettings;
+use crate::ingress::clients::Clients;
 use crate::message::UserBinding;
 use crate::notify::compose::Directory;
 use crate::notify::notifier::Catalog;
@@ -33,6 +34,8 @@ pub struct Settings {
     pub routes: BTreeMap<String, Route>,
     pub templates: Templates,
     pub users: BTreeMap<String, UserBinding>,
+    /// The internal systems allowed on the internal listener.
+    pub clients: Clients,
 }
 
 /// `[server]`, validated.
@@ -40,6 +43,8 @@ pub struct Settings {
 pub struct ServerSettings {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// The internal listener (`POST /notify`), off when `None`.
+    pub internal_listen: Option<SocketAddr>,
     pub max_body_bytes: u64,
     /// `None` when the replay check is disabled.
     pub replay_window: Option<Duration>,

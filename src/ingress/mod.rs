@@ -1,8 +1,10 @@
 //! The HTTP side: warp filters (routes), handlers, and one place where every error becomes a
-//! short JSON `{code, message}`. The ingress port takes platform callbacks; the admin port
-//! (separate, so it can stay private) serves metrics and probes.
+//! short JSON `{code, message}`. Three listeners: the public one takes platform callbacks and
+//! nothing else; the internal one serves internal systems, each a `[clients.<name>]` with a
+//! token ([`clients`]); the admin one (separate, so it can stay private) metrics and probes.
 
 pub mod admin;
+pub mod clients;
 pub mod dingtalk;
 pub mod lark;
 pub mod notify;
@@ -24,6 +26,7 @@ use crate::notify::notifier::Notifier;
 use crate::platform::dingtalk::callback::DingTalkApp;
 use crate::platform::lark::callback::LarkApp;
 use crate::platform::wecom::callback::WeComApp;
+use clients::Clients;
 use reply::ApiError;
 
 /// What the handlers share.
@@ -36,9 +39,11 @@ pub struct State {
     pub replay_window: Option<Duration>,
     pub subject_prefix: String,
     pub notifier: Arc<Notifier>,
+    /// Who may use the internal listener.
+    pub clients: Clients,
 }
 
-/// Every ingress route, with the rejection handler applied.
+/// The public listener: platform callbacks only, with the rejection handler applied.
 pub fn routes(
     state: Arc<State>,
     max_body_bytes: u64,
@@ -66,18 +71,26 @@ pub fn routes(
         .and(body(max_body_bytes))
         .and(with(state.clone()))
         .then(lark::callback);
-    let notify = warp::path!("notify" / String)
-        .and(warp::post())
-        .and(query())
-        .and(warp::header::optional::<String>("idempotency-key"))
-        .and(body(max_body_bytes))
-        .and(with(state))
-        .then(notify::post);
     dingtalk
         .or(wecom_verify)
         .or(wecom)
         .or(lark)
-        .or(notify)
+        .recover(reply::recover)
+}
+
+/// The internal listener: `POST /notify/<target>` for the configured clients.
+pub fn internal_routes(
+    state: Arc<State>,
+    max_body_bytes: u64,
+) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    warp::path!("notify" / String)
+        .and(warp::post())
+        .and(query())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::header::optional::<String>("idempotency-key"))
+        .and(body(max_body_bytes))
+        .and(with(state))
+        .then(notify::post)
         .recover(reply::recover)
 }
 

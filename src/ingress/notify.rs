@@ -1,6 +1,12 @@
-//! `POST /notify/<target>`: the same notification body as the bus (or a ZenTao/Sanplex
-//! webhook payload, JSON or form). Publishes to `notify.<target>` and answers 202 with the
-//! message id; with `?wait=true` delivers synchronously and answers with the platform's result.
+//! `POST /notify/<target>` on the internal listener: the same notification body as the bus (or
+//! a ZenTao/Sanplex webhook payload, JSON or form). Publishes to `notify.<target>` and answers
+//! 202 with the message id; with `?wait=true` delivers synchronously and answers with the
+//! outcome and the platform's error code.
+//!
+//! Every request is a `[clients.<name>]`'s, by its token (`Authorization: Bearer …`, or a
+//! `token` query parameter for webhook senders that cannot set a header), and may use only
+//! the targets and body fields that client is allowed; refusals are 401 and 403 and nothing is
+//! published. The token is never logged nor echoed: refusals name the failure only.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -11,6 +17,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Reply;
 
+use super::clients::{Client, Denied};
 use super::reply::ApiError;
 use super::State;
 use crate::bus::CloudEvent;
@@ -23,27 +30,106 @@ use crate::platform::outbound::Answer;
 pub async fn post(
     target: String,
     query: String,
+    authorization: Option<String>,
     idempotency_key: Option<String>,
     body: Result<Bytes, ApiError>,
     state: Arc<State>,
 ) -> Response {
     let known = state.notifier.has_target(&target) || state.notifier.has_route(&target);
-    let result = handle(&target, &query, idempotency_key, body, &state).await;
+    let result = match authorize(&target, &query, authorization.as_deref(), &state) {
+        Ok(client) => handle(&target, &query, &client, idempotency_key, body, &state).await,
+        Err(e) => Err(e),
+    };
     let label = if known { target.as_str() } else { UNKNOWN_APP };
     let (outcome, response) = match result {
         Ok((outcome, response)) => (outcome, response),
         Err(e) => {
             tracing::info!(target = label, code = e.code, message = %e.message, "notify request refused");
-            (e.code, e.into_response())
+            let (code, unauthorized) = (e.code, e.status == StatusCode::UNAUTHORIZED);
+            let mut response = e.into_response();
+            if unauthorized {
+                let challenge = warp::http::HeaderValue::from_static("Bearer");
+                response.headers_mut().insert("www-authenticate", challenge);
+            }
+            (code, response)
         }
     };
     state.metrics.notify_request(label, outcome);
     response
 }
 
+/// The client the request is from, if it may use `target` at all. Checked before anything
+/// else, so an unknown caller learns nothing, not even which targets exist.
+fn authorize(
+    target: &str,
+    query: &str,
+    authorization: Option<&str>,
+    state: &State,
+) -> Result<Client, ApiError> {
+    let query = super::parse_query(query)?;
+    let bearer = authorization.and_then(|h| {
+        let (scheme, token) = h.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    });
+    let token = bearer.or(query.get("token").map(String::as_str));
+    let client = state.clients.authenticate(token).map_err(|denied| {
+        let (code, message) = match denied {
+            Denied::Missing => (
+                "token_missing",
+                "a client token is required (Authorization: Bearer <token>)",
+            ),
+            Denied::Wrong => ("token_invalid", "the client token is not valid"),
+        };
+        ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+    })?;
+    if !client.may_use(target) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "target_forbidden",
+            format!("client {:?} may not send to this target", client.name),
+        ));
+    }
+    Ok(client)
+}
+
+/// Refuses body fields the client may not use: recipients it names itself, and platform-native
+/// bodies. A form-encoded (ZenTao) body has neither.
+fn check_fields(client: &Client, body: &[u8]) -> Result<(), ApiError> {
+    let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(body) else {
+        return Ok(());
+    };
+    let present = |v: Option<&serde_json::Value>| {
+        v.is_some_and(|v| match v {
+            serde_json::Value::Null => false,
+            serde_json::Value::Array(a) => !a.is_empty(),
+            _ => true,
+        })
+    };
+    let mentions = fields.get("mentions");
+    let names_recipients = present(fields.get("to"))
+        || present(mentions.and_then(|m| m.get("user_ids")))
+        || present(mentions.and_then(|m| m.get("mobiles")));
+    if names_recipients && !client.allow_recipients {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "recipients_forbidden",
+            "this client may not choose recipients (to, mentions.user_ids, mentions.mobiles)",
+        ));
+    }
+    if present(fields.get("raw")) && !client.allow_raw {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "raw_forbidden",
+            "this client may not send platform-native raw bodies",
+        ));
+    }
+    Ok(())
+}
+
 async fn handle(
     target: &str,
     query: &str,
+    client: &Client,
     idempotency_key: Option<String>,
     body: Result<Bytes, ApiError>,
     state: &State,
@@ -57,6 +143,7 @@ async fn handle(
         ));
     }
     let body = body?;
+    check_fields(client, &body)?;
     let query = super::parse_query(query)?;
     let wait = matches!(query.get("wait").map(String::as_str), Some("true" | "1"));
     if wait && is_route {
@@ -193,11 +280,12 @@ fn refusal(e: ComposeError) -> ApiError {
     }
 }
 
+/// The platform's verdict and error code, never its answer body: a body can tell a caller which
+/// user ids exist, or echo what it should not.
 fn answer_json(a: &Answer) -> serde_json::Value {
     json!({
         "class": a.class.label(),
         "status": a.status,
         "code": a.code,
-        "body": a.detail,
     })
 }

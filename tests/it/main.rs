@@ -16,6 +16,7 @@ mod helm_chart;
 mod kafka_harness;
 mod layout;
 mod notify;
+mod notify_clients;
 // Needs the fault-injection points: `./test` builds with `--features failpoints`.
 #[cfg(feature = "failpoints")]
 mod supervision;

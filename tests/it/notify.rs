@@ -267,6 +267,8 @@ async fn wait_true_answers_with_the_platform_result() {
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(body["code"], "permanent");
     assert_eq!(body["answer"]["code"], 19021);
+    // The outcome and code only: the platform's answer body is not passed on.
+    assert!(body["answer"].get("body").is_none(), "{body}");
     app.stop().await;
 }
 

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use figment::value::Dict;
 use serde::{Deserialize, Serialize};
 
-use crate::secret::lenient_string;
+use crate::secret::{lenient_string, Secret};
 
 pub use apps::{AppsConfig, DingTalkAppConfig, LarkAppConfig, WeComAppConfig};
 pub use bus::{BusConfig, KafkaConfig, MemoryConfig, NatsConfig};
@@ -46,6 +46,24 @@ pub struct Config {
     pub templates: BTreeMap<String, TemplateConfig>,
     /// Internal accounts and their ids on each platform.
     pub users: BTreeMap<String, UserConfig>,
+    /// Internal systems allowed on the internal listener, each with its token.
+    pub clients: BTreeMap<String, ClientConfig>,
+}
+
+/// `[clients.<name>]`: one internal system allowed to `POST /notify` on the internal listener.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ClientConfig {
+    /// Its secret token (at least 16 characters), sent as `Authorization: Bearer <token>` or,
+    /// for webhook senders that cannot set a header, as `?token=<token>`.
+    pub token: Option<Secret>,
+    /// Targets and routes it may send to: names or globs (`*`, `?`), e.g. ["ops-*"].
+    pub targets: Vec<String>,
+    /// Whether its bodies may name recipients themselves (`to`, `mentions.user_ids`,
+    /// `mentions.mobiles`). Default false: the target's and routes' own rules decide.
+    pub allow_recipients: bool,
+    /// Whether it may send platform-native `raw` bodies. Default false.
+    pub allow_raw: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -57,6 +75,17 @@ pub struct ServerConfig {
     /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`).
     #[serde(deserialize_with = "lenient_string")]
     pub admin_listen: String,
+    /// Address of the internal listener (`POST /notify` for `[clients]`); off when unset.
+    /// Never expose it publicly.
+    #[serde(
+        default,
+        deserialize_with = "crate::secret::lenient_opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub internal_listen: Option<String>,
+    /// Let requests without a client token use the internal listener, as any client allowed
+    /// everything. Only for a listener nothing untrusted can reach; logged at start.
+    pub allow_anonymous: bool,
     /// Largest request body accepted; larger bodies get 413.
     pub max_body_bytes: u64,
     /// Callbacks whose timestamp is further than this from now are rejected; "0" disables.
@@ -72,6 +101,8 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: "0.0.0.0:8080".into(),
             admin_listen: "0.0.0.0:9090".into(),
+            internal_listen: None,
+            allow_anonymous: false,
             max_body_bytes: 64 * 1024,
             replay_window: "1h".into(),
             shutdown_grace: "20s".into(),

@@ -38,6 +38,12 @@ pub(super) fn validate(
     let targets = targets::targets(config, targets, &templates, &mut c);
     let routes = routes::routes(config, &templates, &mut c);
     let users = catalog::users(&config.users, &mut c);
+    let names = targets
+        .keys()
+        .chain(routes.keys())
+        .map(String::as_str)
+        .collect();
+    let clients = server::clients(config, &names, &mut c);
     c.finish()?;
     Ok(Settings {
         server,
@@ -51,5 +57,6 @@ pub(super) fn validate(
         routes,
         templates,
         users,
+        clients,
     })
 }

@@ -1,13 +1,27 @@
-//! `[server]` and `[log]`.
+//! `[server]`, `[clients]` and `[log]`.
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::checker::Checker;
-use crate::config::raw::{LogConfig, ServerConfig};
+use crate::config::raw::{Config, LogConfig, ServerConfig};
 use crate::config::settings::ServerSettings;
+use crate::ingress::clients::{Client, Clients};
+use crate::secret::Secret;
+
+/// The placeholder `imbridge.example.toml` ships, refused once the listener is on.
+const EXAMPLE_TOKEN: &str = "replace-with-a-random-secret";
+
+/// Shortest client token accepted: guessing one must be hopeless.
+const MIN_TOKEN_CHARS: usize = 16;
 
 pub(super) fn server(raw: &ServerConfig, c: &mut Checker) -> ServerSettings {
     let server = ServerSettings {
         listen: c.addr("server.listen", &raw.listen),
         admin_listen: c.addr("server.admin_listen", &raw.admin_listen),
+        internal_listen: raw
+            .internal_listen
+            .as_deref()
+            .map(|a| c.addr("server.internal_listen", a)),
         max_body_bytes: raw.max_body_bytes,
         replay_window: Some(c.duration("server.replay_window", &raw.replay_window))
             .filter(|d| !d.is_zero()),
@@ -22,7 +36,82 @@ pub(super) fn server(raw: &ServerConfig, c: &mut Checker) -> ServerSettings {
             "must differ from server.listen (the admin port is separate)",
         );
     }
+    if let Some(internal) = server.internal_listen {
+        let shared = [server.listen, server.admin_listen];
+        if internal.port() != 0 && shared.contains(&internal) {
+            c.problem(
+                "server.internal_listen",
+                "must differ from server.listen and server.admin_listen (the public listener \
+                 takes platform callbacks only)",
+            );
+        }
+    }
     server
+}
+
+/// `[clients]`: tokens long and distinct, and every plain name a client may use configured.
+/// `names` are the configured targets and routes.
+pub(super) fn clients(raw: &Config, names: &BTreeSet<&str>, c: &mut Checker) -> Clients {
+    if raw.server.internal_listen.is_some() && raw.clients.is_empty() && !raw.server.allow_anonymous
+    {
+        c.problem(
+            "server.internal_listen",
+            "POST /notify would be open to anyone who reaches it: configure at least one \
+             [clients.<name>] with a token, or set server.allow_anonymous = true",
+        );
+    }
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut clients = Vec::new();
+    for (name, client) in &raw.clients {
+        let key = format!("clients.{name}");
+        let token = client
+            .token
+            .as_ref()
+            .map(Secret::expose)
+            .unwrap_or_default();
+        if token == EXAMPLE_TOKEN && raw.server.internal_listen.is_some() {
+            c.problem(
+                format!("{key}.token"),
+                "is the example's placeholder: set a random secret",
+            );
+        } else if token.chars().count() < MIN_TOKEN_CHARS {
+            c.problem(
+                format!("{key}.token"),
+                format!("must be at least {MIN_TOKEN_CHARS} characters (a random secret)"),
+            );
+        } else if let Some(other) = seen.insert(token, name) {
+            c.problem(
+                format!("{key}.token"),
+                format!("the same as clients.{other}.token: each client needs its own"),
+            );
+        }
+        if client.targets.is_empty() {
+            c.problem(
+                format!("{key}.targets"),
+                "names no target (globs allowed, e.g. \"ops-*\")",
+            );
+        }
+        for glob in &client.targets {
+            let plain = !glob.contains(['*', '?']);
+            if glob.is_empty() || plain && !names.contains(glob.as_str()) {
+                c.problem(
+                    format!("{key}.targets"),
+                    format!("{glob:?} is no configured target or route"),
+                );
+            }
+        }
+        clients.push(Client {
+            name: name.clone(),
+            token: Secret::new(token),
+            targets: client.targets.clone(),
+            allow_recipients: client.allow_recipients,
+            allow_raw: client.allow_raw,
+        });
+    }
+    Clients {
+        clients,
+        anonymous: raw.server.allow_anonymous,
+    }
 }
 
 pub(super) fn log(raw: &LogConfig, c: &mut Checker) {

@@ -164,6 +164,8 @@ pub fn dies_with_test(mut command: Command) -> Command {
 /// A running daemon and the handles a test needs.
 pub struct TestApp {
     pub ingress: SocketAddr,
+    /// The internal listener (`POST /notify`), when configured.
+    pub internal: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub bus: Arc<Bus>,
     pub metrics: Metrics,
@@ -172,13 +174,25 @@ pub struct TestApp {
     pub http: reqwest::Client,
 }
 
-/// The configuration tests start from: both listeners on port 0, plus `extra` TOML.
+/// The token of the client every test configuration has ([`toml_with`]); [`TestApp`]'s
+/// HTTP client sends it with every request.
+pub const CLIENT_TOKEN: &str = "test-client-token-0123456789";
+
+/// The configuration tests start from: the three listeners on port 0, a client allowed
+/// everything (token [`CLIENT_TOKEN`]), plus `extra` TOML.
 pub fn toml_with(extra: &str) -> String {
     format!(
         r#"
+        [clients.test]
+        token = "{CLIENT_TOKEN}"
+        targets = ["*"]
+        allow_recipients = true
+        allow_raw = true
+
         [server]
         listen = "127.0.0.1:0"
         admin_listen = "127.0.0.1:0"
+        internal_listen = "127.0.0.1:0"
         {extra}
         "#
     )
@@ -222,7 +236,7 @@ impl TestApp {
             .unwrap_or_else(|e| panic!("test config invalid: {e}"));
         let shutdown = Shutdown::new();
         let app = App::build(settings, shutdown.clone()).await.expect("build");
-        let (ingress, admin) = (app.ingress_addr, app.admin_addr);
+        let (ingress, internal, admin) = (app.ingress_addr, app.internal_addr, app.admin_addr);
         let bus = app.bus().clone();
         let metrics = app.metrics().clone();
         let task = tokio::spawn(app.run());
@@ -233,11 +247,21 @@ impl TestApp {
             metrics,
             shutdown,
             task,
-            http: reqwest::Client::new(),
+            http: client_with_token(CLIENT_TOKEN),
+            internal,
         }
     }
 
+    /// The URL of `path`: `/notify/…` on the internal listener, the rest on the public one.
     pub fn url(&self, path: &str) -> String {
+        match (path.starts_with("/notify"), self.internal) {
+            (true, Some(internal)) => format!("http://{internal}{path}"),
+            _ => self.public_url(path),
+        }
+    }
+
+    /// The URL of `path` on the public (callback) listener.
+    pub fn public_url(&self, path: &str) -> String {
         format!("http://{}{}", self.ingress, path)
     }
 
@@ -279,6 +303,19 @@ impl TestApp {
             .unwrap()
             .unwrap();
     }
+}
+
+/// An HTTP client sending `Authorization: Bearer <token>` with every request.
+pub fn client_with_token(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    let value = format!("Bearer {token}")
+        .parse()
+        .expect("a valid header value");
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("an HTTP client")
 }
 
 /// Plays DingTalk: encrypts with a fresh random prefix, signs, posts, and checks replies.
