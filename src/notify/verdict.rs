@@ -27,7 +27,7 @@ pub enum Reason {
     /// Not delivered within `notify.max_wait` (throttled, paused or retried too long).
     Expired,
     /// "Too fast" answers `notify.max_attempts` times in a row for this message: the platform
-    /// may be using the code for something about the message itself (Lark's 9499).
+    /// may be using the code for something about the message itself.
     RateLimited,
     /// The daemon is stopping; the message goes back to the bus.
     Shutdown,

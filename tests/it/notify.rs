@@ -816,3 +816,45 @@ async fn wait_true_delivers_through_the_shared_limiter_on_a_replica_that_does_no
     assert_eq!(farm.accepted("direct").len(), 1);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_bad_request_answer_fails_its_message_without_pausing_the_bot() {
+    // Lark's 9499 is "bad request": were it taken as "too fast", one crafted message would
+    // pause the bot for everyone (the default pause is a minute).
+    let farm = RobotFarm::start().await;
+    let url = farm.add(Robot::lark("lk").with_secret(LARK_SECRET));
+    let app = start(
+        &Engine::Memory,
+        &target(
+            "lk",
+            "lark_robot",
+            &url,
+            &format!("secret = \"{LARK_SECRET}\""),
+        ),
+    )
+    .await;
+    farm.script("lk", vec![Scripted::ErrCode(9499)]);
+    let res = post(
+        &app,
+        "lk",
+        serde_json::json!({"text": "crafted", "format": "text"}),
+    )
+    .await;
+    assert_eq!(res.status(), 202);
+    let res = post(
+        &app,
+        "lk",
+        serde_json::json!({"text": "next", "format": "text"}),
+    )
+    .await;
+    assert_eq!(res.status(), 202);
+    let got = farm.wait_accepted("lk", 1, Duration::from_secs(5)).await;
+    assert_eq!(text_of(&got[0]), "next");
+    let dead = app
+        .metrics
+        .notify_dead_letters_total
+        .with_label_values(&["lk", "permanent"])
+        .get();
+    assert_eq!(dead, 1);
+    app.stop().await;
+}

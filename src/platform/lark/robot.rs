@@ -189,11 +189,10 @@ fn mentioned(m: &Mentions) -> impl Iterator<Item = &str> {
 /// `StatusCode` from older deployments (PROTOCOLS.md §8.1).
 pub fn classify(status: u16, body: &[u8]) -> Answer {
     outbound::classify(status, body, &["code", "StatusCode"], |code| match code {
-        // 11232 is the frequency limit. 9499 is documented as "bad request" but is also seen
-        // for throttling, and our spec treats it as a rate limit: pausing the target is cheaper
-        // than dead-lettering a message that would have gone through (and the pipeline
-        // dead-letters a message that keeps getting it).
-        11232 | 9499 => Class::RateLimited { pause: None },
+        // 11232 is the frequency limit, the only documented one (HTTP 429 aside). 9499 is
+        // "bad request": a fault of this message, so it fails this message only. Were it taken
+        // as "too fast", one crafted message could pause the bot for everyone.
+        11232 => Class::RateLimited { pause: None },
         // 19021 (sign or timestamp), 19001 (bad token), 19024 (keyword), 19022 (IP), ...:
         // resending the same request cannot help.
         _ => Class::Permanent,
@@ -650,7 +649,7 @@ mod tests {
             (
                 200,
                 r#"{"code":9499,"msg":"Bad Request","StatusCode":9499}"#,
-                Class::RateLimited { pause: None },
+                Class::Permanent,
                 Some(9499),
             ),
             (
