@@ -6,7 +6,8 @@
 //! - [`router`]: routes and their rules; the copies a route forwards.
 //! - [`compose`]: from a body to what one target sends (template, recipients, bindings).
 //! - [`worker`]: one worker per target, the retry loop.
-//! - [`sender`]: the only HTTP to the platforms, with managed access tokens ([`token`]).
+//! - [`sender`]: the only HTTP to the platforms, with managed access tokens ([`token`]),
+//!   through one client that follows no redirects and caps answers ([`http`]).
 //! - [`dead_letter`]: ack, nak or dead letter; [`verdict`]: how a delivery ended.
 //! - [`limiter`]: the sliding-window rate limits, kept locally, in NATS or in Kafka.
 //! - [`preview`]: `imbridge render`.
@@ -17,6 +18,7 @@
 pub mod compose;
 pub mod consumer;
 pub mod dead_letter;
+pub mod http;
 pub mod in_flight;
 pub mod limiter;
 pub mod notifier;

@@ -1,10 +1,11 @@
 //! The only code that does HTTP to the platforms: signs (bots) or authorises (apps, with
-//! managed access tokens) each request, posts it and classifies the answer the way the
-//! target's kind means it. Never logs a URL: bot URLs hold their token, app URLs the access
+//! managed access tokens) each request, posts it (following no redirect) and classifies the
+//! answer, read up to a size cap, the way the target's kind means it. Never logs a URL: bot URLs hold their token, app URLs the access
 //! token.
 
 use std::time::{Duration, Instant};
 
+use super::http::{self, ReadError};
 use super::target::Target;
 use super::token::{self, TokenCache};
 use crate::metrics::Metrics;
@@ -43,10 +44,7 @@ pub struct Sender {
 
 impl Sender {
     pub fn new(request_timeout: Duration, metrics: Metrics) -> Result<Sender, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .timeout(request_timeout)
-            .user_agent(concat!("imbridge/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let http = http::client(request_timeout)?;
         Ok(Sender {
             http,
             tokens: TokenCache::default(),
@@ -86,9 +84,20 @@ impl Sender {
             .get("x-ogw-ratelimit-reset")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        let bytes = match resp.bytes().await {
-            Err(e) => return (transport_answer(e, status), Vec::new()),
+        let bytes = match http::read_capped(resp).await {
             Ok(b) => b,
+            Err(ReadError::Transport(e)) => return (transport_answer(e, status), Vec::new()),
+            // Not a platform's answer as documented: perhaps another one will be.
+            Err(e @ ReadError::TooLarge) => {
+                let detail = e.to_string();
+                let answer = Answer {
+                    class: Class::Transient,
+                    code: None,
+                    status,
+                    detail,
+                };
+                return (answer, Vec::new());
+            }
         };
         let mut answer = kind.classify(status, &bytes);
         // Lark's gateway says when its quota resets.

@@ -14,14 +14,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::http::{self, ReadError};
 use crate::platform::outbound::{self, Answer, Class, IssuedToken, TokenRequest};
 
 /// Longest lifetime taken at the platform's word: a token claiming more is refetched after
 /// this anyway (and an absurd `expires_in` cannot overflow the clock).
 const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
-
-/// Largest token answer read: they are a few hundred bytes.
-const MAX_ANSWER_BYTES: usize = 64 * 1024;
 
 /// Tokens per credential. Cheap to share behind an `Arc`; keys are opaque to it (and never
 /// shown, since a caller may well build them from the secret).
@@ -195,20 +193,20 @@ pub async fn fetch(
         None => http.get(&req.url),
         Some(body) => http.post(&req.url).json(body),
     };
-    let mut response = request.send().await.map_err(transport)?;
+    let response = request.send().await.map_err(transport)?;
     let status = response.status().as_u16();
-    let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(transport)? {
-        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+    let body = match http::read_capped(response).await {
+        Ok(body) => body,
+        Err(ReadError::Transport(e)) => return Err(transport(e)),
+        Err(e @ ReadError::TooLarge) => {
             return Err(Answer {
                 class: Class::Transient,
                 code: None,
                 status,
-                detail: format!("token answer over {MAX_ANSWER_BYTES} bytes"),
-            });
+                detail: format!("token {e}"),
+            })
         }
-        body.extend_from_slice(&chunk);
-    }
+    };
     parse(status, &body)
 }
 

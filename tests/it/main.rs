@@ -17,6 +17,7 @@ mod kafka_harness;
 mod layout;
 mod notify;
 mod notify_clients;
+mod outbound_safety;
 // Needs the fault-injection points: `./test` builds with `--features failpoints`.
 #[cfg(feature = "failpoints")]
 mod supervision;
