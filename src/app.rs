@@ -73,6 +73,7 @@ impl App {
             subject_prefix: settings.bus.subject_prefix.clone(),
             notifier: notifier.clone(),
             clients: settings.clients.clone(),
+            idempotency: Default::default(),
         });
         let (ingress_addr, internal_addr, ingress) = serve_ingress(&settings, state, &shutdown)?;
 

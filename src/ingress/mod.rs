@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod clients;
 pub mod dingtalk;
+pub mod idempotency;
 pub mod lark;
 pub mod notify;
 pub mod reply;
@@ -41,6 +42,8 @@ pub struct State {
     pub notifier: Arc<Notifier>,
     /// Who may use the internal listener.
     pub clients: Clients,
+    /// `Idempotency-Key`s of `POST /notify`, with their bodies' digests.
+    pub idempotency: idempotency::IdempotencyKeys,
 }
 
 /// The public listener: platform callbacks only, with the rejection handler applied.

@@ -9,7 +9,7 @@
 //! published. The token is never logged nor echoed: refusals name the failure only.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use serde_json::json;
@@ -196,6 +196,16 @@ async fn handle(
         }
         None => hex::encode(rand::random::<[u8; 16]>()),
     };
+    if !state
+        .idempotency
+        .check(&format!("{target}\n{id}"), &payload, Instant::now())
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_conflict",
+            "this Idempotency-Key was used with another body",
+        ));
+    }
     let event = CloudEvent {
         id,
         source: "imbridge/http".into(),

@@ -858,3 +858,35 @@ async fn a_bad_request_answer_fails_its_message_without_pausing_the_bot() {
     assert_eq!(dead, 1);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn an_idempotency_key_reused_with_another_body_is_a_conflict() {
+    let farm = RobotFarm::start().await;
+    let url = farm.add(Robot::wecom("idem"));
+    let app = start(&Engine::Memory, &target("idem", "wecom_robot", &url, "")).await;
+    let send = |text: &'static str| {
+        app.http
+            .post(app.url("/notify/idem"))
+            .header("idempotency-key", "order-42")
+            .json(&serde_json::json!({ "text": text, "format": "text" }))
+            .timeout(WAIT)
+            .send()
+    };
+    let first = send("shipped").await.unwrap();
+    assert_eq!(first.status(), 202);
+    let id = first.json::<serde_json::Value>().await.unwrap()["id"].clone();
+    let again = send("shipped").await.unwrap();
+    assert_eq!(again.status(), 202, "a retry of the same message");
+    assert_eq!(again.json::<serde_json::Value>().await.unwrap()["id"], id);
+    let other = send("cancelled").await.unwrap();
+    assert_eq!(other.status(), 409);
+    assert_eq!(
+        other.json::<serde_json::Value>().await.unwrap()["code"],
+        "idempotency_conflict"
+    );
+    let got = farm.wait_accepted("idem", 1, WAIT).await;
+    assert_eq!(text_of(&got[0]), "shipped");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(farm.accepted("idem").len(), 1);
+    app.stop().await;
+}
