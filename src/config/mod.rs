@@ -34,7 +34,7 @@ pub use settings::{ServerSettings, Settings};
 
 // The domain types the settings are made of, so that a caller of `load` names them here.
 pub use crate::bus::{BusSettings, EngineSettings};
-pub use crate::notify::settings::{LimiterKind, NotifySettings};
+pub use crate::notify::settings::{LimiterStore, NotifySettings};
 pub use crate::platform::Limit;
 
 #[cfg(test)]

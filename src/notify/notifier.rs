@@ -16,7 +16,7 @@ use super::in_flight::InFlight;
 use super::limiter::{Limiter, StoreError};
 use super::router::Route;
 use super::sender::Sender;
-use super::settings::{LimiterKind, NotifySettings};
+use super::settings::{LimiterStore, NotifySettings};
 use super::target::Target;
 use super::template::Templates;
 use super::verdict::Verdict;
@@ -99,7 +99,7 @@ pub fn bus_layout(
     }
     // Also without the consumers: `POST /notify/<target>?wait=true` sends through the
     // limiter, which waits until it has read its topic.
-    if settings.limiter == LimiterKind::KafkaLog {
+    if settings.limiter == LimiterStore::KafkaLog {
         let log = bus::with_prefix(prefix, &settings.limiter_bucket);
         layout.topics.push(log);
     }

@@ -20,13 +20,13 @@ pub struct NotifySettings {
     pub request_timeout: Duration,
     pub wait_timeout: Duration,
     pub rate_limit_margin: Duration,
-    pub limiter: LimiterKind,
+    pub limiter: LimiterStore,
     pub limiter_bucket: String,
 }
 
 /// Where the rate limits' sliding-window logs are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimiterKind {
+pub enum LimiterStore {
     Local,
     NatsKv,
     KafkaLog,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use figment::Jail;
 use imbridge::bus::EngineSettings;
 use imbridge::config;
-use imbridge::notify::settings::LimiterKind;
+use imbridge::notify::settings::LimiterStore;
 use imbridge::platform::Limit;
 
 fn example() -> PathBuf {
@@ -370,7 +370,7 @@ fn kafka_properties_come_from_the_environment_without_echoing_secrets() {
                 "/processInstanceId".to_owned()
             )]
         );
-        assert_eq!(s.notify.limiter, LimiterKind::KafkaLog);
+        assert_eq!(s.notify.limiter, LimiterStore::KafkaLog);
         assert!(
             !format!("{s:?}").contains("hunter2"),
             "secrets print as ***"
@@ -473,7 +473,7 @@ fn targets_and_rate_limits_are_parsed_and_validated() {
         let ding = &s.targets["ops-dingtalk"];
         assert_eq!(ding.limits, [Limit::new(20, Duration::from_secs(60))]);
         assert_eq!(ding.pause_on_rate_limit, Duration::from_secs(600));
-        assert!(matches!(s.notify.limiter, LimiterKind::Local));
+        assert!(matches!(s.notify.limiter, LimiterStore::Local));
 
         jail.create_file(
             "targets.toml",
@@ -540,7 +540,7 @@ fn targets_and_rate_limits_are_parsed_and_validated() {
             [Limit::new(20, Duration::from_secs(60))]
         );
         assert_eq!(s.targets["w"].pause_on_rate_limit, Duration::from_secs(60));
-        assert!(matches!(s.notify.limiter, LimiterKind::NatsKv));
+        assert!(matches!(s.notify.limiter, LimiterStore::NatsKv));
         Ok(())
     });
 }

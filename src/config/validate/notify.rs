@@ -6,7 +6,7 @@ use super::checker::Checker;
 use crate::bus::EngineSettings;
 use crate::config::parse::parse_duration;
 use crate::config::raw::NotifyConfig;
-use crate::notify::settings::{LimiterKind, NotifySettings};
+use crate::notify::settings::{LimiterStore, NotifySettings};
 
 pub(super) fn notify(
     raw: &NotifyConfig,
@@ -68,22 +68,22 @@ pub(super) fn notify(
 }
 
 /// The limiter `[notify] limiter` names; "auto" follows the bus.
-fn limiter(raw: &str, engine: &EngineSettings, c: &mut Checker) -> LimiterKind {
+fn limiter(raw: &str, engine: &EngineSettings, c: &mut Checker) -> LimiterStore {
     match (raw, engine) {
-        ("local", _) | ("auto", EngineSettings::Memory(_)) => LimiterKind::Local,
+        ("local", _) | ("auto", EngineSettings::Memory(_)) => LimiterStore::Local,
         ("nats_kv", EngineSettings::Nats(_)) | ("auto", EngineSettings::Nats(_)) => {
-            LimiterKind::NatsKv
+            LimiterStore::NatsKv
         }
         ("nats_kv", _) => {
             c.problem("notify.limiter", "nats_kv needs bus.kind = \"nats\"");
-            LimiterKind::Local
+            LimiterStore::Local
         }
         ("kafka_log", EngineSettings::Kafka(_)) | ("auto", EngineSettings::Kafka(_)) => {
-            LimiterKind::KafkaLog
+            LimiterStore::KafkaLog
         }
         ("kafka_log", _) => {
             c.problem("notify.limiter", "kafka_log needs bus.kind = \"kafka\"");
-            LimiterKind::Local
+            LimiterStore::Local
         }
         (other, _) => {
             c.problem(
@@ -92,7 +92,7 @@ fn limiter(raw: &str, engine: &EngineSettings, c: &mut Checker) -> LimiterKind {
                     "unknown limiter {other:?}; expected \"auto\", \"local\", \"nats_kv\" or \"kafka_log\""
                 ),
             );
-            LimiterKind::Local
+            LimiterStore::Local
         }
     }
 }

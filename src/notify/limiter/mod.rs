@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::settings::{LimiterKind, NotifySettings};
+use super::settings::{LimiterStore, NotifySettings};
 use crate::bus::{self, Bus};
 use crate::platform::Limit;
 use crate::shutdown::Shutdown;
@@ -153,13 +153,13 @@ impl Limiter {
         shutdown: Shutdown,
     ) -> Result<Limiter, StoreError> {
         let limiter = match (settings.limiter, bus.nats(), bus.kafka()) {
-            (LimiterKind::NatsKv, Some(nats), _) => {
+            (LimiterStore::NatsKv, Some(nats), _) => {
                 let (storage, replicas) = nats.storage();
                 let js = nats.jetstream().clone();
                 let kv = nats::KvLimiter::new(js, &settings.limiter_bucket, storage, replicas);
                 Limiter::NatsKv(Box::new(kv))
             }
-            (LimiterKind::KafkaLog, _, Some(kafka)) => {
+            (LimiterStore::KafkaLog, _, Some(kafka)) => {
                 Limiter::KafkaLog(Box::new(kafka::KafkaLog::start(
                     kafka.client_config(),
                     &bus::with_prefix(prefix, &settings.limiter_bucket),
