@@ -84,6 +84,9 @@ impl CloudEvent {
         if let Some(t) = &self.tenant {
             h.push((HEADER_TENANT.to_owned(), t.clone()));
         }
+        for (_, value) in &mut h {
+            *value = header_value(value);
+        }
         h
     }
 }
@@ -458,6 +461,16 @@ impl Bus {
     }
 }
 
+/// A header value as every engine can carry it: control characters (CR and LF above all,
+/// which would split a header, and which the NATS client refuses with a panic) become spaces.
+/// Values derived from what a platform sent (its tenant id) pass through here.
+pub fn header_value(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 /// A valid subject token and Kafka topic part: non-empty `[A-Za-z0-9_-]`.
 pub fn is_valid_token(s: &str) -> bool {
     !s.is_empty()
@@ -518,6 +531,12 @@ pub fn subject_matches(pattern: &str, subject: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_values_carry_no_control_characters() {
+        assert_eq!(header_value("ding1\r\nX-Evil: 1\0"), "ding1  X-Evil: 1 ");
+        assert_eq!(header_value("企业 ok"), "企业 ok");
+    }
 
     #[test]
     fn sanitizes_event_types() {

@@ -161,10 +161,12 @@ impl NatsBus {
             return Err(BusError::Unavailable("stream not ready".into()));
         }
         let mut headers = async_nats::HeaderMap::new();
+        // Checked again here, for every header whatever made it: the client panics on a
+        // control character.
         for (k, v) in &msg.headers {
-            headers.insert(k.as_str(), v.as_str());
+            headers.insert(k.as_str(), super::header_value(v).as_str());
         }
-        headers.insert("Nats-Msg-Id", msg.id.as_str());
+        headers.insert("Nats-Msg-Id", super::header_value(&msg.id).as_str());
         let publish = async {
             self.js
                 .publish_with_headers(msg.subject.clone(), headers, msg.payload.clone())

@@ -269,11 +269,15 @@ pub async fn store(
     let msg = Message::event(subject, event, payload);
     match state.bus.publish(&msg).await {
         Ok(ack) => Ok((msg, ack)),
-        Err(e) => Err(ApiError::new(
-            warp::http::StatusCode::SERVICE_UNAVAILABLE,
-            "bus_unavailable",
-            format!("{what} not stored, retry later: {e}"),
-        )),
+        // The bus client's own words stay in the log: the sender learns the class only.
+        Err(e) => {
+            tracing::debug!(subject = %msg.subject, error = %e, "publish failed");
+            Err(ApiError::new(
+                warp::http::StatusCode::SERVICE_UNAVAILABLE,
+                "bus_unavailable",
+                format!("{what} not stored ({}), retry later", e.label()),
+            ))
+        }
     }
 }
 

@@ -69,10 +69,7 @@ impl DeadLetters {
         answer: &str,
     ) {
         // Header values are one line of printable text.
-        let answer: String = answer
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect();
+        let answer = bus::header_value(answer);
         let msg = self.letter(delivery, target, reason, attempts, &answer);
         if !self.bus.publish_until_stored(&msg, &self.shutdown).await {
             let _ = delivery.nak(Duration::ZERO).await;

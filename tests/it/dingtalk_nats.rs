@@ -84,3 +84,27 @@ async fn existing_stream_is_updated_not_duplicated() {
     assert_eq!(config.duplicate_window, Duration::from_secs(120));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_tenant_id_with_line_breaks_is_carried_as_one_header_line() {
+    // Signed by the platform, but still outside bytes: a CR/LF in a value that becomes a
+    // header would split it (and the NATS client panics on it).
+    let server = NatsServer::start();
+    let app = nats_app(&server, "").await;
+    let dt = DingTalk::main();
+    let event = r#"{"EventType":"user_add_org","CorpId":"ding1\r\nX-Evil: 1","UserId":["u1"]}"#;
+    assert_eq!(dt.callback(event).post(&app, "main").await.status(), 200);
+    let msg = stream(&server)
+        .await
+        .get_last_raw_message_by_subject("dingtalk.user_add_org")
+        .await
+        .expect("stored");
+    let headers = imbridge::bus::nats::header_pairs(Some(&msg.headers));
+    let tenant = headers
+        .iter()
+        .find(|(k, _)| k == "imbridge-tenant")
+        .unwrap();
+    assert_eq!(tenant.1, "ding1  X-Evil: 1");
+    assert!(!headers.iter().any(|(k, _)| k == "X-Evil"));
+    app.stop().await;
+}
