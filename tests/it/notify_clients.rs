@@ -25,22 +25,6 @@ async fn start(farm: &RobotFarm) -> TestApp {
     app
 }
 
-async fn post(
-    client: &reqwest::Client,
-    url: String,
-    body: serde_json::Value,
-) -> (u16, serde_json::Value) {
-    let res = client
-        .post(url)
-        .json(&body)
-        .timeout(WAIT)
-        .send()
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or_default())
-}
-
 fn requests(app: &TestApp, target: &str, outcome: &str) -> u64 {
     app.metrics
         .notify_requests_total
@@ -53,7 +37,7 @@ async fn the_public_listener_does_not_serve_notify() {
     let farm = RobotFarm::start().await;
     let app = start(&farm).await;
     let url = app.public_url("/notify/ops-wecom");
-    let (status, _) = post(&app.http, url, serde_json::json!({"text": "x"})).await;
+    let (status, _) = post_json(&app.http, url, serde_json::json!({"text": "x"})).await;
     assert_eq!(status, 404);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(farm.accepted("ops").is_empty());
@@ -76,7 +60,7 @@ async fn requests_without_a_valid_token_are_refused_and_nothing_is_sent() {
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(body["code"], "token_missing");
     let wrong = client_with_token("not-the-token-0123456789");
-    let (status, body) = post(
+    let (status, body) = post_json(
         &wrong,
         app.url("/notify/ops-wecom"),
         serde_json::json!({"text": "x"}),
@@ -103,7 +87,7 @@ async fn a_client_uses_only_its_targets_and_fields() {
     let plain = serde_json::json!({"text": "deploy done"});
     // Not its target, configured or not: the same 403, so it learns nothing about names.
     for other in ["dev-wecom", "nosuch"] {
-        let (status, body) = post(&ops, url(other), plain.clone()).await;
+        let (status, body) = post_json(&ops, url(other), plain.clone()).await;
         assert_eq!(
             (status, body["code"].as_str()),
             (403, Some("target_forbidden"))
@@ -128,15 +112,15 @@ async fn a_client_uses_only_its_targets_and_fields() {
         ),
     ];
     for (body, code) in refused {
-        let (status, answer) = post(&ops, url("ops-wecom"), body).await;
+        let (status, answer) = post_json(&ops, url("ops-wecom"), body).await;
         assert_eq!((status, answer["code"].as_str()), (403, Some(code)));
     }
-    let (status, _) = post(&ops, url("ops-wecom"), plain.clone()).await;
+    let (status, _) = post_json(&ops, url("ops-wecom"), plain.clone()).await;
     assert_eq!(status, 202);
     farm.wait_accepted("ops", 1, WAIT).await;
     // The client allowed everything may name recipients and send raw bodies.
     let raw = serde_json::json!({"raw": {"msgtype": "text", "text": {"content": "raw"}}});
-    let (status, _) = post(&app.http, url("dev-wecom"), raw).await;
+    let (status, _) = post_json(&app.http, url("dev-wecom"), raw).await;
     assert_eq!(status, 202);
     farm.wait_accepted("dev", 1, WAIT).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -198,7 +182,7 @@ async fn anonymous_requests_work_only_where_allowed_explicitly() {
     ))
     .await;
     app.wait_ready().await;
-    let (status, _) = post(
+    let (status, _) = post_json(
         &reqwest::Client::new(),
         app.url("/notify/open"),
         serde_json::json!({"text": "x"}),
@@ -208,7 +192,7 @@ async fn anonymous_requests_work_only_where_allowed_explicitly() {
     farm.wait_accepted("open", 1, WAIT).await;
     // A wrong token is still refused.
     let wrong = client_with_token("wrong-token-0123456789");
-    let (status, _) = post(
+    let (status, _) = post_json(
         &wrong,
         app.url("/notify/open"),
         serde_json::json!({"text": "y"}),

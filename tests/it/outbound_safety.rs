@@ -6,22 +6,6 @@ use std::time::Duration;
 use crate::common::fakes::{Robot, RobotFarm};
 use crate::common::*;
 
-async fn post(
-    client: &reqwest::Client,
-    url: String,
-    body: serde_json::Value,
-) -> (u16, serde_json::Value) {
-    let res = client
-        .post(url)
-        .json(&body)
-        .timeout(WAIT)
-        .send()
-        .await
-        .unwrap();
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or_default())
-}
-
 /// A platform that answers every request with `response` (raw HTTP), then closes.
 async fn canned_platform(response: Vec<u8>) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -68,7 +52,7 @@ async fn platform_answers_are_not_followed_elsewhere_nor_read_without_bound() {
     .await;
     app.wait_ready().await;
     for target in ["redirect", "huge"] {
-        let (status, body) = post(
+        let (status, body) = post_json(
             &app.http,
             app.url(&format!("/notify/{target}?wait=true")),
             serde_json::json!({"text": "x"}),

@@ -305,6 +305,23 @@ impl TestApp {
     }
 }
 
+/// POSTs `body` as JSON; the status and the JSON answer (null when it is none).
+pub async fn post_json(
+    client: &reqwest::Client,
+    url: String,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let res = client
+        .post(url)
+        .json(&body)
+        .timeout(WAIT)
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or_default())
+}
+
 /// An HTTP client sending `Authorization: Bearer <token>` with every request.
 pub fn client_with_token(token: &str) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
