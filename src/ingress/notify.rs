@@ -8,6 +8,7 @@
 //! the targets and body fields that client is allowed; refusals are 401 and 403 and nothing is
 //! published. The token is never logged nor echoed: refusals name the failure only.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -37,7 +38,9 @@ pub async fn post(
 ) -> Response {
     let known = state.notifier.has_target(&target) || state.notifier.has_route(&target);
     let result = match authorize(&target, &query, authorization.as_deref(), &state) {
-        Ok(client) => handle(&target, &query, &client, idempotency_key, body, &state).await,
+        Ok((client, query)) => {
+            handle(&target, &query, &client, idempotency_key, body, &state).await
+        }
         Err(e) => Err(e),
     };
     let label = if known { target.as_str() } else { UNKNOWN_APP };
@@ -58,14 +61,15 @@ pub async fn post(
     response
 }
 
-/// The client the request is from, if it may use `target` at all. Checked before anything
-/// else, so an unknown caller learns nothing, not even which targets exist.
+/// The client the request is from, if it may use `target` at all, and the parsed query.
+/// Checked before anything else, so an unknown caller learns nothing, not even which targets
+/// exist.
 fn authorize(
     target: &str,
     query: &str,
     authorization: Option<&str>,
     state: &State,
-) -> Result<Client, ApiError> {
+) -> Result<(Client, HashMap<String, String>), ApiError> {
     let query = super::parse_query(query)?;
     let bearer = authorization.and_then(|h| {
         let (scheme, token) = h.trim().split_once(' ')?;
@@ -89,7 +93,7 @@ fn authorize(
             format!("client {:?} may not send to this target", client.name),
         ));
     }
-    Ok(client)
+    Ok((client, query))
 }
 
 /// Refuses body fields the client may not use: recipients it names itself, and platform-native
@@ -128,7 +132,7 @@ fn check_fields(client: &Client, body: &[u8]) -> Result<(), ApiError> {
 
 async fn handle(
     target: &str,
-    query: &str,
+    query: &HashMap<String, String>,
     client: &Client,
     idempotency_key: Option<String>,
     body: Result<Bytes, ApiError>,
@@ -144,7 +148,6 @@ async fn handle(
     }
     let body = body?;
     check_fields(client, &body)?;
-    let query = super::parse_query(query)?;
     let wait = matches!(query.get("wait").map(String::as_str), Some("true" | "1"));
     if wait && is_route {
         return Err(ApiError::bad_request(
