@@ -177,22 +177,9 @@ impl Limiter {
         Limiter::Local(local::Local::default())
     }
 
-    /// Waits until `target` may send under `limits` and records the send. Returns how long it
-    /// waited. Gives up at `deadline` (the message's own wait bound) or on shutdown.
-    pub async fn acquire(
-        &self,
-        target: &str,
-        limits: &[Limit],
-        margin: Duration,
-        deadline: SystemTime,
-        shutdown: &Shutdown,
-    ) -> Result<Duration, LimiterError> {
-        self.acquire_all(&[(target, limits)], margin, deadline, shutdown)
-            .await
-    }
-
     /// Waits until every key may send under its limits, and records the send for all of them
-    /// (an app message counts for the app and for each recipient).
+    /// (an app message counts for the app and for each recipient). Returns how long it waited;
+    /// gives up at `deadline` (the message's own wait bound) or on shutdown.
     ///
     /// All keys are tried at once; when one is not free, the slots the others took stay
     /// recorded, and all are taken again once it is. A slot recorded without a send only costs
