@@ -19,8 +19,10 @@ use crate::ingress::{self, State};
 use crate::metrics::Metrics;
 use crate::notify::notifier::{self, Notifier};
 use crate::platform::Platform;
+use crate::server::{self, Listener, Refusals};
 use crate::shutdown::Shutdown;
 use crate::supervise::Supervisor;
+use warp::{Filter, Reply};
 
 pub struct App {
     pub ingress_addr: SocketAddr,
@@ -35,11 +37,20 @@ pub struct App {
     grace: Duration,
     ingress: BoxFuture<'static, ()>,
     admin: BoxFuture<'static, ()>,
+    refusals: Refusals,
 }
+
+/// A shutdown finishes within `server.shutdown_grace` plus this. The callbacks in progress and
+/// the notify workers share the grace; the bus then gets what is left of it, but at least
+/// [`BUS_CLOSE_FLOOR`], to commit and flush; the admin listener [`ADMIN_CLOSE`] to go.
+pub const SHUTDOWN_SLACK: Duration = Duration::from_secs(5);
+const BUS_CLOSE_FLOOR: Duration = Duration::from_secs(3);
+const ADMIN_CLOSE: Duration = Duration::from_secs(1);
 
 impl App {
     pub async fn build(settings: Settings, shutdown: Shutdown) -> anyhow::Result<App> {
         let metrics = Metrics::new();
+        let refusals = Refusals::default();
         let prefix = &settings.bus.subject_prefix;
         let layout = bus_layout(&settings);
         let supervisor = Supervisor::new(metrics.clone());
@@ -74,28 +85,32 @@ impl App {
             notifier: notifier.clone(),
             clients: settings.clients.clone(),
             idempotency: Default::default(),
+            refusals: refusals.clone(),
         });
-        let (ingress_addr, internal_addr, ingress) = serve_ingress(&settings, state, &shutdown)?;
+        let limits = server::Limits {
+            header_timeout: settings.server.header_timeout,
+            max_connections: settings.server.max_connections,
+        };
+        let (ingress_addr, internal_addr, ingress) =
+            serve_ingress(&settings, state, limits, &shutdown)?;
 
         // The admin listener outlives the ingress drain, so probes and metrics answer (readyz
         // with 503) while in-flight callbacks finish.
         let admin_stop = Shutdown::new();
-        let stop = admin_stop.clone();
-        let (admin_addr, admin) = warp::serve(ingress::admin::routes(
-            bus.clone(),
+        let admin_listener =
+            Listener::bind("admin", "server.admin_listen", settings.server.admin_listen)?;
+        let admin_addr = admin_listener.addr();
+        let admin_routes =
+            ingress::admin::routes(bus.clone(), metrics.clone(), supervisor, shutdown.clone())
+                .map(Reply::into_response)
+                .boxed();
+        let admin = admin_listener.serve(
+            admin_routes,
+            limits,
             metrics.clone(),
-            supervisor,
-            shutdown.clone(),
-        ))
-        .try_bind_with_graceful_shutdown(settings.server.admin_listen, async move {
-            stop.cancelled().await
-        })
-        .with_context(|| {
-            format!(
-                "binding server.admin_listen {}",
-                settings.server.admin_listen
-            )
-        })?;
+            refusals.clone(),
+            admin_stop.clone(),
+        );
 
         Ok(App {
             ingress_addr,
@@ -109,6 +124,7 @@ impl App {
             grace: settings.server.shutdown_grace,
             ingress,
             admin: admin.boxed(),
+            refusals,
         })
     }
 
@@ -126,6 +142,8 @@ impl App {
         tracing::info!(ingress = %self.ingress_addr, internal = internal.as_deref().unwrap_or("off"), admin = %self.admin_addr, bus = self.bus.engine(), "imbridge serving");
         let mut ingress = tokio::spawn(self.ingress);
         let admin = tokio::spawn(self.admin);
+        // Ends with the ingress drain; the last counts are logged at the end of the shutdown.
+        let summaries = tokio::spawn(self.refusals.clone().report(self.shutdown.clone()));
         // Biased: the ingress future also ends on the shutdown signal, and that is no error.
         tokio::select! {
             biased;
@@ -136,8 +154,9 @@ impl App {
                 anyhow::bail!("ingress listener stopped unexpectedly");
             }
         }
+        let deadline = tokio::time::Instant::now() + self.grace;
         tracing::info!(grace = ?self.grace, "shutdown: no longer accepting; finishing in-flight callbacks");
-        match tokio::time::timeout(self.grace, &mut ingress).await {
+        match tokio::time::timeout_at(deadline, &mut ingress).await {
             Ok(r) => r.context("ingress listener task")?,
             Err(_) => {
                 tracing::warn!(in_flight = self.metrics.requests_in_flight.get(), "grace period over; abandoning in-flight callbacks (the platform will retry them)");
@@ -145,10 +164,21 @@ impl App {
             }
         }
         // Workers hand back what they hold; a send already in flight finishes and is acked.
-        self.notifier.join(self.grace).await;
-        self.bus.close().await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        self.notifier.join(left).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if tokio::time::timeout(left.max(BUS_CLOSE_FLOOR), self.bus.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the bus did not close in time; unacknowledged messages will be redelivered"
+            );
+        }
         self.admin_stop.trigger();
-        let _ = tokio::time::timeout(Duration::from_secs(5), admin).await;
+        let _ = tokio::time::timeout(ADMIN_CLOSE, admin).await;
+        let _ = summaries.await;
+        self.refusals.summarize("since the last summary");
         tracing::info!("shutdown complete");
         Ok(())
     }
@@ -159,25 +189,36 @@ impl App {
 fn serve_ingress(
     settings: &Settings,
     state: Arc<State>,
+    limits: server::Limits,
     shutdown: &Shutdown,
 ) -> anyhow::Result<(SocketAddr, Option<SocketAddr>, BoxFuture<'static, ()>)> {
     let server = &settings.server;
-    let stop = shutdown.clone();
-    let (ingress_addr, public) = warp::serve(ingress::routes(state.clone(), server.max_body_bytes))
-        .try_bind_with_graceful_shutdown(server.listen, async move { stop.cancelled().await })
-        .with_context(|| format!("binding server.listen {}", server.listen))?;
+    let body = ingress::BodyLimit {
+        max_bytes: server.max_body_bytes,
+        timeout: server.body_timeout,
+    };
+    let serve = |listener: Listener, routes: server::Routes| {
+        let (metrics, refusals) = (state.metrics.clone(), state.refusals.clone());
+        listener.serve(routes, limits, metrics, refusals, shutdown.clone())
+    };
+    let public = Listener::bind("public", "server.listen", server.listen)?;
+    let ingress_addr = public.addr();
+    let routes = ingress::routes(state.clone(), body)
+        .map(Reply::into_response)
+        .boxed();
+    let public = serve(public, routes);
     let Some(internal_listen) = server.internal_listen else {
         return Ok((ingress_addr, None, public.boxed()));
     };
     if state.clients.anonymous {
         tracing::warn!("server.allow_anonymous: POST /notify on the internal listener accepts requests without a client token");
     }
-    let stop = shutdown.clone();
-    let routes = ingress::internal_routes(state, server.max_body_bytes);
-    let (internal_addr, internal) = warp::serve(routes)
-        .try_bind_with_graceful_shutdown(internal_listen, async move { stop.cancelled().await })
-        .with_context(|| format!("binding server.internal_listen {internal_listen}"))?;
-    let both = futures::future::join(public, internal).map(drop);
+    let internal = Listener::bind("internal", "server.internal_listen", internal_listen)?;
+    let internal_addr = internal.addr();
+    let routes = ingress::internal_routes(state.clone(), body)
+        .map(Reply::into_response)
+        .boxed();
+    let both = futures::future::join(public, serve(internal, routes)).map(drop);
     Ok((ingress_addr, Some(internal_addr), both.boxed()))
 }
 

@@ -17,6 +17,8 @@
 //!   settings types; no domain imports `config`.
 //! - [`ingress`]: warp routes and handlers for callbacks and `POST /notify`, the admin
 //!   listener, error replies.
+//! - [`server`]: serves those routes on hyper 1 connections with the limits a public listener
+//!   needs (header timeout, connection cap, HTTP/1 only) and sums up refusals in the log.
 //! - [`notify`]: the outbound pipeline in named parts: consumer, router, compose, worker,
 //!   sender (the only HTTP to platforms), dead letters, limiter, preview.
 //! - [`bus`]: the bus contract and one engine per file ([`bus::memory`], [`bus::nats`],
@@ -45,6 +47,7 @@ pub mod metrics;
 pub mod notify;
 pub mod platform;
 pub mod secret;
+pub mod server;
 pub mod shutdown;
 pub mod supervise;
 pub mod telemetry;

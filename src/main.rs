@@ -140,7 +140,11 @@ fn main() -> ExitCode {
             };
             imbridge::telemetry::init(&settings.log);
             let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
-            match runtime.block_on(serve(settings)) {
+            let served = runtime.block_on(serve(settings));
+            // The drain already ran under its own deadline; what is still running (a blocking
+            // producer flush that overran it) must not hold the exit up.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+            match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = format!("{e:#}"), "imbridge stopped");

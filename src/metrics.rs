@@ -30,6 +30,13 @@ pub struct Inner {
     pub bus_connected: IntGaugeVec,
     /// Requests being handled right now.
     pub requests_in_flight: IntGauge,
+    /// Open client connections, by listener (`public`, `internal`, `admin`).
+    pub connections_open: IntGaugeVec,
+    /// Connections closed at once because the listener had `server.max_connections` open.
+    pub connections_refused_total: IntCounterVec,
+    /// Connections that ended in an error, by listener and reason (`header_timeout`,
+    /// `headers_too_large`, `malformed_request`, `connection_error`).
+    pub connections_closed_total: IntCounterVec,
     /// `POST /notify/<target>` requests by target and outcome.
     pub notify_requests_total: IntCounterVec,
     /// Notifications delivered, by target.
@@ -169,6 +176,27 @@ impl Metrics {
                 &["route", "target"],
             )
             .unwrap(),
+            connections_open: IntGaugeVec::new(
+                Opts::new("imbridge_connections_open", "Open client connections"),
+                &["listener"],
+            )
+            .unwrap(),
+            connections_refused_total: IntCounterVec::new(
+                Opts::new(
+                    "imbridge_connections_refused_total",
+                    "Connections closed at once: server.max_connections were open",
+                ),
+                &["listener"],
+            )
+            .unwrap(),
+            connections_closed_total: IntCounterVec::new(
+                Opts::new(
+                    "imbridge_connections_closed_total",
+                    "Connections that ended in an error (timeouts, malformed requests)",
+                ),
+                &["listener", "reason"],
+            )
+            .unwrap(),
             task_restarts_total: IntCounterVec::new(
                 Opts::new(
                     "imbridge_task_restarts_total",
@@ -246,12 +274,16 @@ impl Metrics {
             &inner.notify_token_fetches_total,
             &inner.notify_routed_total,
             &inner.task_restarts_total,
+            &inner.connections_refused_total,
+            &inner.connections_closed_total,
         ] {
             r.register(Box::new(c.clone())).unwrap();
         }
         r.register(Box::new(inner.notify_limiter_wait_seconds.clone()))
             .unwrap();
         r.register(Box::new(inner.notify_queue_depth.clone()))
+            .unwrap();
+        r.register(Box::new(inner.connections_open.clone()))
             .unwrap();
         r.register(Box::new(inner.notify_latency_seconds.clone()))
             .unwrap();
@@ -281,6 +313,20 @@ impl Metrics {
         self.callback_duration_seconds
             .with_label_values(&[platform])
             .observe(took.as_secs_f64());
+    }
+
+    /// Counts a connection closed at once because `listener` was full.
+    pub fn connection_refused(&self, listener: &str) {
+        self.connections_refused_total
+            .with_label_values(&[listener])
+            .inc();
+    }
+
+    /// Counts a connection of `listener` that ended in an error.
+    pub fn connection_closed(&self, listener: &str, reason: &str) {
+        self.connections_closed_total
+            .with_label_values(&[listener, reason])
+            .inc();
     }
 
     /// Whether the bus `engine` is connected.

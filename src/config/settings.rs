@@ -46,6 +46,9 @@ pub struct ServerSettings {
     /// The internal listener (`POST /notify`), off when `None`.
     pub internal_listen: Option<SocketAddr>,
     pub max_body_bytes: u64,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub max_connections: usize,
     /// `None` when the replay check is disabled.
     pub replay_window: Option<Duration>,
     pub shutdown_grace: Duration,

@@ -27,6 +27,7 @@ use crate::notify::notifier::Notifier;
 use crate::platform::dingtalk::callback::DingTalkApp;
 use crate::platform::lark::callback::LarkApp;
 use crate::platform::wecom::callback::WeComApp;
+use crate::server::Refusals;
 use clients::Clients;
 use reply::ApiError;
 
@@ -44,17 +45,27 @@ pub struct State {
     pub clients: Clients,
     /// `Idempotency-Key`s of `POST /notify`, with their bodies' digests.
     pub idempotency: idempotency::IdempotencyKeys,
+    /// Refused requests, summed up in the log.
+    pub refusals: Refusals,
+}
+
+/// How much of a request body is read, and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimit {
+    pub max_bytes: u64,
+    /// From the headers' arrival to the body's last byte.
+    pub timeout: Duration,
 }
 
 /// The public listener: platform callbacks only, with the rejection handler applied.
 pub fn routes(
     state: Arc<State>,
-    max_body_bytes: u64,
+    limit: BodyLimit,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let dingtalk = warp::path!("callbacks" / "dingtalk" / String)
         .and(warp::post())
         .and(query())
-        .and(body(max_body_bytes))
+        .and(body(limit))
         .and(with(state.clone()))
         .then(dingtalk::callback);
     let wecom_verify = warp::path!("callbacks" / "wecom" / String)
@@ -65,13 +76,13 @@ pub fn routes(
     let wecom = warp::path!("callbacks" / "wecom" / String)
         .and(warp::post())
         .and(query())
-        .and(body(max_body_bytes))
+        .and(body(limit))
         .and(with(state.clone()))
         .then(wecom::callback);
     let lark = warp::path!("callbacks" / "lark" / String)
         .and(warp::post())
         .and(warp::header::headers_cloned())
-        .and(body(max_body_bytes))
+        .and(body(limit))
         .and(with(state.clone()))
         .then(lark::callback);
     dingtalk
@@ -84,14 +95,14 @@ pub fn routes(
 /// The internal listener: `POST /notify/<target>` for the configured clients.
 pub fn internal_routes(
     state: Arc<State>,
-    max_body_bytes: u64,
+    limit: BodyLimit,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     warp::path!("notify" / String)
         .and(warp::post())
         .and(query())
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::header::optional::<String>("idempotency-key"))
-        .and(body(max_body_bytes))
+        .and(body(limit))
         .and(with(state))
         .then(notify::post)
         .recover(reply::recover)
@@ -118,13 +129,21 @@ pub fn parse_query(raw: &str) -> Result<HashMap<String, String>, ApiError> {
     Ok(map)
 }
 
-/// The request body, or a 413 refusal past `max` bytes whether or not the client announced its
-/// length (chunked bodies are counted as they arrive). A refusal is a value, not a rejection,
-/// so the handler counts it under its platform and app.
-fn body(max: u64) -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = Rejection> + Clone {
+/// The request body, or a 413 refusal past the limit's bytes whether or not the client
+/// announced its length (chunked bodies are counted as they arrive), or a 408 refusal when it
+/// has not all arrived within the limit's timeout (a client trickling its body would otherwise
+/// hold a connection and a handler for as long as it likes). A refusal is a value, not a
+/// rejection, so the handler counts it under its platform and app.
+fn body(
+    limit: BodyLimit,
+) -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = Rejection> + Clone {
     warp::header::optional::<u64>("content-length")
         .and(warp::body::stream())
-        .then(move |length: Option<u64>, stream| read_limited(length, stream, max))
+        .then(move |length: Option<u64>, stream| async move {
+            tokio::time::timeout(limit.timeout, read_limited(length, stream, limit.max_bytes))
+                .await
+                .unwrap_or_else(|_| Err(ApiError::body_timeout(limit.timeout)))
+        })
 }
 
 async fn read_limited<S, B>(length: Option<u64>, stream: S, max: u64) -> Result<Bytes, ApiError>
@@ -201,7 +220,9 @@ pub async fn serve_callback(
             if err.status.is_server_error() {
                 tracing::warn!(platform, app = app_label, code = err.code, message = %err.message, "callback not accepted; the platform will retry");
             } else {
-                tracing::info!(platform, app = app_label, code = err.code, message = %err.message, "callback refused");
+                // Anyone can send bad callbacks: one debug line each, summed up at info.
+                tracing::debug!(platform, app = app_label, code = err.code, message = %err.message, "callback refused");
+                state.refusals.record("public", err.code);
             }
             err.into_response()
         }

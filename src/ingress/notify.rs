@@ -47,7 +47,13 @@ pub async fn post(
     let (outcome, response) = match result {
         Ok((outcome, response)) => (outcome, response),
         Err(e) => {
-            tracing::info!(target = label, code = e.code, message = %e.message, "notify request refused");
+            if e.status.is_server_error() {
+                tracing::warn!(target = label, code = e.code, message = %e.message, "notify request not accepted");
+            } else {
+                // A flood of bad requests must not flood the log: counted, summed up at info.
+                tracing::debug!(target = label, code = e.code, message = %e.message, "notify request refused");
+                state.refusals.record("internal", e.code);
+            }
             let (code, unauthorized) = (e.code, e.status == StatusCode::UNAUTHORIZED);
             let mut response = e.into_response();
             if unauthorized {

@@ -42,6 +42,16 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
+    /// The body did not all arrive in time. The answer closes the connection (see
+    /// `into_response`), as the rest of the body may still be on its way.
+    pub fn body_timeout(timeout: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("request body not received within {timeout:?}"),
+        )
+    }
+
     pub fn too_large(max: u64) -> Self {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -57,7 +67,17 @@ impl Reply for ApiError {
             code: self.code,
             message: &self.message,
         };
-        warp::reply::with_status(warp::reply::json(&body), self.status).into_response()
+        let mut response =
+            warp::reply::with_status(warp::reply::json(&body), self.status).into_response();
+        // Part of a timed-out body may still be in flight: the connection cannot carry another
+        // request, so the client is told rather than left to find out.
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            response.headers_mut().insert(
+                warp::http::header::CONNECTION,
+                warp::http::HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 }
 

@@ -483,8 +483,9 @@ mod tests {
                     )
                 },
             );
-        let (addr, serve) = warp::serve(route).bind_ephemeral(([127, 0, 0, 1], 0));
-        tokio::spawn(serve);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(warp::serve(route).incoming(listener).run());
         (format!("http://{addr}"), seen)
     }
 

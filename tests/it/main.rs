@@ -11,6 +11,7 @@ mod cli;
 mod config;
 mod dingtalk_ingress;
 mod dingtalk_nats;
+mod edge;
 mod fakes_selftest;
 mod helm_chart;
 mod kafka_harness;

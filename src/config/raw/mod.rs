@@ -88,6 +88,15 @@ pub struct ServerConfig {
     pub allow_anonymous: bool,
     /// Largest request body accepted; larger bodies get 413.
     pub max_body_bytes: u64,
+    /// Time a client has to send a request's headers, counted from when the connection opens
+    /// or its previous response was sent: also how long an idle keep-alive connection stays.
+    #[serde(deserialize_with = "lenient_string")]
+    pub header_timeout: String,
+    /// Time a client has to send a request's whole body once its headers arrived; 408 after.
+    #[serde(deserialize_with = "lenient_string")]
+    pub body_timeout: String,
+    /// Open connections per listener; one more is closed at once (and counted).
+    pub max_connections: usize,
     /// Callbacks whose timestamp is further than this from now are rejected; "0" disables.
     #[serde(deserialize_with = "lenient_string")]
     pub replay_window: String,
@@ -104,6 +113,9 @@ impl Default for ServerConfig {
             internal_listen: None,
             allow_anonymous: false,
             max_body_bytes: 64 * 1024,
+            header_timeout: "10s".into(),
+            body_timeout: "10s".into(),
+            max_connections: 4096,
             replay_window: "1h".into(),
             shutdown_grace: "20s".into(),
         }

@@ -23,12 +23,27 @@ pub(super) fn server(raw: &ServerConfig, c: &mut Checker) -> ServerSettings {
             .as_deref()
             .map(|a| c.addr("server.internal_listen", a)),
         max_body_bytes: raw.max_body_bytes,
+        header_timeout: c.duration("server.header_timeout", &raw.header_timeout),
+        body_timeout: c.duration("server.body_timeout", &raw.body_timeout),
+        max_connections: raw.max_connections,
         replay_window: Some(c.duration("server.replay_window", &raw.replay_window))
             .filter(|d| !d.is_zero()),
         shutdown_grace: c.duration("server.shutdown_grace", &raw.shutdown_grace),
     };
     if server.max_body_bytes == 0 {
         c.problem("server.max_body_bytes", "must be greater than 0");
+    }
+    // Zero would close every connection before its first request could arrive.
+    for (key, value) in [
+        ("server.header_timeout", &raw.header_timeout),
+        ("server.body_timeout", &raw.body_timeout),
+    ] {
+        if humantime::parse_duration(value).is_ok_and(|d| d.is_zero()) {
+            c.problem(key, "must be greater than 0");
+        }
+    }
+    if server.max_connections == 0 {
+        c.problem("server.max_connections", "must be greater than 0");
     }
     if server.listen.port() != 0 && server.listen == server.admin_listen {
         c.problem(
