@@ -9,15 +9,21 @@ installs both (pinned); tests/it/helm_chart.rs runs this script from `cargo test
 binary it built in IMBRIDGE_BIN so every rendered configuration also goes through
 `imbridge check-config`.
 
-For the default values, each examples/values-*.yaml and a few variants, the chart is:
+For the default values, each examples/values-*.yaml and a few variants (the internal listener
+on and off, anonymous, client tokens from the chart's Secret, an existingSecret or extraEnv),
+the chart is:
   1. linted, strict, by Helm's linter for the oldest and newest Kubernetes versions below;
   2. rendered by Helm's engine, as `helm template` would;
   3. validated manifest by manifest against the Kubernetes schemas of those versions in strict
      mode (unknown fields are errors). The ServiceMonitor is a CRD, absent from those schemas:
      check_service_monitor checks it by hand;
-  4. checked for the properties the chart promises (check_release).
-deploy/k8s gets steps 3 and 4 and is compared with the chart's defaults; deploy/compose.yaml
-and deploy/Dockerfile are checked against deploy/imbridge.toml, the image's default config.
+  4. checked for the properties the chart promises (check_release, check_internal: POST
+     /notify only on the internal listener's own Service, which no Ingress reaches and no
+     NetworkPolicy opens to everyone, with each client's token from the environment).
+The values the chart must refuse are checked to be refused, each for its reason.
+deploy/k8s gets steps 3 and 4 and is compared with the chart's defaults (internal listener
+on); deploy/compose.yaml and deploy/Dockerfile are checked against deploy/imbridge.toml, the
+image's default config.
 
 Exit status: 0 when everything holds, 1 with every failure listed, 2 when a package is missing.
 """
@@ -798,11 +804,13 @@ def check_checksums(c: Checker, chart: helm.Chart, base: dict) -> None:
 # deploy/
 
 
-def check_plain_manifests(c: Checker, chart_default: list[dict]) -> None:
-    """deploy/k8s: valid, the same properties as the chart, and the chart's defaults."""
+def check_plain_manifests(c: Checker) -> None:
+    """deploy/k8s: valid, the same properties as the chart, and the chart's defaults with the
+    internal listener on and the NetworkPolicy of examples/values-networkpolicy.yaml."""
     label = "deploy/k8s"
     docs = []
-    for path in sorted((DEPLOY / "k8s").glob("*.yaml")) + [DEPLOY / "k8s" / "secret.yaml.example"]:
+    examples = [DEPLOY / "k8s" / "secret.yaml.example", DEPLOY / "k8s" / "networkpolicy.yaml.example"]
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")) + examples:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 c.check("namespace" not in doc["metadata"], f"{path.name}: must not name a namespace")
@@ -811,17 +819,34 @@ def check_plain_manifests(c: Checker, chart_default: list[dict]) -> None:
     check_schemas(c, label, docs)
     check_release(c, label, docs, env=secret_env(one(c, label, docs, "Secret")), helm_release=False)
 
-    # The same pod as the chart renders by default, but for the replica count and the image.
+    # The same pod as the chart renders by default with the internal listener on, but for the
+    # replica count and the image; the same Services and policies.
     def essentials(docs: list[dict]) -> dict:
         dep = of_kind(docs, "Deployment")[0]
         pod = copy.deepcopy(dep["spec"]["template"]["spec"])
         for ctr in pod["containers"]:
             ctr.pop("image")
-        svc = of_kind(docs, "Service")[0]["spec"]
+        services = {is_internal_service(s): s["spec"] for s in of_kind(docs, "Service")}
         pdb = of_kind(docs, "PodDisruptionBudget")[0]["spec"]
-        return {"pod": pod, "service": svc, "pdb": pdb, "selector": dep["spec"]["selector"]}
+        policy = of_kind(docs, "NetworkPolicy")[0]["spec"]
+        return {
+            "pod": pod,
+            "service": services.get(False),
+            "internal service": services.get(True),
+            "pdb": pdb,
+            "networkpolicy": policy,
+            "selector": dep["spec"]["selector"],
+        }
 
-    ours, chart = essentials(docs), essentials(chart_default)
+    chart_docs, _ = render(
+        helm.Chart.load(CHART),
+        {
+            "internal": {"enabled": True},
+            "config": {"server": {"allow_anonymous": True}},
+            "networkPolicy": values_file(CHART / "examples" / "values-networkpolicy.yaml")["networkPolicy"],
+        },
+    )
+    ours, chart = essentials(docs), essentials(chart_docs)
     for part in ours:
         c.check(ours[part] == chart[part], f"{label}: {part} differs from the chart's defaults:\n{ours[part]}\n{chart[part]}")
     c.check(of_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["image"] == "imbridge:0.1.0", f"{label}: image")
@@ -892,10 +917,9 @@ def main() -> int:
           f"kubernetes-validate {kubernetes_validate.__version__}, Kubernetes {' and '.join(KUBE_VERSIONS)}")
     # A stage that crashes (a manifest missing a field the checks read) is one more failure;
     # the other stages still run, so one run lists everything.
-    rendered: dict[str, list[dict]] = {}
     for stage in (
-        lambda: rendered.update(check_chart(c)),
-        lambda: check_plain_manifests(c, rendered["default values"]),
+        lambda: check_chart(c),
+        lambda: check_plain_manifests(c),
         lambda: check_image_and_compose(c),
     ):
         try:
