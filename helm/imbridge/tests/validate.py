@@ -906,7 +906,14 @@ def check_image_and_compose(c: Checker) -> None:
     c.check(env.get("IMBRIDGE_BUS__KIND") == "nats", f"{label}compose.yaml: bus is not nats")
     check_config(c, "deploy/compose.yaml", default_toml, env)
     published = {p.split(":")[-1] for p in bridge["ports"]}
-    c.check(published == {str(listen), str(admin)}, f"{label}compose.yaml: ports {published}")
+    internal = env.get("IMBRIDGE_SERVER__INTERNAL_LISTEN")
+    c.check(internal is not None, f"{label}compose.yaml: the internal listener (POST /notify) is off")
+    expected = {str(listen), str(admin)} | ({str(port_of(internal))} if internal else set())
+    c.check(published == expected, f"{label}compose.yaml: ports {published}, expected {expected}")
+    # POST /notify is published on the loopback interface only, never on the host's network.
+    for p in bridge["ports"]:
+        if internal and p.split(":")[-1] == str(port_of(internal)):
+            c.check(p.startswith("127.0.0.1:"), f"{label}compose.yaml: the internal port is published as {p}")
     c.check(f"/dev/tcp/127.0.0.1/{admin}" in " ".join(bridge["healthcheck"]["test"]), f"{label}compose.yaml: healthcheck port")
     c.check(seconds_of(bridge["stop_grace_period"]) > seconds_of(server["shutdown_grace"]), f"{label}compose.yaml: stop_grace_period")
 
