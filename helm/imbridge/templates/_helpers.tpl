@@ -44,6 +44,14 @@ app.kubernetes.io/name: {{ include "imbridge.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/*
+The internal listener's Service: "<fullname>-internal", the full name shortened so the whole
+stays a 63-character DNS label.
+*/}}
+{{- define "imbridge.internalServiceName" -}}
+{{- printf "%s-internal" (include "imbridge.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
 {{/* The ServiceAccount the pods run as. */}}
 {{- define "imbridge.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
@@ -69,30 +77,67 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
-Refusals the schema cannot express. The memory bus lives inside one process: several
-replicas would be several unrelated buses, each with its own events and rate limits.
+Refusals the schema cannot express, each one the install would otherwise only meet as a pod
+that never starts:
+- the memory bus lives inside one process: several replicas would be several unrelated buses,
+  each with its own events and rate limits;
+- two listeners on one port;
+- notify clients without the internal listener that serves them, or the internal listener
+  with nobody allowed on it (the daemon refuses that unless allow_anonymous);
+- a client whose token is nowhere: the chart's Secret, extraEnv, or an existingSecret it
+  cannot see into.
 */}}
 {{- define "imbridge.checks" -}}
 {{- $kind := dig "bus" "kind" "memory" .Values.config }}
 {{- if and (eq $kind "memory") (or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled) }}
 {{- fail "config.bus.kind \"memory\" is in-process: run one replica (replicaCount: 1, autoscaling off) or use \"nats\" or \"kafka\"" }}
 {{- end }}
+{{- $ports := list (int .Values.ports.http) (int .Values.ports.admin) }}
+{{- if .Values.internal.enabled }}
+{{- $ports = append $ports (int .Values.ports.internal) }}
+{{- end }}
+{{- if ne (len $ports) (len (uniq $ports)) }}
+{{- fail (printf "ports: http, admin and internal must differ (got %s)" (join ", " $ports)) }}
+{{- end }}
+{{- $clients := dig "clients" dict .Values.config }}
+{{- if and $clients (not .Values.internal.enabled) }}
+{{- fail "config.clients is set but internal.enabled is false: the clients' POST /notify is served only on the internal listener" }}
+{{- end }}
+{{- if and .Values.internal.enabled (not $clients) (not (dig "server" "allow_anonymous" false .Values.config)) }}
+{{- fail "internal.enabled: POST /notify would be open to anyone who reaches it: add config.clients.<name> with its token in secrets as IMBRIDGE_CLIENTS__<NAME>__TOKEN, or set config.server.allow_anonymous: true" }}
+{{- end }}
+{{- if not .Values.existingSecret }}
+{{- $extraEnv := list }}
+{{- range .Values.extraEnv }}
+{{- $extraEnv = append $extraEnv .name }}
+{{- end }}
+{{- range $name, $_ := $clients }}
+{{- $var := printf "IMBRIDGE_CLIENTS__%s__TOKEN" (upper $name) }}
+{{- if not (or (hasKey $.Values.secrets $var) (has $var $extraEnv)) }}
+{{- fail (printf "config.clients.%s has no token: set secrets.%s (a random secret of 16 characters or more), or use existingSecret" $name $var) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/*
 The imbridge configuration: the `config` values plus the [server] keys the chart owns
-(listeners from listenAddress and ports, the grace period from shutdownGraceSeconds), so the
-pod spec and the daemon agree on ports and timing. Rendered as TOML.
+(listeners from listenAddress, ports and internal.enabled, the grace period from
+shutdownGraceSeconds), so the pod spec and the daemon agree on ports and timing. Rendered as
+TOML.
 */}}
 {{- define "imbridge.config" -}}
 {{- $config := deepCopy (.Values.config | default dict) }}
 {{- $server := get $config "server" | default dict }}
 {{- $_ := set $server "listen" (printf "%s:%d" .Values.listenAddress (int .Values.ports.http)) }}
 {{- $_ = set $server "admin_listen" (printf "%s:%d" .Values.listenAddress (int .Values.ports.admin)) }}
+{{- if .Values.internal.enabled }}
+{{- $_ = set $server "internal_listen" (printf "%s:%d" .Values.listenAddress (int .Values.ports.internal)) }}
+{{- end }}
 {{- $_ = set $server "shutdown_grace" (printf "%ds" (int .Values.shutdownGraceSeconds)) }}
 {{- $_ = set $config "server" $server }}
 {{- /* Sections in the order of imbridge.example.toml, then any other (the daemon refuses those). */}}
-{{- $order := list "server" "log" "bus" "apps" "notify" "targets" "routes" "templates" "users" }}
+{{- $order := list "server" "log" "bus" "apps" "notify" "targets" "routes" "templates" "users" "clients" }}
 {{- range $section := keys $config | sortAlpha }}
 {{- if not (has $section $order) }}
 {{- $order = append $order $section }}

@@ -9,15 +9,21 @@ installs both (pinned); tests/it/helm_chart.rs runs this script from `cargo test
 binary it built in IMBRIDGE_BIN so every rendered configuration also goes through
 `imbridge check-config`.
 
-For the default values, each examples/values-*.yaml and a few variants, the chart is:
+For the default values, each examples/values-*.yaml and a few variants (the internal listener
+on and off, anonymous, client tokens from the chart's Secret, an existingSecret or extraEnv),
+the chart is:
   1. linted, strict, by Helm's linter for the oldest and newest Kubernetes versions below;
   2. rendered by Helm's engine, as `helm template` would;
   3. validated manifest by manifest against the Kubernetes schemas of those versions in strict
      mode (unknown fields are errors). The ServiceMonitor is a CRD, absent from those schemas:
      check_service_monitor checks it by hand;
-  4. checked for the properties the chart promises (check_release).
-deploy/k8s gets steps 3 and 4 and is compared with the chart's defaults; deploy/compose.yaml
-and deploy/Dockerfile are checked against deploy/imbridge.toml, the image's default config.
+  4. checked for the properties the chart promises (check_release, check_internal: POST
+     /notify only on the internal listener's own Service, which no Ingress reaches and no
+     NetworkPolicy opens to everyone, with each client's token from the environment).
+The values the chart must refuse are checked to be refused, each for its reason.
+deploy/k8s gets steps 3 and 4 and is compared with the chart's defaults (internal listener
+on); deploy/compose.yaml and deploy/Dockerfile are checked against deploy/imbridge.toml, the
+image's default config.
 
 Exit status: 0 when everything holds, 1 with every failure listed, 2 when a package is missing.
 """
@@ -157,8 +163,8 @@ def check_service_monitor(c: Checker, name: str, sm: dict, docs: list[dict]) -> 
     c.check(set(sm) <= {"apiVersion", "kind", "metadata", "spec"}, f"{name}: unknown top-level fields")
     spec = sm.get("spec", {})
     c.check(set(spec) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}, f"{name}: unknown spec fields")
-    selector = spec.get("selector", {}).get("matchLabels", {})
-    services = [s for s in of_kind(docs, "Service") if labels_match(selector, s["metadata"].get("labels", {}))]
+    selector = spec.get("selector", {})
+    services = [s for s in of_kind(docs, "Service") if selector_matches(selector, s["metadata"].get("labels", {}))]
     c.check(len(services) == 1, f"{name}: selector matches {len(services)} Services, expected 1")
     endpoints = spec.get("endpoints", [])
     c.check(len(endpoints) == 1, f"{name}: expected one endpoint")
@@ -178,6 +184,23 @@ def check_service_monitor(c: Checker, name: str, sm: dict, docs: list[dict]) -> 
 
 def labels_match(selector: dict, labels: dict) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def selector_matches(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against labels."""
+    if not labels_match(selector.get("matchLabels", {}), labels):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }.get(op)
+        if not ok:
+            return False
+    return True
 
 
 def port_of(address: str) -> int:
@@ -227,10 +250,13 @@ def check_release(c: Checker, label: str, docs: list[dict], *, env: dict[str, st
         c.check(key in server, f"{label}: server.{key} missing from the rendered config")
     ports = {p["name"]: p["containerPort"] for p in ctr.get("ports", [])}
     if "listen" in server and "admin_listen" in server:
+        expected = {"http": port_of(server["listen"]), "admin": port_of(server["admin_listen"])}
+        if "internal_listen" in server:
+            expected["internal"] = port_of(server["internal_listen"])
         c.check(
-            ports == {"http": port_of(server["listen"]), "admin": port_of(server["admin_listen"])},
+            ports == expected,
             f"{label}: container ports {ports} differ from server.listen {server['listen']} / "
-            f"admin_listen {server['admin_listen']}",
+            f"admin_listen {server['admin_listen']} / internal_listen {server.get('internal_listen')}",
         )
 
     # The config is what the daemon reads: mounted where the args point.
@@ -292,7 +318,10 @@ def check_release(c: Checker, label: str, docs: list[dict], *, env: dict[str, st
     # Everything that selects the pods selects them, by their named ports.
     pod_labels = pod_meta.get("labels", {})
     c.check(labels_match(dep["spec"]["selector"]["matchLabels"], pod_labels), f"{label}: Deployment selector")
-    svc = one(c, label, docs, "Service")
+    # The main Service (public and admin ports); the internal listener's is check_internal's.
+    main = [s for s in of_kind(docs, "Service") if not is_internal_service(s)]
+    c.check(len(main) == 1, f"{label}: expected one main Service, found {len(main)}")
+    svc = main[0] if len(main) == 1 else None
     if svc:
         c.check(labels_match(svc["spec"]["selector"], pod_labels), f"{label}: Service selector")
         svc_ports = {p["name"]: p for p in svc["spec"]["ports"]}
@@ -305,6 +334,8 @@ def check_release(c: Checker, label: str, docs: list[dict], *, env: dict[str, st
             c.check(labels_match(sel, pod_labels), f"{label}: {kind} selector does not select the pods")
     for np in of_kind(docs, "NetworkPolicy"):
         for rule in np["spec"].get("ingress", []):
+            # A rule without ports would open every port, the internal one included.
+            c.check(rule.get("ports"), f"{label}: a NetworkPolicy rule without ports opens them all")
             for p in rule.get("ports", []):
                 c.check(p.get("port") in ports, f"{label}: NetworkPolicy names port {p.get('port')}")
     for hpa in of_kind(docs, "HorizontalPodAutoscaler"):
@@ -318,6 +349,12 @@ def check_release(c: Checker, label: str, docs: list[dict], *, env: dict[str, st
                     svc is not None and backend["name"] == svc["metadata"]["name"] and backend["port"].get("name") == "http",
                     f"{label}: Ingress path {p['path']} must go to the Service's http port",
                 )
+    # The pod's environment: the Secret's variables, then the container's own env entries (a
+    # valueFrom stands for a value of another Secret, which this check cannot read).
+    pod_env = dict(env)
+    for e in ctr.get("env", []):
+        pod_env[e["name"]] = e.get("value", f"from-another-secret-{e['name'].lower()}")
+    check_internal(c, label, docs, config, ports, pod_labels, pod_env)
 
     # `helm test`: a hook pod asking /readyz on the Service's admin port.
     if helm_release and svc:
@@ -328,8 +365,70 @@ def check_release(c: Checker, label: str, docs: list[dict], *, env: dict[str, st
             url = f"http://{svc['metadata']['name']}:{svc_ports['admin']['port']}/readyz"
             c.check(url in script, f"{label}: the test pod does not fetch {url}")
 
-    check_config(c, label, text, env)
+    check_config(c, label, text, pod_env)
     return config
+
+
+def is_internal_service(svc: dict) -> bool:
+    return svc["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "internal"
+
+
+def check_internal(
+    c: Checker, label: str, docs: list[dict], config: dict, ports: dict[str, int], pod_labels: dict, env: dict[str, str]
+) -> None:
+    """The internal listener (POST /notify): on when server.internal_listen is set, and then on
+    a ClusterIP Service of its own that no Ingress reaches, behind a NetworkPolicy rule that
+    never allows everyone; each client's token comes from the environment, never the config."""
+    internal = [s for s in of_kind(docs, "Service") if is_internal_service(s)]
+    listen = config.get("server", {}).get("internal_listen")
+    clients = config.get("clients", {})
+    if listen is None:
+        c.check(not internal, f"{label}: an internal Service without server.internal_listen")
+        c.check("internal" not in ports, f"{label}: an internal container port without server.internal_listen")
+        c.check(not clients, f"{label}: [clients] without the internal listener that serves them")
+        return
+    c.check(len(internal) == 1, f"{label}: server.internal_listen is set: expected one internal Service, found {len(internal)}")
+    for svc in internal:
+        name = svc["metadata"]["name"]
+        c.check(labels_match(svc["spec"]["selector"], pod_labels), f"{label}: Service {name} does not select the pods")
+        c.check(
+            [(p["name"], p.get("targetPort")) for p in svc["spec"]["ports"]] in ([("internal", "internal")], [("internal", ports.get("internal"))]),
+            f"{label}: Service {name} must have the internal port only: {svc['spec']['ports']}",
+        )
+        c.check(len(name) <= 63, f"{label}: Service name {name} is longer than a DNS label")
+    for svc in of_kind(docs, "Service"):
+        if not is_internal_service(svc):
+            targets = {p.get("targetPort") for p in svc["spec"]["ports"]}
+            c.check(not targets & {"internal", ports.get("internal")}, f"{label}: the main Service exposes the internal listener")
+
+    # No Ingress reaches the internal listener, whatever its paths: it routes only the main
+    # Service's public port, and the internal one is on another Service.
+    internal_names = {s["metadata"]["name"] for s in internal}
+    for ing in of_kind(docs, "Ingress"):
+        backends = [p["backend"]["service"] for rule in ing["spec"]["rules"] for p in rule["http"]["paths"]]
+        for backend in backends:
+            c.check(
+                backend["name"] not in internal_names
+                and backend["port"].get("name") != "internal"
+                and backend["port"].get("number") not in (ports.get("internal"), *(p["port"] for s in internal for p in s["spec"]["ports"])),
+                f"{label}: the Ingress reaches the internal listener: {backend}",
+            )
+
+    # NetworkPolicy: the internal port is named by a rule that lists peers, never everyone,
+    # and shares no rule with the public port.
+    for np in of_kind(docs, "NetworkPolicy"):
+        rules = np["spec"].get("ingress", [])
+        internal_rules = [r for r in rules if any(p.get("port") in ("internal", ports.get("internal")) for p in r.get("ports", []))]
+        c.check(internal_rules, f"{label}: the NetworkPolicy leaves the internal port closed")
+        for rule in internal_rules:
+            c.check(rule.get("from"), f"{label}: the NetworkPolicy opens the internal port to everyone")
+            named = {p.get("port") for p in rule.get("ports", [])}
+            c.check(not named & {"http", ports.get("http")}, f"{label}: the internal and public ports share a NetworkPolicy rule")
+
+    # Clients: tokens from the environment (the Secret), never in the ConfigMap.
+    for name, client in clients.items():
+        c.check("token" not in client, f"{label}: clients.{name}.token is in the ConfigMap")
+        c.check(f"IMBRIDGE_CLIENTS__{name.upper()}__TOKEN" in env, f"{label}: no IMBRIDGE_CLIENTS__{name.upper()}__TOKEN for client {name}")
 
 
 def imbridge_binary() -> Path | None:
@@ -352,21 +451,41 @@ def check_config(c: Checker, label: str, toml_text: str, env: dict[str, str]) ->
     if binary is None:
         SKIPPED_CHECK_CONFIG.append(label)
         return
+    placeholders = [k for k, v in env.items() if CLIENT_TOKEN.fullmatch(k) and v.startswith("REPLACE_ME")]
+    if placeholders:
+        # The examples' client tokens are placeholders the daemon must refuse, so that none is
+        # ever deployed as is.
+        run = run_check_config(binary, toml_text, env)
+        for key in placeholders:
+            name = CLIENT_TOKEN.fullmatch(key).group(1).lower()
+            c.check(
+                run.returncode != 0 and f"clients.{name}.token" in run.stderr + run.stdout,
+                f"{label}: check-config accepted the placeholder {key}",
+            )
     env = {
         k: TEST_AES_KEY if k.endswith("__AES_KEY") and not re.fullmatch(r"[A-Za-z0-9]{43}", v) else v
         for k, v in env.items()
     }
+    env.update({k: f"test-token-of-{k.lower()}" for k in placeholders})
+    run = run_check_config(binary, toml_text, env)
+    c.check(run.returncode == 0, f"{label}: imbridge check-config exited {run.returncode}:\n{run.stderr}{run.stdout}")
+
+
+# A notify client's token variable; group 1 is the client's name.
+CLIENT_TOKEN = re.compile(r"IMBRIDGE_CLIENTS__([A-Z0-9_]+?)__TOKEN")
+
+
+def run_check_config(binary: Path, toml_text: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "imbridge.toml"
         path.write_text(toml_text)
-        run = subprocess.run(
+        return subprocess.run(
             [str(binary), "check-config", "--config", str(path)],
             env=env,
             capture_output=True,
             text=True,
             timeout=60,
         )
-    c.check(run.returncode == 0, f"{label}: imbridge check-config exited {run.returncode}:\n{run.stderr}{run.stdout}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,14 +512,22 @@ def check_values_comments(c: Checker) -> None:
 
 
 def check_notes(c: Checker, label: str, notes: str, values: dict) -> None:
-    """NOTES.txt names the callback URL of every configured app and the notify endpoints."""
+    """NOTES.txt names the callback URL of every configured app, and POST /notify on the
+    internal Service only (the bus subjects when the internal listener is off)."""
     apps = values.get("config", {}).get("apps", {})
     for platform, by_name in apps.items():
         for name in by_name:
             c.check(f"/callbacks/{platform}/{name}" in notes, f"{label}: NOTES.txt lacks /callbacks/{platform}/{name}")
-    c.check(f"http://{RELEASE}.{NAMESPACE}.svc:" in notes and "/notify/" in notes, f"{label}: NOTES.txt lacks the notify endpoint")
+    c.check(f"http://{RELEASE}.{NAMESPACE}.svc:" not in notes, f"{label}: NOTES.txt sends notifications to the main Service")
+    internal = deep_merge({"enabled": False, "service": {"port": 8081}}, values.get("internal", {}))
+    base = f"http://{RELEASE}-internal.{NAMESPACE}.svc:{internal['service']['port']}/notify/"
+    if internal["enabled"]:
+        c.check(f"POST {base}<target>" in notes and "Authorization: Bearer" in notes, f"{label}: NOTES.txt lacks {base}")
+    else:
+        c.check("/notify/" not in notes, f"{label}: NOTES.txt names a /notify URL with the internal listener off")
     for target in values.get("config", {}).get("targets", {}):
-        c.check(f"/notify/{target}" in notes, f"{label}: NOTES.txt lacks /notify/{target}")
+        expected = f"{base}{target}" if internal["enabled"] else f"notify.{target}"
+        c.check(expected in notes, f"{label}: NOTES.txt lacks {expected}")
 
 
 def checksum(docs: list[dict], key: str) -> str:
@@ -425,6 +552,7 @@ def check_chart(c: Checker) -> dict[str, list[dict]]:
 
     nats = values_file(CHART / "examples" / "values-nats.yaml")
     kafka = values_file(CHART / "examples" / "values-kafka.yaml")
+    policy = values_file(CHART / "examples" / "values-networkpolicy.yaml")
     everything = deep_merge(
         nats,
         {
@@ -439,7 +567,9 @@ def check_chart(c: Checker) -> dict[str, list[dict]]:
         "default values": {},
         "examples/values-nats.yaml": nats,
         "examples/values-kafka.yaml": kafka,
+        "values-nats.yaml + values-networkpolicy.yaml": deep_merge(nats, policy),
         "values-nats.yaml + every optional resource": everything,
+        **internal_cases(nats),
     }
     rendered: dict[str, list[dict]] = {}
     for label, values in cases.items():
@@ -456,6 +586,8 @@ def check_chart(c: Checker) -> dict[str, list[dict]]:
 
     check_secrets_stay_secret(c, chart)
     check_checksums(c, chart, nats)
+    check_network_policy_example(c, rendered["values-nats.yaml + values-networkpolicy.yaml"], policy["networkPolicy"])
+    check_ingress_never_internal(c, chart, nats)
 
     # existingSecret: no Secret from the chart, the pods read the named one.
     label = "existingSecret"
@@ -493,7 +625,112 @@ def check_chart(c: Checker) -> dict[str, list[dict]]:
     }
     for what, values in refusals.items():
         c.check(refused(chart, values) is not None, f"the chart accepted {what}")
+
+    # The internal listener's refusals, each for its own reason (the message names it).
+    internal_refusals = {
+        "server.internal_listen (the chart's own)": ({"config": {"server": {"internal_listen": "0.0.0.0:1"}}}, "internal_listen"),
+        "the internal listener without clients or allow_anonymous": ({"internal": {"enabled": True}}, "allow_anonymous"),
+        "clients without the internal listener": (
+            {"config": {"clients": {"ci": {"targets": ["ops"]}}}, "secrets": {"IMBRIDGE_CLIENTS__CI__TOKEN": "0123456789abcdef"}},
+            "internal.enabled is false",
+        ),
+        "a token under config.clients": (
+            {"internal": {"enabled": True}, "config": {"clients": {"ci": {"targets": ["ops"], "token": "0123456789abcdef"}}}},
+            "'token' not allowed",
+        ),
+        "a client without its token in secrets": (
+            {"internal": {"enabled": True}, "config": {"clients": {"ci": {"targets": ["ops"]}}}},
+            "secrets.IMBRIDGE_CLIENTS__CI__TOKEN",
+        ),
+        "a client naming no target": (
+            {
+                "internal": {"enabled": True},
+                "config": {"clients": {"ci": {"targets": []}}},
+                "secrets": {"IMBRIDGE_CLIENTS__CI__TOKEN": "0123456789abcdef"},
+            },
+            "/config/clients/ci/targets",
+        ),
+        "a client name that is no variable name (\"-\")": (
+            {
+                "internal": {"enabled": True},
+                "config": {"clients": {"c-i": {"targets": ["ops"]}}},
+                "secrets": {"IMBRIDGE_CLIENTS__C-I__TOKEN": "0123456789abcdef"},
+            },
+            "'c-i'",
+        ),
+        "the internal port equal to the public one": (
+            {"internal": {"enabled": True}, "config": {"server": {"allow_anonymous": True}}, "ports": {"internal": 8080}},
+            "must differ",
+        ),
+        "the internal port equal to the admin one": (
+            {"internal": {"enabled": True}, "config": {"server": {"allow_anonymous": True}}, "ports": {"internal": 9090}},
+            "must differ",
+        ),
+        "an empty networkPolicy.internalFrom (everyone)": ({"networkPolicy": {"enabled": True, "internalFrom": []}}, "/networkPolicy/internalFrom"),
+        "an unknown internal Service type": ({"internal": {"service": {"type": "ExternalName"}}}, "/internal/service/type"),
+    }
+    for what, (values, reason) in internal_refusals.items():
+        error = refused(chart, values)
+        c.check(error is not None and reason in error, f"the chart accepted {what}, or refused it for another reason: {error}")
     return rendered
+
+
+def internal_cases(nats: dict) -> dict[str, dict]:
+    """Render sets of the internal listener beyond the examples: anonymous, tokens from
+    existingSecret and from extraEnv, another port and Service type, the memory bus."""
+    anonymous = deep_merge(nats, {"config": {"server": {"allow_anonymous": True}}, "networkPolicy": {"enabled": True}})
+    del anonymous["config"]["clients"], anonymous["secrets"]["IMBRIDGE_CLIENTS__CI__TOKEN"]
+    return {
+        "internal listener, anonymous": anonymous,
+        "internal listener, two clients, token from extraEnv": deep_merge(
+            nats,
+            {
+                "ports": {"internal": 18081},
+                "internal": {"service": {"port": 8443, "type": "LoadBalancer", "annotations": {"networking.gke.io/load-balancer-type": "Internal"}}},
+                "config": {"clients": {"zentao": {"targets": ["ops*"], "allow_recipients": True, "allow_raw": False}}},
+                "extraEnv": [{"name": "IMBRIDGE_CLIENTS__ZENTAO__TOKEN", "valueFrom": {"secretKeyRef": {"name": "zentao", "key": "token"}}}],
+                "networkPolicy": {"enabled": True, "internalFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "zentao"}}}]},
+                "ingress": {"hosts": [{"host": "imbridge.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}]},
+            },
+        ),
+        "internal listener on the memory bus": {
+            "internal": {"enabled": True},
+            "config": {"targets": {"ops": {"kind": "dingtalk_robot"}}, "clients": {"ci": {"targets": ["ops"]}}},
+            "secrets": {
+                "IMBRIDGE_CLIENTS__CI__TOKEN": "REPLACE_ME",
+                "IMBRIDGE_TARGETS__OPS__URL": "https://oapi.dingtalk.com/robot/send?access_token=x",
+            },
+        },
+    }
+
+
+def check_network_policy_example(c: Checker, docs: list[dict], example: dict) -> None:
+    """examples/values-networkpolicy.yaml: each listener's port gets exactly the example's peers."""
+    label = "values-networkpolicy.yaml"
+    np = one(c, label, docs, "NetworkPolicy")
+    if np is None:
+        return
+    by_port = {}
+    for rule in np["spec"]["ingress"]:
+        for p in rule["ports"]:
+            by_port[p["port"]] = rule.get("from", [])
+    c.check(set(by_port) == {"http", "internal", "admin"}, f"{label}: ports {sorted(by_port)}")
+    for port, key in (("http", "httpFrom"), ("internal", "internalFrom"), ("admin", "adminFrom")):
+        c.check(by_port.get(port) == example[key], f"{label}: port {port} allows {by_port.get(port)}, not {key}")
+        c.check(by_port.get(port), f"{label}: the example leaves port {port} open to everyone")
+
+
+def check_ingress_never_internal(c: Checker, chart: helm.Chart, nats: dict) -> None:
+    """Whatever paths the Ingress routes (/notify, /), it reaches the public port only; the
+    public Service has no internal port to route to."""
+    label = "Ingress with every path"
+    paths = [{"path": p, "pathType": "Prefix"} for p in ("/", "/notify", "/callbacks")]
+    docs, _ = render(chart, deep_merge(nats, {"ingress": {"hosts": [{"host": "imbridge.example.com", "paths": paths}]}}))
+    ing = one(c, label, docs, "Ingress")
+    backends = [p["backend"]["service"] for rule in (ing or {"spec": {"rules": []}})["spec"]["rules"] for p in rule["http"]["paths"]]
+    c.check(len(backends) == 3, f"{label}: expected 3 paths, found {len(backends)}")
+    c.check(all(b == {"name": RELEASE, "port": {"name": "http"}} for b in backends), f"{label}: backends {backends}")
+    check_release(c, label, docs, env=secret_env(of_kind(docs, "Secret")[0]))
 
 
 def check_secrets_stay_secret(c: Checker, chart: helm.Chart) -> None:
@@ -511,10 +748,12 @@ def check_secrets_stay_secret(c: Checker, chart: helm.Chart) -> None:
         "IMBRIDGE_TARGETS__OPS__SECRET": "SECmarkerRobotSecret6",
         "IMBRIDGE_TARGETS__WAPP__APP_SECRET": "markerAppSecret7",
         "IMBRIDGE_BUS__NATS__PASSWORD": "markerNatsPassword8",
+        "IMBRIDGE_CLIENTS__CI__TOKEN": "markerClientToken9abcdef",
     }
     values = {
         "replicaCount": 2,
         "ingress": {"enabled": True},
+        "internal": {"enabled": True},
         "secrets": markers,
         "config": {
             "bus": {"kind": "nats", "nats": {"url": "nats://nats:4222", "user": "imbridge"}},
@@ -528,6 +767,7 @@ def check_secrets_stay_secret(c: Checker, chart: helm.Chart) -> None:
                 "wapp": {"kind": "wecom_app", "corp_id": "wwcorp", "agent_id": 1000002, "users": ["zhangsan"]},
             },
             "users": {"zhangsan": {"wecom": "ZhangSan"}},
+            "clients": {"ci": {"targets": ["ops", "wapp"]}},
         },
     }
     docs, notes = render(chart, values)
@@ -548,7 +788,7 @@ def check_checksums(c: Checker, chart: helm.Chart, base: dict) -> None:
     label = "checksums"
     docs, _ = render(chart, base)
     config_changed, _ = render(chart, deep_merge(base, {"config": {"log": {"level": "debug"}}}))
-    port_changed, _ = render(chart, deep_merge(base, {"ports": {"http": 8081}}))
+    port_changed, _ = render(chart, deep_merge(base, {"ports": {"http": 8082}}))
     secrets = dict(base.get("secrets", {}), IMBRIDGE_APPS__DINGTALK__MAIN__TOKEN="rotated")
     secret_changed, _ = render(chart, {**base, "secrets": secrets})
     again, _ = render(chart, base)
@@ -564,11 +804,13 @@ def check_checksums(c: Checker, chart: helm.Chart, base: dict) -> None:
 # deploy/
 
 
-def check_plain_manifests(c: Checker, chart_default: list[dict]) -> None:
-    """deploy/k8s: valid, the same properties as the chart, and the chart's defaults."""
+def check_plain_manifests(c: Checker) -> None:
+    """deploy/k8s: valid, the same properties as the chart, and the chart's defaults with the
+    internal listener on and the NetworkPolicy of examples/values-networkpolicy.yaml."""
     label = "deploy/k8s"
     docs = []
-    for path in sorted((DEPLOY / "k8s").glob("*.yaml")) + [DEPLOY / "k8s" / "secret.yaml.example"]:
+    examples = [DEPLOY / "k8s" / "secret.yaml.example", DEPLOY / "k8s" / "networkpolicy.yaml.example"]
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")) + examples:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 c.check("namespace" not in doc["metadata"], f"{path.name}: must not name a namespace")
@@ -577,17 +819,34 @@ def check_plain_manifests(c: Checker, chart_default: list[dict]) -> None:
     check_schemas(c, label, docs)
     check_release(c, label, docs, env=secret_env(one(c, label, docs, "Secret")), helm_release=False)
 
-    # The same pod as the chart renders by default, but for the replica count and the image.
+    # The same pod as the chart renders by default with the internal listener on, but for the
+    # replica count and the image; the same Services and policies.
     def essentials(docs: list[dict]) -> dict:
         dep = of_kind(docs, "Deployment")[0]
         pod = copy.deepcopy(dep["spec"]["template"]["spec"])
         for ctr in pod["containers"]:
             ctr.pop("image")
-        svc = of_kind(docs, "Service")[0]["spec"]
+        services = {is_internal_service(s): s["spec"] for s in of_kind(docs, "Service")}
         pdb = of_kind(docs, "PodDisruptionBudget")[0]["spec"]
-        return {"pod": pod, "service": svc, "pdb": pdb, "selector": dep["spec"]["selector"]}
+        policy = of_kind(docs, "NetworkPolicy")[0]["spec"]
+        return {
+            "pod": pod,
+            "service": services.get(False),
+            "internal service": services.get(True),
+            "pdb": pdb,
+            "networkpolicy": policy,
+            "selector": dep["spec"]["selector"],
+        }
 
-    ours, chart = essentials(docs), essentials(chart_default)
+    chart_docs, _ = render(
+        helm.Chart.load(CHART),
+        {
+            "internal": {"enabled": True},
+            "config": {"server": {"allow_anonymous": True}},
+            "networkPolicy": values_file(CHART / "examples" / "values-networkpolicy.yaml")["networkPolicy"],
+        },
+    )
+    ours, chart = essentials(docs), essentials(chart_docs)
     for part in ours:
         c.check(ours[part] == chart[part], f"{label}: {part} differs from the chart's defaults:\n{ours[part]}\n{chart[part]}")
     c.check(of_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["image"] == "imbridge:0.1.0", f"{label}: image")
@@ -647,7 +906,14 @@ def check_image_and_compose(c: Checker) -> None:
     c.check(env.get("IMBRIDGE_BUS__KIND") == "nats", f"{label}compose.yaml: bus is not nats")
     check_config(c, "deploy/compose.yaml", default_toml, env)
     published = {p.split(":")[-1] for p in bridge["ports"]}
-    c.check(published == {str(listen), str(admin)}, f"{label}compose.yaml: ports {published}")
+    internal = env.get("IMBRIDGE_SERVER__INTERNAL_LISTEN")
+    c.check(internal is not None, f"{label}compose.yaml: the internal listener (POST /notify) is off")
+    expected = {str(listen), str(admin)} | ({str(port_of(internal))} if internal else set())
+    c.check(published == expected, f"{label}compose.yaml: ports {published}, expected {expected}")
+    # POST /notify is published on the loopback interface only, never on the host's network.
+    for p in bridge["ports"]:
+        if internal and p.split(":")[-1] == str(port_of(internal)):
+            c.check(p.startswith("127.0.0.1:"), f"{label}compose.yaml: the internal port is published as {p}")
     c.check(f"/dev/tcp/127.0.0.1/{admin}" in " ".join(bridge["healthcheck"]["test"]), f"{label}compose.yaml: healthcheck port")
     c.check(seconds_of(bridge["stop_grace_period"]) > seconds_of(server["shutdown_grace"]), f"{label}compose.yaml: stop_grace_period")
 
@@ -658,10 +924,9 @@ def main() -> int:
           f"kubernetes-validate {kubernetes_validate.__version__}, Kubernetes {' and '.join(KUBE_VERSIONS)}")
     # A stage that crashes (a manifest missing a field the checks read) is one more failure;
     # the other stages still run, so one run lists everything.
-    rendered: dict[str, list[dict]] = {}
     for stage in (
-        lambda: rendered.update(check_chart(c)),
-        lambda: check_plain_manifests(c, rendered["default values"]),
+        lambda: check_chart(c),
+        lambda: check_plain_manifests(c),
         lambda: check_image_and_compose(c),
     ):
         try:
