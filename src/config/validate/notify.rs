@@ -30,6 +30,9 @@ pub(super) fn notify(
     if raw.queue_capacity == 0 {
         c.problem("notify.queue_capacity", "must be at least 1");
     }
+    if raw.max_recipients == 0 {
+        c.problem("notify.max_recipients", "must be at least 1");
+    }
     if raw.max_ack_pending < 1 {
         c.problem("notify.max_ack_pending", "must be at least 1");
     }
