@@ -227,7 +227,8 @@ pub enum ReadError {
     /// Missing, or not a string.
     #[error("must be set to one of {}", kinds())]
     NoKind,
-    #[error("unknown target kind {0:?}; expected one of {kinds}", kinds = kinds())]
+    /// The kind given is not named: it may be a secret set on the wrong key.
+    #[error("unknown target kind; expected one of {kinds}", kinds = kinds())]
     UnknownKind(String),
     /// Values of the wrong type, each with its path in the table.
     #[error("{} value(s) of the wrong type", .0.len())]

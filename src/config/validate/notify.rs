@@ -88,12 +88,10 @@ fn limiter(raw: &str, engine: &EngineSettings, c: &mut Checker) -> LimiterStore 
             c.problem("notify.limiter", "kafka_log needs bus.kind = \"kafka\"");
             LimiterStore::Local
         }
-        (other, _) => {
+        _ => {
             c.problem(
                 "notify.limiter",
-                format!(
-                    "unknown limiter {other:?}; expected \"auto\", \"local\", \"nats_kv\" or \"kafka_log\""
-                ),
+                "unknown limiter; expected \"auto\", \"local\", \"nats_kv\" or \"kafka_log\"",
             );
             LimiterStore::Local
         }

@@ -176,7 +176,7 @@ fn api(
             0
         }
         Some(Some(a)) => a.trim().parse().unwrap_or_else(|_| {
-            c.problem(format!("{key}.agent_id"), format!("{a:?} is not a number"));
+            c.problem(format!("{key}.agent_id"), "is not a number");
             0
         }),
     };
