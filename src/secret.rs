@@ -167,7 +167,10 @@ fn secret_at(lower: &str, i: usize) -> Option<(usize, usize)> {
 fn value_end(bytes: &[u8], start: usize) -> usize {
     let stop = |b: u8| {
         b.is_ascii_whitespace()
-            || matches!(b, b'&' | b'#' | b'"' | b'\'' | b'<' | b'>' | b'\\' | b'?' | b'/' | b')')
+            || matches!(
+                b,
+                b'&' | b'#' | b'"' | b'\'' | b'<' | b'>' | b'\\' | b'?' | b'/' | b')'
+            )
     };
     (start..bytes.len())
         .find(|&j| stop(bytes[j]))
@@ -203,7 +206,13 @@ mod tests {
             assert_eq!(redact(text), redacted, "{text}");
         }
         // Names match whole; nothing to mask borrows.
-        for text in ["monkey=1&keyword=2&sign_type=x", "token", "", "key=", "é token= ü"] {
+        for text in [
+            "monkey=1&keyword=2&sign_type=x",
+            "token",
+            "",
+            "key=",
+            "é token= ü",
+        ] {
             assert!(matches!(redact(text), Cow::Borrowed(_)), "{text}");
         }
         // Any text, however cut, is handled without a panic.

@@ -95,7 +95,10 @@ impl Policy {
     /// Refuses recipient markup in what a message says, whoever wrote it (the sender or a
     /// template): Lark turns `<at user_id="…">` into a mention, WeCom `<@userid>`.
     pub fn check_text(&self, n: &Notification) -> Result<(), Refusal> {
-        for (field, text) in [("title", n.title.as_deref()), ("text", Some(n.text.as_str()))] {
+        for (field, text) in [
+            ("title", n.title.as_deref()),
+            ("text", Some(n.text.as_str())),
+        ] {
             if let Some(text) = text {
                 self.markup(text, field)?;
             }
@@ -205,9 +208,9 @@ impl Policy {
                 Err(Refusal::Embedded { field })
             };
         }
-        let wecom = lower.match_indices("<@").any(|(i, _)| {
-            lower[i + 2..].starts_with(|c: char| !c.is_whitespace() && c != '>')
-        });
+        let wecom = lower
+            .match_indices("<@")
+            .any(|(i, _)| lower[i + 2..].starts_with(|c: char| !c.is_whitespace() && c != '>'));
         if wecom {
             return Err(Refusal::Embedded {
                 field: format!("{field} (<@…> markup)"),
@@ -304,7 +307,10 @@ mod tests {
             ),
             (json!({"touser":"bob|@all"}), "raw.touser"),
             // Lark app and post/card elements, also inside a JSON string.
-            (json!({"receive_id":"ou_x","msg_type":"text"}), "raw.receive_id"),
+            (
+                json!({"receive_id":"ou_x","msg_type":"text"}),
+                "raw.receive_id",
+            ),
             (json!({"chat_id":"oc_1"}), "raw.chat_id"),
             (json!({"open_id":"ou_1"}), "raw.open_id"),
             (
@@ -403,7 +409,10 @@ mod tests {
             STRICT.check_text(&n(None, "<@lisi> look")),
             embedded("text (<@…> markup)")
         );
-        assert_eq!(STRICT.check_text(&n(Some("a < b"), "x <= y, <atom>")), Ok(()));
+        assert_eq!(
+            STRICT.check_text(&n(Some("a < b"), "x <= y, <atom>")),
+            Ok(())
+        );
     }
 
     #[test]

@@ -116,9 +116,7 @@ async fn bus_notifications_naming_recipients_are_dead_lettered_never_sent() {
         let cases = refused();
         for (body, _, _) in &cases {
             let payload = serde_json::to_vec(body).unwrap();
-            engine
-                .publish(Some(&app), "notify.quiet", &payload)
-                .await;
+            engine.publish(Some(&app), "notify.quiet", &payload).await;
         }
         let got = letters.next(&engine, cases.len()).await;
         for (body, code, field) in &cases {
@@ -130,7 +128,10 @@ async fn bus_notifications_naming_recipients_are_dead_lettered_never_sent() {
             assert_eq!(letter.header("imbridge-dlq-reason"), Some(*code), "{name}");
             assert_eq!(letter.header("imbridge-dlq-attempts"), Some("0"), "{name}");
             let answer = letter.header("imbridge-dlq-answer").unwrap();
-            assert!(answer.contains(field), "{name}: {field} not named: {answer}");
+            assert!(
+                answer.contains(field),
+                "{name}: {field} not named: {answer}"
+            );
         }
         assert_eq!(farm.requests(&format!("quiet-{name}")), 0, "{name}: sent");
         app.stop().await;

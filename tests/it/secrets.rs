@@ -88,14 +88,24 @@ fn http_platform_urls_need_allow_insecure_http() {
         let err = config::load(Some(Path::new("plain.toml"))).unwrap_err();
         assert_eq!(
             keys(&err),
-            ["targets.app.base_url", "targets.ftp.url", "targets.robot.url"],
+            [
+                "targets.app.base_url",
+                "targets.ftp.url",
+                "targets.robot.url"
+            ],
             "{err}"
         );
         for p in &err.problems[..3] {
             assert!(!p.message.contains(LEAK), "{p}");
         }
-        assert!(err.problems[0].message.contains("allow_insecure_http"), "{err}");
-        assert!(err.problems[2].message.contains("allow_insecure_http"), "{err}");
+        assert!(
+            err.problems[0].message.contains("allow_insecure_http"),
+            "{err}"
+        );
+        assert!(
+            err.problems[2].message.contains("allow_insecure_http"),
+            "{err}"
+        );
 
         // Allowed per target; ftp:// never is.
         jail.create_file("allowed.toml", &config("allow_insecure_http = true"))?;

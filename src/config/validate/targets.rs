@@ -118,11 +118,25 @@ fn endpoint(t: &TargetConfig, key: &str, c: &mut Checker) -> Option<Endpoint> {
         }
         KindKeys::DingTalkWork(app, own) => {
             let id = ("app_id", own.app_id.as_deref());
-            api(kind, app, id, Some(own.agent_id.as_deref()), (key, insecure), c)
+            api(
+                kind,
+                app,
+                id,
+                Some(own.agent_id.as_deref()),
+                (key, insecure),
+                c,
+            )
         }
         KindKeys::WeComApp(app, own) => {
             let id = ("corp_id", own.corp_id.as_deref());
-            api(kind, app, id, Some(own.agent_id.as_deref()), (key, insecure), c)
+            api(
+                kind,
+                app,
+                id,
+                Some(own.agent_id.as_deref()),
+                (key, insecure),
+                c,
+            )
         }
         KindKeys::LarkApp(app, own) => {
             let id = ("app_id", own.app_id.as_deref());
@@ -144,7 +158,13 @@ fn webhook(
         return None;
     };
     // The URL holds the robot's token: name the problem, never echo the value.
-    scheme(url.expose(), insecure, &format!("{key}.url"), "webhook URL", c);
+    scheme(
+        url.expose(),
+        insecure,
+        &format!("{key}.url"),
+        "webhook URL",
+        c,
+    );
     Some(Endpoint::Robot {
         url: url.clone(),
         secret: secret.cloned(),
