@@ -2,6 +2,9 @@
 //! URLs are `https://` unless a target opts out; and a failing send's URL credentials appear
 //! neither in its dead letter, nor in the answer to `?wait=true`, nor in the logs.
 
+// figment's `Jail` closures return its large error type.
+#![allow(clippy::result_large_err)]
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
