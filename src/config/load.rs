@@ -7,7 +7,7 @@ use std::path::Path;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 
-use super::error::{ConfigError, Problem};
+use super::error::{describe, ConfigError, Problem};
 use super::ignored::Checked;
 use super::raw::targets::{self, ReadError};
 use super::raw::{Config, TargetConfig};
@@ -108,7 +108,8 @@ fn read_targets(
     read
 }
 
-/// A figment error (a wrong type, a missing file) as problems naming their keys.
+/// A figment error (a wrong type, a missing file) as problems naming their keys, and the kinds
+/// of value expected and found, never the value ([`describe`]).
 fn problems(err: figment::Error) -> impl Iterator<Item = Problem> {
     err.into_iter().map(|e| {
         let key = if e.path.is_empty() {
@@ -116,7 +117,7 @@ fn problems(err: figment::Error) -> impl Iterator<Item = Problem> {
         } else {
             e.path.join(".")
         };
-        let mut message = e.kind.to_string();
+        let mut message = describe(&e.kind);
         // The file, or else the provider: "`IMBRIDGE_` environment variable(s)".
         if let Some(m) = &e.metadata {
             match &m.source {

@@ -6,17 +6,18 @@ use std::time::Duration;
 use crate::platform::Limit;
 
 /// Why a duration or a rate limit does not parse. The message is what the problem list shows
-/// after the key.
+/// after the key: what was expected, never the value (which may be a secret set on the wrong
+/// key).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ValueError {
-    /// Not a duration humantime reads (its reason in the message).
-    #[error("{0} (expected e.g. \"30s\", \"10m\", \"1h\")")]
+    /// Not a duration humantime reads.
+    #[error("is not a duration (expected e.g. \"30s\", \"10m\", \"1h\")")]
     Duration(humantime::DurationError),
-    #[error("{0:?} is not N/WINDOW (e.g. \"20/min\")")]
+    #[error("is not N/WINDOW (e.g. \"20/min\")")]
     NotALimit(String),
-    #[error("{0:?} is not a positive count")]
+    #[error("the count of N/WINDOW is not a positive number")]
     Count(String),
-    #[error("{0:?}: count and window must be greater than 0")]
+    #[error("count and window of N/WINDOW must be greater than 0")]
     Zero(String),
 }
 
@@ -58,10 +59,10 @@ mod tests {
     fn durations_and_limits_parse_or_say_why() {
         assert_eq!(parse_duration(" 0 "), Ok(Duration::ZERO));
         assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
-        assert!(parse_duration("soon")
-            .unwrap_err()
-            .to_string()
-            .ends_with("(expected e.g. \"30s\", \"10m\", \"1h\")"));
+        assert_eq!(
+            parse_duration("soon").unwrap_err().to_string(),
+            "is not a duration (expected e.g. \"30s\", \"10m\", \"1h\")"
+        );
         assert_eq!(
             parse_limit("100/60s"),
             Ok(Limit::new(100, Duration::from_secs(60)))
@@ -72,7 +73,7 @@ mod tests {
         );
         assert_eq!(
             parse_limit("0/min").unwrap_err().to_string(),
-            "\"0/min\": count and window must be greater than 0"
+            "count and window of N/WINDOW must be greater than 0"
         );
         assert_eq!(
             parse_limit("lots"),

@@ -27,6 +27,7 @@ use crate::notify::compose::ComposeError;
 use crate::notify::notifier::NotifyError;
 use crate::notify::verdict::{Reason, Verdict};
 use crate::platform::outbound::Answer;
+use crate::secret::redact;
 
 pub async fn post(
     target: String,
@@ -287,14 +288,17 @@ async fn deliver_now(
 }
 
 /// A body the target cannot use: 400 when it is no message at all, 422 when it is one the
-/// target cannot send (template failing, nobody to send to).
+/// target cannot send (template failing, nobody to send to, people named outside `to` and
+/// `mentions`, a broadcast, too many people; the message names the field). The message may
+/// quote the body, so credentials in it are masked.
 fn refusal(e: ComposeError) -> ApiError {
+    let message = redact(&e.to_string()).into_owned();
     match e {
-        ComposeError::Invalid(_) => ApiError::bad_request("invalid_message", e.to_string()),
+        ComposeError::Invalid(_) => ApiError::bad_request("invalid_message", message),
         e => ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             Reason::from(&e).label(),
-            e.to_string(),
+            message,
         ),
     }
 }

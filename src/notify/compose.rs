@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use super::guard::Refusal;
 use super::router::{items, Rule};
 use super::target::{Composition, Target};
 use super::template::{Context, TemplateError, Templates};
@@ -67,6 +68,10 @@ pub enum ComposeError {
     Template(#[from] TemplateError),
     #[error("no recipient can be reached on this platform (unbound: {})", .unbound.join(", "))]
     NoRecipients { unbound: Vec<String> },
+    /// It names people other than through `to` and `mentions`, sends to everyone where that is
+    /// not allowed, or reaches too many.
+    #[error(transparent)]
+    Refused(#[from] Refusal),
 }
 
 /// Everything `prepare` needs besides the message.
@@ -96,6 +101,10 @@ impl Composer<'_> {
             Some(name) => self.templated(name, map, &payload, target, route)?,
             None => message::from_payload(map)?.notification,
         };
+        if let Some(raw) = &n.raw {
+            target.policy.check_raw(raw)?;
+        }
+        target.policy.check_text(&n)?;
         let named = name_people(&mut n, &payload, &composition);
         let mut unbound = Vec::new();
         let mut recipients = Vec::new();
@@ -107,6 +116,7 @@ impl Composer<'_> {
         } else {
             self.mentions(&mut n, target.kind, &mut unbound);
         }
+        target.policy.check_resolved(&n, &recipients)?;
         Ok(Prepared {
             notification: n,
             recipients,

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use super::verdict::{Reason, Verdict};
 use crate::bus::{self, Bus, Delivery, Message};
 use crate::metrics::{Metrics, UNKNOWN_APP};
+use crate::secret::redact;
 use crate::shutdown::Shutdown;
 
 /// Headers a dead letter carries besides the original ones.
@@ -68,8 +69,9 @@ impl DeadLetters {
         attempts: u32,
         answer: &str,
     ) {
-        // Header values are one line of printable text.
-        let answer = bus::header_value(answer);
+        // Header values are one line of printable text; an answer or a compose error may quote
+        // a URL, whose credentials stay here.
+        let answer = bus::header_value(&redact(answer));
         let msg = self.letter(delivery, target, reason, attempts, &answer);
         if !self.bus.publish_until_stored(&msg, &self.shutdown).await {
             let _ = delivery.nak(Duration::ZERO).await;

@@ -4,7 +4,9 @@
 //! - [`notifier`]: the pipeline as the daemon sees it: start, synchronous sends, join.
 //! - [`consumer`]: the bus consumers: per target, per route, and the catch-all.
 //! - [`router`]: routes and their rules; the copies a route forwards.
-//! - [`compose`]: from a body to what one target sends (template, recipients, bindings).
+//! - [`compose`]: from a body to what one target sends (template, recipients, bindings),
+//!   through [`guard`]: recipients only through `to` and `mentions`, broadcasts only where
+//!   allowed, at most `notify.max_recipients` people.
 //! - [`worker`]: one worker per target, the retry loop.
 //! - [`sender`]: the only HTTP to the platforms, with managed access tokens ([`token`]),
 //!   through one client that follows no redirects and caps answers ([`http`]).
@@ -18,6 +20,7 @@
 pub mod compose;
 pub mod consumer;
 pub mod dead_letter;
+pub mod guard;
 pub mod http;
 pub mod in_flight;
 pub mod limiter;

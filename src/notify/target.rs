@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use super::guard::Policy;
 use crate::platform::outbound::RenderOptions;
 use crate::platform::{Endpoint, Kind, Limit};
 
@@ -20,6 +21,8 @@ pub struct Target {
     /// Accounts receiving app messages that name no recipient.
     pub users: Vec<String>,
     pub composition: Composition,
+    /// What one message may ask of it: broadcasts, how many people.
+    pub policy: Policy,
 }
 
 /// How a body becomes the notification sent (`template`, `recipients`, `mention`, `exclude_actor` of a target or a route rule).

@@ -2,6 +2,7 @@
 //! dead letter and a redelivery, and what `POST /notify?wait=true` answers.
 
 use super::compose::ComposeError;
+use super::guard::Refusal;
 use crate::platform::outbound::Answer;
 
 /// How a delivery ended.
@@ -41,6 +42,12 @@ pub enum Reason {
     NoRecipients,
     /// The platform refused the app's credentials when asked for an access token.
     TokenRefused,
+    /// The body names people outside `to` and `mentions` (a raw body's `touser`, say).
+    EmbeddedRecipients,
+    /// A send to everyone on a target without `allow_broadcast`.
+    BroadcastForbidden,
+    /// More people than `notify.max_recipients`.
+    TooManyRecipients,
 }
 
 impl Reason {
@@ -57,6 +64,9 @@ impl Reason {
             Reason::TemplateError => "template_error",
             Reason::NoRecipients => "no_recipients",
             Reason::TokenRefused => "token_refused",
+            Reason::EmbeddedRecipients => "embedded_recipients",
+            Reason::BroadcastForbidden => "broadcast_forbidden",
+            Reason::TooManyRecipients => "too_many_recipients",
         }
     }
 }
@@ -68,6 +78,9 @@ impl From<&ComposeError> for Reason {
             ComposeError::Invalid(_) => Reason::InvalidMessage,
             ComposeError::Template(_) => Reason::TemplateError,
             ComposeError::NoRecipients { .. } => Reason::NoRecipients,
+            ComposeError::Refused(Refusal::Embedded { .. }) => Reason::EmbeddedRecipients,
+            ComposeError::Refused(Refusal::Broadcast { .. }) => Reason::BroadcastForbidden,
+            ComposeError::Refused(Refusal::TooMany { .. }) => Reason::TooManyRecipients,
         }
     }
 }

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::secret::redact;
+
 /// What to do after a send, decided from the platform's answer (HTTP status and body: an
 /// HTTP 200 with a non-zero error code is still an error).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -297,14 +299,15 @@ pub fn transport_answer(e: reqwest::Error, status: u16) -> Answer {
         class: Class::Transient,
         code: None,
         status,
-        detail,
+        detail: redact(&detail).into_owned(),
     }
 }
 
-/// Truncates an answer body for logs and dead-letter headers.
+/// Truncates an answer body for logs and dead-letter headers, credentials masked: an answer
+/// (an error page, say) may quote the request's URL.
 pub fn detail(body: &[u8]) -> String {
     let s = String::from_utf8_lossy(body);
-    truncate_utf8(s.trim(), 512)
+    truncate_utf8(&redact(s.trim()), 512)
 }
 
 /// The user ids of an app message, trimmed, empty ones and repeats left out, in order.
@@ -470,7 +473,7 @@ fn token_detail(status: u16, parsed: Option<&serde_json::Value>) -> String {
                 .filter(|(k, _)| KEPT.contains(&k.as_str()))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
-            truncate_utf8(&serde_json::Value::Object(kept).to_string(), 512)
+            truncate_utf8(&redact(&serde_json::Value::Object(kept).to_string()), 512)
         }
         None => format!("HTTP {status}, not a JSON object"),
     }

@@ -19,6 +19,8 @@ mod layout;
 mod notify;
 mod notify_clients;
 mod outbound_safety;
+mod recipients_guard;
+mod secrets;
 // Needs the fault-injection points: `./test` builds with `--features failpoints`.
 #[cfg(feature = "failpoints")]
 mod supervision;

@@ -414,7 +414,8 @@ async fn mentions_and_long_messages_reach_each_platform_as_expected() {
                 "l",
                 "lark_robot",
                 &l,
-                &format!("secret = \"{LARK_SECRET}\"")
+                // Mentioning everyone is a broadcast.
+                &format!("secret = \"{LARK_SECRET}\"\nallow_broadcast = true")
             ),
         ),
     )

@@ -197,6 +197,10 @@ pub struct NotifyConfig {
     /// Key-value bucket of the nats_kv limiter, or topic of the kafka_log limiter.
     #[serde(deserialize_with = "lenient_string")]
     pub limiter_bucket: String,
+    /// The most people one message may reach: its recipients and mentions, counted once the
+    /// user bindings are resolved. A message naming more is refused (422, or a dead letter
+    /// with reason "too_many_recipients").
+    pub max_recipients: usize,
 }
 
 impl Default for NotifyConfig {
@@ -219,6 +223,7 @@ impl Default for NotifyConfig {
             rate_limit_margin: "250ms".into(),
             limiter: "auto".into(),
             limiter_bucket: "imbridge_rate_limits".into(),
+            max_recipients: crate::notify::guard::DEFAULT_MAX_RECIPIENTS,
         }
     }
 }

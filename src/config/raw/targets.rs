@@ -79,6 +79,12 @@ pub struct CommonKeys {
     /// Leave the payload's `actor` out of recipients and mentions, as ZenTao does: people are
     /// not notified of their own actions. Default true.
     pub exclude_actor: Option<bool>,
+    /// Let messages reach everyone: `mentions.all` (`@all`, `isAtAll`), and in raw bodies
+    /// departments, tags and `to_all_user`. Default false: such a message is refused.
+    pub allow_broadcast: bool,
+    /// Accept an `http://` url or base_url. Default false: requests to a platform carry its
+    /// credentials, so only `https://` is accepted (tests and private gateways set this).
+    pub allow_insecure_http: bool,
 }
 
 /// Group bots (`dingtalk_robot`, `wecom_robot`, `lark_robot`): they post to one chat.
@@ -221,7 +227,8 @@ pub enum ReadError {
     /// Missing, or not a string.
     #[error("must be set to one of {}", kinds())]
     NoKind,
-    #[error("unknown target kind {0:?}; expected one of {kinds}", kinds = kinds())]
+    /// The kind given is not named: it may be a secret set on the wrong key.
+    #[error("unknown target kind; expected one of {kinds}", kinds = kinds())]
     UnknownKind(String),
     /// Values of the wrong type, each with its path in the table.
     #[error("{} value(s) of the wrong type", .0.len())]

@@ -28,10 +28,10 @@ pub(super) fn bus(raw: &BusConfig, c: &mut Checker) -> BusSettings {
         }),
         "nats" => EngineSettings::Nats(Box::new(nats(&raw.nats, c))),
         "kafka" => EngineSettings::Kafka(Box::new(kafka(&raw.kafka, c))),
-        other => {
+        _ => {
             c.problem(
                 "bus.kind",
-                format!("unknown bus kind {other:?}; expected \"memory\", \"nats\" or \"kafka\""),
+                "unknown bus kind; expected \"memory\", \"nats\" or \"kafka\"",
             );
             EngineSettings::Memory(MemorySettings {
                 capacity: 1,
@@ -58,10 +58,10 @@ fn nats(raw: &NatsConfig, c: &mut Checker) -> NatsSettings {
     let memory_storage = match raw.storage.as_str() {
         "file" => false,
         "memory" => true,
-        other => {
+        _ => {
             c.problem(
                 "bus.nats.storage",
-                format!("unknown storage {other:?}; expected \"file\" or \"memory\""),
+                "unknown storage; expected \"file\" or \"memory\"",
             );
             false
         }

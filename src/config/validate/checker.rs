@@ -1,4 +1,6 @@
 //! The problem list every section writes to, and the value parsers that report into it.
+//! Problems name the key and what was expected, never the value: a secret set on the wrong
+//! key must not be printed.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -47,12 +49,12 @@ impl Checker {
         const MAX: Duration = Duration::from_secs(10 * 365 * 86_400);
         match parse_duration(value) {
             Ok(d) if d > MAX => {
-                self.problem(key, format!("duration {value:?} is longer than 10 years"));
+                self.problem(key, "is a duration longer than 10 years");
                 Duration::ZERO
             }
             Ok(d) => d,
             Err(e) => {
-                self.problem(key, format!("invalid duration {value:?}: {e}"));
+                self.problem(key, e.to_string());
                 Duration::ZERO
             }
         }
@@ -82,10 +84,10 @@ impl Checker {
     }
 
     pub fn addr(&mut self, key: &str, value: &str) -> SocketAddr {
-        value.parse().unwrap_or_else(|e| {
+        value.parse().unwrap_or_else(|_| {
             self.problem(
                 key,
-                format!("invalid listen address {value:?}: {e} (expected e.g. \"0.0.0.0:8080\")"),
+                "is not a listen address (expected e.g. \"0.0.0.0:8080\")",
             );
             SocketAddr::from(([0, 0, 0, 0], 0))
         })

@@ -30,6 +30,9 @@ pub(super) fn notify(
     if raw.queue_capacity == 0 {
         c.problem("notify.queue_capacity", "must be at least 1");
     }
+    if raw.max_recipients == 0 {
+        c.problem("notify.max_recipients", "must be at least 1");
+    }
     if raw.max_ack_pending < 1 {
         c.problem("notify.max_ack_pending", "must be at least 1");
     }
@@ -85,12 +88,10 @@ fn limiter(raw: &str, engine: &EngineSettings, c: &mut Checker) -> LimiterStore 
             c.problem("notify.limiter", "kafka_log needs bus.kind = \"kafka\"");
             LimiterStore::Local
         }
-        (other, _) => {
+        _ => {
             c.problem(
                 "notify.limiter",
-                format!(
-                    "unknown limiter {other:?}; expected \"auto\", \"local\", \"nats_kv\" or \"kafka_log\""
-                ),
+                "unknown limiter; expected \"auto\", \"local\", \"nats_kv\" or \"kafka_log\"",
             );
             LimiterStore::Local
         }

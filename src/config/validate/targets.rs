@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use super::catalog::Shaping;
 use super::checker::Checker;
 use crate::config::raw::{AppKeys, Config, KindKeys, TargetConfig};
+use crate::notify::guard::Policy;
 use crate::notify::target::Target;
 use crate::notify::template::Templates;
 use crate::platform::outbound::RenderOptions;
@@ -34,7 +35,11 @@ pub(super) fn targets(
                 );
             }
         }
-        if let Some(t) = target(t, name, &key, c) {
+        let policy = Policy {
+            allow_broadcast: t.common.allow_broadcast,
+            max_recipients: config.notify.max_recipients,
+        };
+        if let Some(t) = target(t, name, &key, policy, c) {
             targets.insert(name.clone(), t);
         }
     }
@@ -42,10 +47,16 @@ pub(super) fn targets(
     targets
 }
 
-fn target(t: &TargetConfig, name: &str, key: &str, c: &mut Checker) -> Option<Target> {
+fn target(
+    t: &TargetConfig,
+    name: &str,
+    key: &str,
+    policy: Policy,
+    c: &mut Checker,
+) -> Option<Target> {
     let before = c.count();
     let kind = t.kind.kind();
-    let endpoint = endpoint(&t.kind, key, c);
+    let endpoint = endpoint(t, key, c);
     let limits = c
         .limits(&format!("{key}.rate_limit"), t.common.rate_limit.as_ref())
         .unwrap_or_else(|| kind.default_limits());
@@ -79,6 +90,7 @@ fn target(t: &TargetConfig, name: &str, key: &str, c: &mut Checker) -> Option<Ta
         render,
         users: t.kind.app().map(|a| a.users.clone()).unwrap_or_default(),
         composition: shaping(t).composition(),
+        policy,
     })
 }
 
@@ -93,24 +105,42 @@ fn shaping(t: &TargetConfig) -> Shaping<'_> {
     }
 }
 
-fn endpoint(keys: &KindKeys, key: &str, c: &mut Checker) -> Option<Endpoint> {
-    let kind = keys.kind();
-    match keys {
+fn endpoint(t: &TargetConfig, key: &str, c: &mut Checker) -> Option<Endpoint> {
+    let kind = t.kind.kind();
+    let insecure = t.common.allow_insecure_http;
+    match &t.kind {
         KindKeys::DingTalkRobot(robot, own) => {
-            webhook(robot.url.as_ref(), own.secret.as_ref(), key, c)
+            webhook(robot.url.as_ref(), own.secret.as_ref(), insecure, key, c)
         }
-        KindKeys::WeComRobot(robot) => webhook(robot.url.as_ref(), None, key, c),
-        KindKeys::LarkRobot(robot, own) => webhook(robot.url.as_ref(), own.secret.as_ref(), key, c),
+        KindKeys::WeComRobot(robot) => webhook(robot.url.as_ref(), None, insecure, key, c),
+        KindKeys::LarkRobot(robot, own) => {
+            webhook(robot.url.as_ref(), own.secret.as_ref(), insecure, key, c)
+        }
         KindKeys::DingTalkWork(app, own) => {
             let id = ("app_id", own.app_id.as_deref());
-            api(kind, app, id, Some(own.agent_id.as_deref()), key, c)
+            api(
+                kind,
+                app,
+                id,
+                Some(own.agent_id.as_deref()),
+                (key, insecure),
+                c,
+            )
         }
         KindKeys::WeComApp(app, own) => {
             let id = ("corp_id", own.corp_id.as_deref());
-            api(kind, app, id, Some(own.agent_id.as_deref()), key, c)
+            api(
+                kind,
+                app,
+                id,
+                Some(own.agent_id.as_deref()),
+                (key, insecure),
+                c,
+            )
         }
         KindKeys::LarkApp(app, own) => {
-            api(kind, app, ("app_id", own.app_id.as_deref()), None, key, c)
+            let id = ("app_id", own.app_id.as_deref());
+            api(kind, app, id, None, (key, insecure), c)
         }
     }
 }
@@ -119,6 +149,7 @@ fn endpoint(keys: &KindKeys, key: &str, c: &mut Checker) -> Option<Endpoint> {
 fn webhook(
     url: Option<&Secret>,
     secret: Option<&Secret>,
+    insecure: bool,
     key: &str,
     c: &mut Checker,
 ) -> Option<Endpoint> {
@@ -126,10 +157,14 @@ fn webhook(
         c.problem(format!("{key}.url"), "group bots need their webhook URL");
         return None;
     };
-    if !is_http(url.expose()) {
-        // The URL holds the robot's token: name the problem, never echo the value.
-        c.problem(format!("{key}.url"), "must be an http(s) webhook URL");
-    }
+    // The URL holds the robot's token: name the problem, never echo the value.
+    scheme(
+        url.expose(),
+        insecure,
+        &format!("{key}.url"),
+        "webhook URL",
+        c,
+    );
     Some(Endpoint::Robot {
         url: url.clone(),
         secret: secret.cloned(),
@@ -143,7 +178,7 @@ fn api(
     app: &AppKeys,
     (id_key, id): (&str, Option<&str>),
     agent_id: Option<Option<&str>>,
-    key: &str,
+    (key, insecure): (&str, bool),
     c: &mut Checker,
 ) -> Option<Endpoint> {
     let before = c.count();
@@ -161,15 +196,13 @@ fn api(
             0
         }
         Some(Some(a)) => a.trim().parse().unwrap_or_else(|_| {
-            c.problem(format!("{key}.agent_id"), format!("{a:?} is not a number"));
+            c.problem(format!("{key}.agent_id"), "is not a number");
             0
         }),
     };
     let base_url = app.base_url.as_deref().unwrap_or(kind.default_base_url());
     let base_url = base_url.trim_end_matches('/').to_owned();
-    if !is_http(&base_url) {
-        c.problem(format!("{key}.base_url"), "must be an http(s) URL");
-    }
+    scheme(&base_url, insecure, &format!("{key}.base_url"), "URL", c);
     if c.count() > before {
         return None;
     }
@@ -181,8 +214,27 @@ fn api(
     }))
 }
 
-fn is_http(url: &str) -> bool {
-    url.starts_with("http://") || url.starts_with("https://")
+/// Platform requests carry credentials (a bot's token in its URL, an app's secret and access
+/// tokens): `https://` only, unless the target says `allow_insecure_http`.
+fn scheme(url: &str, insecure: bool, key: &str, what: &str, c: &mut Checker) {
+    let url = url.trim_start();
+    let lower = |n: usize| url.get(..n).map(str::to_ascii_lowercase);
+    if lower(8).as_deref() == Some("https://") {
+        return;
+    }
+    if lower(7).as_deref() == Some("http://") {
+        if !insecure {
+            c.problem(
+                key,
+                format!(
+                    "is an http:// {what}: credentials would travel in clear; use https:// \
+                     (or set allow_insecure_http = true on this target)"
+                ),
+            );
+        }
+        return;
+    }
+    c.problem(key, format!("must be an https:// {what}"));
 }
 
 /// Targets of one app share its limits on the platform, and so in the limiter: they must say

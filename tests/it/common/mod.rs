@@ -179,9 +179,10 @@ pub struct TestApp {
 pub const CLIENT_TOKEN: &str = "test-client-token-0123456789";
 
 /// The configuration tests start from: the three listeners on port 0, a client allowed
-/// everything (token [`CLIENT_TOKEN`]), plus `extra` TOML.
+/// everything (token [`CLIENT_TOKEN`]), plus `extra` TOML, its targets allowed the fakes'
+/// `http://` ([`allow_insecure_http`]).
 pub fn toml_with(extra: &str) -> String {
-    format!(
+    allow_insecure_http(&format!(
         r#"
         [clients.test]
         token = "{CLIENT_TOKEN}"
@@ -195,7 +196,29 @@ pub fn toml_with(extra: &str) -> String {
         internal_listen = "127.0.0.1:0"
         {extra}
         "#
-    )
+    ))
+}
+
+/// The fake platforms are local `http://` servers, which a target may reach only with
+/// `allow_insecure_http = true`: set on every `[targets.<name>]` table of `toml` that does not
+/// say it already.
+pub fn allow_insecure_http(toml: &str) -> String {
+    let mut out = String::with_capacity(toml.len());
+    let mut lines = toml.lines().peekable();
+    while let Some(line) = lines.next() {
+        out.push_str(line);
+        out.push('\n');
+        let header = line.trim();
+        if header.starts_with("[targets.") && header.ends_with(']') {
+            let said = lines
+                .peek()
+                .is_some_and(|next| next.trim().starts_with("allow_insecure_http"));
+            if !said {
+                out.push_str("allow_insecure_http = true\n");
+            }
+        }
+    }
+    out
 }
 
 pub const MAIN_APP: &str = r#"
@@ -232,7 +255,8 @@ impl TestApp {
             )
             .with_test_writer()
             .try_init();
-        let settings = config::from_figment(figment::Figment::from(Toml::string(toml)))
+        let toml = allow_insecure_http(toml);
+        let settings = config::from_figment(figment::Figment::from(Toml::string(&toml)))
             .unwrap_or_else(|e| panic!("test config invalid: {e}"));
         let shutdown = Shutdown::new();
         let app = App::build(settings, shutdown.clone()).await.expect("build");
