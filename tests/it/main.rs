@@ -18,6 +18,7 @@ mod layout;
 mod notify;
 mod notify_clients;
 mod outbound_safety;
+mod replay;
 // Needs the fault-injection points: `./test` builds with `--features failpoints`.
 #[cfg(feature = "failpoints")]
 mod supervision;
