@@ -284,11 +284,13 @@ async fn the_memory_of_published_callbacks_is_bounded_and_evictions_counted() {
     let app = memory_app("replay_window = \"2s\"\nmax_callback_rate = 1").await;
     let mut sub = app.bus.memory().unwrap().subscribe(">");
     let dt = DingTalk::main();
-    let callbacks: Vec<_> = (0..3)
-        .map(|i| dt.callback(&approval_event(&format!("bounded-{i}"))))
-        .collect();
-    for cb in &callbacks {
+    let mut callbacks = Vec::new();
+    for i in 0..3 {
+        // Signed a few milliseconds apart, so that the first one is the oldest.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let cb = dt.callback(&approval_event(&format!("bounded-{i}")));
         assert_eq!(cb.post(&app, "main").await.status(), 200);
+        callbacks.push(cb);
     }
     assert_eq!(app.metrics.replay_evictions_total.get(), 1);
     let metrics = app.get_admin("/metrics").await.text().await.unwrap();

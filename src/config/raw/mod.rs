@@ -96,7 +96,7 @@ pub struct ServerConfig {
     pub replay_window: String,
     /// The most callbacks a second this replica is expected to take, all apps together. With
     /// replay_window it sizes the memory of published callbacks (rate × window entries, at
-    /// most 1,000,000 of about 150 bytes); past it the oldest are forgotten early and counted
+    /// most 500,000 of about 250 bytes); past it the oldest are forgotten early and counted
     /// in imbridge_replay_evictions_total.
     pub max_callback_rate: u32,
     /// How long a shutdown waits for in-flight requests (and their publishes) to finish.
