@@ -81,6 +81,9 @@ impl App {
             bus: bus.clone(),
             metrics: metrics.clone(),
             replay_window: settings.server.replay_window,
+            replay: settings.server.replay_window.map(|window| {
+                ingress::replay::Seen::new(window, settings.server.replay_capacity, metrics.clone())
+            }),
             subject_prefix: settings.bus.subject_prefix.clone(),
             notifier: notifier.clone(),
             clients: settings.clients.clone(),

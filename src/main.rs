@@ -111,6 +111,10 @@ fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { config } => match load(config.as_ref()) {
             Ok(s) => {
+                // Allowed, so not a failure; on stderr, where the problems go.
+                for w in &s.warnings {
+                    eprintln!("warning: {w}");
+                }
                 println!(
                     "configuration is valid: bus {}, {} DingTalk app(s), ingress {}, admin {}",
                     match s.bus.engine {
@@ -139,6 +143,9 @@ fn main() -> ExitCode {
                 }
             };
             imbridge::telemetry::init(&settings.log);
+            for w in &settings.warnings {
+                tracing::warn!(key = %w.key, "{}", w.message);
+            }
             let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
             let served = runtime.block_on(serve(settings));
             // The drain already ran under its own deadline; what is still running (a blocking

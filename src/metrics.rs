@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Label used for the app of a request naming no configured app, so that arbitrary URLs cannot
@@ -19,9 +19,12 @@ pub struct Metrics(Arc<Inner>);
 
 pub struct Inner {
     registry: Registry,
-    /// Callbacks by platform, app and outcome (`published`, `duplicate`, `check_url`, or the
-    /// error code of a refusal).
+    /// Callbacks by platform, app and outcome (`published`, `duplicate`, `replay`, `check_url`,
+    /// or the error code of a refusal).
     pub callbacks_total: IntCounterVec,
+    /// Published requests forgotten before their replay window ended because the set of them
+    /// was full: repeats of those are caught only by the bus's duplicate window.
+    pub replay_evictions_total: IntCounter,
     /// Time from request to reply, by platform.
     pub callback_duration_seconds: HistogramVec,
     /// Time from publish to acknowledgement, by engine and outcome.
@@ -88,6 +91,11 @@ impl Metrics {
             callbacks_total: IntCounterVec::new(
                 Opts::new("imbridge_callbacks_total", "Platform callbacks by outcome"),
                 &["platform", "app", "outcome"],
+            )
+            .unwrap(),
+            replay_evictions_total: IntCounter::new(
+                "imbridge_replay_evictions_total",
+                "Published callbacks forgotten early because the replay set was full",
             )
             .unwrap(),
             callback_duration_seconds: HistogramVec::new(
@@ -255,6 +263,8 @@ impl Metrics {
             .set(1);
         let r = &inner.registry;
         r.register(Box::new(inner.callbacks_total.clone())).unwrap();
+        r.register(Box::new(inner.replay_evictions_total.clone()))
+            .unwrap();
         r.register(Box::new(inner.callback_duration_seconds.clone()))
             .unwrap();
         r.register(Box::new(inner.bus_publish_duration_seconds.clone()))
@@ -306,6 +316,11 @@ impl Metrics {
         self.callbacks_total
             .with_label_values(&[platform, app, outcome])
             .inc();
+    }
+
+    /// A published callback forgotten before its replay window ended, to make room.
+    pub fn replay_evicted(&self) {
+        self.replay_evictions_total.inc();
     }
 
     /// Times one callback, from request to reply.

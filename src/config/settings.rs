@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use super::error::Problem;
 use super::raw::LogConfig;
 use crate::bus::BusSettings;
 use crate::ingress::clients::Clients;
@@ -36,6 +37,9 @@ pub struct Settings {
     pub users: BTreeMap<String, UserBinding>,
     /// The internal systems allowed on the internal listener.
     pub clients: Clients,
+    /// What is allowed but probably unwise, each naming its key: `check-config` prints them
+    /// and the daemon logs them at start.
+    pub warnings: Vec<Problem>,
 }
 
 /// `[server]`, validated.
@@ -51,6 +55,8 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// `None` when the replay check is disabled.
     pub replay_window: Option<Duration>,
+    /// How many published callbacks are remembered to recognise their replays.
+    pub replay_capacity: usize,
     pub shutdown_grace: Duration,
 }
 

@@ -1,5 +1,6 @@
 //! `POST /callbacks/dingtalk/<app>`: verify, decrypt, publish, and only then answer the
-//! encrypted `success` DingTalk requires.
+//! encrypted `success` DingTalk requires; an exact repeat of a published request gets the
+//! same answer and is not published again.
 
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use sha2::{Digest, Sha256};
 use warp::reply::Response;
 use warp::Reply;
 
+use super::replay::{self, Signed};
 use super::reply::ApiError;
 use super::{Outcome, State};
 use crate::platform::dingtalk::callback::{self, CallbackError};
@@ -53,8 +55,16 @@ async fn handle(
         tracing::info!(platform = PLATFORM, app, "answered the check_url handshake");
         return Ok((Outcome::Handshake("check_url"), reply()));
     }
-    let outcome = super::publish(
+    let signed = Signed {
+        platform: PLATFORM,
+        app,
+        signature: params.signature,
+        // Milliseconds; already checked against the window when there is one.
+        signed_at_ms: params.timestamp.parse().ok(),
+    };
+    let outcome = replay::publish_once(
         state,
+        signed,
         super::Event {
             platform: PLATFORM,
             app: app.to_owned(),

@@ -1,8 +1,10 @@
 //! `POST /callbacks/lark/<app>`: answers Lark's `url_verification` challenge at once, and
-//! otherwise verifies (signature, verification token), decrypts and publishes the event to
-//! `lark.<event_type>` with `ce-id` = the event's own id, answering 200 only once the bus has
-//! it.
+//! otherwise verifies (signature and its timestamp, verification token), decrypts and
+//! publishes the event to `lark.<event_type>` with `ce-id` = the event's own id, answering 200
+//! only once the bus has it (or, for an exact repeat of a published request, without
+//! publishing).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -10,10 +12,11 @@ use warp::http::HeaderMap;
 use warp::reply::Response;
 use warp::Reply;
 
+use super::replay::{self, Signed};
 use super::reply::ApiError;
 use super::{Outcome, State};
 use crate::platform::lark::callback::{self, CallbackError, Headers, Incoming};
-use crate::platform::Platform;
+use crate::platform::{now_ms, Platform};
 
 const PLATFORM: &str = Platform::Lark.as_str();
 
@@ -36,7 +39,8 @@ pub async fn callback(
             nonce: header(callback::NONCE_HEADER),
             signature: header(callback::SIGNATURE_HEADER),
         };
-        match callback::open(cfg, &signed, &body).map_err(refusal)? {
+        let opened = callback::open(cfg, &signed, &body, now_ms(), state.replay_window);
+        match opened.map_err(refusal)? {
             Incoming::Challenge { challenge } => {
                 tracing::info!(
                     platform = PLATFORM,
@@ -50,8 +54,21 @@ pub async fn callback(
                 ))
             }
             Incoming::Event(event) => {
-                let outcome = super::publish(
+                let (signature, signed_at_ms) = match signed.signature.filter(|_| cfg.is_signed()) {
+                    Some(signature) => (Cow::Borrowed(signature), callback::signed_at_ms(&signed)),
+                    // Without an encrypt key nothing is signed: an exact repeat of the body is
+                    // what can still be recognised.
+                    None => (Cow::Owned(replay::body_digest(&body)), None),
+                };
+                let request = Signed {
+                    platform: PLATFORM,
+                    app: &app,
+                    signature: &signature,
+                    signed_at_ms,
+                };
+                let outcome = replay::publish_once(
                     &state,
+                    request,
                     super::Event {
                         platform: PLATFORM,
                         app: app.clone(),

@@ -9,6 +9,7 @@ pub mod dingtalk;
 pub mod idempotency;
 pub mod lark;
 pub mod notify;
+pub mod replay;
 pub mod reply;
 pub mod wecom;
 
@@ -39,6 +40,8 @@ pub struct State {
     pub bus: Arc<Bus>,
     pub metrics: Metrics,
     pub replay_window: Option<Duration>,
+    /// The requests published within the replay window; `None` when the window is off.
+    pub replay: Option<replay::Seen>,
     pub subject_prefix: String,
     pub notifier: Arc<Notifier>,
     /// Who may use the internal listener.
@@ -179,6 +182,9 @@ where
 pub enum Outcome {
     Published,
     Duplicate,
+    /// An exact repeat of a request already published within the replay window: answered as
+    /// a success again, not published.
+    Replay,
     /// A platform handshake (DingTalk check_url, WeCom URL verification, Lark challenge):
     /// answered, never published.
     Handshake(&'static str),
@@ -189,6 +195,7 @@ impl Outcome {
         match self {
             Outcome::Published => "published",
             Outcome::Duplicate => "duplicate",
+            Outcome::Replay => "replay",
             Outcome::Handshake(label) => label,
         }
     }

@@ -1,7 +1,7 @@
 //! `GET /callbacks/wecom/<app>` answers WeCom's URL verification with the decrypted echostr;
 //! `POST /callbacks/wecom/<app>` verifies, decrypts and publishes a message or event push to
 //! `wecom.<Event>` (events) or `wecom.msg.<MsgType>` (messages), and answers an empty 200 only
-//! once the bus has it.
+//! once the bus has it (or, for an exact repeat of a published request, without publishing).
 
 use std::sync::Arc;
 
@@ -9,6 +9,7 @@ use bytes::Bytes;
 use warp::reply::Response;
 use warp::Reply;
 
+use super::replay::{self, Signed};
 use super::reply::ApiError;
 use super::{Outcome, State};
 use crate::platform::now_ms;
@@ -72,8 +73,20 @@ pub async fn callback(
         } else {
             event.body.clone()
         };
-        let outcome = super::publish(
+        let signed = Signed {
+            platform: PLATFORM,
+            app: &app,
+            signature: params.signature,
+            // Seconds; already checked against the window when there is one.
+            signed_at_ms: params
+                .timestamp
+                .parse::<u64>()
+                .ok()
+                .map(|s| s.saturating_mul(1000)),
+        };
+        let outcome = replay::publish_once(
             &state,
+            signed,
             super::Event {
                 platform: PLATFORM,
                 app: app.clone(),

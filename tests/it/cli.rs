@@ -158,6 +158,7 @@ fn shutdown_ends_within_the_grace_whatever_clients_and_targets_hold_and_sums_up_
             [targets.hang]
             kind = "wecom_robot"
             url = "http://{platform_addr}/cgi-bin/webhook/send?key=k"
+            allow_insecure_http = true
             "#
         ),
     )

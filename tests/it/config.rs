@@ -28,7 +28,9 @@ fn example_config_loads_with_documented_defaults() {
         let s = config::load(Some(&example())).expect("example config is valid");
         assert_eq!(s.server.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(s.server.admin_listen.to_string(), "0.0.0.0:9090");
-        assert_eq!(s.server.replay_window, Some(Duration::from_secs(3600)));
+        assert_eq!(s.server.replay_window, Some(Duration::from_secs(120)));
+        assert_eq!(s.server.replay_capacity, 12_000);
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
         assert!(matches!(s.bus.engine, EngineSettings::Memory(_)));
         assert_eq!(
             s.dingtalk_apps["main"].crypt.receiver_id(),

@@ -20,6 +20,7 @@ mod notify;
 mod notify_clients;
 mod outbound_safety;
 mod recipients_guard;
+mod replay;
 mod secrets;
 // Needs the fault-injection points: `./test` builds with `--features failpoints`.
 #[cfg(feature = "failpoints")]

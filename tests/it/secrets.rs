@@ -195,7 +195,8 @@ async fn a_failing_sends_url_credentials_stay_out_of_answers_and_dead_letters() 
     app.stop().await;
 }
 
-#[tokio::test]
+// Two workers: the fake platform must keep answering while this test blocks on the log lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_sends_url_credentials_stay_out_of_the_logs() {
     let url = echoing_platform().await;
     let dir = tempfile::tempdir().unwrap();

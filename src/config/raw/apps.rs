@@ -41,6 +41,11 @@ pub struct LarkAppConfig {
     /// The Encrypt Key; when set, events must be encrypted and signed with it.
     #[serde(default)]
     pub encrypt_key: Option<Secret>,
+    /// Accept this app's callbacks without an encrypt key, authenticated by the verification
+    /// token alone. Unsafe: that token travels inside every event published, so anyone who
+    /// can read the bus could forge this app's callbacks; and unsigned callbacks have no
+    /// timestamp to bound their replay.
+    pub allow_unsigned: bool,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

@@ -97,9 +97,17 @@ pub struct ServerConfig {
     pub body_timeout: String,
     /// Open connections per listener; one more is closed at once (and counted).
     pub max_connections: usize,
-    /// Callbacks whose timestamp is further than this from now are rejected; "0" disables.
+    /// Callbacks whose signed timestamp is further than this from now are refused, and an
+    /// exact repeat of a callback published within it is answered but not published again.
+    /// Keep it no longer than the bus's duplicate window (check-config warns otherwise).
+    /// "0" disables both checks.
     #[serde(deserialize_with = "lenient_string")]
     pub replay_window: String,
+    /// The most callbacks a second this replica is expected to take, all apps together. With
+    /// replay_window it sizes the memory of published callbacks (rate × window entries, at
+    /// most 500,000 of about 250 bytes); past it the oldest are forgotten early and counted
+    /// in imbridge_replay_evictions_total.
+    pub max_callback_rate: u32,
     /// How long a shutdown waits for in-flight requests (and their publishes) to finish.
     #[serde(deserialize_with = "lenient_string")]
     pub shutdown_grace: String,
@@ -116,7 +124,8 @@ impl Default for ServerConfig {
             header_timeout: "10s".into(),
             body_timeout: "10s".into(),
             max_connections: 4096,
-            replay_window: "1h".into(),
+            replay_window: "2m".into(),
+            max_callback_rate: 100,
             shutdown_grace: "20s".into(),
         }
     }

@@ -80,6 +80,25 @@ pub(super) fn lark(
                  the URL can publish events",
             );
         }
+        if verification_token.is_some() && encrypt_key.is_none() && !app.allow_unsigned {
+            c.problem(
+                format!("{key}.encrypt_key"),
+                "is not set, so callbacks are not signed and the verification token, which \
+                 travels inside every event published, is their only proof: anyone who can read \
+                 the bus could forge them. Set the Encrypt Key from Lark's console, or \
+                 allow_unsigned = true to accept that",
+            );
+        } else if encrypt_key.is_none() && app.allow_unsigned {
+            c.warning(
+                format!("{key}.allow_unsigned"),
+                "callbacks are accepted unsigned: anyone who can read the bus could forge them",
+            );
+        } else if encrypt_key.is_some() && app.allow_unsigned {
+            c.warning(
+                format!("{key}.allow_unsigned"),
+                "has no effect: an encrypt key is set, so callbacks must be signed",
+            );
+        }
         let app = LarkApp {
             verification_token,
             encrypt_key,

@@ -10,10 +10,12 @@ use crate::config::parse::{parse_duration, parse_limit};
 use crate::config::raw::OneOrMany;
 use crate::platform::Limit;
 
-/// Collects problems while validating, so every one of them is reported.
+/// Collects problems while validating, so every one of them is reported, and warnings about
+/// what is allowed but probably unwise.
 #[derive(Default)]
 pub(super) struct Checker {
     problems: Vec<Problem>,
+    warnings: Vec<Problem>,
 }
 
 impl Checker {
@@ -21,15 +23,19 @@ impl Checker {
         self.problems.push(Problem::new(key, message));
     }
 
+    pub fn warning(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.warnings.push(Problem::new(key, message));
+    }
+
     /// How many problems so far: a section compares it before and after a check.
     pub fn count(&self) -> usize {
         self.problems.len()
     }
 
-    /// `Err` with every problem, if there is any.
-    pub fn finish(self) -> Result<(), ConfigError> {
+    /// `Err` with every problem, if there is any; otherwise the warnings.
+    pub fn finish(self) -> Result<Vec<Problem>, ConfigError> {
         if self.problems.is_empty() {
-            Ok(())
+            Ok(self.warnings)
         } else {
             Err(ConfigError {
                 problems: self.problems,

@@ -33,6 +33,7 @@ pub(super) fn validate(
     let dingtalk_apps = apps::dingtalk(&config.apps.dingtalk, &mut c);
     let wecom_apps = apps::wecom(&config.apps.wecom, &mut c);
     let lark_apps = apps::lark(&config.apps.lark, &mut c);
+    server::replay(&server, &bus, &mut c);
     let notify = notify::notify(&config.notify, &bus.engine, &mut c);
     let templates = catalog::templates(&config.templates, &mut c);
     let targets = targets::targets(config, targets, &templates, &mut c);
@@ -44,7 +45,7 @@ pub(super) fn validate(
         .map(String::as_str)
         .collect();
     let clients = server::clients(config, &names, &mut c);
-    c.finish()?;
+    let warnings = c.finish()?;
     Ok(Settings {
         server,
         log: config.log.clone(),
@@ -58,5 +59,6 @@ pub(super) fn validate(
         templates,
         users,
         clients,
+        warnings,
     })
 }

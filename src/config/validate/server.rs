@@ -1,11 +1,14 @@
 //! `[server]`, `[clients]` and `[log]`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use super::checker::Checker;
+use crate::bus::{BusSettings, EngineSettings};
 use crate::config::raw::{Config, LogConfig, ServerConfig};
 use crate::config::settings::ServerSettings;
 use crate::ingress::clients::{Client, Clients};
+use crate::ingress::replay;
 use crate::secret::Secret;
 
 /// The placeholder `imbridge.example.toml` ships, refused once the listener is on.
@@ -15,6 +18,8 @@ const EXAMPLE_TOKEN: &str = "replace-with-a-random-secret";
 const MIN_TOKEN_CHARS: usize = 16;
 
 pub(super) fn server(raw: &ServerConfig, c: &mut Checker) -> ServerSettings {
+    let replay_window =
+        Some(c.duration("server.replay_window", &raw.replay_window)).filter(|d| !d.is_zero());
     let server = ServerSettings {
         listen: c.addr("server.listen", &raw.listen),
         admin_listen: c.addr("server.admin_listen", &raw.admin_listen),
@@ -26,8 +31,8 @@ pub(super) fn server(raw: &ServerConfig, c: &mut Checker) -> ServerSettings {
         header_timeout: c.duration("server.header_timeout", &raw.header_timeout),
         body_timeout: c.duration("server.body_timeout", &raw.body_timeout),
         max_connections: raw.max_connections,
-        replay_window: Some(c.duration("server.replay_window", &raw.replay_window))
-            .filter(|d| !d.is_zero()),
+        replay_window,
+        replay_capacity: replay_capacity(raw.max_callback_rate, replay_window, c),
         shutdown_grace: c.duration("server.shutdown_grace", &raw.shutdown_grace),
     };
     if server.max_body_bytes == 0 {
@@ -62,6 +67,56 @@ pub(super) fn server(raw: &ServerConfig, c: &mut Checker) -> ServerSettings {
         }
     }
     server
+}
+
+/// How many published callbacks to remember: `max_callback_rate` × the window, refused above
+/// the ceiling rather than silently cut (an operator who asks for more should know).
+fn replay_capacity(rate: u32, window: Option<Duration>, c: &mut Checker) -> usize {
+    if rate == 0 {
+        c.problem("server.max_callback_rate", "must be at least 1");
+    }
+    let Some(window) = window else {
+        return 0;
+    };
+    let entries = replay::capacity(rate, window);
+    if entries > replay::MAX_ENTRIES {
+        c.problem(
+            "server.max_callback_rate",
+            format!(
+                "× server.replay_window is {entries} callbacks to remember, over the ceiling of \
+                 {}: lower one of them",
+                replay::MAX_ENTRIES
+            ),
+        );
+        return 0;
+    }
+    usize::try_from(entries).unwrap_or(0)
+}
+
+/// Warns when the replay window outlasts the bus's duplicate window: a replay the replica's own
+/// memory does not catch (another replica, a restart, an eviction) and that arrives between the
+/// two windows is stored twice.
+pub(super) fn replay(server: &ServerSettings, bus: &BusSettings, c: &mut Checker) {
+    let (key, duplicate_window) = match &bus.engine {
+        EngineSettings::Memory(m) => ("bus.memory.duplicate_window", m.duplicate_window),
+        EngineSettings::Nats(n) => ("bus.nats.duplicate_window", n.duplicate_window),
+        EngineSettings::Kafka(k) => ("bus.kafka.duplicate_window", k.duplicate_window),
+    };
+    match server.replay_window {
+        None => c.warning(
+            "server.replay_window",
+            "is 0: callbacks are accepted whatever their timestamp, and a captured one can be \
+             replayed at any time",
+        ),
+        Some(window) if window > duplicate_window => c.warning(
+            "server.replay_window",
+            format!(
+                "is longer than {key} ({duplicate_window:?}): a replay arriving between the two \
+                 windows at another replica, or after a restart, can be stored twice"
+            ),
+        ),
+        Some(_) => {}
+    }
 }
 
 /// `[clients]`: tokens long and distinct, and every plain name a client may use configured.
