@@ -2,7 +2,7 @@
 //!
 //! The copy every replica rebuilds from the topic forgets a log once its windows have passed
 //! (see [`Logs`]), and the topic itself is compacted with a retention (see
-//! [`LOG_RETENTION`]), so neither grows with the number of member ids ever seen.
+//! [`super::LOG_RETENTION`]), so neither grows with the number of member ids ever seen.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -19,11 +19,6 @@ use super::logs::Logs;
 use super::{now_ms, Log, StoreError};
 use crate::platform::Limit;
 use crate::shutdown::Shutdown;
-
-/// How long the topic keeps a record: a day covers every window and every pause, like the
-/// NATS store's target entries. The topic is compacted too (only a key's latest log counts),
-/// so a new owner reads at most a day of keys, each once.
-pub const LOG_RETENTION: Duration = Duration::from_secs(86_400);
 
 /// How long a slot waits for the topic to be read up to its end before asking again.
 const CATCH_UP_POLL: u64 = 50;

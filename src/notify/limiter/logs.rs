@@ -11,11 +11,18 @@ use super::Log;
 /// early, so this only decides how long a spent one lingers.
 const SWEEP_EVERY: u64 = 1_000;
 
+/// A map this large (or larger) is also swept whenever it has doubled since the last sweep, so
+/// a burst of keys holds at most about twice the keys still inside their windows, however
+/// many keys a second bring. Each sweep costs its size once per doubling: O(1) per key.
+const SWEEP_FROM: usize = 1_024;
+
 #[derive(Default)]
 pub struct Logs {
     map: HashMap<String, Log>,
     /// When (ms) the next sweep is due.
     next_sweep: u64,
+    /// Logs left by the last sweep.
+    swept_len: usize,
 }
 
 impl Logs {
@@ -39,13 +46,15 @@ impl Logs {
         }
     }
 
-    /// Forgets the logs past their horizon, at most once per [`SWEEP_EVERY`].
+    /// Forgets the logs past their horizon, once per [`SWEEP_EVERY`] or when the map doubled.
     fn sweep(&mut self, now: u64) {
-        if now < self.next_sweep {
+        let doubled = self.map.len() >= SWEEP_FROM.max(2 * self.swept_len);
+        if now < self.next_sweep && !doubled {
             return;
         }
         self.next_sweep = now.saturating_add(SWEEP_EVERY);
         self.map.retain(|_, log| log.expires_at() > now);
+        self.swept_len = self.map.len();
         // A burst of keys must not pin its peak's table for the process's lifetime.
         if self.map.capacity() > 64 && self.map.len() < self.map.capacity() / 4 {
             self.map.shrink_to(self.map.len() * 2);
@@ -89,6 +98,29 @@ mod tests {
         logs.entry("x", t0 + 3 * SWEEP_EVERY);
         assert!(logs.get_mut("paused").is_some());
         assert!(logs.get_mut("late").is_none());
+    }
+
+    #[test]
+    fn a_burst_is_swept_as_it_doubles_not_only_once_a_second() {
+        let limits = [Limit::new(1, Duration::from_millis(10))];
+        let mut logs = Logs::default();
+        // 100,000 keys within one sweep interval, each spent 10 ms after its send.
+        for i in 0..100_000u64 {
+            let now = 1_000_000 + i / 100;
+            logs.entry(&format!("member_{i}"), now)
+                .record(&limits, 0, now);
+            assert!(
+                logs.len() <= 2 * SWEEP_FROM + 1_000,
+                "{} logs at key {i}",
+                logs.len()
+            );
+        }
+        // All live at once: swept, and kept, as the map doubles.
+        let mut live = Logs::default();
+        for i in 0..10_000 {
+            live.entry(&format!("m{i}"), 5).record(&limits, 0, 5);
+        }
+        assert_eq!(live.len(), 10_000);
     }
 
     #[test]

@@ -32,9 +32,6 @@ mod local;
 mod logs;
 mod nats;
 
-pub use kafka::LOG_RETENTION;
-pub use nats::MEMBERS_SUFFIX;
-
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -134,6 +131,14 @@ impl Log {
         self.sends.drain(..drop);
     }
 }
+
+/// How long the kafka_log topic keeps a record: a day covers every window and every pause,
+/// like the NATS store's target entries. The topic is compacted too (only a key's latest log
+/// counts), so a new owner reads at most a day of keys, each once.
+pub const LOG_RETENTION: Duration = Duration::from_secs(86_400);
+
+/// The NATS store's member stream's name: the bucket's, with this suffix.
+pub const MEMBERS_SUFFIX: &str = "_members";
 
 /// How long a log whose horizon is unknown is kept: a day covers every window and pause.
 pub const UNKNOWN_HORIZON: u64 = 86_400_000;

@@ -15,14 +15,11 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::stream::{self, LastRawMessageErrorKind};
 use bytes::Bytes;
 
-use super::{now_ms, Key, Log, Scope, StoreError, STORE_RETRY};
+use super::{now_ms, Key, Log, Scope, StoreError, MEMBERS_SUFFIX, STORE_RETRY};
 
 /// How long a target's entry is kept after its last change: a day covers every window and
 /// every pause a platform asks for.
 const TARGET_MAX_AGE: Duration = Duration::from_secs(86_400);
-
-/// The member stream's name: the bucket's, with this suffix.
-pub const MEMBERS_SUFFIX: &str = "_members";
 
 pub struct KvLimiter {
     js: async_nats::jetstream::Context,
