@@ -1,7 +1,7 @@
 //! The in-process engine: the embedded default, so `imbridge serve` is useful with no broker.
 //! One node, not durable. Subscribers in the same process (and tests) receive what is
-//! published; like JetStream, a message whose id was seen within the duplicate window is
-//! acknowledged as a duplicate and not delivered again.
+//! published; like JetStream, a message whose id was seen within the duplicate window (in the
+//! same stream) is acknowledged as a duplicate and not delivered again.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::broadcast;
 
-use super::{Ack, BusError, Delivery, Message};
+use super::{Ack, BusError, Delivery, Layout, Message};
 use crate::metrics::Metrics;
 
 /// A message as a subscriber receives it.
@@ -57,16 +57,50 @@ struct Queues {
     wildcard: Vec<(String, QueueTx)>,
 }
 
-/// Ids published within the duplicate window, oldest first.
+/// Ids remembered at most: past it the oldest are forgotten first, so a flood of distinct ids
+/// costs a bounded amount of memory (about 150 bytes each) and at worst lets a platform's
+/// retry of an old event be stored twice, which at-least-once delivery allows.
+pub(super) const SEEN_CAPACITY: usize = 200_000;
+
+/// Ids published within the duplicate window, oldest first, per duplicate namespace.
+///
+/// JetStream drops a duplicate id only within one stream; the engines without streams mirror
+/// that: an id is remembered under the stream its subject would belong to (the inbound one,
+/// one of the layout's others, or none of them), so an id chosen by a notify client can never
+/// hide a platform's callback, nor the reverse.
 #[derive(Default)]
 pub(super) struct Seen {
     ids: HashMap<String, Instant>,
     order: VecDeque<(Instant, String)>,
+    /// Subject patterns of each stream: the inbound one first, then the layout's others.
+    streams: Vec<Vec<String>>,
 }
 
 impl Seen {
-    fn forget(&mut self, id: &str) {
-        self.ids.remove(id);
+    pub(super) fn new(layout: &Layout) -> Self {
+        let others = layout.streams.iter().map(|s| s.subjects.clone());
+        Seen {
+            streams: std::iter::once(layout.inbound.clone())
+                .chain(others)
+                .collect(),
+            ..Seen::default()
+        }
+    }
+
+    /// The key `id` is remembered under: its namespace's number, then the id (the number has
+    /// no `:` in it, so different pairs never make the same key).
+    fn key(&self, subject: &str, id: &str) -> String {
+        let namespace = self
+            .streams
+            .iter()
+            .position(|patterns| patterns.iter().any(|p| super::subject_matches(p, subject)))
+            .unwrap_or(self.streams.len());
+        format!("{namespace}:{id}")
+    }
+
+    fn forget(&mut self, subject: &str, id: &str) {
+        let key = self.key(subject, id);
+        self.ids.remove(&key);
     }
 
     /// Forgets ids older than `window`.
@@ -82,31 +116,52 @@ impl Seen {
         }
     }
 
-    /// Whether `id` was recorded within `window` before `now`.
-    pub(super) fn contains(&mut self, id: &str, now: Instant, window: Duration) -> bool {
+    /// Whether `id` was recorded on `subject`'s stream within `window` before `now`.
+    pub(super) fn contains(
+        &mut self,
+        subject: &str,
+        id: &str,
+        now: Instant,
+        window: Duration,
+    ) -> bool {
         self.expire(now, window);
-        !window.is_zero() && self.ids.contains_key(id)
+        !window.is_zero() && self.ids.contains_key(&self.key(subject, id))
     }
 
-    /// Records `id` at `now`; false when it was already seen within `window`.
-    pub(super) fn insert(&mut self, id: &str, now: Instant, window: Duration) -> bool {
+    /// Records `id` on `subject`'s stream at `now`; false when it was already seen there
+    /// within `window`.
+    pub(super) fn insert(
+        &mut self,
+        subject: &str,
+        id: &str,
+        now: Instant,
+        window: Duration,
+    ) -> bool {
         self.expire(now, window);
-        if window.is_zero() || self.ids.contains_key(id) {
+        let key = self.key(subject, id);
+        if window.is_zero() || self.ids.contains_key(&key) {
             return window.is_zero();
         }
-        self.ids.insert(id.to_owned(), now);
-        self.order.push_back((now, id.to_owned()));
+        if self.order.len() >= SEEN_CAPACITY {
+            if let Some((t, oldest)) = self.order.pop_front() {
+                if self.ids.get(&oldest) == Some(&t) {
+                    self.ids.remove(&oldest);
+                }
+            }
+        }
+        self.ids.insert(key.clone(), now);
+        self.order.push_back((now, key));
         true
     }
 }
 
 impl MemoryBus {
-    pub fn new(settings: &MemorySettings, metrics: Metrics) -> Self {
+    pub fn new(settings: &MemorySettings, layout: &Layout, metrics: Metrics) -> Self {
         metrics.bus_connected("memory", true);
         let (tx, _) = broadcast::channel(settings.capacity);
         MemoryBus {
             tx,
-            seen: Mutex::new(Seen::default()),
+            seen: Mutex::new(Seen::new(layout)),
             window: settings.duplicate_window,
             queues: Mutex::new(Queues::default()),
         }
@@ -152,15 +207,19 @@ impl MemoryBus {
     }
 
     pub fn publish(&self, msg: &Message) -> Result<Ack, BusError> {
-        let fresh =
-            self.seen
-                .lock()
-                .expect("not poisoned")
-                .insert(&msg.id, Instant::now(), self.window);
+        let fresh = self.seen.lock().expect("not poisoned").insert(
+            &msg.subject,
+            &msg.id,
+            Instant::now(),
+            self.window,
+        );
         if fresh {
             self.enqueue(msg).inspect_err(|_| {
                 // Refused, so a retry with the same id must not be taken for a duplicate.
-                self.seen.lock().expect("not poisoned").forget(&msg.id);
+                self.seen
+                    .lock()
+                    .expect("not poisoned")
+                    .forget(&msg.subject, &msg.id);
             })?;
             // No subscriber is not an error: like a stream nobody reads yet.
             let _ = self.tx.send(Arc::new(Received {
@@ -236,12 +295,63 @@ mod tests {
         let mut seen = Seen::default();
         let t0 = Instant::now();
         let w = Duration::from_secs(10);
-        assert!(seen.insert("a", t0, w));
-        assert!(!seen.insert("a", t0 + Duration::from_secs(9), w));
-        assert!(seen.insert("b", t0 + Duration::from_secs(9), w));
-        assert!(seen.insert("a", t0 + Duration::from_secs(10), w));
+        assert!(seen.insert("s", "a", t0, w));
+        assert!(!seen.insert("s", "a", t0 + Duration::from_secs(9), w));
+        assert!(seen.insert("s", "b", t0 + Duration::from_secs(9), w));
+        assert!(seen.insert("s", "a", t0 + Duration::from_secs(10), w));
         assert_eq!(seen.ids.len(), 2);
         // A zero window disables deduplication.
-        assert!(seen.insert("a", t0, Duration::ZERO));
+        assert!(seen.insert("s", "a", t0, Duration::ZERO));
+    }
+
+    fn layout() -> Layout {
+        Layout {
+            inbound: vec!["dingtalk.>".into(), "wecom.>".into()],
+            streams: vec![super::super::StreamSpec {
+                name: "notify".into(),
+                subjects: vec!["notify.>".into()],
+                interest: true,
+            }],
+            ..Layout::default()
+        }
+    }
+
+    #[test]
+    fn each_stream_is_its_own_duplicate_namespace() {
+        let mut seen = Seen::new(&layout());
+        let (t0, w) = (Instant::now(), Duration::from_secs(10));
+        assert!(seen.insert("dingtalk.user_add_org", "id1", t0, w));
+        assert!(
+            seen.insert("notify.ops", "id1", t0, w),
+            "a notification apart"
+        );
+        assert!(
+            seen.insert("other.x", "id1", t0, w),
+            "outside every stream, apart too"
+        );
+        // Within one stream, whatever the subject, a duplicate as on JetStream.
+        assert!(!seen.insert("wecom.change_contact", "id1", t0, w));
+        assert!(!seen.insert("notify.dev", "id1", t0, w));
+        assert!(seen.contains("notify.ops", "id1", t0, w));
+        assert!(!seen.contains("notify.ops", "id2", t0, w));
+        // An id with the separator in it cannot pass for another namespace's.
+        assert!(seen.insert("dingtalk.a", "1:x", t0, w));
+        assert!(seen.insert("notify.ops", "x", t0, w));
+    }
+
+    #[test]
+    fn a_flood_of_ids_is_bounded() {
+        let mut seen = Seen::new(&layout());
+        let (t0, w) = (Instant::now(), Duration::from_secs(3600));
+        for i in 0..SEEN_CAPACITY + 1000 {
+            assert!(seen.insert("dingtalk.x", &i.to_string(), t0, w));
+        }
+        assert_eq!(seen.ids.len(), SEEN_CAPACITY);
+        assert_eq!(seen.order.len(), SEEN_CAPACITY);
+        assert!(
+            !seen.contains("dingtalk.x", "999", t0, w),
+            "the oldest went first"
+        );
+        assert!(seen.contains("dingtalk.x", "1000", t0, w));
     }
 }

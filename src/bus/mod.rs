@@ -254,6 +254,10 @@ pub struct Layout {
     /// Topics that must exist before the daemon is ready (Kafka; one partition each, so that
     /// one replica at a time owns each).
     pub topics: Vec<String>,
+    /// Topics (among `topics`) that keep only the latest record of each key, each for at
+    /// most the given time (Kafka: `cleanup.policy = compact,delete`, `retention.ms`), set
+    /// when the bus creates them.
+    pub compacted: Vec<(String, Duration)>,
     /// The durable consumers the daemon reads; created before the bus reports ready.
     pub consumers: Vec<ConsumerSpec>,
     /// Subject prefixes (without the bus prefix) whose records are keyed by the rest of the
@@ -322,7 +326,7 @@ pub enum EngineSettings {
 
 /// The engines. A small enum, not a trait object: there are few and they are known.
 pub enum Engine {
-    Memory(memory::MemoryBus),
+    Memory(Box<memory::MemoryBus>),
     Nats(Box<nats::NatsBus>),
     Kafka(Arc<kafka::KafkaBus>),
 }
@@ -338,7 +342,9 @@ impl Bus {
         shutdown: Shutdown,
     ) -> Result<Bus, BusError> {
         let engine = match &settings.engine {
-            EngineSettings::Memory(m) => Engine::Memory(memory::MemoryBus::new(m, metrics.clone())),
+            EngineSettings::Memory(m) => {
+                Engine::Memory(Box::new(memory::MemoryBus::new(m, layout, metrics.clone())))
+            }
             EngineSettings::Nats(n) => Engine::Nats(Box::new(
                 nats::NatsBus::start(n, layout, metrics.clone(), shutdown).await?,
             )),
@@ -393,7 +399,7 @@ impl Bus {
     /// The in-process engine, for in-process subscribers.
     pub fn memory(&self) -> Option<&memory::MemoryBus> {
         match &self.engine {
-            Engine::Memory(m) => Some(m),
+            Engine::Memory(m) => Some(m.as_ref()),
             _ => None,
         }
     }

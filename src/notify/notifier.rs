@@ -101,7 +101,8 @@ pub fn bus_layout(
     // limiter, which waits until it has read its topic.
     if settings.limiter == LimiterStore::KafkaLog {
         let log = bus::with_prefix(prefix, &settings.limiter_bucket);
-        layout.topics.push(log);
+        layout.topics.push(log.clone());
+        layout.compacted.push((log, super::limiter::LOG_RETENTION));
     }
     layout
 }
@@ -126,7 +127,14 @@ impl Notifier {
         supervisor: &Supervisor,
         shutdown: Shutdown,
     ) -> Result<Arc<Notifier>, StartError> {
-        let limiter = Limiter::start(settings, &bus, prefix, shutdown.clone())?;
+        let member_windows = catalog
+            .targets
+            .values()
+            .flat_map(|t| &t.member_limits)
+            .map(|l| l.window)
+            .max()
+            .unwrap_or_default();
+        let limiter = Limiter::start(settings, member_windows, &bus, prefix, shutdown.clone())?;
         let shared = Arc::new(Shared {
             settings: settings.clone(),
             limiter,

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::compose::Prepared;
 use super::dead_letter::DeadLetters;
 use super::in_flight::{Held, InFlight};
-use super::limiter::{Limiter, LimiterError};
+use super::limiter::{Key, Limiter, LimiterError, Scope};
 use super::sender::{Sender, Sent};
 use super::settings::NotifySettings;
 use super::target::Target;
@@ -19,7 +19,7 @@ use super::verdict::{Reason, Verdict};
 use crate::metrics::Metrics;
 use crate::platform::kind::Addressing;
 use crate::platform::outbound::{Answer, Class, Request};
-use crate::platform::{Endpoint, Limit};
+use crate::platform::Endpoint;
 use crate::shutdown::Shutdown;
 
 /// What every target's worker shares.
@@ -210,11 +210,19 @@ impl Delivering<'_> {
         let name = self.target.name.as_str();
         let member_keys = self.member_keys();
         let limit_key = limit_key(self.target);
-        let mut keys: Vec<(&str, &[Limit])> = member_keys
+        let mut keys: Vec<Key<'_>> = member_keys
             .iter()
-            .map(|k| (k.as_str(), self.target.member_limits.as_slice()))
+            .map(|k| Key {
+                name: k,
+                scope: Scope::Member,
+                limits: &self.target.member_limits,
+            })
             .collect();
-        keys.push((&limit_key, &self.target.limits));
+        keys.push(Key {
+            name: &limit_key,
+            scope: Scope::Target,
+            limits: &self.target.limits,
+        });
         let mut refreshed = false;
         loop {
             let sent = self.attempt(&keys, tally).await?;
@@ -265,7 +273,7 @@ impl Delivering<'_> {
 
     /// The access token first (fetching it after the slots were taken could put a round trip
     /// between a slot's record and its send), then the rate limiter's slots, then the send.
-    async fn attempt(&self, keys: &[(&str, &[Limit])], tally: &mut Tally) -> Result<Sent, Verdict> {
+    async fn attempt(&self, keys: &[Key<'_>], tally: &mut Tally) -> Result<Sent, Verdict> {
         let token = match self.shared.sender.token(self.target).await {
             Ok(token) => token,
             Err(answer) => {

@@ -6,6 +6,7 @@ mod common;
 
 mod app_messages;
 mod apps_selftest;
+mod bounded_state;
 mod bus_engines;
 mod cli;
 mod config;

@@ -54,13 +54,16 @@ pub struct KafkaBus {
     prefix: String,
     /// Subject prefixes whose records are keyed by the rest of the subject (see [`Layout`]).
     keyed_by_name: Vec<String>,
+    /// Compacted topics and their retention (see [`Layout`]).
+    compacted: Vec<(String, Duration)>,
     /// The brokers answered the last metadata request.
     connected: Arc<AtomicBool>,
     /// The topics the daemon needs at start exist.
     topics_ready: Arc<AtomicBool>,
     /// Topics known to exist (created or seen in metadata).
     known: Mutex<HashSet<String>>,
-    /// ce-ids stored recently by this replica, so a platform retry is not stored twice.
+    /// ce-ids stored recently by this replica, per stream as on NATS, so a platform retry is
+    /// not stored twice.
     seen: Mutex<Seen>,
     routes: Arc<consumer::Routes>,
     /// Bumped on every partition assignment of the notify consumer (see [`KafkaBus::assignments`]).
@@ -115,10 +118,11 @@ impl KafkaBus {
             settings: settings.clone(),
             prefix: prefix.to_owned(),
             keyed_by_name: layout.keyed_by_name.clone(),
+            compacted: layout.compacted.clone(),
             connected: Arc::new(AtomicBool::new(false)),
             topics_ready: Arc::new(AtomicBool::new(false)),
             known: Mutex::new(HashSet::new()),
-            seen: Mutex::new(Seen::default()),
+            seen: Mutex::new(Seen::new(layout)),
             routes: Arc::new(consumer::Routes::new(consumers.len())),
             // Starts at 1, so the kafka_log limiter catches up before the first send even when
             // nothing has been assigned yet (a `?wait=true` send needs no assignment).
@@ -209,14 +213,31 @@ impl KafkaBus {
         if missing.is_empty() || !self.settings.create_topics {
             return Ok(());
         }
+        let retention: Vec<Option<String>> = missing
+            .iter()
+            .map(|(name, _)| {
+                let compacted = self.compacted.iter().find(|(t, _)| t == name);
+                compacted.map(|(_, keep)| keep.as_millis().to_string())
+            })
+            .collect();
         let new: Vec<NewTopic> = missing
             .iter()
-            .map(|(name, partitions)| {
-                NewTopic::new(
+            .zip(&retention)
+            .map(|((name, partitions), retention)| {
+                let topic = NewTopic::new(
                     name,
                     *partitions,
                     TopicReplication::Fixed(self.settings.replication_factor),
-                )
+                );
+                match retention {
+                    // Segments roll as often as records expire, or retention could only
+                    // delete a segment once it was full or a week old.
+                    Some(ms) => topic
+                        .set("cleanup.policy", "compact,delete")
+                        .set("retention.ms", ms)
+                        .set("segment.ms", ms),
+                    None => topic,
+                }
             })
             .collect();
         let options = AdminOptions::new()
@@ -275,12 +296,12 @@ impl KafkaBus {
             return Err(BusError::Unavailable("Kafka topics not ready".into()));
         }
         let window = self.settings.duplicate_window;
-        if self
-            .seen
-            .lock()
-            .expect("not poisoned")
-            .contains(&msg.id, Instant::now(), window)
-        {
+        if self.seen.lock().expect("not poisoned").contains(
+            &msg.subject,
+            &msg.id,
+            Instant::now(),
+            window,
+        ) {
             return Ok(Ack { duplicate: true });
         }
         // A stalled broker must not hold the callback past the publish timeout here either.
@@ -314,10 +335,12 @@ impl KafkaBus {
         .await;
         match sent {
             Ok(Ok(_)) => {
-                self.seen
-                    .lock()
-                    .expect("not poisoned")
-                    .insert(&msg.id, Instant::now(), window);
+                self.seen.lock().expect("not poisoned").insert(
+                    &msg.subject,
+                    &msg.id,
+                    Instant::now(),
+                    window,
+                );
                 Ok(Ack { duplicate: false })
             }
             Ok(Err((e, _))) => {

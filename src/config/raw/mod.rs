@@ -203,7 +203,8 @@ pub struct NotifyConfig {
     /// the nats bus, kafka_log on kafka, local otherwise).
     #[serde(deserialize_with = "lenient_string")]
     pub limiter: String,
-    /// Key-value bucket of the nats_kv limiter, or topic of the kafka_log limiter.
+    /// Key-value bucket of the nats_kv limiter (its per-recipient entries in a second stream,
+    /// `<limiter_bucket>_members`), or topic of the kafka_log limiter.
     #[serde(deserialize_with = "lenient_string")]
     pub limiter_bucket: String,
     /// The most people one message may reach: its recipients and mentions, counted once the

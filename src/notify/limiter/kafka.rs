@@ -1,8 +1,11 @@
 //! The `KafkaLog` store: the slot log shared through a Kafka topic.
+//!
+//! The copy every replica rebuilds from the topic forgets a log once its windows have passed
+//! (see [`Logs`]), and the topic itself is compacted with a retention (see
+//! [`super::LOG_RETENTION`]), so neither grows with the number of member ids ever seen.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -12,6 +15,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::logs::Logs;
 use super::{now_ms, Log, StoreError};
 use crate::platform::Limit;
 use crate::shutdown::Shutdown;
@@ -20,7 +24,7 @@ use crate::shutdown::Shutdown;
 const CATCH_UP_POLL: u64 = 50;
 
 pub struct KafkaLog {
-    logs: Arc<Mutex<HashMap<String, Log>>>,
+    logs: Arc<Mutex<Logs>>,
     producer: FutureProducer,
     topic: String,
     timeout: Duration,
@@ -45,7 +49,7 @@ impl KafkaLog {
             .set("acks", "all")
             .set("message.timeout.ms", timeout.as_millis().to_string());
         let producer: FutureProducer = producer_config.create()?;
-        let logs = Arc::new(Mutex::new(HashMap::new()));
+        let logs = Arc::new(Mutex::new(Logs::default()));
         let synced = Arc::new(AtomicU64::new(0));
         let mut consumer_config = config.clone();
         consumer_config
@@ -83,8 +87,8 @@ impl KafkaLog {
             return Ok(Some(now + CATCH_UP_POLL));
         }
         let snapshot = {
-            let mut logs = self.logs.lock().expect("not poisoned");
-            let log = logs.entry(target.to_owned()).or_default();
+            let mut logs = lock(&self.logs);
+            let log = logs.entry(target, now);
             let slot = log.next_slot(limits, margin_ms, now);
             if slot > now {
                 return Ok(Some(slot));
@@ -93,7 +97,7 @@ impl KafkaLog {
             log.clone()
         };
         if let Err(e) = self.write(target, &snapshot).await {
-            if let Some(log) = self.logs.lock().expect("not poisoned").get_mut(target) {
+            if let Some(log) = lock(&self.logs).get_mut(target) {
                 log.unrecord(now);
             }
             return Err(e);
@@ -103,8 +107,8 @@ impl KafkaLog {
 
     pub(super) async fn pause(&self, target: &str, until_ms: u64) {
         let snapshot = {
-            let mut logs = self.logs.lock().expect("not poisoned");
-            let log = logs.entry(target.to_owned()).or_default();
+            let mut logs = lock(&self.logs);
+            let log = logs.entry(target, now_ms());
             log.paused_until = log.paused_until.max(until_ms);
             log.clone()
         };
@@ -130,12 +134,17 @@ impl KafkaLog {
     }
 }
 
+/// Every change to the logs is whole (a merge, a record): a panic elsewhere leaves them usable.
+fn lock(logs: &Mutex<Logs>) -> MutexGuard<'_, Logs> {
+    logs.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Reads the log topic from the beginning and merges every record into `logs`; after each
 /// assignment, marks `synced` once it has read up to the end the topic had then.
 async fn follow(
     consumer: Arc<StreamConsumer>,
     topic: String,
-    logs: Arc<Mutex<HashMap<String, Log>>>,
+    logs: Arc<Mutex<Logs>>,
     assignments: Arc<AtomicU64>,
     synced: Arc<AtomicU64>,
     shutdown: Shutdown,
@@ -158,7 +167,7 @@ async fn follow(
                     let target = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
                     let log = m.payload().and_then(|p| serde_json::from_slice::<Log>(p).ok());
                     if let (Some(target), Some(log)) = (target, log) {
-                        logs.lock().expect("not poisoned").entry(target).or_default().merge(&log);
+                        lock(&logs).merge(target, &log, now_ms());
                     }
                     position.store(m.offset() + 1, Ordering::SeqCst);
                 }

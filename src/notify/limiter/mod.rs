@@ -7,9 +7,14 @@
 //! which lets about 2N through in some window, a log cannot exceed N in any window. The log also
 //! holds the "paused until" time set when a platform answers "too fast".
 //!
+//! Keys are targets (named by the configuration) and, for app targets with per-recipient
+//! limits, members (one per recipient id a message names, so as many as the input wants).
+//! Every store forgets a log once its windows have passed, so what it holds is bounded by the
+//! keys used within a window, never by all the keys ever seen.
+//!
 //! Three stores:
 //! - `Local`: in this process, for the memory bus or a single replica.
-//! - `NatsKv`: one entry per target in a JetStream stream keeping the last message per subject
+//! - `NatsKv`: one entry per key in a JetStream stream keeping the last message per subject
 //!   (the key-value pattern, written directly so it works with every JetStream server), updated
 //!   with compare-and-set (`Nats-Expected-Last-Subject-Sequence`), so two replicas can never
 //!   both take the last slot of a window: the loser of the race re-reads and waits. Times are the replicas' wall clocks (keep them NTP-synchronised);
@@ -24,6 +29,7 @@
 
 mod kafka;
 mod local;
+mod logs;
 mod nats;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -49,6 +55,11 @@ pub struct Log {
     /// target's limits.
     #[serde(default)]
     pub keep: usize,
+    /// How long (ms) after its latest send the log still decides anything: the longest window
+    /// plus the margin. Kept in the log, like `keep`, so any replica can forget it in time.
+    /// 0 in logs written before it was kept: see [`Log::expires_at`].
+    #[serde(default)]
+    pub horizon: u64,
 }
 
 impl Log {
@@ -66,10 +77,24 @@ impl Log {
         slot
     }
 
+    /// The time (ms) from which this log allows a send at once under any limits it was
+    /// recorded with: forgetting it then changes no decision. A log without a horizon (written
+    /// by an older replica) is kept for [`UNKNOWN_HORIZON`], as long as the NATS store keeps it.
+    pub fn expires_at(&self) -> u64 {
+        let horizon = if self.horizon == 0 {
+            UNKNOWN_HORIZON
+        } else {
+            self.horizon
+        };
+        let last = self.sends.last().map_or(0, |&t| t.saturating_add(horizon));
+        last.max(self.paused_until)
+    }
+
     /// Adds what another replica logged: the sends of both, as many of the latest as a limit
     /// can see, and the later pause.
     pub fn merge(&mut self, other: &Log) {
         self.keep = self.keep.max(other.keep);
+        self.horizon = self.horizon.max(other.horizon);
         self.sends.extend_from_slice(&other.sends);
         self.sends.sort_unstable();
         self.sends.dedup();
@@ -95,6 +120,7 @@ impl Log {
             .unwrap_or(0);
         let keep = limits.iter().map(|l| l.max as usize).max().unwrap_or(0);
         self.keep = keep;
+        self.horizon = horizon;
         let old = self
             .sends
             .iter()
@@ -105,6 +131,17 @@ impl Log {
         self.sends.drain(..drop);
     }
 }
+
+/// How long the kafka_log topic keeps a record: a day covers every window and every pause,
+/// like the NATS store's target entries. The topic is compacted too (only a key's latest log
+/// counts), so a new owner reads at most a day of keys, each once.
+pub const LOG_RETENTION: Duration = Duration::from_secs(86_400);
+
+/// The NATS store's member stream's name: the bucket's, with this suffix.
+pub const MEMBERS_SUFFIX: &str = "_members";
+
+/// How long a log whose horizon is unknown is kept: a day covers every window and pause.
+pub const UNKNOWN_HORIZON: u64 = 86_400_000;
 
 /// Why a slot could not be taken.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +161,24 @@ pub enum StoreError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("no delivery report within the publish timeout")]
     NoReport,
+}
+
+/// What a key counts, which decides how long a shared store keeps its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// A target, or the app it sends through: named by the configuration; may be paused.
+    Target,
+    /// One recipient of an app: as many as the ids messages name, so kept only within its
+    /// windows; never paused.
+    Member,
+}
+
+/// One key a send must take a slot of, under its limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Key<'a> {
+    pub name: &'a str,
+    pub scope: Scope,
+    pub limits: &'a [Limit],
 }
 
 /// Where the logs are kept.
@@ -146,8 +201,11 @@ const STORE_RETRY: Duration = Duration::from_millis(200);
 impl Limiter {
     /// The store `notify.limiter` chose, on the bus that offers it (configuration validation
     /// made them agree; a store its bus does not offer falls back to this process).
+    /// `member_windows`: the longest window of any target's per-member limits, for how long
+    /// the NATS store keeps a member's entry.
     pub fn start(
         settings: &NotifySettings,
+        member_windows: Duration,
         bus: &Bus,
         prefix: &str,
         shutdown: Shutdown,
@@ -156,7 +214,11 @@ impl Limiter {
             (LimiterStore::NatsKv, Some(nats), _) => {
                 let (storage, replicas) = nats.storage();
                 let js = nats.jetstream().clone();
-                let kv = nats::KvLimiter::new(js, &settings.limiter_bucket, storage, replicas);
+                // One margin as in every window, one more for the server's clock (which
+                // expires entries) against the replicas' (which time the sends).
+                let member_age = member_windows + 2 * settings.rate_limit_margin;
+                let bucket = &settings.limiter_bucket;
+                let kv = nats::KvLimiter::new(js, bucket, storage, replicas, member_age);
                 Limiter::NatsKv(Box::new(kv))
             }
             (LimiterStore::KafkaLog, _, Some(kafka)) => {
@@ -188,7 +250,7 @@ impl Limiter {
     /// every record is within `margin` of the send that follows.
     pub async fn acquire_all(
         &self,
-        keys: &[(&str, &[Limit])],
+        keys: &[Key<'_>],
         margin: Duration,
         deadline: SystemTime,
         shutdown: &Shutdown,
@@ -206,14 +268,14 @@ impl Limiter {
             }
             let takes = keys
                 .iter()
-                .map(|(key, limits)| self.try_take(key, limits, margin_ms, now_ms()));
+                .map(|key| self.try_take(key, margin_ms, now_ms()));
             let mut next: Option<u64> = None;
-            for ((key, _), taken) in keys.iter().zip(futures::future::join_all(takes).await) {
+            for (key, taken) in keys.iter().zip(futures::future::join_all(takes).await) {
                 let slot = match taken {
                     Ok(None) => continue,
                     Ok(Some(slot)) => slot,
                     Err(e) => {
-                        tracing::warn!(key, error = %e, "rate-limit store unavailable; waiting");
+                        tracing::warn!(key = key.name, error = %e, "rate-limit store unavailable; waiting");
                         now_ms() + STORE_RETRY.as_millis() as u64
                     }
                 };
@@ -239,15 +301,14 @@ impl Limiter {
     /// Takes a slot now if one is free (`None`), or tells when the next one is (`Some(ms)`).
     async fn try_take(
         &self,
-        target: &str,
-        limits: &[Limit],
+        key: &Key<'_>,
         margin_ms: u64,
         now: u64,
     ) -> Result<Option<u64>, StoreError> {
         match self {
-            Limiter::Local(local) => Ok(local.try_take(target, limits, margin_ms, now)),
-            Limiter::NatsKv(kv) => kv.try_take(target, limits, margin_ms).await,
-            Limiter::KafkaLog(k) => k.try_take(target, limits, margin_ms).await,
+            Limiter::Local(local) => Ok(local.try_take(key.name, key.limits, margin_ms, now)),
+            Limiter::NatsKv(kv) => kv.try_take(key, margin_ms).await,
+            Limiter::KafkaLog(k) => k.try_take(key.name, key.limits, margin_ms).await,
         }
     }
 
@@ -258,7 +319,7 @@ impl Limiter {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         match self {
-            Limiter::Local(local) => local.pause(target, until_ms),
+            Limiter::Local(local) => local.pause(target, until_ms, now_ms()),
             Limiter::KafkaLog(k) => k.pause(target, until_ms).await,
             Limiter::NatsKv(kv) => kv.pause(target, until_ms).await,
         }

@@ -1,46 +1,106 @@
-//! The `NatsKv` store: one entry per target in a JetStream stream keeping the last message per
+//! The `NatsKv` store: one entry per key in a JetStream stream keeping the last message per
 //! subject, updated with compare-and-set.
+//!
+//! Targets and members live in two streams. A target's entry may hold a pause, so its stream
+//! keeps entries for a day. Member keys come from input (every recipient an app message
+//! names), so their stream's `max_age` is the longest member window plus margins: the server
+//! itself removes an entry once it can no longer decide anything, whatever ids are sent, and
+//! with no clean-up task on any replica. (Per-message TTLs would let one stream do both, but
+//! need nats-server 2.11; `max_age` works on every JetStream server.)
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::stream::{self, LastRawMessageErrorKind};
 use bytes::Bytes;
 
-use super::{now_ms, Log, StoreError, STORE_RETRY};
-use crate::platform::Limit;
+use super::{now_ms, Key, Log, Scope, StoreError, MEMBERS_SUFFIX, STORE_RETRY};
+
+/// How long a target's entry is kept after its last change: a day covers every window and
+/// every pause a platform asks for.
+const TARGET_MAX_AGE: Duration = Duration::from_secs(86_400);
 
 pub struct KvLimiter {
     js: async_nats::jetstream::Context,
+    targets: Store,
+    members: Store,
+}
+
+/// One stream of entries, its subjects `<name>.<key>`.
+struct Store {
     config: stream::Config,
-    /// Subject of a target's entry: `<bucket>.<target>`.
-    bucket: String,
-    ready: AtomicBool,
+    /// The stream, once created (or updated); dropped after any store error, so the next use
+    /// puts it in place again (a server that lost it, say).
+    stream: Mutex<Option<stream::Stream<()>>>,
+}
+
+impl Store {
+    fn new(name: String, description: &str, max_age: Duration, template: &stream::Config) -> Self {
+        Store {
+            config: stream::Config {
+                subjects: vec![format!("{name}.>")],
+                name,
+                description: Some(description.into()),
+                max_messages_per_subject: 1,
+                max_age,
+                ..template.clone()
+            },
+            stream: Mutex::new(None),
+        }
+    }
+
+    fn subject(&self, key: &str) -> String {
+        format!("{}.{key}", self.config.name)
+    }
+
+    /// The stream may be read and written from a panicking task's leftovers: it is only ever
+    /// replaced whole.
+    fn lock(&self) -> MutexGuard<'_, Option<stream::Stream<()>>> {
+        self.stream.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn forget(&self) {
+        *self.lock() = None;
+    }
 }
 
 impl KvLimiter {
+    /// `member_age`: how long a member's entry must outlive its last send (the longest member
+    /// window plus margins); unused when no target limits members.
     pub fn new(
         js: async_nats::jetstream::Context,
         bucket: &str,
         storage: stream::StorageType,
         replicas: usize,
+        member_age: Duration,
     ) -> Self {
+        let template = stream::Config {
+            storage,
+            num_replicas: replicas,
+            ..Default::default()
+        };
         KvLimiter {
             js,
-            config: stream::Config {
-                name: bucket.to_owned(),
-                description: Some("imbridge per-target rate-limit logs".into()),
-                subjects: vec![format!("{bucket}.>")],
-                max_messages_per_subject: 1,
-                // Logs older than any window decide nothing; a day covers every pause.
-                max_age: Duration::from_secs(86_400),
-                storage,
-                num_replicas: replicas,
-                ..Default::default()
-            },
-            bucket: bucket.to_owned(),
-            ready: AtomicBool::new(false),
+            targets: Store::new(
+                bucket.to_owned(),
+                "imbridge per-target rate-limit logs",
+                TARGET_MAX_AGE,
+                &template,
+            ),
+            members: Store::new(
+                format!("{bucket}{MEMBERS_SUFFIX}"),
+                "imbridge per-recipient rate-limit logs, each kept only within its windows",
+                member_age.max(Duration::from_secs(1)),
+                &template,
+            ),
+        }
+    }
+
+    fn store(&self, scope: Scope) -> &Store {
+        match scope {
+            Scope::Target => &self.targets,
+            Scope::Member => &self.members,
         }
     }
 
@@ -67,30 +127,31 @@ impl KvLimiter {
     }
 
     /// The stream, created (or updated) on first use and again after any store error.
-    async fn stream(&self) -> Result<stream::Stream, StoreError> {
-        if !self.ready.load(Ordering::SeqCst) {
-            self.js
-                .create_or_update_stream(self.config.clone())
-                .await
-                .map_err(|e| StoreError::Nats(e.into()))?;
-            self.ready.store(true, Ordering::SeqCst);
+    async fn stream(&self, store: &Store) -> Result<stream::Stream<()>, StoreError> {
+        let cached = store.lock().clone();
+        if let Some(stream) = cached {
+            return Ok(stream);
         }
         self.js
-            .get_stream(&self.config.name)
+            .create_or_update_stream(store.config.clone())
             .await
-            .inspect_err(|_| self.ready.store(false, Ordering::SeqCst))
-            .map_err(|e| StoreError::Nats(e.into()))
+            .map_err(|e| StoreError::Nats(e.into()))?;
+        // Without its info: each key's read is then one round trip, not two.
+        let stream = self
+            .js
+            .get_stream_no_info(&store.config.name)
+            .await
+            .map_err(|e| StoreError::Nats(e.into()))?;
+        *store.lock() = Some(stream.clone());
+        Ok(stream)
     }
 
-    fn subject(&self, target: &str) -> String {
-        format!("{}.{target}", self.bucket)
-    }
-
-    /// Reads the target's log; `(log, sequence)`, sequence 0 when there is none yet.
-    async fn read(&self, target: &str) -> Result<(Log, u64), StoreError> {
-        let stream = self.stream().await?;
+    /// Reads the key's log; `(log, sequence)`, sequence 0 when there is none yet (or it
+    /// expired).
+    async fn read(&self, store: &Store, key: &str) -> Result<(Log, u64), StoreError> {
+        let stream = self.stream(store).await?;
         match stream
-            .get_last_raw_message_by_subject(&self.subject(target))
+            .get_last_raw_message_by_subject(&store.subject(key))
             .await
         {
             Ok(m) => Ok((
@@ -101,14 +162,20 @@ impl KvLimiter {
                 Ok((Log::default(), 0))
             }
             Err(e) => {
-                self.ready.store(false, Ordering::SeqCst);
+                store.forget();
                 Err(StoreError::Nats(e.into()))
             }
         }
     }
 
     /// Writes `log` if the entry is still at `sequence`; false when another replica won.
-    async fn write(&self, target: &str, log: &Log, sequence: u64) -> Result<bool, StoreError> {
+    async fn write(
+        &self,
+        store: &Store,
+        key: &str,
+        log: &Log,
+        sequence: u64,
+    ) -> Result<bool, StoreError> {
         let value = Bytes::from(serde_json::to_vec(log).expect("log serialises"));
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(
@@ -117,7 +184,7 @@ impl KvLimiter {
         );
         let ack = async {
             self.js
-                .publish_with_headers(self.subject(target), headers, value)
+                .publish_with_headers(store.subject(key), headers, value)
                 .await?
                 .await
         };
@@ -125,7 +192,7 @@ impl KvLimiter {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(false),
             Err(e) => {
-                self.ready.store(false, Ordering::SeqCst);
+                store.forget();
                 Err(StoreError::Nats(e.into()))
             }
         }
@@ -133,21 +200,21 @@ impl KvLimiter {
 
     pub(super) async fn try_take(
         &self,
-        target: &str,
-        limits: &[Limit],
+        key: &Key<'_>,
         margin_ms: u64,
     ) -> Result<Option<u64>, StoreError> {
+        let store = self.store(key.scope);
         loop {
-            let (mut log, sequence) = self.read(target).await?;
+            let (mut log, sequence) = self.read(store, key.name).await?;
             // The time is read after the store round-trip, so a slot is never recorded earlier
             // than it is taken, however long the compare-and-set races last.
             let now = now_ms();
-            let slot = log.next_slot(limits, margin_ms, now);
+            let slot = log.next_slot(key.limits, margin_ms, now);
             if slot > now {
                 return Ok(Some(slot));
             }
-            log.record(limits, margin_ms, now);
-            if self.write(target, &log, sequence).await? {
+            log.record(key.limits, margin_ms, now);
+            if self.write(store, key.name, &log, sequence).await? {
                 return Ok(None);
             }
             // Another replica took a slot in between: decide again on its log.
@@ -155,8 +222,8 @@ impl KvLimiter {
     }
 
     async fn update(&self, target: &str, change: impl Fn(&mut Log)) -> Result<bool, StoreError> {
-        let (mut log, sequence) = self.read(target).await?;
+        let (mut log, sequence) = self.read(&self.targets, target).await?;
         change(&mut log);
-        self.write(target, &log, sequence).await
+        self.write(&self.targets, target, &log, sequence).await
     }
 }

@@ -38,7 +38,7 @@
 //! answers HTTP 200 with `code`, and the Lark send endpoint HTTP 400 with `code` for every
 //! error (as the platform's error tables say), HTTP 200 for success.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -303,7 +303,8 @@ impl Kind {
 struct AppState {
     kind: Kind,
     secret: String,
-    users: Vec<String>,
+    /// A set: a test may reach a hundred thousand members.
+    users: HashSet<String>,
     ttl: Duration,
     token_fetches: usize,
     token_script: VecDeque<Scripted>,
@@ -326,7 +327,7 @@ impl AppState {
         AppState {
             kind,
             secret,
-            users,
+            users: users.into_iter().collect(),
             ttl: DEFAULT_TTL,
             token_fetches: 0,
             token_script: VecDeque::new(),

@@ -1,0 +1,282 @@
+//! State keyed by input stays bounded: a flood of distinct recipient ids leaves the rate
+//! limiters (in this process and in NATS) as small as before once their windows have passed,
+//! and ids chosen by notify clients live apart from callback ids in the bus's duplicate
+//! namespaces.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::common::apps::{AppFarm, WeComApp};
+use crate::common::engine::Engine;
+use crate::common::fakes::{Robot, RobotFarm};
+use crate::common::*;
+
+const CORP: &str = "corp-bounded";
+
+/// Recipients per message: as many as one WeCom `touser` takes.
+const PER_MESSAGE: usize = 1000;
+
+/// Member ids of the warm-up.
+const WARM_UP: usize = 5 * PER_MESSAGE;
+
+/// Distinct member ids sent through one target.
+const MEMBERS: usize = 100_000;
+
+/// What the daemon may keep after 100,000 members have come and gone: allocator slack and the
+/// peak of the members inside their window at once (measured: 1.3 to 2.2 MiB). Never
+/// forgetting them costs about 31 MiB (about 315 bytes a member).
+const RSS_SLACK_KIB: u64 = 8 * 1024;
+
+fn distinct_ids(n: usize) -> Vec<String> {
+    let mut seen = HashSet::with_capacity(n);
+    while seen.len() < n {
+        seen.insert(format!("u{:016x}", rand::random::<u64>()));
+    }
+    seen.into_iter().collect()
+}
+
+async fn farm_with(users: &[String]) -> AppFarm {
+    let farm = AppFarm::start().await;
+    farm.add_wecom(WeComApp {
+        corp_id: CORP.into(),
+        secret: "wecom-secret".into(),
+        agent_id: 1000002,
+        users: users.to_vec(),
+    });
+    farm
+}
+
+/// A WeCom app target limiting each member to one message per `window`, with `margin`.
+fn config(engine: &Engine, farm: &AppFarm, window: &str, margin: &str) -> String {
+    toml_with(&format!(
+        r#"
+        {}
+        [log]
+        format = "json"
+        [notify]
+        rate_limit_margin = "{margin}"
+        request_timeout = "5s"
+        [targets.members]
+        kind = "wecom_app"
+        base_url = "{}"
+        corp_id = "{CORP}"
+        app_secret = "wecom-secret"
+        agent_id = 1000002
+        member_rate_limit = "1/{window}"
+        "#,
+        engine.toml(),
+        farm.base_url()
+    ))
+}
+
+async fn send_to(http: &reqwest::Client, url: &str, ids: &[String]) {
+    let body = json!({"text": "bounded", "to": {"user_ids": ids}});
+    let (status, answer) = post_json(http, url.to_owned(), body).await;
+    assert_eq!(status, 202, "{answer}");
+}
+
+/// The daemon as its own process, so its memory is its own (the tests in this binary allocate
+/// concurrently). Dropped: killed.
+struct Daemon {
+    child: Child,
+    notify_url: String,
+}
+
+impl Daemon {
+    fn spawn(config: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("imbridge.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = dies_with_test(Command::new(env!("CARGO_BIN_EXE_imbridge")))
+            .args(["serve", "--config"])
+            .arg(&path)
+            // The config tests in this process set IMBRIDGE_ variables inside their jails.
+            .env_clear()
+            // Two malloc arenas, not eight per core: what is measured is the daemon's own
+            // state, not how many threads happened to allocate once.
+            .env("MALLOC_ARENA_MAX", "2")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("imbridge serving") {
+                    let _ = tx.send(line);
+                }
+                // Drained to the end, so the daemon never blocks on logging.
+            }
+        });
+        let serving = rx.recv_timeout(WAIT).expect("the daemon never served");
+        let line: serde_json::Value = serde_json::from_str(&serving).unwrap();
+        let internal = line["internal"].as_str().expect("an internal listener");
+        Daemon {
+            notify_url: format!("http://{internal}/notify/members"),
+            child,
+        }
+    }
+
+    /// Resident memory (VmRSS) in KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .expect("VmRSS in /proc/<pid>/status");
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// 100,000 distinct member ids through one target with the in-process limiter: once their
+/// window has passed the daemon holds no more memory than before, give or take
+/// [`RSS_SLACK_KIB`].
+#[tokio::test]
+async fn rate_limiter_forgets_100k_members_rss_stays_flat() {
+    let ids = distinct_ids(WARM_UP + MEMBERS + 1);
+    let farm = farm_with(&ids).await;
+    let daemon = Daemon::spawn(&config(&Engine::Memory, &farm, "200ms", "50ms"));
+    let http = client_with_token(CLIENT_TOKEN);
+    let (warm_up, rest) = ids.split_at(WARM_UP);
+    let (flood, last) = rest.split_at(MEMBERS);
+
+    // Warm up (connections, token, allocator arenas) with messages of the same shape, then
+    // let the window pass.
+    let warm_ups = WARM_UP / PER_MESSAGE;
+    for chunk in warm_up.chunks(PER_MESSAGE) {
+        send_to(&http, &daemon.notify_url, chunk).await;
+    }
+    farm.wait_sent(CORP, warm_ups, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = daemon.rss_kib();
+
+    let started = std::time::Instant::now();
+    for (i, chunk) in flood.chunks(PER_MESSAGE).enumerate() {
+        send_to(&http, &daemon.notify_url, chunk).await;
+        farm.wait_sent(CORP, warm_ups + 1 + i, WAIT).await;
+    }
+    let flooded = started.elapsed();
+    // Past the window and the limiter's sweep; any later send finds the spent logs gone.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    send_to(&http, &daemon.notify_url, last).await;
+    farm.wait_sent(CORP, warm_ups + 1 + MEMBERS / PER_MESSAGE, WAIT)
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = daemon.rss_kib();
+    eprintln!(
+        "{MEMBERS} members in {flooded:?}: VmRSS {before} KiB before, {after} KiB after ({:+} KiB)",
+        after as i64 - before as i64
+    );
+    assert!(
+        after <= before + RSS_SLACK_KIB,
+        "VmRSS grew from {before} KiB to {after} KiB"
+    );
+    assert!(farm.violations().is_empty(), "{:?}", farm.violations());
+}
+
+/// The NATS limiter's member entries leave their stream once their window has passed: the
+/// server removes them (the stream's `max_age`), whatever ids were sent.
+#[tokio::test]
+async fn nats_limiter_member_entries_expire_after_their_window() {
+    let engine = Engine::nats();
+    let ids = distinct_ids(MEMBERS);
+    let farm = farm_with(&ids).await;
+    // A pass over 1,001 keys in NATS takes longer than a small margin, and a pass slower
+    // than the margin is taken again.
+    let app = TestApp::start(&config(&engine, &farm, "1s", "2s")).await;
+    app.wait_ready().await;
+    let url = app.url("/notify/members");
+    for (i, chunk) in ids.chunks(PER_MESSAGE).enumerate() {
+        send_to(&app.http, &url, chunk).await;
+        if i % 10 == 9 {
+            farm.wait_sent(CORP, i + 1, WAIT).await;
+        }
+    }
+    farm.wait_sent(CORP, MEMBERS / PER_MESSAGE, WAIT).await;
+    let Engine::Nats(server) = &engine else {
+        unreachable!()
+    };
+    let js = async_nats::jetstream::new(server.client().await);
+    let mut stream = js
+        .get_stream(format!(
+            "imbridge_rate_limits{}",
+            imbridge::notify::limiter::MEMBERS_SUFFIX
+        ))
+        .await
+        .expect("the member stream");
+    let subjects = |s: &async_nats::jetstream::stream::Info| s.state.subjects_count;
+    let peak = subjects(stream.info().await.unwrap());
+    assert!(peak > 0, "the entries were there");
+    // Window 1 s plus two margins; the server checks ages about once per max_age.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let left = loop {
+        let left = subjects(stream.info().await.unwrap());
+        if left <= 10 || tokio::time::Instant::now() > deadline {
+            break left;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("member subjects: {peak} right after the last send, {left} after the window");
+    assert!(left <= 10, "{left} member entries outlived their window");
+    assert!(farm.violations().is_empty(), "{:?}", farm.violations());
+    app.stop().await;
+}
+
+/// A notification whose id (its `Idempotency-Key`) is a callback's ce-id is stored and
+/// delivered all the same: notify ids live in their own duplicate namespace.
+#[tokio::test]
+async fn a_callback_and_a_notification_with_the_same_id_are_both_stored() {
+    for engine in Engine::all() {
+        let name = engine.name();
+        let robots = RobotFarm::start().await;
+        let url = robots.add(Robot::wecom("same-id"));
+        let app = TestApp::start(&toml_with(&format!(
+            "{}\n{MAIN_APP}\n[targets.ops]\nkind = \"wecom_robot\"\nurl = \"{url}\"\n",
+            engine.toml()
+        )))
+        .await;
+        app.wait_ready().await;
+        let mut watch = engine.watch(&app, "dingtalk.bpms_instance_change");
+        let res = DingTalk::main()
+            .callback(&approval_event(&format!("same-id-{name}")))
+            .post(&app, "main")
+            .await;
+        assert_eq!(res.status(), 200, "{name}");
+        let stored = watch.next(&engine, 1).await;
+        let id = stored[0]
+            .header(&engine.ce("id"))
+            .expect("a ce-id")
+            .to_owned();
+
+        let res = app
+            .http
+            .post(app.url("/notify/ops"))
+            .header("Idempotency-Key", &id)
+            .json(&json!({"text": "same id as a callback"}))
+            .timeout(WAIT)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 202, "{name}");
+        let got = robots.wait_accepted("same-id", 1, WAIT).await;
+        assert!(
+            got[0].body.to_string().contains("same id as a callback"),
+            "{name}: {:?}",
+            got[0].body
+        );
+        assert_eq!(app.callbacks("main", "duplicate"), 0, "{name}");
+        app.stop().await;
+    }
+}
