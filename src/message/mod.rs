@@ -303,6 +303,11 @@ pub fn from_payload(
     if n.text.trim().is_empty() && n.raw.is_none() {
         return Err(MessageError::Empty);
     }
+    // Every platform's message body is an object; anything else would be sent as it is, to
+    // nobody (an app message's recipients are added to the object), only to be refused there.
+    if n.raw.as_ref().is_some_and(|raw| !raw.is_object()) {
+        return Err(MessageError::Invalid("raw must be a JSON object".into()));
+    }
     Ok(Parsed {
         notification: n,
         zentao: None,
@@ -334,6 +339,26 @@ mod tests {
         assert!(matches!(parse(b"[1]"), Err(MessageError::Invalid(_))));
         assert!(matches!(parse(b"garbage"), Err(MessageError::Invalid(_))));
         assert!(parse(br#"{"raw":{"msgtype":"text"}}"#).is_ok());
+    }
+
+    #[test]
+    fn raw_that_is_not_an_object_is_refused() {
+        // Found by the notify_body fuzz target: a wecom_app target rendered it as a request
+        // with no recipients.
+        for body in [
+            "{\"raw\":\t\t\t\t\t444444444444444444444444444444444}",
+            r#"{"raw":"text"}"#,
+            r#"{"raw":[{"msgtype":"text"}]}"#,
+            r#"{"text":"hi","raw":true}"#,
+        ] {
+            assert_eq!(
+                parse(body.as_bytes()),
+                Err(MessageError::Invalid("raw must be a JSON object".into())),
+                "{body}"
+            );
+        }
+        // null is no raw body at all.
+        assert!(parse(br#"{"text":"hi","raw":null}"#).is_ok());
     }
 
     #[test]
