@@ -17,6 +17,9 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 
 const TIMESTAMP: &str = "1700000000";
+/// The clock the harness opens callbacks at: the signed timestamp, so the replay window holds.
+const NOW_MS: u64 = 1_700_000_000_000;
+const WINDOW: Option<std::time::Duration> = Some(std::time::Duration::from_secs(120));
 
 fn app(key: bool) -> LarkApp {
     LarkApp {
@@ -32,7 +35,7 @@ fn open_signed(body: &[u8]) -> Result<Incoming, CallbackError> {
         nonce: Some(NONCE),
         signature: Some(&sig),
     };
-    open(&app(true), &headers, body)
+    open(&app(true), &headers, body, NOW_MS, WINDOW)
 }
 
 fn envelope(encrypt: &str) -> Vec<u8> {
@@ -86,13 +89,13 @@ fuzz_target!(|data: &[u8]| {
             result
         }
         1 => {
-            let result = open(&app(false), &Headers::default(), input);
+            let result = open(&app(false), &Headers::default(), input, NOW_MS, WINDOW);
             check_event(&result, input);
             result
         }
         2 => open_signed(input),
         3 => {
-            let result = open(&app(true), &Headers::default(), input);
+            let result = open(&app(true), &Headers::default(), input, NOW_MS, WINDOW);
             // Without a signature only the handshake is answered. Past the public envelope
             // checks, a failure is the signature refusal, or the handshake's own token and
             // challenge checks once it decrypted to a url_verification: never a padding,
