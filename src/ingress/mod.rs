@@ -105,7 +105,7 @@ pub fn internal_routes(
         .and(query())
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::header::optional::<String>("idempotency-key"))
-        .and(body(limit))
+        .and(pending_body(limit))
         .and(with(state))
         .then(notify::post)
         .recover(reply::recover)
@@ -140,13 +140,47 @@ pub fn parse_query(raw: &str) -> Result<HashMap<String, String>, ApiError> {
 fn body(
     limit: BodyLimit,
 ) -> impl Filter<Extract = (Result<Bytes, ApiError>,), Error = Rejection> + Clone {
+    pending_body(limit).then(PendingBody::read)
+}
+
+/// The request body, not read yet: the internal listener reads it only once the client's token
+/// checked out, so a stranger cannot make it wait for and buffer a body.
+fn pending_body(
+    limit: BodyLimit,
+) -> impl Filter<Extract = (PendingBody,), Error = Rejection> + Clone {
     warp::header::optional::<u64>("content-length")
         .and(warp::body::stream())
-        .then(move |length: Option<u64>, stream| async move {
-            tokio::time::timeout(limit.timeout, read_limited(length, stream, limit.max_bytes))
-                .await
-                .unwrap_or_else(|_| Err(ApiError::body_timeout(limit.timeout)))
+        .map(move |length: Option<u64>, stream| {
+            let stream = futures::StreamExt::boxed(TryStreamExt::map_ok(stream, into_bytes));
+            PendingBody {
+                length,
+                stream,
+                limit,
+            }
         })
+}
+
+/// A chunk as `Bytes`: a no-copy move when it already is one, as hyper's are.
+fn into_bytes(mut chunk: impl Buf) -> Bytes {
+    chunk.copy_to_bytes(chunk.remaining())
+}
+
+/// A request body still on the wire, with the limits it is read under.
+pub struct PendingBody {
+    length: Option<u64>,
+    stream: futures::stream::BoxStream<'static, Result<Bytes, warp::Error>>,
+    limit: BodyLimit,
+}
+
+impl PendingBody {
+    /// Reads it whole under the limit: 413 past its bytes, 408 past its timeout.
+    pub async fn read(self) -> Result<Bytes, ApiError> {
+        let limit = self.limit;
+        let read = read_limited(self.length, self.stream, limit.max_bytes);
+        tokio::time::timeout(limit.timeout, read)
+            .await
+            .unwrap_or_else(|_| Err(ApiError::body_timeout(limit.timeout)))
+    }
 }
 
 async fn read_limited<S, B>(length: Option<u64>, stream: S, max: u64) -> Result<Bytes, ApiError>

@@ -20,7 +20,7 @@ use warp::Reply;
 
 use super::clients::{Client, Denied};
 use super::reply::ApiError;
-use super::State;
+use super::{PendingBody, State};
 use crate::bus::CloudEvent;
 use crate::metrics::UNKNOWN_APP;
 use crate::notify::compose::ComposeError;
@@ -34,7 +34,7 @@ pub async fn post(
     query: String,
     authorization: Option<String>,
     idempotency_key: Option<String>,
-    body: Result<Bytes, ApiError>,
+    body: PendingBody,
     state: Arc<State>,
 ) -> Response {
     let known = state.notifier.has_target(&target) || state.notifier.has_route(&target);
@@ -142,7 +142,7 @@ async fn handle(
     query: &HashMap<String, String>,
     client: &Client,
     idempotency_key: Option<String>,
-    body: Result<Bytes, ApiError>,
+    body: PendingBody,
     state: &State,
 ) -> Result<(&'static str, Response), ApiError> {
     let is_route = state.notifier.has_route(target);
@@ -153,7 +153,8 @@ async fn handle(
             "no notification target or route of that name is configured",
         ));
     }
-    let body = body?;
+    // Read only now: the client is known and the target exists.
+    let body = body.read().await?;
     check_fields(client, &body)?;
     let wait = matches!(query.get("wait").map(String::as_str), Some("true" | "1"));
     if wait && is_route {

@@ -201,3 +201,52 @@ async fn anonymous_requests_work_only_where_allowed_explicitly() {
     assert_eq!(status, 401);
     app.stop().await;
 }
+
+/// Sends a request's head and the start of its body, and returns the answer as it arrives
+/// while the rest of the body never comes.
+async fn trickled_body(addr: std::net::SocketAddr, authorization: &str) -> (String, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = std::time::Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /notify/ops-wecom HTTP/1.1\r\nHost: i\r\n{authorization}\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"text\":"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, s.read(&mut answer))
+        .await
+        .expect("no answer")
+        .unwrap();
+    (
+        String::from_utf8_lossy(&answer[..n]).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test]
+async fn a_stranger_is_refused_before_its_body_is_read() {
+    let farm = RobotFarm::start().await;
+    let app = start(&farm).await;
+    let internal = app.internal.unwrap();
+    // No token: refused at once, without waiting for a body that never finishes.
+    let (answer, took) = trickled_body(internal, "").await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(
+        took < Duration::from_secs(2),
+        "the refusal waited {took:?} for the body"
+    );
+    let (answer, took) =
+        trickled_body(internal, "Authorization: Bearer wrong-token-0123456789\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(
+        took < Duration::from_secs(2),
+        "the refusal waited {took:?} for the body"
+    );
+    // A known client's body is read, and waited for up to server.body_timeout (10 s here).
+    let auth = format!("Authorization: Bearer {OPS_TOKEN}\r\n");
+    let (answer, took) = trickled_body(internal, &auth).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(took >= Duration::from_secs(9), "{took:?}");
+    app.stop().await;
+}
