@@ -17,7 +17,7 @@ use serde_json::Value;
 pub const MAX_TOKEN_CHARS: usize = 64;
 
 /// The most pointers per event type, for the same reason.
-pub const MAX_TOKENS: usize = 4;
+pub const MAX_TOKENS: usize = 3;
 
 /// The key under `subjects` that applies to every event type without a key of its own.
 pub const ANY_TYPE: &str = "*";
