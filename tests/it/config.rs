@@ -489,6 +489,23 @@ fn check_config_exit_codes() {
 }
 
 #[test]
+fn check_config_refuses_a_subject_that_is_no_pointer() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    let example = std::fs::read_to_string(example()).unwrap();
+    let broken = example.replacen("[\"/processCode\", \"/type\"]", "[\"processCode\"]", 1);
+    assert_ne!(broken, example, "the example shows business subjects");
+    std::fs::write(&bad, broken).unwrap();
+    let out = check_config(&["--config", bad.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("apps.dingtalk.main.subjects.bpms_instance_change[0]"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn serve_refuses_an_invalid_config_before_binding() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
