@@ -85,6 +85,7 @@ impl App {
                 ingress::replay::Seen::new(window, settings.server.replay_capacity, metrics.clone())
             }),
             subject_prefix: settings.bus.subject_prefix.clone(),
+            subjects: settings.subjects.clone(),
             notifier: notifier.clone(),
             clients: settings.clients.clone(),
             idempotency: Default::default(),

@@ -9,6 +9,7 @@ use super::error::Problem;
 use super::raw::LogConfig;
 use crate::bus::BusSettings;
 use crate::ingress::clients::Clients;
+use crate::ingress::subject::Subjects;
 use crate::message::UserBinding;
 use crate::notify::compose::Directory;
 use crate::notify::notifier::Catalog;
@@ -30,6 +31,8 @@ pub struct Settings {
     pub dingtalk_apps: BTreeMap<String, DingTalkApp>,
     pub wecom_apps: BTreeMap<String, WeComApp>,
     pub lark_apps: BTreeMap<String, LarkApp>,
+    /// The apps' business tokens for inbound subjects.
+    pub subjects: Subjects,
     pub notify: NotifySettings,
     pub targets: BTreeMap<String, Target>,
     pub routes: BTreeMap<String, Route>,

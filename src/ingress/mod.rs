@@ -11,6 +11,7 @@ pub mod lark;
 pub mod notify;
 pub mod replay;
 pub mod reply;
+pub mod subject;
 pub mod wecom;
 
 use std::collections::{BTreeMap, HashMap};
@@ -43,6 +44,8 @@ pub struct State {
     /// The requests published within the replay window; `None` when the window is off.
     pub replay: Option<replay::Seen>,
     pub subject_prefix: String,
+    /// Business tokens appended to inbound subjects, per app.
+    pub subjects: subject::Subjects,
     pub notifier: Arc<Notifier>,
     /// Who may use the internal listener.
     pub clients: Clients,
@@ -293,14 +296,25 @@ pub struct Event {
     pub payload: Bytes,
 }
 
-/// Publishes to `<platform>.<event_type>` with the CloudEvents headers and waits for the bus;
-/// a bus that cannot take it means 503, so the platform retries.
+/// Publishes to `<platform>.<event_type>` (then the app's business tokens, if it has any) with
+/// the CloudEvents headers and waits for the bus; a bus that cannot take it means 503, so the
+/// platform retries. `ce-type` stays `<platform>.<event_type>` whatever the tokens.
 pub async fn publish(state: &State, event: Event) -> Result<Outcome, ApiError> {
     let ty = format!(
         "{}.{}",
         event.platform,
         bus::sanitize_event_type(&event.event_type)
     );
+    let tokens = state.subjects.tokens(
+        event.platform,
+        &event.app,
+        &event.event_type,
+        &event.payload,
+    );
+    let subject = std::iter::once(ty.as_str())
+        .chain(tokens.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(".");
     let cloud_event = CloudEvent {
         id: event.id,
         source: format!("{}/{}", event.platform, event.app),
@@ -310,7 +324,7 @@ pub async fn publish(state: &State, event: Event) -> Result<Outcome, ApiError> {
         app: event.app,
         tenant: event.tenant,
     };
-    let (msg, ack) = store(state, &cloud_event, event.payload, "event").await?;
+    let (msg, ack) = store_on(state, &subject, &cloud_event, event.payload, "event").await?;
     tracing::debug!(platform = event.platform, app = %cloud_event.app, subject = %msg.subject, id = %msg.id, duplicate = ack.duplicate, "published");
     Ok(if ack.duplicate {
         Outcome::Duplicate
@@ -327,7 +341,18 @@ pub async fn store(
     payload: Bytes,
     what: &str,
 ) -> Result<(Message, bus::Ack), ApiError> {
-    let subject = bus::with_prefix(&state.subject_prefix, &event.ty);
+    store_on(state, &event.ty, event, payload, what).await
+}
+
+/// [`store`] on `subject` (prefixed here) rather than the event's type.
+async fn store_on(
+    state: &State,
+    subject: &str,
+    event: &CloudEvent,
+    payload: Bytes,
+    what: &str,
+) -> Result<(Message, bus::Ack), ApiError> {
+    let subject = bus::with_prefix(&state.subject_prefix, subject);
     let msg = Message::event(subject, event, payload);
     match state.bus.publish(&msg).await {
         Ok(ack) => Ok((msg, ack)),

@@ -118,6 +118,44 @@ async fn subject_prefix_applies_on_every_engine() {
     }
 }
 
+/// Business subjects reach every engine: on Kafka the deeper subject is its own topic, created
+/// on first publish like any other subject; the prefix still comes first and `ce-type` stays
+/// the event type.
+#[tokio::test]
+async fn business_subjects_on_every_engine() {
+    for engine in Engine::all() {
+        let name = engine.name();
+        let prefixed = engine
+            .toml()
+            .replacen("[bus]", "[bus]\nsubject_prefix = \"prod\"", 1);
+        let prefixed = if prefixed.is_empty() {
+            "[bus]\nsubject_prefix = \"prod\"".to_owned()
+        } else {
+            prefixed
+        };
+        let app = TestApp::start(&toml_with(&format!(
+            "{prefixed}\n{MAIN_APP}\n[apps.dingtalk.main.subjects]\n\
+             bpms_instance_change = [\"/processCode\", \"/type\"]"
+        )))
+        .await;
+        app.wait_ready().await;
+        let subject = "prod.dingtalk.bpms_instance_change.PROC-1.finish";
+        let mut watch = engine.watch(&app, subject);
+        let event = approval_event(&format!("business-{name}")).replace("PROC-EXAMPLE", "PROC-1");
+        let res = DingTalk::main().callback(&event).post(&app, "main").await;
+        assert_eq!(res.status(), 200, "{name}");
+        let got = watch.next(&engine, 1).await;
+        assert_eq!(got[0].subject, subject, "{name}");
+        assert_eq!(got[0].payload, event.as_bytes(), "{name}");
+        assert_eq!(
+            got[0].header(&engine.ce("type")),
+            Some("dingtalk.bpms_instance_change"),
+            "{name}: ce type is the event type"
+        );
+        app.stop().await;
+    }
+}
+
 /// Waits until `/readyz` answers `status`.
 async fn wait_readyz(app: &TestApp, status: u16) {
     let deadline = tokio::time::Instant::now() + WAIT;

@@ -262,6 +262,48 @@ fn wecom_and_lark_apps_are_validated() {
 }
 
 #[test]
+fn subject_pointers_are_validated_naming_the_key() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "subjects.toml",
+            r#"
+            [apps.dingtalk.main]
+            token = "mryue"
+            aes_key = "Yue0EfdN5900c1ce5cf6A152c63DDe1808a60c5ecd7"
+            receiver_id = "ding6ccabc44d2c8d38b"
+            [apps.dingtalk.main.subjects]
+            bpms_instance_change = ["/processCode", "processCode"]
+            "" = ["/a"]
+            too_deep = ["/a", "/b", "/c", "/d", "/e"]
+            [apps.lark.l]
+            encrypt_key = "k"
+            [apps.lark.l.subjects]
+            "im.message.receive_v1" = [""]
+            [apps.wecom.w]
+            token = "t"
+            aes_key = "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt"
+            corp_id = "ww1436e0e65a779aee"
+            [apps.wecom.w.subjects]
+            "*" = ["/ChangeType"]
+            "#,
+        )?;
+        let err = config::load(Some(Path::new("subjects.toml"))).unwrap_err();
+        assert_eq!(
+            keys(&err),
+            [
+                "apps.dingtalk.main.subjects.",
+                "apps.dingtalk.main.subjects.bpms_instance_change[1]",
+                "apps.dingtalk.main.subjects.too_deep",
+                "apps.lark.l.subjects.im.message.receive_v1[0]",
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().contains("must start with"), "{err}");
+        Ok(())
+    });
+}
+
+#[test]
 fn kafka_settings_are_validated() {
     Jail::expect_with(|jail| {
         jail.create_file(
@@ -444,6 +486,23 @@ fn check_config_exit_codes() {
     let missing = check_config(&["--config", "/nonexistent/imbridge.toml"], dir.path());
     assert_eq!(missing.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("does not exist"));
+}
+
+#[test]
+fn check_config_refuses_a_subject_that_is_no_pointer() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    let example = std::fs::read_to_string(example()).unwrap();
+    let broken = example.replacen("[\"/processCode\", \"/type\"]", "[\"processCode\"]", 1);
+    assert_ne!(broken, example, "the example shows business subjects");
+    std::fs::write(&bad, broken).unwrap();
+    let out = check_config(&["--config", bad.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("apps.dingtalk.main.subjects.bpms_instance_change[0]"),
+        "{stderr}"
+    );
 }
 
 #[test]

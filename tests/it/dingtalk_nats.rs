@@ -108,3 +108,104 @@ async fn a_tenant_id_with_line_breaks_is_carried_as_one_header_line() {
     assert!(!headers.iter().any(|(k, _)| k == "X-Evil"));
     app.stop().await;
 }
+
+/// Business subjects: `[apps.dingtalk.main.subjects]` appends the process code and the
+/// instance's change type, so a subscriber picks one process with a plain wildcard; a value
+/// that tries to add levels or wildcards stays one token, an absent one is `_`, `ce-type`
+/// stays the event type, and an app without `subjects` publishes exactly today's subjects.
+#[tokio::test]
+async fn subscribers_pick_one_process_by_business_subject() {
+    let server = NatsServer::start();
+    let config = toml_with(&format!(
+        r#"{bus}
+        {MAIN_APP}
+        [apps.dingtalk.main.subjects]
+        bpms_instance_change = ["/processCode", "/type"]
+        [apps.dingtalk.plain]
+        token = "mryue"
+        aes_key = "Yue0EfdN5900c1ce5cf6A152c63DDe1808a60c5ecd7"
+        receiver_id = "ding6ccabc44d2c8d38b"
+        "#,
+        bus = nats_bus(&server.url())
+    ));
+    let app = TestApp::start(&config).await;
+    app.wait_ready().await;
+    let client = server.client().await;
+    let mut proc1 = client
+        .subscribe("dingtalk.bpms_instance_change.PROC-1.>")
+        .await
+        .unwrap();
+    let mut all = client.subscribe("dingtalk.>").await.unwrap();
+    client
+        .publish("dingtalk.bpms_instance_change.PROC-1.probe", "probe".into())
+        .await
+        .unwrap();
+    for sub in [&mut proc1, &mut all] {
+        let probe = tokio::time::timeout(WAIT, futures::StreamExt::next(sub))
+            .await
+            .expect("probe not received")
+            .unwrap();
+        assert_eq!(probe.payload.as_ref(), b"probe");
+    }
+
+    let approval = |instance: &str, code: &str, ty: &str| {
+        approval_event(instance)
+            .replace("\"PROC-EXAMPLE\"", code)
+            .replace("\"type\":\"finish\"", &format!("\"type\":\"{ty}\""))
+    };
+    let user = r#"{"EventType":"user_add_org","UserId":["u1"],"CorpId":"ding6ccabc44d2c8d38b","TimeStamp":"1608001896814"}"#;
+    let sent = [
+        ("main", approval("i1", "\"PROC-1\"", "start")),
+        ("main", approval("i2", "\"PROC-2\"", "finish")),
+        ("main", approval("i3", "\"PROC-1.>\"", "finish")),
+        ("main", approval("i4", "null", "finish")),
+        ("main", approval("i5", "\"PROC-1\"", "finish")),
+        ("main", user.to_owned()),
+        ("plain", approval("i6", "\"PROC-1\"", "finish")),
+    ];
+    let dt = DingTalk::main();
+    for (name, event) in &sent {
+        assert_eq!(dt.callback(event).post(&app, name).await.status(), 200);
+    }
+    let mut subjects = Vec::new();
+    for _ in &sent {
+        let msg = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut all))
+            .await
+            .expect("event not received")
+            .unwrap();
+        let headers = imbridge::bus::nats::header_pairs(msg.headers.as_ref());
+        let ce_type = headers.iter().find(|(k, _)| k == "ce-type").unwrap();
+        let want_type = msg.subject.split('.').take(2).collect::<Vec<_>>().join(".");
+        assert_eq!(ce_type.1, want_type, "ce-type of {}", msg.subject);
+        subjects.push(msg.subject.to_string());
+    }
+    assert_eq!(
+        subjects,
+        [
+            "dingtalk.bpms_instance_change.PROC-1.start",
+            "dingtalk.bpms_instance_change.PROC-2.finish",
+            "dingtalk.bpms_instance_change.PROC-1__.finish",
+            "dingtalk.bpms_instance_change._.finish",
+            "dingtalk.bpms_instance_change.PROC-1.finish",
+            "dingtalk.user_add_org",
+            "dingtalk.bpms_instance_change",
+        ]
+    );
+    let mut seen = Vec::new();
+    while let Ok(Some(msg)) = tokio::time::timeout(
+        Duration::from_millis(300),
+        futures::StreamExt::next(&mut proc1),
+    )
+    .await
+    {
+        seen.push(msg.subject.to_string());
+    }
+    assert_eq!(
+        seen,
+        [
+            "dingtalk.bpms_instance_change.PROC-1.start",
+            "dingtalk.bpms_instance_change.PROC-1.finish",
+        ]
+    );
+    app.stop().await;
+}

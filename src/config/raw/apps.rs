@@ -30,6 +30,12 @@ pub struct WeComAppConfig {
     /// Also carry the decrypted XML, byte for byte, in the event body under `"#xml"`.
     #[serde(default)]
     pub keep_raw_xml: bool,
+    /// Business tokens appended to this app's inbound subjects, per event type as the platform
+    /// names it (`"*"`: every type without a key of its own): JSON pointers into the event as
+    /// published, e.g. `bpms_instance_change = ["/processCode", "/type"]` publishes to
+    /// `dingtalk.bpms_instance_change.PROC-123.finish`. Values are sanitised to one token of
+    /// `[A-Za-z0-9_-]` (at most 64 characters), `_` when absent. Unset: today's subjects.
+    pub subjects: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -46,6 +52,12 @@ pub struct LarkAppConfig {
     /// can read the bus could forge this app's callbacks; and unsigned callbacks have no
     /// timestamp to bound their replay.
     pub allow_unsigned: bool,
+    /// Business tokens appended to this app's inbound subjects, per event type as the platform
+    /// names it (`"*"`: every type without a key of its own): JSON pointers into the event as
+    /// published, e.g. `bpms_instance_change = ["/processCode", "/type"]` publishes to
+    /// `dingtalk.bpms_instance_change.PROC-123.finish`. Values are sanitised to one token of
+    /// `[A-Za-z0-9_-]` (at most 64 characters), `_` when absent. Unset: today's subjects.
+    pub subjects: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -58,4 +70,10 @@ pub struct DingTalkAppConfig {
     /// corpId (API-registered callback), appKey (in-house app event subscription) or suiteKey.
     #[serde(deserialize_with = "lenient_string")]
     pub receiver_id: String,
+    /// Business tokens appended to this app's inbound subjects, per event type as the platform
+    /// names it (`"*"`: every type without a key of its own): JSON pointers into the event as
+    /// published, e.g. `bpms_instance_change = ["/processCode", "/type"]` publishes to
+    /// `dingtalk.bpms_instance_change.PROC-123.finish`. Values are sanitised to one token of
+    /// `[A-Za-z0-9_-]` (at most 64 characters), `_` when absent. Unset: today's subjects.
+    pub subjects: BTreeMap<String, Vec<String>>,
 }

@@ -4,11 +4,13 @@
 use std::collections::BTreeMap;
 
 use super::checker::Checker;
-use crate::config::raw::{DingTalkAppConfig, LarkAppConfig, WeComAppConfig};
+use crate::config::raw::{AppsConfig, DingTalkAppConfig, LarkAppConfig, WeComAppConfig};
+use crate::ingress::subject::{self, SubjectKeys, Subjects};
 use crate::platform::dingtalk::callback::DingTalkApp;
 use crate::platform::lark::callback::LarkApp;
 use crate::platform::msgcrypt::{self, MsgCrypt};
 use crate::platform::wecom::callback::WeComApp;
+use crate::platform::Platform;
 use crate::secret::Secret;
 
 pub(super) fn dingtalk(
@@ -104,6 +106,63 @@ pub(super) fn lark(
             encrypt_key,
         };
         out.insert(name.clone(), app);
+    }
+    out
+}
+
+/// Every app's `subjects`: pointers that start with `/`, at most a few per event type, so an
+/// event can only ever add that many bounded tokens to its subject.
+pub(super) fn subjects(apps: &AppsConfig, c: &mut Checker) -> Subjects {
+    let mut out = Subjects::default();
+    let all = (apps
+        .dingtalk
+        .iter()
+        .map(|(n, a)| (Platform::DingTalk.as_str(), n, &a.subjects)))
+    .chain(
+        apps.wecom
+            .iter()
+            .map(|(n, a)| (Platform::WeCom.as_str(), n, &a.subjects)),
+    )
+    .chain(
+        apps.lark
+            .iter()
+            .map(|(n, a)| (Platform::Lark.as_str(), n, &a.subjects)),
+    );
+    for (platform, name, by_type) in all {
+        let before = c.count();
+        for (event_type, pointers) in by_type {
+            let key = format!("apps.{platform}.{name}.subjects.{event_type}");
+            if event_type.is_empty() {
+                c.problem(
+                    &key,
+                    "names no event type: use the platform's type, or \"*\"",
+                );
+            }
+            if pointers.len() > subject::MAX_TOKENS {
+                c.problem(
+                    &key,
+                    format!(
+                        "has {} pointers; at most {} tokens are appended to a subject",
+                        pointers.len(),
+                        subject::MAX_TOKENS
+                    ),
+                );
+            }
+            for (i, pointer) in pointers.iter().enumerate() {
+                if !pointer.starts_with('/') {
+                    c.problem(
+                        format!("{key}[{i}]"),
+                        format!(
+                            "{pointer:?} is not a JSON pointer into the event: it must start \
+                             with \"/\", e.g. \"/processCode\""
+                        ),
+                    );
+                }
+            }
+        }
+        if c.count() == before {
+            out.insert(platform, name, SubjectKeys::new(by_type.clone()));
+        }
     }
     out
 }

@@ -33,6 +33,7 @@ pub(super) fn validate(
     let dingtalk_apps = apps::dingtalk(&config.apps.dingtalk, &mut c);
     let wecom_apps = apps::wecom(&config.apps.wecom, &mut c);
     let lark_apps = apps::lark(&config.apps.lark, &mut c);
+    let subjects = apps::subjects(&config.apps, &mut c);
     server::replay(&server, &bus, &mut c);
     let notify = notify::notify(&config.notify, &bus.engine, &mut c);
     let templates = catalog::templates(&config.templates, &mut c);
@@ -53,6 +54,7 @@ pub(super) fn validate(
         dingtalk_apps,
         wecom_apps,
         lark_apps,
+        subjects,
         notify,
         targets,
         routes,
