@@ -377,7 +377,7 @@ impl Delivering<'_> {
 fn limit_key(target: &Target) -> String {
     use sha2::{Digest, Sha256};
     match &target.endpoint {
-        Endpoint::Robot { .. } => target.name.clone(),
+        Endpoint::Robot { .. } | Endpoint::Webhook(_) => target.name.clone(),
         Endpoint::App(a) => {
             let app = format!("{}|{}|{}", target.kind.as_str(), a.app_id, a.agent_id);
             format!("app_{}", &hex::encode(Sha256::digest(app))[..24])
@@ -391,7 +391,7 @@ fn member_key(target: &Target, member: &str) -> String {
     use sha2::{Digest, Sha256};
     let app = match &target.endpoint {
         Endpoint::App(a) => format!("{}|{}", a.app_id, a.agent_id),
-        Endpoint::Robot { .. } => target.name.clone(),
+        Endpoint::Robot { .. } | Endpoint::Webhook(_) => target.name.clone(),
     };
     let digest = Sha256::digest(format!("{}|{app}|{member}", target.kind.as_str()));
     format!("member_{}", &hex::encode(digest)[..24])
