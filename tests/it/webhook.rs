@@ -51,6 +51,11 @@ type Scripted = (u16, Option<u64>, String);
 struct State {
     got: Vec<Got>,
     script: VecDeque<Scripted>,
+    /// Requests being answered now, and the most there ever were.
+    in_flight: usize,
+    max_in_flight: usize,
+    /// Requests answered.
+    done: usize,
 }
 
 /// A webhook receiver on a random port: answers from its script, then 200.
@@ -68,29 +73,44 @@ impl Drop for Receiver {
 
 impl Receiver {
     async fn start(script: Vec<Scripted>) -> Receiver {
+        Receiver::slow(script, Duration::ZERO).await
+    }
+
+    /// A receiver taking `delay` to answer each request.
+    async fn slow(script: Vec<Scripted>, delay: Duration) -> Receiver {
         let state = Arc::new(Mutex::new(State {
-            got: Vec::new(),
             script: script.into(),
+            ..State::default()
         }));
         let s = state.clone();
         let routes = warp::post()
             .and(warp::header::headers_cloned())
             .and(warp::body::bytes())
-            .map(move |headers: HeaderMap, body: bytes::Bytes| {
-                let mut st = s.lock().unwrap();
-                st.got.push(Got {
-                    headers,
-                    body: body.to_vec(),
-                    at: Instant::now(),
-                });
-                let (status, retry_after, text) =
-                    st.script.pop_front().unwrap_or((200, None, String::new()));
-                let mut res =
-                    warp::http::Response::builder().status(StatusCode::from_u16(status).unwrap());
-                if let Some(secs) = retry_after {
-                    res = res.header("retry-after", secs.to_string());
+            .then(move |headers: HeaderMap, body: bytes::Bytes| {
+                let s = s.clone();
+                async move {
+                    let (status, retry_after, text) = {
+                        let mut st = s.lock().unwrap();
+                        st.got.push(Got {
+                            headers,
+                            body: body.to_vec(),
+                            at: Instant::now(),
+                        });
+                        st.in_flight += 1;
+                        st.max_in_flight = st.max_in_flight.max(st.in_flight);
+                        st.script.pop_front().unwrap_or((200, None, String::new()))
+                    };
+                    tokio::time::sleep(delay).await;
+                    let mut st = s.lock().unwrap();
+                    st.in_flight -= 1;
+                    st.done += 1;
+                    let mut res = warp::http::Response::builder()
+                        .status(StatusCode::from_u16(status).unwrap());
+                    if let Some(secs) = retry_after {
+                        res = res.header("retry-after", secs.to_string());
+                    }
+                    res.body(text).unwrap()
                 }
-                res.body(text).unwrap()
             });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!(
@@ -239,6 +259,33 @@ async fn webhook_client_error_is_dead_lettered_with_status_and_redacted_excerpt(
 }
 
 #[tokio::test]
+async fn webhook_concurrency_keeps_that_many_requests_in_flight() {
+    let receiver = Receiver::slow(vec![], Duration::from_millis(200)).await;
+    let app = start(&receiver, "concurrency = 8").await;
+    let started = Instant::now();
+    for i in 0..80 {
+        notify(&app, serde_json::json!({ "text": format!("event {i}") })).await;
+    }
+    let deadline = Instant::now() + WAIT;
+    while sent(&app) < 80 {
+        assert!(Instant::now() < deadline, "only {} delivered", sent(&app));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    let (done, max_in_flight) = {
+        let st = receiver.state.lock().unwrap();
+        (st.done, st.max_in_flight)
+    };
+    assert_eq!((done, max_in_flight), (80, 8));
+    // 80 events, 8 at a time, 200 ms each: ten rounds.
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_millis(4000),
+        "{took:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn webhook_honours_retry_after() {
     // Without Retry-After a 429 would pause the target for pause_on_rate_limit (1 minute).
     let receiver = Receiver::start(vec![(429, Some(1), String::new())]).await;
@@ -271,6 +318,7 @@ fn webhook_config_errors_name_their_key() {
             method = "GET"
             timeout = "soon"
             headers = { "ce-id" = "x" }
+            concurrency = 0
             [targets.bot]
             kind = "webhook"
             url = "https://receiver.test/"
@@ -286,6 +334,7 @@ fn webhook_config_errors_name_their_key() {
             "targets.codes.method",
             "targets.codes.timeout",
             "targets.codes.headers.ce-id",
+            "targets.codes.concurrency",
             "targets.bot.mention",
         ] {
             assert!(keys.contains(&expected), "{expected} not reported in {err}");

@@ -193,6 +193,9 @@ pub struct WebhookKeys {
     /// Statuses meaning delivered. Default [200, 201, 202, 204]; 408, 429 and 5xx are always
     /// retried, any other status dead-letters the event.
     pub success: Option<Vec<i64>>,
+    /// Requests in flight at once, 1 to 64. Default 1, which keeps the queue's order; more
+    /// lets a slow receiver take several events at a time, in no particular order.
+    pub concurrency: Option<i64>,
 }
 
 impl KindKeys {

@@ -15,6 +15,10 @@ use crate::platform::webhook::{self, Method, Webhook};
 use crate::platform::{AppCredentials, Endpoint, Kind};
 use crate::secret::Secret;
 
+/// The most requests one webhook target keeps in flight: each holds a bus message and a
+/// connection, and a receiver needing more is better served by several targets or replicas.
+const MAX_CONCURRENCY: i64 = 64;
+
 pub(super) fn targets(
     config: &Config,
     read: &BTreeMap<String, TargetConfig>,
@@ -75,6 +79,16 @@ fn target(
     if t.common.max_bytes.is_some_and(|m| m < 64) {
         c.problem(format!("{key}.max_bytes"), "must be at least 64");
     }
+    let concurrency = match &t.kind {
+        KindKeys::Webhook(own) => own.concurrency.unwrap_or(1),
+        _ => 1,
+    };
+    if !(1..=MAX_CONCURRENCY).contains(&concurrency) {
+        c.problem(
+            format!("{key}.concurrency"),
+            format!("must be from 1 to {MAX_CONCURRENCY}"),
+        );
+    }
     if c.count() > before {
         return None;
     }
@@ -95,6 +109,7 @@ fn target(
         users: t.kind.app().map(|a| a.users.clone()).unwrap_or_default(),
         composition: shaping(t).composition(),
         policy,
+        concurrency: concurrency as usize,
     })
 }
 
