@@ -108,6 +108,11 @@ impl Sender {
         let bytes = match http::read_capped(resp).await {
             Ok(b) => b,
             Err(ReadError::Transport(e)) => return (transport_answer(e, status), Vec::new()),
+            // The body would not be read anyway: the status decides.
+            Err(ReadError::TooLarge) if kind.judges_by_status() => {
+                let answer = kind.classify(&target.endpoint, status, retry_after, b"");
+                return (answer, Vec::new());
+            }
             // Not a platform's answer as documented: perhaps another one will be.
             Err(e @ ReadError::TooLarge) => {
                 let detail = e.to_string();

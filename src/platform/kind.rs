@@ -389,6 +389,12 @@ impl Kind {
         }
     }
 
+    /// Whether the answer's status alone decides (a webhook receiver's body follows no
+    /// schema), so that an answer too large to read is still judged by it.
+    pub fn judges_by_status(&self) -> bool {
+        matches!(self, Kind::Webhook)
+    }
+
     /// Recipients an accepted send names as not reached: WeCom's `invaliduser`, read from the
     /// whole answer (an answer's detail is cut short).
     pub fn invalid_users(&self, body: &[u8]) -> Vec<String> {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use figment::Jail;
 use hmac::{Hmac, Mac};
+use imbridge::platform::Endpoint;
 use sha2::Sha256;
 use warp::http::{HeaderMap, StatusCode};
 use warp::Filter;
@@ -235,6 +236,23 @@ async fn webhook_retries_503_and_delivers_once() {
 }
 
 #[tokio::test]
+async fn webhook_success_with_an_oversized_answer_is_delivered() {
+    // Over the 64 KiB read cap: the body is not read, the status decides.
+    let receiver = Receiver::start(vec![(200, None, "x".repeat(100_000))]).await;
+    let app = start(&receiver, "").await;
+    notify(&app, serde_json::json!({"text": "big answer"})).await;
+    receiver.wait_for(1).await;
+    let deadline = Instant::now() + WAIT;
+    while sent(&app) < 1 {
+        assert!(Instant::now() < deadline, "never delivered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.got().len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn webhook_client_error_is_dead_lettered_with_status_and_redacted_excerpt() {
     let answer = format!(
         "invalid event; see https://x.test/?access_token=S3CRET {}",
@@ -350,7 +368,21 @@ fn webhook_config_errors_name_their_key() {
             allow_insecure_http = true
             "#,
         )?;
-        imbridge::config::load(Some(Path::new("ok.toml"))).expect("valid");
+        // A header's value, like any secret, may come from the environment.
+        jail.set_env(
+            "IMBRIDGE_TARGETS__PLAIN__HEADERS__AUTHORIZATION",
+            "Bearer FROM-ENV",
+        );
+        let s = imbridge::config::load(Some(Path::new("ok.toml"))).expect("valid");
+        let Endpoint::Webhook(hook) = &s.targets["plain"].endpoint else {
+            panic!("not a webhook endpoint");
+        };
+        let headers: Vec<_> = hook
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.expose()))
+            .collect();
+        assert_eq!(headers, [("authorization", "Bearer FROM-ENV")]);
         Ok(())
     });
 }
