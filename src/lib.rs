@@ -20,13 +20,14 @@
 //! - [`server`]: serves those routes on hyper 1 connections with the limits a public listener
 //!   needs (header timeout, connection cap, HTTP/1 only) and sums up refusals in the log.
 //! - [`notify`]: the outbound pipeline in named parts: consumer, router, compose, worker,
-//!   sender (the only HTTP to platforms), dead letters, limiter, preview.
+//!   sender (the only HTTP to platforms and webhooks), dead letters, limiter, preview.
 //! - [`bus`]: the bus contract and one engine per file ([`bus::memory`], [`bus::nats`],
 //!   [`bus::kafka`]); it keeps in place what the app describes in a neutral [`bus::Layout`]
 //!   and knows nothing of notify.
 //! - [`platform`]: pure protocol code, one folder per platform (callback, robot, app), and
 //!   [`platform::Kind`], the one enum whose methods hold every per-kind decision; the AES
-//!   scheme DingTalk and WeCom share is [`platform::msgcrypt`].
+//!   scheme DingTalk and WeCom share is [`platform::msgcrypt`]; generic HTTP receivers (the
+//!   `webhook` kind: CloudEvents, signed) are [`platform::webhook`].
 //! - [`message`]: the notification model shared by `platform` and `notify`, user bindings and
 //!   HTML-to-text.
 //! - [`secret`], [`backoff`], [`metrics`], [`shutdown`], [`telemetry`]: masked secrets, retry

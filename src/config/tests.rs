@@ -249,7 +249,9 @@ fn the_example_file_loads() {
     Jail::expect_with(|_| {
         let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("imbridge.example.toml");
         let s = load(Some(&example)).expect("the example is valid");
-        assert_eq!(s.targets.len(), 6);
+        assert_eq!(s.targets.len(), 7);
+        assert_eq!(s.targets["audit-hook"].kind, crate::platform::Kind::Webhook);
+        assert_eq!(s.targets["audit-hook"].concurrency, 1);
         assert_eq!(s.targets["ding-work"].endpoint.agent_id(), 123456789);
         assert_eq!(s.targets["wecom-app"].users, ["zhangsan"]);
         assert_eq!(

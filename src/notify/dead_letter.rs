@@ -18,6 +18,14 @@ pub const DLQ_REASON: &str = "imbridge-dlq-reason";
 pub const DLQ_ATTEMPTS: &str = "imbridge-dlq-attempts";
 pub const DLQ_ANSWER: &str = "imbridge-dlq-answer";
 pub const DLQ_TARGET: &str = "imbridge-dlq-target";
+/// The HTTP status of the last answer, when one came.
+pub const DLQ_STATUS: &str = "imbridge-dlq-status";
+
+/// The last answer a dead letter reports: its HTTP status (0 when none came) and text.
+struct Last<'a> {
+    status: u16,
+    answer: &'a str,
+}
 
 /// Settles bus messages: ack, nak or dead letter.
 pub struct DeadLetters {
@@ -52,8 +60,13 @@ impl DeadLetters {
                 attempts,
                 answer,
             } => {
+                let status = answer.as_ref().map_or(0, |a| a.status);
                 let detail = answer.map(|a| a.detail).unwrap_or_default();
-                self.store(delivery, target, reason, attempts, &detail)
+                let last = Last {
+                    status,
+                    answer: &detail,
+                };
+                self.store_answered(delivery, target, reason, attempts, last)
                     .await;
             }
         }
@@ -69,10 +82,28 @@ impl DeadLetters {
         attempts: u32,
         answer: &str,
     ) {
+        let last = Last { status: 0, answer };
+        self.store_answered(delivery, target, reason, attempts, last)
+            .await
+    }
+
+    /// [`DeadLetters::store`], with the HTTP status of the last answer.
+    async fn store_answered(
+        &self,
+        delivery: &Delivery,
+        target: &str,
+        reason: Reason,
+        attempts: u32,
+        last: Last<'_>,
+    ) {
         // Header values are one line of printable text; an answer or a compose error may quote
         // a URL, whose credentials stay here.
-        let answer = bus::header_value(&redact(answer));
-        let msg = self.letter(delivery, target, reason, attempts, &answer);
+        let answer = bus::header_value(&redact(last.answer));
+        let mut msg = self.letter(delivery, target, reason, attempts, &answer);
+        if last.status != 0 {
+            msg.headers
+                .push((DLQ_STATUS.into(), last.status.to_string()));
+        }
         if !self.bus.publish_until_stored(&msg, &self.shutdown).await {
             let _ = delivery.nak(Duration::ZERO).await;
             return;

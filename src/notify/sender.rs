@@ -1,5 +1,5 @@
-//! The only code that does HTTP to the platforms: signs (bots) or authorises (apps, with
-//! managed access tokens) each request, posts it (following no redirect) and classifies the
+//! The only code that does HTTP to the platforms and webhooks: signs (bots, webhooks) or
+//! authorises (apps, with managed access tokens) each request, sends it (following no redirect) and classifies the
 //! answer, read up to a size cap, the way the target's kind means it. Never logs a URL: bot URLs hold their token, app URLs the access
 //! token.
 
@@ -12,6 +12,7 @@ use crate::metrics::Metrics;
 use crate::platform::kind::HttpRequest;
 use crate::platform::outbound::TokenRequest;
 use crate::platform::outbound::{transport_answer, Answer, Class, IssuedToken, Request};
+use crate::platform::webhook::{self, Method};
 use crate::platform::{now_ms, AppCredentials, Endpoint, Kind};
 
 /// A send's answer, and the access token it used (app messages).
@@ -58,7 +59,7 @@ impl Sender {
         let http = target
             .kind
             .http_request(&target.endpoint, request, token.as_deref(), now_ms());
-        let (answer, invalid_users) = self.post(target.kind, http).await;
+        let (answer, invalid_users) = self.post(target, http).await;
         tracing::debug!(target = %target.name, took = ?started.elapsed(), class = answer.class.label(), "sent");
         Sent {
             answer,
@@ -68,11 +69,26 @@ impl Sender {
         }
     }
 
-    /// Posts a JSON body and classifies the answer the way `kind`'s platform means it.
-    async fn post(&self, kind: Kind, http: HttpRequest) -> (Answer, Vec<String>) {
-        let mut request = self.http.post(http.url).json(&http.body);
+    /// Sends a JSON body and classifies the answer the way the target's kind means it.
+    async fn post(&self, target: &Target, http: HttpRequest) -> (Answer, Vec<String>) {
+        let kind = target.kind;
+        let method = match http.method {
+            Method::Post => reqwest::Method::POST,
+            Method::Put => reqwest::Method::PUT,
+        };
+        let mut request = self
+            .http
+            .request(method, http.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(http.body);
+        for (name, value) in &http.headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
         if let Some(token) = &http.bearer {
             request = request.bearer_auth(token);
+        }
+        if let Some(timeout) = http.timeout {
+            request = request.timeout(timeout);
         }
         let resp = match request.send().await {
             Err(e) => return (transport_answer(e, 0), Vec::new()),
@@ -84,9 +100,19 @@ impl Sender {
             .get("x-ogw-ratelimit-reset")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        let retry_after = webhook::retry_after(
+            resp.headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()),
+        );
         let bytes = match http::read_capped(resp).await {
             Ok(b) => b,
             Err(ReadError::Transport(e)) => return (transport_answer(e, status), Vec::new()),
+            // The body would not be read anyway: the status decides.
+            Err(ReadError::TooLarge) if kind.judges_by_status() => {
+                let answer = kind.classify(&target.endpoint, status, retry_after, b"");
+                return (answer, Vec::new());
+            }
             // Not a platform's answer as documented: perhaps another one will be.
             Err(e @ ReadError::TooLarge) => {
                 let detail = e.to_string();
@@ -99,7 +125,7 @@ impl Sender {
                 return (answer, Vec::new());
             }
         };
-        let mut answer = kind.classify(status, &bytes);
+        let mut answer = kind.classify(&target.endpoint, status, retry_after, &bytes);
         // Lark's gateway says when its quota resets.
         if let (Class::RateLimited { pause: None }, Some(secs)) = (answer.class, reset) {
             answer.class = Class::RateLimited {

@@ -23,6 +23,9 @@ pub struct Target {
     pub composition: Composition,
     /// What one message may ask of it: broadcasts, how many people.
     pub policy: Policy,
+    /// Messages delivered at once: 1 keeps the queue's order (chat platforms show messages in
+    /// the order they came); a webhook may allow more.
+    pub concurrency: usize,
 }
 
 /// How a body becomes the notification sent (`template`, `recipients`, `mention`, `exclude_actor` of a target or a route rule).

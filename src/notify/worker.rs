@@ -1,4 +1,5 @@
-//! One worker per target delivers its queue in order: render the requests, then for each one
+//! One worker per target delivers its queue in order (or, for a webhook allowing it, several
+//! messages at a time): render the requests, then for each one
 //! take the access token, wait for the rate limiter, send, and decide from the answer whether
 //! it is done, retried with backoff, paused ("too fast") or given up. A throttled target never
 //! delays another (no head-of-line blocking).
@@ -6,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::compose::Prepared;
@@ -55,53 +57,65 @@ pub enum Job {
 /// behind (the lock is released as the panic unwinds) for the next one.
 pub type Queue = Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>;
 
-/// One target's worker: delivers its queue in order until shutdown, then hands what is still
-/// queued back to the bus at once, for another replica.
+/// One target's worker: delivers its queue until shutdown, `target.concurrency` messages at a
+/// time (one, the default, keeps the queue's order), then lets what is under way finish (it
+/// stops at its next wait, seeing the shutdown) and hands what is still queued back to the bus
+/// at once, for another replica.
 pub async fn run(target: Arc<Target>, queue: Queue, shared: Arc<Shared>) {
     let depth = shared.metrics.notify_queue_depth(&target.name);
     let mut rx = queue.lock().await;
+    let mut running = FuturesUnordered::new();
     loop {
-        let job = tokio::select! {
-            j = rx.recv() => match j { Some(j) => j, None => return },
+        tokio::select! {
+            j = rx.recv(), if running.len() < target.concurrency => match j {
+                Some(job) => running.push(handle(&shared, &target, &depth, job)),
+                None => break,
+            },
+            Some(()) = running.next(), if !running.is_empty() => {}
             _ = shared.shutdown.cancelled() => break,
-        };
-        // Counted out when done, or when a panic unwinds past it.
-        let _queued = Queued(&depth);
-        match job {
-            Job::Bus {
-                held,
-                prepared,
-                deadline,
-            } => {
-                crate::supervise::failpoint("notify-worker", &target.name);
-                let delivery = held.delivery().clone();
-                let current = || delivery.is_current();
-                let verdict = deliver(&shared, &target, &prepared, deadline, &current).await;
-                shared
-                    .dead_letters
-                    .settle(&target.name, &delivery, verdict)
-                    .await;
-                held.settled();
-            }
-            Job::Sync {
-                prepared,
-                reply,
-                deadline,
-            } => {
-                // A caller that gave up must not get a delivery it was told timed out.
-                if !reply.is_closed() {
-                    let verdict = deliver(&shared, &target, &prepared, deadline, &|| true).await;
-                    let _ = reply.send(verdict);
-                }
-            }
         }
     }
+    while running.next().await.is_some() {}
     rx.close();
     while let Ok(job) = rx.try_recv() {
         depth.dec();
         if let Job::Bus { held, .. } = job {
             let _ = held.delivery().nak(Duration::ZERO).await;
             held.settled();
+        }
+    }
+}
+
+/// Delivers one job: settles a bus message, or answers a waiting caller.
+async fn handle(shared: &Shared, target: &Target, depth: &prometheus::IntGauge, job: Job) {
+    // Counted out when done, or when a panic unwinds past it.
+    let _queued = Queued(depth);
+    match job {
+        Job::Bus {
+            held,
+            prepared,
+            deadline,
+        } => {
+            crate::supervise::failpoint("notify-worker", &target.name);
+            let delivery = held.delivery().clone();
+            let current = || delivery.is_current();
+            let verdict = deliver(shared, target, &prepared, deadline, &current).await;
+            shared
+                .dead_letters
+                .settle(&target.name, &delivery, verdict)
+                .await;
+            held.settled();
+        }
+        Job::Sync {
+            prepared,
+            reply,
+            deadline,
+        } => {
+            // A caller that gave up must not get a delivery it was told timed out.
+            if !reply.is_closed() {
+                let verdict = deliver(shared, target, &prepared, deadline, &|| true).await;
+                let _ = reply.send(verdict);
+            }
         }
     }
 }
@@ -377,7 +391,7 @@ impl Delivering<'_> {
 fn limit_key(target: &Target) -> String {
     use sha2::{Digest, Sha256};
     match &target.endpoint {
-        Endpoint::Robot { .. } => target.name.clone(),
+        Endpoint::Robot { .. } | Endpoint::Webhook(_) => target.name.clone(),
         Endpoint::App(a) => {
             let app = format!("{}|{}|{}", target.kind.as_str(), a.app_id, a.agent_id);
             format!("app_{}", &hex::encode(Sha256::digest(app))[..24])
@@ -391,7 +405,7 @@ fn member_key(target: &Target, member: &str) -> String {
     use sha2::{Digest, Sha256};
     let app = match &target.endpoint {
         Endpoint::App(a) => format!("{}|{}", a.app_id, a.agent_id),
-        Endpoint::Robot { .. } => target.name.clone(),
+        Endpoint::Robot { .. } | Endpoint::Webhook(_) => target.name.clone(),
     };
     let digest = Sha256::digest(format!("{}|{app}|{member}", target.kind.as_str()));
     format!("member_{}", &hex::encode(digest)[..24])

@@ -5,9 +5,8 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
-
 use super::outbound::{Answer, IssuedToken, RenderOptions, Request, TokenRequest};
+use super::webhook::{self, Webhook};
 use super::{dingtalk, lark, wecom};
 use crate::message::{MentionId, Notification, UserBinding};
 use crate::secret::Secret;
@@ -51,6 +50,8 @@ pub enum Kind {
     DingTalkWork,
     WeComApp,
     LarkApp,
+    /// Any HTTP endpoint, sent the event itself (CloudEvents binary mode, signed).
+    Webhook,
 }
 
 /// At most `max` requests in any sliding window of length `window`.
@@ -73,6 +74,8 @@ pub enum Endpoint {
     Robot { url: Secret, secret: Option<Secret> },
     /// An app's API.
     App(AppCredentials),
+    /// A generic webhook receiver.
+    Webhook(Box<Webhook>),
 }
 
 impl Endpoint {
@@ -80,7 +83,7 @@ impl Endpoint {
     pub fn agent_id(&self) -> u64 {
         match self {
             Endpoint::App(a) => a.agent_id,
-            Endpoint::Robot { .. } => 0,
+            Endpoint::Robot { .. } | Endpoint::Webhook(_) => 0,
         }
     }
 }
@@ -98,12 +101,16 @@ pub struct AppCredentials {
     pub agent_id: u64,
 }
 
-/// One request ready to post: the URL (it may hold a credential: never log it), the JSON
-/// body, and a bearer token when the platform wants one in a header.
+/// One request ready to send: the URL (it may hold a credential: never log it), the JSON
+/// body, a bearer token when the platform wants one in a header, and the headers, method and
+/// timeout of a webhook (whose signature covers the body's exact bytes, hence bytes here).
 pub struct HttpRequest {
     pub url: String,
-    pub body: Value,
+    pub body: Vec<u8>,
     pub bearer: Option<String>,
+    pub method: webhook::Method,
+    pub headers: Vec<(String, String)>,
+    pub timeout: Option<Duration>,
 }
 
 /// The recipients of one message, for the kinds that address people rather than a group.
@@ -115,13 +122,14 @@ pub struct Addressing<'a> {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::DingTalkRobot,
         Kind::WeComRobot,
         Kind::LarkRobot,
         Kind::DingTalkWork,
         Kind::WeComApp,
         Kind::LarkApp,
+        Kind::Webhook,
     ];
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -136,14 +144,17 @@ impl Kind {
             Kind::DingTalkWork => "dingtalk_work",
             Kind::WeComApp => "wecom_app",
             Kind::LarkApp => "lark_app",
+            Kind::Webhook => "webhook",
         }
     }
 
-    pub fn platform(&self) -> Platform {
+    /// The chat platform; none for a webhook.
+    pub fn platform(&self) -> Option<Platform> {
         match self {
-            Kind::DingTalkRobot | Kind::DingTalkWork => Platform::DingTalk,
-            Kind::WeComRobot | Kind::WeComApp => Platform::WeCom,
-            Kind::LarkRobot | Kind::LarkApp => Platform::Lark,
+            Kind::DingTalkRobot | Kind::DingTalkWork => Some(Platform::DingTalk),
+            Kind::WeComRobot | Kind::WeComApp => Some(Platform::WeCom),
+            Kind::LarkRobot | Kind::LarkApp => Some(Platform::Lark),
+            Kind::Webhook => None,
         }
     }
 
@@ -164,8 +175,9 @@ impl Kind {
             // [U] DingTalk documents only app/corp QPM codes (143103/143104), not the numbers;
             // 20 per second keeps far below any figure quoted for them.
             Kind::DingTalkWork => vec![Limit::new(20, Duration::from_secs(1))],
-            // WeCom limits app messages per member (below), not per request.
-            Kind::WeComApp => Vec::new(),
+            // WeCom limits app messages per member (below), not per request; a webhook's
+            // receiver says its own limits, if any, through `rate_limit`.
+            Kind::WeComApp | Kind::Webhook => Vec::new(),
         }
     }
 
@@ -189,9 +201,9 @@ impl Kind {
         }
     }
 
-    /// The public API of the kind's platform.
+    /// The public API of the kind's platform (none for a webhook).
     pub fn default_base_url(&self) -> &'static str {
-        self.platform().default_base_url()
+        self.platform().map_or("", |p| p.default_base_url())
     }
 
     /// The id a group bot of this kind mentions a person by: DingTalk prefers the mobile (its
@@ -208,7 +220,7 @@ impl Kind {
                 .map(MentionId::UserId)
                 .or_else(|| user.mobile().map(MentionId::Mobile)),
             Kind::LarkRobot => user.lark().map(MentionId::UserId),
-            Kind::DingTalkWork | Kind::WeComApp | Kind::LarkApp => None,
+            Kind::DingTalkWork | Kind::WeComApp | Kind::LarkApp | Kind::Webhook => None,
         }
     }
 
@@ -219,7 +231,7 @@ impl Kind {
             Kind::DingTalkWork => user.dingtalk(),
             Kind::WeComApp => user.wecom(),
             Kind::LarkApp => user.lark().or_else(|| user.email()),
-            Kind::DingTalkRobot | Kind::WeComRobot | Kind::LarkRobot => None,
+            Kind::DingTalkRobot | Kind::WeComRobot | Kind::LarkRobot | Kind::Webhook => None,
         }
     }
 
@@ -256,9 +268,16 @@ impl Kind {
                         .map(|body| Request {
                             body,
                             members: vec![r.clone()],
+                            event_id: None,
                         })
                 })
                 .collect(),
+            // The seed is per message and target: the same event id on every redelivery.
+            Kind::Webhook => vec![Request {
+                body: webhook::render(n),
+                members: Vec::new(),
+                event_id: Some(to.seed.to_owned()),
+            }],
         }
     }
 
@@ -272,6 +291,18 @@ impl Kind {
     ) -> HttpRequest {
         let token = token.unwrap_or_default();
         let mut body = request.body.clone();
+        if let Endpoint::Webhook(hook) = endpoint {
+            let bytes = serde_json::to_vec(&body).unwrap_or_default();
+            let id = request.event_id.as_deref().unwrap_or_default();
+            return HttpRequest {
+                url: hook.url.expose().to_owned(),
+                headers: webhook::headers(hook, id, &bytes, now_ms),
+                body: bytes,
+                bearer: None,
+                method: hook.method,
+                timeout: hook.timeout,
+            };
+        }
         let (url, bearer) = match (self, endpoint) {
             (_, Endpoint::Robot { url, secret }) => {
                 let secret = secret.as_ref().map(Secret::expose);
@@ -300,14 +331,23 @@ impl Kind {
                     Some(token.to_owned()),
                 )
             }
+            (_, Endpoint::Webhook(hook)) => (hook.url.expose().to_owned(), None),
         };
-        HttpRequest { url, body, bearer }
+        HttpRequest {
+            url,
+            body: serde_json::to_vec(&body).unwrap_or_default(),
+            bearer,
+            method: webhook::Method::Post,
+            headers: Vec::new(),
+            timeout: None,
+        }
     }
 
     /// Where a request goes, without credentials (`imbridge render` prints it).
     pub fn describe(&self, endpoint: &Endpoint, request: &Request) -> String {
         match (endpoint, self) {
             (Endpoint::Robot { .. }, _) => format!("POST <{} webhook>", self.as_str()),
+            (Endpoint::Webhook(hook), _) => format!("{} <webhook url>", hook.method.as_str()),
             (Endpoint::App(a), Kind::DingTalkWork) => format!(
                 "POST {}/topapi/message/corpconversation/asyncsend_v2?access_token=<token>",
                 a.base_url
@@ -323,8 +363,15 @@ impl Kind {
         }
     }
 
-    /// The platform's answer to a send, as this kind's API means it.
-    pub fn classify(&self, status: u16, body: &[u8]) -> Answer {
+    /// The platform's answer to a send, as this kind's API means it. `retry_after` is the
+    /// answer's `Retry-After`, which only a webhook's receiver is taken at its word for.
+    pub fn classify(
+        &self,
+        endpoint: &Endpoint,
+        status: u16,
+        retry_after: Option<Duration>,
+        body: &[u8],
+    ) -> Answer {
         match self {
             Kind::DingTalkRobot => dingtalk::robot::classify(status, body),
             Kind::WeComRobot => wecom::robot::classify(status, body),
@@ -332,7 +379,20 @@ impl Kind {
             Kind::DingTalkWork => dingtalk::work::classify(status, body),
             Kind::WeComApp => wecom::app::classify(status, body),
             Kind::LarkApp => lark::app::classify(status, body),
+            Kind::Webhook => {
+                let success = match endpoint {
+                    Endpoint::Webhook(hook) => &hook.success[..],
+                    _ => &webhook::DEFAULT_SUCCESS[..],
+                };
+                webhook::classify(success, status, retry_after, body)
+            }
         }
+    }
+
+    /// Whether the answer's status alone decides (a webhook receiver's body follows no
+    /// schema), so that an answer too large to read is still judged by it.
+    pub fn judges_by_status(&self) -> bool {
+        matches!(self, Kind::Webhook)
     }
 
     /// Recipients an accepted send names as not reached: WeCom's `invaliduser`, read from the
@@ -354,7 +414,7 @@ impl Kind {
             Kind::DingTalkWork => Some(dingtalk::work::token_request(base, id, secret)),
             Kind::WeComApp => Some(wecom::app::token_request(base, id, secret)),
             Kind::LarkApp => Some(lark::app::token_request(base, id, secret)),
-            Kind::DingTalkRobot | Kind::WeComRobot | Kind::LarkRobot => None,
+            Kind::DingTalkRobot | Kind::WeComRobot | Kind::LarkRobot | Kind::Webhook => None,
         }
     }
 
@@ -373,7 +433,7 @@ impl Kind {
             Kind::DingTalkWork => dingtalk::work::is_token_rejected(code),
             Kind::WeComApp => wecom::app::is_token_rejected(code),
             Kind::LarkApp => lark::app::is_token_rejected(code),
-            Kind::DingTalkRobot | Kind::WeComRobot | Kind::LarkRobot => false,
+            Kind::DingTalkRobot | Kind::WeComRobot | Kind::LarkRobot | Kind::Webhook => false,
         }
     }
 

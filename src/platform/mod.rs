@@ -1,11 +1,13 @@
 //! Platform protocols: pure functions over bytes, no HTTP server here. One module per
-//! platform; the AES scheme DingTalk and WeCom share is in [`msgcrypt`].
+//! platform; the AES scheme DingTalk and WeCom share is in [`msgcrypt`]; generic HTTP
+//! receivers in [`webhook`].
 
 pub mod dingtalk;
 pub mod kind;
 pub mod lark;
 pub mod msgcrypt;
 pub mod outbound;
+pub mod webhook;
 pub mod wecom;
 
 pub use kind::{AppCredentials, Endpoint, Kind, Limit, Platform};

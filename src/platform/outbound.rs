@@ -326,6 +326,8 @@ pub struct Request {
     pub body: serde_json::Value,
     /// App messages: the recipients it goes to (for their limits and for reports).
     pub members: Vec<String>,
+    /// Webhooks: the event's id, stable per message and target (a redelivery keeps it).
+    pub event_id: Option<String>,
 }
 
 impl Request {
@@ -335,6 +337,7 @@ impl Request {
             .into_iter()
             .map(|body| Request {
                 body,
+                event_id: None,
                 members: Vec::new(),
             })
             .collect()
@@ -352,7 +355,11 @@ impl Request {
                     .filter(|m| !m.is_empty())
                     .map(str::to_owned)
                     .collect();
-                Request { body, members }
+                Request {
+                    body,
+                    members,
+                    event_id: None,
+                }
             })
             .collect()
     }

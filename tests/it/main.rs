@@ -26,4 +26,5 @@ mod secrets;
 // Needs the fault-injection points: `./test` builds with `--features failpoints`.
 #[cfg(feature = "failpoints")]
 mod supervision;
+mod webhook;
 mod wecom_lark;

@@ -21,7 +21,7 @@ use crate::secret::{lenient_string, Secret};
 pub use apps::{AppsConfig, DingTalkAppConfig, LarkAppConfig, WeComAppConfig};
 pub use bus::{BusConfig, KafkaConfig, MemoryConfig, NatsConfig};
 pub use routes::{RouteConfig, RuleConfig, TemplateConfig, UserConfig};
-pub use targets::{AppKeys, KindKeys, OneOrMany, TargetConfig};
+pub use targets::{AppKeys, KindKeys, OneOrMany, TargetConfig, WebhookKeys};
 
 /// The raw configuration, as written in TOML.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

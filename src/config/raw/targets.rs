@@ -54,6 +54,7 @@ pub enum KindKeys {
     DingTalkWork(AppKeys, DingTalkWorkKeys),
     WeComApp(AppKeys, WeComAppKeys),
     LarkApp(AppKeys, LarkAppKeys),
+    Webhook(WebhookKeys),
 }
 
 /// Keys every kind takes.
@@ -83,7 +84,8 @@ pub struct CommonKeys {
     /// departments, tags and `to_all_user`. Default false: such a message is refused.
     pub allow_broadcast: bool,
     /// Accept an `http://` url or base_url. Default false: requests to a platform carry its
-    /// credentials, so only `https://` is accepted (tests and private gateways set this).
+    /// credentials (a webhook's, its signature and headers), so only `https://` is accepted
+    /// (tests and private gateways set this).
     pub allow_insecure_http: bool,
 }
 
@@ -171,6 +173,31 @@ pub struct LarkAppKeys {
     pub lark_markdown: LarkMarkdown,
 }
 
+/// Generic webhooks (`webhook`): the event posted to any HTTP endpoint, CloudEvents binary
+/// mode, signed when `secret` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct WebhookKeys {
+    /// The receiver's URL (a secret: it may carry a token).
+    pub url: Option<Secret>,
+    /// Signs each request (`imbridge-signature: t=<unix>,v1=<hex HMAC-SHA256(secret,
+    /// t + "." + body)>`); unsigned without it.
+    pub secret: Option<Secret>,
+    /// Extra request headers, e.g. `{ authorization = "Bearer …" }`; values are secrets, and
+    /// may come from the environment (`IMBRIDGE_TARGETS__<NAME>__HEADERS__<HEADER>`).
+    pub headers: std::collections::BTreeMap<String, Secret>,
+    /// "POST" (default) or "PUT".
+    pub method: Option<String>,
+    /// Per request, e.g. "5s"; default `notify.request_timeout`.
+    pub timeout: Option<String>,
+    /// Statuses meaning delivered. Default [200, 201, 202, 204]; 408, 429 and 5xx are always
+    /// retried, any other status dead-letters the event.
+    pub success: Option<Vec<i64>>,
+    /// Requests in flight at once, 1 to 64. Default 1, which keeps the queue's order; more
+    /// lets a slow receiver take several events at a time, in no particular order.
+    pub concurrency: Option<i64>,
+}
+
 impl KindKeys {
     pub fn kind(&self) -> Kind {
         match self {
@@ -180,6 +207,7 @@ impl KindKeys {
             KindKeys::DingTalkWork(..) => Kind::DingTalkWork,
             KindKeys::WeComApp(..) => Kind::WeComApp,
             KindKeys::LarkApp(..) => Kind::LarkApp,
+            KindKeys::Webhook(..) => Kind::Webhook,
         }
     }
 
@@ -256,6 +284,7 @@ pub fn read(table: &Dict) -> Result<Read, ReadError> {
         Kind::DingTalkWork => KindKeys::DingTalkWork(parts.read(), parts.read()),
         Kind::WeComApp => KindKeys::WeComApp(parts.read(), parts.read()),
         Kind::LarkApp => KindKeys::LarkApp(parts.read(), parts.read()),
+        Kind::Webhook => KindKeys::Webhook(parts.read()),
     };
     let unknown = parts.finish()?;
     let target = TargetConfig { common, kind: keys };
@@ -273,6 +302,9 @@ pub fn refusal(kind: Kind, key: &str) -> Option<&'static str> {
             "WeCom robots are not signed (the key in the URL is the credential)"
         }
         "lark_markdown" => "only Lark targets render markdown as a card or a post",
+        "mention" | "recipients" | "users" if kind == Kind::Webhook => {
+            "a webhook posts the event to its URL and addresses nobody"
+        }
         _ if kind.is_app() => match key {
             "url" | "secret" => {
                 "app targets take app_id/app_secret (and corp_id, agent_id), not a webhook"
@@ -296,7 +328,7 @@ struct Parts {
     table: Value,
     keys: Vec<String>,
     taken: BTreeSet<String>,
-    /// Unknown keys inside a key some part took (none of today's target keys is a table).
+    /// Unknown keys inside a key some part took (a webhook's `headers` is the one table, and takes any key).
     nested: Vec<Unknown>,
     errors: Vec<figment::Error>,
 }

@@ -6,13 +6,18 @@ use std::collections::BTreeMap;
 
 use super::catalog::Shaping;
 use super::checker::Checker;
-use crate::config::raw::{AppKeys, Config, KindKeys, TargetConfig};
+use crate::config::raw::{AppKeys, Config, KindKeys, TargetConfig, WebhookKeys};
 use crate::notify::guard::Policy;
 use crate::notify::target::Target;
 use crate::notify::template::Templates;
 use crate::platform::outbound::RenderOptions;
+use crate::platform::webhook::{self, Method, Webhook};
 use crate::platform::{AppCredentials, Endpoint, Kind};
 use crate::secret::Secret;
+
+/// The most requests one webhook target keeps in flight: each holds a bus message and a
+/// connection, and a receiver needing more is better served by several targets or replicas.
+const MAX_CONCURRENCY: i64 = 64;
 
 pub(super) fn targets(
     config: &Config,
@@ -56,7 +61,10 @@ fn target(
 ) -> Option<Target> {
     let before = c.count();
     let kind = t.kind.kind();
-    let endpoint = endpoint(t, key, c);
+    let mut endpoint = endpoint(t, key, c);
+    if let Some(Endpoint::Webhook(hook)) = &mut endpoint {
+        hook.source = format!("/imbridge/targets/{name}");
+    }
     let limits = c
         .limits(&format!("{key}.rate_limit"), t.common.rate_limit.as_ref())
         .unwrap_or_else(|| kind.default_limits());
@@ -70,6 +78,16 @@ fn target(
     };
     if t.common.max_bytes.is_some_and(|m| m < 64) {
         c.problem(format!("{key}.max_bytes"), "must be at least 64");
+    }
+    let concurrency = match &t.kind {
+        KindKeys::Webhook(own) => own.concurrency.unwrap_or(1),
+        _ => 1,
+    };
+    if !(1..=MAX_CONCURRENCY).contains(&concurrency) {
+        c.problem(
+            format!("{key}.concurrency"),
+            format!("must be from 1 to {MAX_CONCURRENCY}"),
+        );
     }
     if c.count() > before {
         return None;
@@ -91,6 +109,7 @@ fn target(
         users: t.kind.app().map(|a| a.users.clone()).unwrap_or_default(),
         composition: shaping(t).composition(),
         policy,
+        concurrency: concurrency as usize,
     })
 }
 
@@ -142,7 +161,92 @@ fn endpoint(t: &TargetConfig, key: &str, c: &mut Checker) -> Option<Endpoint> {
             let id = ("app_id", own.app_id.as_deref());
             api(kind, app, id, None, (key, insecure), c)
         }
+        KindKeys::Webhook(own) => generic_webhook(own, (key, insecure), c),
     }
+}
+
+/// A generic webhook: its URL, method, timeout and success codes, each checked by its key.
+fn generic_webhook(
+    own: &WebhookKeys,
+    (key, insecure): (&str, bool),
+    c: &mut Checker,
+) -> Option<Endpoint> {
+    let before = c.count();
+    let url = own.url.as_ref().filter(|u| !u.expose().trim().is_empty());
+    match url {
+        // The URL may hold a token: name the problem, never echo the value.
+        Some(url) => scheme(url.expose(), insecure, &format!("{key}.url"), "URL", c),
+        None => c.problem(format!("{key}.url"), "a webhook needs the URL it posts to"),
+    }
+    let method = match own.method.as_deref() {
+        None => Method::Post,
+        Some(m) => Method::parse(m).unwrap_or_else(|| {
+            c.problem(format!("{key}.method"), "must be \"POST\" or \"PUT\"");
+            Method::Post
+        }),
+    };
+    let timeout = (own.timeout.as_deref()).map(|t| c.duration(&format!("{key}.timeout"), t));
+    let success = match &own.success {
+        None => webhook::DEFAULT_SUCCESS.to_vec(),
+        Some(codes) if codes.is_empty() => {
+            c.problem(format!("{key}.success"), "must name at least one status");
+            Vec::new()
+        }
+        Some(codes) => codes
+            .iter()
+            .filter_map(|&code| match u16::try_from(code) {
+                Ok(code @ 200..=299) => Some(code),
+                _ => {
+                    c.problem(
+                        format!("{key}.success"),
+                        format!("{code} is not a 2xx status"),
+                    );
+                    None
+                }
+            })
+            .collect(),
+    };
+    for name in own.headers.keys() {
+        let valid = reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_ok();
+        if !valid || name.to_ascii_lowercase().starts_with("ce-") || reserved(name) {
+            c.problem(
+                format!("{key}.headers.{name}"),
+                "is not a header name a webhook may set",
+            );
+        }
+    }
+    for (name, value) in &own.headers {
+        if reqwest::header::HeaderValue::from_str(value.expose()).is_err() {
+            // A secret: name the header, never echo the value.
+            c.problem(
+                format!("{key}.headers.{name}"),
+                "is not a valid header value",
+            );
+        }
+    }
+    if c.count() > before {
+        return None;
+    }
+    Some(Endpoint::Webhook(Box::new(Webhook {
+        url: url.cloned().unwrap_or_default(),
+        secret: own.secret.clone().filter(|s| !s.expose().is_empty()),
+        headers: (own.headers.iter())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        method,
+        timeout,
+        success,
+        source: String::new(),
+    })))
+}
+
+/// Headers the daemon sets itself: a target's own would contradict the signature or the body.
+fn reserved(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    matches!(
+        name.as_str(),
+        "content-type" | "content-length" | "host" | "transfer-encoding"
+    ) || name == webhook::SIGNATURE_HEADER
 }
 
 /// A group bot's webhook.
