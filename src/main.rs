@@ -37,8 +37,9 @@ enum Command {
     Render {
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// A target or route name, as in `notify.<name>`.
-        #[arg(long, short)]
+        /// A target or route name, as in `notify.<name>` (`--route` reads better for a route
+        /// on inbound events, whose payload on stdin is the event).
+        #[arg(long, short, alias = "route")]
         target: String,
         /// The message id to render with (Lark's idempotency uuid is derived from it).
         #[arg(long, default_value = "render")]

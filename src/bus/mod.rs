@@ -241,6 +241,10 @@ pub struct ConsumerSpec {
     pub stream: String,
     /// Redelivered when not acknowledged (nor kept alive with progress acks) within this.
     pub ack_wait: Duration,
+    /// Start, when first created, with the messages stored from then on rather than all the
+    /// stream holds (NATS; the in-process bus only ever has new ones): a reader added to a
+    /// stream that keeps history must not act on the past.
+    pub new_only: bool,
 }
 
 /// What the bus keeps in place for the daemon, told by the daemon as neutral specs: the bus

@@ -328,6 +328,11 @@ fn consumer_config(spec: &ConsumerSpec) -> jetstream::consumer::pull::Config {
         // Per consumer, across all replicas: with one consumer per target, a flooded target
         // can only fill its own slots.
         max_ack_pending: spec.max_pending as i64,
+        deliver_policy: if spec.new_only {
+            jetstream::consumer::DeliverPolicy::New
+        } else {
+            jetstream::consumer::DeliverPolicy::All
+        },
         ..Default::default()
     }
 }

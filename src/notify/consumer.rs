@@ -63,31 +63,48 @@ impl Intake {
     }
 }
 
-/// The durable consumers of the notify pipeline: one per target or route (in the order of
-/// `names`), whose in-flight limit is the queue size, so that a flooded target holds only its
-/// own slots on the bus and never starves another; and one for every notification, which
-/// dead-letters those for targets nobody configured.
+/// The durable consumers of the notify pipeline: one per target or notify route, and one per
+/// `from` pattern of a route on inbound events (NATS 2.9 takes one filter per consumer), each
+/// with the name it feeds and an in-flight limit of the queue size, so that a flooded target
+/// holds only its own slots on the bus and never starves another; and one for every
+/// notification, which dead-letters those for targets nobody configured.
 pub fn specs<'a>(
     settings: &NotifySettings,
-    names: impl Iterator<Item = &'a String>,
+    targets: impl Iterator<Item = &'a String>,
+    routes: &BTreeMap<String, Route>,
     prefix: &str,
-) -> (Vec<bus::ConsumerSpec>, bus::ConsumerSpec) {
+) -> (Vec<(String, bus::ConsumerSpec)>, bus::ConsumerSpec) {
     let spec = |durable: String, filter: &str, max_pending: usize| bus::ConsumerSpec {
         durable,
         filter: bus::with_prefix(prefix, filter),
         max_pending,
         stream: settings.stream.clone(),
         ack_wait: settings.ack_wait,
+        new_only: false,
     };
-    let per_name = names
-        .map(|name| {
-            spec(
-                format!("{}-{name}", settings.consumer),
-                &format!("notify.{name}"),
-                settings.queue_capacity,
-            )
-        })
-        .collect();
+    let own = |name: &String| {
+        let durable = format!("{}-{name}", settings.consumer);
+        let filter = format!("notify.{name}");
+        (
+            name.clone(),
+            spec(durable, &filter, settings.queue_capacity),
+        )
+    };
+    let mut per_name: Vec<_> = targets.map(own).collect();
+    for (name, route) in routes {
+        if !route.on_events() {
+            per_name.push(own(name));
+            continue;
+        }
+        for (i, pattern) in route.from.iter().enumerate() {
+            // Named by position: the durable outlives restarts and keeps its place.
+            let durable = format!("{}-{name}-from-{i}", settings.consumer);
+            let mut s = spec(durable, pattern, settings.queue_capacity);
+            s.stream = settings.inbound_stream.clone();
+            s.new_only = true;
+            per_name.push((name.clone(), s));
+        }
+    }
     let all = spec(
         settings.consumer.clone(),
         "notify.>",
@@ -170,7 +187,8 @@ pub async fn feed(
     consumer.close().await;
 }
 
-/// Reads one route's consumer: each message is forwarded to `notify.<target>` for every target
+/// Reads one route's consumer (`notify.<route>`, or one of its `from` patterns; an inbound
+/// event is matched and later rendered as it is): each message is forwarded to `notify.<target>` for every target
 /// of every rule it matches (each target once), then acknowledged. Forwarding through the bus
 /// keeps each target's own queue, limits, retries and dead letters.
 pub async fn forward(route: Route, source: Source, shared: Arc<Shared>, intake: Arc<Intake>) {
@@ -199,6 +217,9 @@ pub async fn forward(route: Route, source: Source, shared: Arc<Shared>, intake: 
             }
             continue;
         }
+        // Forwarded and not yet acknowledged: a task dying here leaves the message to come
+        // again, and its copies must then be recognised as duplicates.
+        crate::supervise::failpoint("notify-route", name);
         if let Err(e) = delivery.ack().await {
             tracing::debug!(route = name, error = %e, "ack failed after forwarding; it comes again");
         }
@@ -216,7 +237,7 @@ async fn forward_one(
     intake: &Intake,
 ) -> bool {
     let name = route.name.as_str();
-    let id = message_id(delivery);
+    let id = route.forward_id(&message_id(delivery));
     let chosen = route.forwards(payload);
     if chosen.is_empty() {
         shared.metrics.notify_routed(name, "");

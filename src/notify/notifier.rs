@@ -84,9 +84,9 @@ pub fn bus_layout(
             subjects: vec![bus::with_prefix(prefix, "dlq.notify.>")],
             interest: false,
         });
-        let names = targets.keys().chain(routes.keys());
-        let (specs, all) = consumer::specs(settings, names.clone(), prefix);
-        for name in names {
+        let (specs, all) = consumer::specs(settings, targets.keys(), routes, prefix);
+        // Routes on events keep these too: harmless, and a route may be switched back.
+        for name in targets.keys().chain(routes.keys()) {
             layout
                 .topics
                 .push(bus::with_prefix(prefix, &format!("notify.{name}")));
@@ -94,7 +94,7 @@ pub fn bus_layout(
                 .topics
                 .push(bus::with_prefix(prefix, &format!("dlq.notify.{name}")));
         }
-        layout.consumers = specs;
+        layout.consumers = specs.into_iter().map(|(_, s)| s).collect();
         layout.consumers.push(all);
     }
     // Also without the consumers: `POST /notify/<target>?wait=true` sends through the
@@ -201,22 +201,26 @@ impl Notifier {
                 async move { keeper.in_flight.keep_alive(ack_wait, stop).await }
             }),
         );
-        let names = self.targets.keys().chain(intake.routes.keys());
-        let (per_name, all) = consumer::specs(&self.settings, names.clone(), &intake.prefix);
-        for (name, spec) in names.zip(&per_name) {
+        let (per_name, all) = consumer::specs(
+            &self.settings,
+            self.targets.keys(),
+            &intake.routes,
+            &intake.prefix,
+        );
+        for (name, spec) in &per_name {
             let source = self.source(spec, &shutdown);
             let (shared, intake) = (shared.clone(), intake.clone());
             let task = match intake.routes.get(name) {
                 Some(route) => {
+                    let task = match route.on_events() {
+                        true => format!("notify_route:{}", spec.durable),
+                        false => format!("notify_route:{name}"),
+                    };
                     let route = route.clone();
-                    supervisor.spawn(
-                        format!("notify_route:{name}"),
-                        shutdown.clone(),
-                        move || {
-                            let (r, s) = (route.clone(), source.clone());
-                            consumer::forward(r, s, shared.clone(), intake.clone())
-                        },
-                    )
+                    supervisor.spawn(task, shutdown.clone(), move || {
+                        let (r, s) = (route.clone(), source.clone());
+                        consumer::forward(r, s, shared.clone(), intake.clone())
+                    })
                 }
                 None => {
                     let (target, queue) = (self.targets[name].clone(), self.queues[name].clone());
@@ -228,10 +232,12 @@ impl Notifier {
             };
             tasks.push(task);
         }
+        // A route on events reads no `notify.<route>`: what is published there is for nobody.
+        let notify_routes = intake.routes.values().filter(|r| !r.on_events());
         let known: Arc<HashSet<String>> = Arc::new(
             self.targets
                 .keys()
-                .chain(intake.routes.keys())
+                .chain(notify_routes.map(|r| &r.name))
                 .cloned()
                 .collect(),
         );
@@ -261,8 +267,10 @@ impl Notifier {
         self.targets.contains_key(name)
     }
 
+    /// Whether `name` is a route reading `notify.<name>` (a route on events reads no
+    /// notifications).
     pub fn has_route(&self, name: &str) -> bool {
-        self.intake.routes.contains_key(name)
+        self.intake.routes.get(name).is_some_and(|r| !r.on_events())
     }
 
     /// Whether `name` (a target or a route) can make something of `body`: for a target, what

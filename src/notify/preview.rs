@@ -12,7 +12,8 @@ use crate::platform::outbound::Request;
 
 /// What a target or route would send for `body`, request by request, without sending. `id`
 /// stands for the message id (Lark's idempotency
-/// uuid derives from it; a route's copies get `<id>.<target>`, as on the bus).
+/// uuid derives from it; a route's copies get `<id>.<target>`, or `<id>.<route>.<target>` for
+/// a route on events, as on the bus).
 pub fn preview(
     catalog: &Catalog,
     name: &str,
@@ -35,7 +36,7 @@ pub fn preview(
             jobs.push((
                 &catalog.targets[t],
                 Some((route.name.as_str(), rule)),
-                format!("{id}.{t}"),
+                format!("{}.{t}", route.forward_id(id)),
             ));
         }
     } else {

@@ -13,11 +13,14 @@ use crate::message;
 /// matching rule's template and recipients.
 pub const ROUTE_HEADER: &str = "imbridge-route";
 
-/// A validated route: its rules in order.
+/// A validated route: its rules in order, and what it reads.
 #[derive(Debug, Clone)]
 pub struct Route {
     pub name: String,
     pub rules: Vec<Rule>,
+    /// Inbound subject patterns (NATS wildcards, without the bus prefix) the route reads
+    /// instead of `notify.<name>`; empty for a notify route.
+    pub from: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -29,6 +32,22 @@ pub struct Rule {
 }
 
 impl Route {
+    /// Whether the route reads inbound events rather than `notify.<name>`.
+    pub fn on_events(&self) -> bool {
+        !self.from.is_empty()
+    }
+
+    /// The id its copies of a message derive from: a route on events adds its name, since
+    /// several routes may read the same event and forward it to the same target, and each
+    /// copy must stay apart from the others in the bus's duplicate window.
+    pub fn forward_id(&self, message_id: &str) -> String {
+        if self.on_events() {
+            format!("{message_id}.{}", self.name)
+        } else {
+            message_id.to_owned()
+        }
+    }
+
     /// The targets `payload` goes to, each with the first rule that matches and names it, in
     /// the order of the rules: what the route forwards, and which rule's shaping each target
     /// applies.

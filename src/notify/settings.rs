@@ -7,6 +7,8 @@ use std::time::Duration;
 pub struct NotifySettings {
     pub enabled: bool,
     pub stream: String,
+    /// The stream of inbound events (NATS), which routes with `from` read.
+    pub inbound_stream: String,
     pub dlq_stream: String,
     pub consumer: String,
     pub ack_wait: Duration,

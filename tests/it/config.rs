@@ -462,6 +462,51 @@ fn check_config(args: &[&str], dir: &Path) -> std::process::Output {
         .unwrap()
 }
 
+/// A route's `from` must be able to match an inbound subject (`dingtalk.>`, `wecom.>`,
+/// `lark.>`, without the bus prefix), and is refused on Kafka; each problem names its key and
+/// `check-config` exits 64.
+#[test]
+fn route_from_patterns_are_validated_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(example()).unwrap();
+    let check = |config: &str| {
+        let path = dir.path().join("routes.toml");
+        std::fs::write(&path, config).unwrap();
+        let out = check_config(&["--config", path.to_str().unwrap()], dir.path());
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let from = "from = [\"dingtalk.bpms_instance_change.*.finish\"]";
+    assert!(
+        example.contains(from),
+        "the example shows a route on events"
+    );
+
+    let broken = example.replacen(
+        from,
+        "from = [\"notify.ops\", \"dingtalk.bpms_instance_change.*.finish\", \"dingtalk\"]",
+        1,
+    );
+    let (code, stderr) = check(&broken);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("routes.approvals.from[0]"), "{stderr}");
+    assert!(stderr.contains("routes.approvals.from[2]"), "{stderr}");
+    assert!(!stderr.contains("routes.approvals.from[1]"), "{stderr}");
+    assert!(stderr.contains("matches no inbound subject"), "{stderr}");
+
+    let on_kafka = example.replacen("kind = \"memory\"", "kind = \"kafka\"", 1);
+    assert_ne!(on_kafka, example);
+    let (code, stderr) = check(&on_kafka);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("routes.approvals.from"), "{stderr}");
+    assert!(
+        stderr.contains("not supported on the kafka bus"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn check_config_exit_codes() {
     let dir = tempfile::tempdir().unwrap();

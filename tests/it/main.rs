@@ -13,6 +13,7 @@ mod config;
 mod dingtalk_ingress;
 mod dingtalk_nats;
 mod edge;
+mod event_routes;
 mod fakes_selftest;
 mod helm_chart;
 mod kafka_harness;

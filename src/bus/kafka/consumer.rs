@@ -492,6 +492,7 @@ mod tests {
             max_pending: 1,
             stream: "s".into(),
             ack_wait: Duration::from_secs(1),
+            new_only: false,
         };
         let specs = [spec("notify.a"), spec("notify.>")];
         assert_eq!(subscription(&specs), "^notify\\..+");

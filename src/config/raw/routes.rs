@@ -9,12 +9,18 @@ use super::targets::OneOrMany;
 use crate::message::Format;
 use crate::secret::lenient_opt_string;
 
-/// `[routes.<name>]`: a message on `notify.<name>` is matched on its fields and forwarded to
-/// the targets of every rule that matches (each target at most once). The keys at the top
-/// level are one rule (the shorthand); `rules` adds more.
+/// `[routes.<name>]`: a message on `notify.<name>` (or, with `from`, an inbound event) is
+/// matched on its fields and forwarded to the targets of every rule that matches (each target
+/// at most once). The keys at the top level are one rule (the shorthand); `rules` adds more.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]
 pub struct RouteConfig {
+    /// Inbound subjects to read instead of `notify.<name>`, as NATS patterns without the bus
+    /// prefix, e.g. ["dingtalk.bpms_instance_change.*.finish"]: the route then matches and
+    /// renders the platform's event itself, so "an approval finished → tell the group" is
+    /// configuration. Each pattern has its own durable consumer, which starts with the events
+    /// stored after it was first created (a new route does not replay the stream's history).
+    pub from: Vec<String>,
     /// Shorthand for one rule: these targets...
     pub targets: Vec<String>,
     /// ...when every field listed matches (empty: everything)...

@@ -52,6 +52,10 @@ pub(super) fn notify(
     NotifySettings {
         enabled: raw.enabled,
         stream: raw.stream.clone(),
+        inbound_stream: match engine {
+            EngineSettings::Nats(n) => n.stream.clone(),
+            _ => String::new(),
+        },
         dlq_stream: raw.dlq_stream.clone(),
         consumer: raw.consumer.clone(),
         ack_wait,

@@ -1,15 +1,19 @@
-//! `[routes.<name>]`: rules forwarding `notify.<name>` to targets by the message's fields.
+//! `[routes.<name>]`: rules forwarding `notify.<name>` (or inbound events, with `from`) to
+//! targets by the message's fields.
 
 use std::collections::BTreeMap;
 
 use super::catalog::Shaping;
 use super::checker::Checker;
+use crate::bus::EngineSettings;
 use crate::config::raw::{Config, OneOrMany, RouteConfig, RuleConfig};
 use crate::notify::router::{Route, Rule};
 use crate::notify::template::Templates;
+use crate::platform::Platform;
 
 pub(super) fn routes(
     config: &Config,
+    engine: &EngineSettings,
     templates: &Templates,
     c: &mut Checker,
 ) -> BTreeMap<String, Route> {
@@ -27,13 +31,72 @@ pub(super) fn routes(
             .into_iter()
             .map(|(key, rule)| self::rule(rule, &key, config, templates, c))
             .collect();
+        let from = from(&r.from, &format!("{key}.from"), engine, c);
         let route = Route {
             name: name.clone(),
             rules,
+            from,
         };
         routes.insert(name.clone(), route);
     }
     routes
+}
+
+/// The inbound subject patterns a route reads: each must be a NATS pattern that can match
+/// some inbound subject (`<platform>.<event type>…`), else the route would wait forever.
+fn from(patterns: &[String], key: &str, engine: &EngineSettings, c: &mut Checker) -> Vec<String> {
+    if patterns.is_empty() {
+        return Vec::new();
+    }
+    if matches!(engine, EngineSettings::Kafka(_)) {
+        c.problem(
+            key,
+            "routes on inbound events are not supported on the kafka bus yet; use the nats or \
+             memory engine, or publish to notify.<route> instead",
+        );
+    }
+    let mut seen = Vec::new();
+    for (i, p) in patterns.iter().enumerate() {
+        let key = format!("{key}[{i}]");
+        if let Err(why) = check_pattern(p) {
+            c.problem(&key, why);
+        } else if seen.contains(p) {
+            c.problem(&key, "listed twice");
+        }
+        seen.push(p.clone());
+    }
+    seen
+}
+
+/// Why `p` is not a subject pattern matching some inbound event.
+fn check_pattern(p: &str) -> Result<(), String> {
+    let tokens: Vec<&str> = p.split('.').collect();
+    for (i, t) in tokens.iter().enumerate() {
+        let ok = match *t {
+            ">" => i == tokens.len() - 1,
+            "*" => true,
+            t => crate::bus::is_valid_token(t),
+        };
+        if !ok {
+            return Err(format!(
+                "{p:?} is not a subject pattern: tokens of [A-Za-z0-9_-], `*`, or `>` last"
+            ));
+        }
+    }
+    // Inbound subjects are `<platform>.<event type>[.<more>]`: at least two tokens.
+    let first = tokens[0];
+    let platform = first == "*" || Platform::ALL.iter().any(|pl| pl.as_str() == first);
+    if first != ">" && (!platform || tokens.len() < 2) {
+        let subjects: Vec<String> = Platform::ALL
+            .iter()
+            .map(|pl| format!("{}.>", pl.as_str()))
+            .collect();
+        return Err(format!(
+            "{p:?} matches no inbound subject ({}); patterns leave out the bus prefix",
+            subjects.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// The route's rules, each with its key: the shorthand first, then `rules`.
@@ -106,4 +169,32 @@ fn accepted(values: &OneOrMany, key: &str, c: &mut Checker) -> Vec<String> {
         );
     }
     values
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_pattern;
+
+    #[test]
+    fn from_patterns_must_reach_an_inbound_subject() {
+        for ok in [
+            "dingtalk.bpms_instance_change.*.finish",
+            "wecom.>",
+            "*.user_add_org",
+            ">",
+            "lark.im.message.receive_v1",
+        ] {
+            assert_eq!(check_pattern(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "notify.ops",
+            "dingtalk",
+            "prod.dingtalk.>",
+            "dingtalk.>.x",
+            "dingtalk..x",
+            "dingtalk.a b",
+        ] {
+            assert!(check_pattern(bad).is_err(), "{bad}");
+        }
+    }
 }
