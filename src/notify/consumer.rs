@@ -96,9 +96,10 @@ pub fn specs<'a>(
             per_name.push(own(name));
             continue;
         }
-        for (i, pattern) in route.from.iter().enumerate() {
-            // Named by position: the durable outlives restarts and keeps its place.
-            let durable = format!("{}-{name}-from-{i}", settings.consumer);
+        for pattern in &route.from {
+            // Named after the pattern: a durable keeps the filter it was made with, so an
+            // edited pattern must get a consumer of its own rather than reuse the old one.
+            let durable = format!("{}-{name}-{}", settings.consumer, pattern_id(pattern));
             let mut s = spec(durable, pattern, settings.queue_capacity);
             s.stream = settings.inbound_stream.clone();
             s.new_only = true;
@@ -111,6 +112,13 @@ pub fn specs<'a>(
         settings.max_ack_pending as usize,
     );
     (per_name, all)
+}
+
+/// A short, stable name for a subject pattern, usable in a durable's name (which takes no
+/// dots or wildcards).
+fn pattern_id(pattern: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(pattern.as_bytes())[..6])
 }
 
 /// The publisher's message id, or one derived from where and when the bus stored the message

@@ -213,7 +213,7 @@ impl Notifier {
             let task = match intake.routes.get(name) {
                 Some(route) => {
                     let task = match route.on_events() {
-                        true => format!("notify_route:{}", spec.durable),
+                        true => format!("notify_route:{name}:{}", spec.filter),
                         false => format!("notify_route:{name}"),
                     };
                     let route = route.clone();

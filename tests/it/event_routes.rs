@@ -92,7 +92,7 @@ async fn a_redelivered_event_is_sent_once() {
     fail::cfg("notify-route", "return(approvals)").unwrap();
     post(&app, &approval_event("redelivered")).await;
     robots.wait_accepted("approvals-redelivered", 1, WAIT).await;
-    let task = "notify_route:imbridge-notify-approvals-from-0";
+    let task = "notify_route:approvals:dingtalk.bpms_instance_change.*.finish";
     let deadline = tokio::time::Instant::now() + WAIT;
     while app
         .metrics

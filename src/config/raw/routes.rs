@@ -16,10 +16,11 @@ use crate::secret::lenient_opt_string;
 #[serde(default)]
 pub struct RouteConfig {
     /// Inbound subjects to read instead of `notify.<name>`, as NATS patterns without the bus
-    /// prefix, e.g. ["dingtalk.bpms_instance_change.*.finish"]: the route then matches and
-    /// renders the platform's event itself, so "an approval finished → tell the group" is
-    /// configuration. Each pattern has its own durable consumer, which starts with the events
-    /// stored after it was first created (a new route does not replay the stream's history).
+    /// prefix and starting with the platform, e.g. ["dingtalk.bpms_instance_change.*.finish"]:
+    /// the route then matches and renders the platform's event itself, so "an approval
+    /// finished → tell the group" is configuration. Each pattern has its own durable consumer,
+    /// which starts with the events stored after it was first created (a new route does not
+    /// replay the stream's history). NATS and in-process buses only.
     pub from: Vec<String>,
     /// Shorthand for one rule: these targets...
     pub targets: Vec<String>,

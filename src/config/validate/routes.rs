@@ -42,8 +42,8 @@ pub(super) fn routes(
     routes
 }
 
-/// The inbound subject patterns a route reads: each must be a NATS pattern that can match
-/// some inbound subject (`<platform>.<event type>…`), else the route would wait forever.
+/// The inbound subject patterns a route reads: each must be a NATS pattern within one
+/// platform's inbound subjects (`<platform>.>`), else the route would wait forever.
 fn from(patterns: &[String], key: &str, engine: &EngineSettings, c: &mut Checker) -> Vec<String> {
     if patterns.is_empty() {
         return Vec::new();
@@ -83,16 +83,18 @@ fn check_pattern(p: &str) -> Result<(), String> {
             ));
         }
     }
-    // Inbound subjects are `<platform>.<event type>[.<more>]`: at least two tokens.
-    let first = tokens[0];
-    let platform = first == "*" || Platform::ALL.iter().any(|pl| pl.as_str() == first);
-    if first != ">" && (!platform || tokens.len() < 2) {
+    // Inbound subjects are `<platform>.<event type>[.<more>]`: at least two tokens. The
+    // platform is spelled out: a NATS 2.9 consumer's filter must lie within one of the
+    // stream's subjects (`<platform>.>`), so `*.x` or `>` would be refused at startup.
+    let platform = Platform::ALL.iter().any(|pl| pl.as_str() == tokens[0]);
+    if !platform || tokens.len() < 2 {
         let subjects: Vec<String> = Platform::ALL
             .iter()
             .map(|pl| format!("{}.>", pl.as_str()))
             .collect();
         return Err(format!(
-            "{p:?} matches no inbound subject ({}); patterns leave out the bus prefix",
+            "{p:?} matches no inbound subject: it must lie within one of {} (the platform \
+             spelled out, the bus prefix left out)",
             subjects.join(", ")
         ));
     }
@@ -180,14 +182,15 @@ mod tests {
         for ok in [
             "dingtalk.bpms_instance_change.*.finish",
             "wecom.>",
-            "*.user_add_org",
-            ">",
+            "dingtalk.*",
             "lark.im.message.receive_v1",
         ] {
             assert_eq!(check_pattern(ok), Ok(()), "{ok}");
         }
         for bad in [
             "notify.ops",
+            "*.user_add_org",
+            ">",
             "dingtalk",
             "prod.dingtalk.>",
             "dingtalk.>.x",
