@@ -210,7 +210,8 @@ impl Refusals {
         }
     }
 
-    /// Sums up every [`SUMMARY_EVERY`] until `stop`, then once more for the rest.
+    /// Sums up every [`SUMMARY_EVERY`] until `stop`; what is refused after that is summed up
+    /// by whoever shuts down, once the listeners are drained.
     pub async fn report(self, stop: Shutdown) {
         let mut every = tokio::time::interval(SUMMARY_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -221,7 +222,6 @@ impl Refusals {
                 _ = every.tick() => self.summarize("in the last minute"),
             }
         }
-        self.summarize("since the last summary");
     }
 }
 

@@ -178,40 +178,30 @@ pub struct PendingBody {
 impl PendingBody {
     /// Reads it whole under the limit: 413 past its bytes, 408 past its timeout.
     pub async fn read(self) -> Result<Bytes, ApiError> {
-        let limit = self.limit;
-        let read = read_limited(self.length, self.stream, limit.max_bytes);
-        tokio::time::timeout(limit.timeout, read)
+        let timeout = self.limit.timeout;
+        tokio::time::timeout(timeout, self.read_whole())
             .await
-            .unwrap_or_else(|_| Err(ApiError::body_timeout(limit.timeout)))
+            .unwrap_or_else(|_| Err(ApiError::body_timeout(timeout)))
     }
-}
 
-async fn read_limited<S, B>(length: Option<u64>, stream: S, max: u64) -> Result<Bytes, ApiError>
-where
-    S: futures::Stream<Item = Result<B, warp::Error>>,
-    B: Buf,
-{
-    if length.is_some_and(|l| l > max) {
-        return Err(ApiError::too_large(max));
-    }
-    let mut stream = Box::pin(stream);
-    let mut buf = BytesMut::new();
-    while let Some(mut chunk) = stream
-        .try_next()
-        .await
-        .map_err(|_| ApiError::bad_request("body_read", "could not read the request body"))?
-    {
-        if (buf.len() + chunk.remaining()) as u64 > max {
+    async fn read_whole(mut self) -> Result<Bytes, ApiError> {
+        let max = self.limit.max_bytes;
+        if self.length.is_some_and(|l| l > max) {
             return Err(ApiError::too_large(max));
         }
-        while chunk.has_remaining() {
-            let part = chunk.chunk();
-            let n = part.len();
-            buf.extend_from_slice(part);
-            chunk.advance(n);
+        let mut buf = BytesMut::new();
+        while let Some(chunk) =
+            self.stream.try_next().await.map_err(|_| {
+                ApiError::bad_request("body_read", "could not read the request body")
+            })?
+        {
+            if (buf.len() + chunk.len()) as u64 > max {
+                return Err(ApiError::too_large(max));
+            }
+            buf.extend_from_slice(&chunk);
         }
+        Ok(buf.freeze())
     }
-    Ok(buf.freeze())
 }
 
 /// What a callback that was answered with success amounted to: the metric outcome.
