@@ -32,6 +32,15 @@ async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
     all
 }
 
+/// Waits until the count of open connections satisfies `ok`; fails with `what` and the count.
+async fn open_until(open: &prometheus::IntGauge, ok: impl Fn(i64) -> bool, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !ok(open.get()) {
+        assert!(Instant::now() < deadline, "{what}: {} open", open.get());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A slowloris client: starts a request, then sends one more header byte every second;
 /// returns how long the server let it go on.
 async fn slowloris(addr: SocketAddr) -> Duration {
@@ -97,15 +106,12 @@ async fn slowloris_and_idle_connections_are_closed_while_a_signed_callback_is_an
     // Wait until the attack holds most of its connections (on a busy machine some are always
     // between a close and their next connect).
     let open = app.metrics.connections_open.with_label_values(&["public"]);
-    let deadline = Instant::now() + WAIT;
-    while open.get() < 3000 {
-        assert!(
-            Instant::now() < deadline,
-            "only {} connections opened",
-            open.get()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    open_until(
+        &open,
+        |n| n >= 3000,
+        "the attack opened too few connections",
+    )
+    .await;
 
     let started = Instant::now();
     let res = DingTalk::main()
@@ -154,11 +160,7 @@ async fn connections_beyond_the_cap_are_closed_at_once_and_counted() {
         held.push(TcpStream::connect(app.ingress).await.unwrap());
     }
     let open = app.metrics.connections_open.with_label_values(&["public"]);
-    let deadline = Instant::now() + WAIT;
-    while open.get() < 5 {
-        assert!(Instant::now() < deadline, "the five were never accepted");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    open_until(&open, |n| n == 5, "the five were never accepted").await;
     let mut sixth = TcpStream::connect(app.ingress).await.unwrap();
     let closed = tokio::time::timeout(Duration::from_secs(1), read_to_close(&mut sixth)).await;
     assert_eq!(closed.expect("the sixth connection stayed open"), b"");
@@ -170,14 +172,12 @@ async fn connections_beyond_the_cap_are_closed_at_once_and_counted() {
 
     // A slot freed is a slot usable again.
     drop(held.pop());
-    let deadline = Instant::now() + WAIT;
-    while open.get() > 4 {
-        assert!(
-            Instant::now() < deadline,
-            "the closed connection was never released"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    open_until(
+        &open,
+        |n| n == 4,
+        "the closed connection was never released",
+    )
+    .await;
     let res = DingTalk::main()
         .callback(&approval_event("after-a-slot-freed"))
         .post(&app, "main")

@@ -17,12 +17,6 @@ use imbridge::config;
 use imbridge::platform::lark::callback as lark;
 use imbridge::platform::msgcrypt::MsgCrypt;
 
-const WECOM_TOKEN: &str = "hJqcu3uJ9Tn2gXPmxx2w9kkCkCE2EPYo";
-const WECOM_KEY: &str = "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt";
-const WECOM_CORP: &str = "ww1436e0e65a779aee";
-const LARK_TOKEN: &str = "lark-verification-token";
-const LARK_KEY: &str = "lark-encrypt-key";
-
 /// The three platforms' apps; the Lark app `plain` has no encrypt key.
 fn apps() -> String {
     format!(
@@ -49,13 +43,6 @@ async fn memory_app(server: &str) -> TestApp {
         apps()
     );
     TestApp::start(&toml_with(&toml)).await
-}
-
-fn outcome(app: &TestApp, platform: &str, name: &str, outcome: &str) -> u64 {
-    app.metrics
-        .callbacks_total
-        .with_label_values(&[platform, name, outcome])
-        .get()
 }
 
 /// A signed WeCom push, ready to be sent (again).
@@ -163,8 +150,8 @@ async fn replayed_callbacks_are_answered_as_success_and_published_once() {
     let signature = cb.query[0].1.to_uppercase();
     upper.set("msg_signature", &signature);
     assert_eq!(upper.post(&app, "main").await.status(), 200);
-    assert_eq!(outcome(&app, "dingtalk", "main", "published"), 1);
-    assert_eq!(outcome(&app, "dingtalk", "main", "replay"), 2);
+    assert_eq!(app.platform_callbacks("dingtalk", "main", "published"), 1);
+    assert_eq!(app.platform_callbacks("dingtalk", "main", "replay"), 2);
 
     // WeCom: an empty 200 again.
     let push = wecom_push("<xml><MsgType>event</MsgType><Event>change_contact</Event></xml>");
@@ -173,8 +160,8 @@ async fn replayed_callbacks_are_answered_as_success_and_published_once() {
         assert_eq!(res.status(), 200);
         assert!(res.bytes().await.unwrap().is_empty());
     }
-    assert_eq!(outcome(&app, "wecom", "main", "published"), 1);
-    assert_eq!(outcome(&app, "wecom", "main", "replay"), 1);
+    assert_eq!(app.platform_callbacks("wecom", "main", "published"), 1);
+    assert_eq!(app.platform_callbacks("wecom", "main", "replay"), 1);
 
     // Lark, signed and (allowed) unsigned: 200 with the same body again.
     let signed = LarkRequest::signed(&lark_event("ev-signed"), now_s());
@@ -189,8 +176,12 @@ async fn replayed_callbacks_are_answered_as_success_and_published_once() {
             let body: serde_json::Value = res.json().await.unwrap();
             assert_eq!(body, serde_json::json!({"msg": "success"}));
         }
-        assert_eq!(outcome(&app, "lark", name, "published"), 1, "{name}");
-        assert_eq!(outcome(&app, "lark", name, "replay"), 1, "{name}");
+        assert_eq!(
+            app.platform_callbacks("lark", name, "published"),
+            1,
+            "{name}"
+        );
+        assert_eq!(app.platform_callbacks("lark", name, "replay"), 1, "{name}");
     }
 
     assert_eq!(published(&mut sub).await, 4, "one event per platform app");
@@ -225,7 +216,7 @@ async fn concurrent_identical_callbacks_are_published_once() {
         }
     }
     assert_eq!(published(&mut sub).await, 1);
-    assert_eq!(outcome(&app, "dingtalk", "main", "published"), 1);
+    assert_eq!(app.platform_callbacks("dingtalk", "main", "published"), 1);
     app.stop().await;
 }
 
@@ -267,7 +258,7 @@ async fn lark_signed_timestamp_outside_the_window_is_refused() {
     assert_eq!(res.status(), 400);
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(body["code"], "invalid_timestamp");
-    assert_eq!(outcome(&app, "lark", "main", "stale_timestamp"), 2);
+    assert_eq!(app.platform_callbacks("lark", "main", "stale_timestamp"), 2);
     assert_eq!(published(&mut sub).await, 0);
     // Inside the window it goes through.
     let res = LarkRequest::signed(&lark_event("fresh"), now_s() - 60)
@@ -303,7 +294,7 @@ async fn the_memory_of_published_callbacks_is_bounded_and_evictions_counted() {
     for cb in &callbacks[1..] {
         assert_eq!(cb.post(&app, "main").await.status(), 200);
     }
-    assert_eq!(outcome(&app, "dingtalk", "main", "replay"), 2);
+    assert_eq!(app.platform_callbacks("dingtalk", "main", "replay"), 2);
     assert_eq!(published(&mut sub).await, 3);
     assert_eq!(callbacks[0].post(&app, "main").await.status(), 200);
     assert_eq!(published(&mut sub).await, 1);

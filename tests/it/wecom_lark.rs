@@ -8,13 +8,6 @@ use crate::common::*;
 use imbridge::platform::lark::callback as lark;
 use imbridge::platform::msgcrypt::MsgCrypt;
 
-/// The W1 credentials of the shared vectors.
-const WECOM_TOKEN: &str = "hJqcu3uJ9Tn2gXPmxx2w9kkCkCE2EPYo";
-const WECOM_KEY: &str = "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt";
-const WECOM_CORP: &str = "ww1436e0e65a779aee";
-const LARK_TOKEN: &str = "lark-verification-token";
-const LARK_KEY: &str = "lark-encrypt-key";
-
 fn apps() -> String {
     format!(
         r#"{MAIN_APP}
@@ -150,13 +143,6 @@ async fn lark_post(
     req.body(body).send().await.unwrap()
 }
 
-fn callbacks(app: &TestApp, platform: &str, name: &str, outcome: &str) -> u64 {
-    app.metrics
-        .callbacks_total
-        .with_label_values(&[platform, name, outcome])
-        .get()
-}
-
 #[tokio::test]
 async fn three_platforms_on_one_daemon_on_every_engine() {
     for engine in Engine::all() {
@@ -172,7 +158,7 @@ async fn three_platforms_on_one_daemon_on_every_engine() {
         let res = wecom.verify(&app, "main", "1288432023552776189").await;
         assert_eq!(res.status(), 200, "{name}");
         assert_eq!(res.text().await.unwrap(), "1288432023552776189");
-        assert_eq!(callbacks(&app, "wecom", "main", "verify_url"), 1);
+        assert_eq!(app.platform_callbacks("wecom", "main", "verify_url"), 1);
 
         // An event: empty 200 once published, on wecom.<Event>, body the flat JSON.
         let res = wecom.post(&app, "main", CHANGE_CONTACT).await;
@@ -198,7 +184,11 @@ async fn three_platforms_on_one_daemon_on_every_engine() {
         let contact_id = m.header(&engine.ce("id")).unwrap().to_owned();
         // WeCom retries it (fresh encryption): recognised by ce-id.
         assert_eq!(wecom.post(&app, "main", CHANGE_CONTACT).await.status(), 200);
-        assert_eq!(callbacks(&app, "wecom", "main", "duplicate"), 1, "{name}");
+        assert_eq!(
+            app.platform_callbacks("wecom", "main", "duplicate"),
+            1,
+            "{name}"
+        );
 
         // A message: on wecom.msg.<MsgType>; the raw XML too where configured.
         assert_eq!(wecom.post(&app, "raw", TEXT_MESSAGE).await.status(), 200);
@@ -236,7 +226,11 @@ async fn three_platforms_on_one_daemon_on_every_engine() {
                 .status(),
             200
         );
-        assert_eq!(callbacks(&app, "lark", "main", "duplicate"), 1, "{name}");
+        assert_eq!(
+            app.platform_callbacks("lark", "main", "duplicate"),
+            1,
+            "{name}"
+        );
 
         // And DingTalk, on the same daemon.
         let dt = DingTalk::main();
@@ -436,8 +430,11 @@ async fn bad_input_is_refused_and_never_published() {
         "unknown_app",
     )
     .await;
-    assert_eq!(callbacks(&app, "lark", "_unknown", "unknown_app"), 1);
-    assert_eq!(callbacks(&app, "wecom", "main", "invalid_signature"), 1);
+    assert_eq!(app.platform_callbacks("lark", "_unknown", "unknown_app"), 1);
+    assert_eq!(
+        app.platform_callbacks("wecom", "main", "invalid_signature"),
+        1
+    );
 
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     assert!(everything.try_next().is_none(), "nothing is published");

@@ -33,6 +33,14 @@ pub const TOKEN: &str = "mryue";
 pub const AES_KEY: &str = "Yue0EfdN5900c1ce5cf6A152c63DDe1808a60c5ecd7";
 pub const CORP_ID: &str = "ding6ccabc44d2c8d38b";
 
+/// The W1 credentials of the shared vectors.
+pub const WECOM_TOKEN: &str = "hJqcu3uJ9Tn2gXPmxx2w9kkCkCE2EPYo";
+pub const WECOM_KEY: &str = "6qkdMrq68nTKduznJYO1A37W2oEgpkMUvkttRToqhUt";
+pub const WECOM_CORP: &str = "ww1436e0e65a779aee";
+/// The Lark apps' verification token and Encrypt Key in the tests.
+pub const LARK_TOKEN: &str = "lark-verification-token";
+pub const LARK_KEY: &str = "lark-encrypt-key";
+
 /// A `nats-server -js` owned by the test, killed on drop.
 pub struct NatsServer {
     child: Option<Child>,
@@ -310,11 +318,16 @@ impl TestApp {
         }
     }
 
-    /// Value of `imbridge_callbacks_total` for these labels.
+    /// Value of `imbridge_callbacks_total` for a DingTalk app.
     pub fn callbacks(&self, app: &str, outcome: &str) -> u64 {
+        self.platform_callbacks("dingtalk", app, outcome)
+    }
+
+    /// Value of `imbridge_callbacks_total` for these labels.
+    pub fn platform_callbacks(&self, platform: &str, app: &str, outcome: &str) -> u64 {
         self.metrics
             .callbacks_total
-            .with_label_values(&["dingtalk", app, outcome])
+            .with_label_values(&[platform, app, outcome])
             .get()
     }
 
