@@ -241,9 +241,10 @@ pub struct ConsumerSpec {
     pub stream: String,
     /// Redelivered when not acknowledged (nor kept alive with progress acks) within this.
     pub ack_wait: Duration,
-    /// Start, when first created, with the messages stored from then on rather than all the
-    /// stream holds (NATS; the in-process bus only ever has new ones): a reader added to a
-    /// stream that keeps history must not act on the past.
+    /// A reader of inbound events: start, when first created, with the messages stored from
+    /// then on rather than all the stream holds (the in-process bus only ever has new ones):
+    /// a reader added to a stream that keeps history must not act on the past. On Kafka such
+    /// a reader is a consumer group of its own, since other readers read the same topics.
     pub new_only: bool,
 }
 

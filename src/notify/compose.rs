@@ -11,7 +11,7 @@ use serde_json::Value;
 use super::guard::Refusal;
 use super::router::{items, Rule};
 use super::target::{Composition, Target};
-use super::template::{Context, TemplateError, Templates};
+use super::template::{Context, People, TemplateError, Templates};
 use crate::message::{self, MentionId, MessageError, Notification, Recipients, UserBinding};
 use crate::platform::Kind;
 
@@ -19,19 +19,32 @@ use crate::platform::Kind;
 #[derive(Debug, Clone, Default)]
 pub struct Directory {
     users: BTreeMap<String, UserBinding>,
-    /// Display names by account, for templates' `mention()`.
-    names: Arc<HashMap<String, String>>,
+    /// Display names, for templates' `mention()` and `person()`.
+    names: Arc<People>,
 }
 
 impl Directory {
     pub fn new(users: BTreeMap<String, UserBinding>) -> Self {
-        let names = users
+        let by_account = users
             .iter()
             .filter_map(|(account, u)| Some((account.clone(), u.name()?)))
             .collect();
+        let mut by_id = HashMap::new();
+        for (account, u) in &users {
+            let shown = u.name().unwrap_or_else(|| account.clone());
+            for (platform, id) in [
+                ("dingtalk", &u.dingtalk),
+                ("wecom", &u.wecom),
+                ("lark", &u.lark),
+            ] {
+                if let Some(id) = id.as_deref().map(str::trim).filter(|id| !id.is_empty()) {
+                    by_id.insert((platform.to_owned(), id.to_owned()), shown.clone());
+                }
+            }
+        }
         Directory {
             users,
-            names: Arc::new(names),
+            names: Arc::new(People { by_account, by_id }),
         }
     }
 
@@ -99,9 +112,20 @@ impl Composer<'_> {
         let route = rule.map(|(route, _)| route);
         let mut n = match &composition.template {
             Some(name) => self.templated(name, map, &payload, target, route)?,
+            // A webhook carries an event as it came (a route on inbound events forwarding it
+            // to a system that cannot read the bus): what is no notification is its body.
+            None if target.kind == Kind::Webhook => match message::from_payload(map) {
+                Ok(p) => p.notification,
+                Err(_) => Notification {
+                    raw: Some(payload.clone()),
+                    ..Notification::default()
+                },
+            },
             None => message::from_payload(map)?.notification,
         };
-        if let Some(raw) = &n.raw {
+        // A webhook's body goes to a program, not a chat: the people it names are data there,
+        // nobody gets mentioned.
+        if let Some(raw) = n.raw.as_ref().filter(|_| target.kind != Kind::Webhook) {
             target.policy.check_raw(raw)?;
         }
         target.policy.check_text(&n)?;

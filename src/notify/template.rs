@@ -124,10 +124,20 @@ pub struct Context<'a> {
     /// The target's kind, e.g. "wecom_app".
     pub kind: &'a str,
     pub route: Option<&'a str>,
-    /// The name of a bound user, for `mention()`.
-    /// Bound users' names by account, for `mention()` (shared, since minijinja functions
+    /// Bound users' names, for `mention()` and `person()` (shared, since minijinja functions
     /// must own what they use).
-    pub names: &'a Arc<HashMap<String, String>>,
+    pub names: &'a Arc<People>,
+}
+
+/// The names templates show for people (`[users.<account>]`).
+#[derive(Debug, Default)]
+pub struct People {
+    /// Display names by account.
+    pub by_account: HashMap<String, String>,
+    /// By platform (`dingtalk`, `wecom`, `lark`) and that platform's user id: the account's
+    /// display name, else the account, so an event naming a platform user (an approval's
+    /// `staffId`) can say who that is.
+    pub by_id: HashMap<(String, String), String>,
 }
 
 /// A rendered template: the parts of a notification.
@@ -312,7 +322,7 @@ fn environment() -> Environment<'static> {
 fn variables(
     ctx: &Context<'_>,
     format: Format,
-    names: Arc<HashMap<String, String>>,
+    names: Arc<People>,
     recorded: Arc<Mutex<Vec<String>>>,
 ) -> Value {
     let mut vars: Vec<(String, Value)> = match ctx.payload {
@@ -337,6 +347,7 @@ fn variables(
             )
         }),
     ));
+    let mentioned = names.clone();
     vars.push((
         "mention".into(),
         Value::from_function(move |account: Value| {
@@ -344,7 +355,8 @@ fn variables(
             if account.is_empty() {
                 return String::new();
             }
-            let shown = names
+            let shown = mentioned
+                .by_account
                 .get(&account)
                 .cloned()
                 .unwrap_or_else(|| account.clone());
@@ -353,6 +365,16 @@ fn variables(
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(account);
             format!("@{shown}")
+        }),
+    ));
+    // person(id, platform): who a platform's user id is, by the bindings; the id itself when
+    // nobody is bound to it (an unknown person is still named, not hidden).
+    vars.push((
+        "person".into(),
+        Value::from_function(move |id: Value, platform: String| {
+            let id = text_of(&id).trim().to_owned();
+            let key = (platform.trim().to_ascii_lowercase(), id);
+            names.by_id.get(&key).cloned().unwrap_or(key.1)
         }),
     ));
     Value::from_pairs(vars)
@@ -819,13 +841,18 @@ mod tests {
         })
     }
 
-    static NAMES: std::sync::LazyLock<Arc<HashMap<String, String>>> =
-        std::sync::LazyLock::new(|| {
-            Arc::new(HashMap::from([
+    static NAMES: std::sync::LazyLock<Arc<People>> = std::sync::LazyLock::new(|| {
+        Arc::new(People {
+            by_account: HashMap::from([
                 ("lisi".to_owned(), "李四".to_owned()),
                 ("wangwu".to_owned(), "王五".to_owned()),
-            ]))
-        });
+            ]),
+            by_id: HashMap::from([(
+                ("dingtalk".to_owned(), "manager75".to_owned()),
+                "李四".to_owned(),
+            )]),
+        })
+    });
 
     fn ctx(payload: &serde_json::Value) -> Context<'_> {
         Context {
@@ -1159,6 +1186,18 @@ mod tests {
             )
             .unwrap(),
             "@李四 @王五 @nobody[]"
+        );
+    }
+
+    #[test]
+    fn person_names_a_platform_user_by_the_bindings() {
+        assert_eq!(
+            eval(
+                "{{ person(staffId, 'dingtalk') }} {{ person('manager75', 'DingTalk') }} {{ person(staffId, 'wecom') }} {{ person('u9', 'dingtalk') }}",
+                json!({"staffId": "manager75"})
+            )
+            .unwrap(),
+            "李四 李四 manager75 u9"
         );
     }
 

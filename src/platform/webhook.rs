@@ -136,11 +136,22 @@ pub fn classify(
     }
 }
 
-/// `Retry-After` in seconds (the HTTP-date form is rare from webhooks and is ignored), capped
-/// at an hour so a receiver cannot park a target for good.
+/// `Retry-After` in seconds or as an HTTP date (a date already past means now), capped at an
+/// hour so a receiver cannot park a target for good.
 pub fn retry_after(value: Option<&str>) -> Option<Duration> {
-    let secs: u64 = value?.trim().parse().ok()?;
-    Some(Duration::from_secs(secs.min(3600)))
+    retry_after_at(value, SystemTime::now())
+}
+
+fn retry_after_at(value: Option<&str>, now: SystemTime) -> Option<Duration> {
+    let value = value?.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or_default(),
+    };
+    Some(wait.min(Duration::from_secs(3600)))
 }
 
 #[cfg(test)]
@@ -188,10 +199,25 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_seconds_capped() {
+    fn retry_after_seconds_or_date_capped() {
         assert_eq!(retry_after(Some(" 3 ")), Some(Duration::from_secs(3)));
         assert_eq!(retry_after(Some("99999")), Some(Duration::from_secs(3600)));
-        assert_eq!(retry_after(Some("Wed, 21 Oct 2015 07:28:00 GMT")), None);
         assert_eq!(retry_after(None), None);
+        assert_eq!(retry_after(Some("soon")), None);
+        // 2015-10-21T07:28:00Z
+        let date = Some("Wed, 21 Oct 2015 07:28:00 GMT");
+        let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        assert_eq!(
+            retry_after_at(date, at(1_445_412_480 - 90)),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(
+            retry_after_at(date, at(1_445_412_480 + 5)),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(
+            retry_after_at(date, at(1_445_412_480 - 86_400)),
+            Some(Duration::from_secs(3600))
+        );
     }
 }

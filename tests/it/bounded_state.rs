@@ -4,13 +4,12 @@
 //! namespaces.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
 
 use crate::common::apps::{AppFarm, WeComApp};
+use crate::common::daemon::Daemon;
 use crate::common::engine::Engine;
 use crate::common::fakes::{Robot, RobotFarm};
 use crate::common::*;
@@ -79,65 +78,24 @@ async fn send_to(http: &reqwest::Client, url: &str, ids: &[String]) {
     assert_eq!(status, 202, "{answer}");
 }
 
+/// Resident memory (VmRSS) of a process, in KiB.
+fn rss_kib(daemon: &Daemon) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.child.id())).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS in /proc/<pid>/status");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 /// The daemon as its own process, so its memory is its own (the tests in this binary allocate
-/// concurrently). Dropped: killed.
-struct Daemon {
-    child: Child,
-    notify_url: String,
-}
-
-impl Daemon {
-    fn spawn(config: &str) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("imbridge.toml");
-        std::fs::write(&path, config).unwrap();
-        let mut child = dies_with_test(Command::new(env!("CARGO_BIN_EXE_imbridge")))
-            .args(["serve", "--config"])
-            .arg(&path)
-            // The config tests in this process set IMBRIDGE_ variables inside their jails.
-            .env_clear()
-            // Two malloc arenas, not eight per core: what is measured is the daemon's own
-            // state, not how many threads happened to allocate once.
-            .env("MALLOC_ARENA_MAX", "2")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("imbridge serving") {
-                    let _ = tx.send(line);
-                }
-                // Drained to the end, so the daemon never blocks on logging.
-            }
-        });
-        let serving = rx.recv_timeout(WAIT).expect("the daemon never served");
-        let line: serde_json::Value = serde_json::from_str(&serving).unwrap();
-        let internal = line["internal"].as_str().expect("an internal listener");
-        Daemon {
-            notify_url: format!("http://{internal}/notify/members"),
-            child,
-        }
-    }
-
-    /// Resident memory (VmRSS) in KiB.
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .expect("VmRSS in /proc/<pid>/status");
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// concurrently); with two malloc arenas, not eight per core, so that what is measured is the
+/// daemon's own state, not how many threads happened to allocate once.
+fn spawn(config: &str) -> (Daemon, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("imbridge.toml");
+    std::fs::write(&path, config).unwrap();
+    (Daemon::start(&path, &[("MALLOC_ARENA_MAX", "2")]), dir)
 }
 
 /// 100,000 distinct member ids through one target with the in-process limiter: once their
@@ -147,7 +105,11 @@ impl Drop for Daemon {
 async fn rate_limiter_forgets_100k_members_rss_stays_flat() {
     let ids = distinct_ids(WARM_UP + MEMBERS + 1);
     let farm = farm_with(&ids).await;
-    let daemon = Daemon::spawn(&config(&Engine::Memory, &farm, "200ms", "50ms"));
+    let (daemon, _dir) = spawn(&config(&Engine::Memory, &farm, "200ms", "50ms"));
+    let notify_url = format!(
+        "http://{}/notify/members",
+        daemon.internal.as_deref().unwrap()
+    );
     let http = client_with_token(CLIENT_TOKEN);
     let (warm_up, rest) = ids.split_at(WARM_UP);
     let (flood, last) = rest.split_at(MEMBERS);
@@ -156,25 +118,25 @@ async fn rate_limiter_forgets_100k_members_rss_stays_flat() {
     // let the window pass.
     let warm_ups = WARM_UP / PER_MESSAGE;
     for chunk in warm_up.chunks(PER_MESSAGE) {
-        send_to(&http, &daemon.notify_url, chunk).await;
+        send_to(&http, &notify_url, chunk).await;
     }
     farm.wait_sent(CORP, warm_ups, WAIT).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let before = daemon.rss_kib();
+    let before = rss_kib(&daemon);
 
     let started = std::time::Instant::now();
     for (i, chunk) in flood.chunks(PER_MESSAGE).enumerate() {
-        send_to(&http, &daemon.notify_url, chunk).await;
+        send_to(&http, &notify_url, chunk).await;
         farm.wait_sent(CORP, warm_ups + 1 + i, WAIT).await;
     }
     let flooded = started.elapsed();
     // Past the window and the limiter's sweep; any later send finds the spent logs gone.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    send_to(&http, &daemon.notify_url, last).await;
+    send_to(&http, &notify_url, last).await;
     farm.wait_sent(CORP, warm_ups + 1 + MEMBERS / PER_MESSAGE, WAIT)
         .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let after = daemon.rss_kib();
+    let after = rss_kib(&daemon);
     eprintln!(
         "{MEMBERS} members in {flooded:?}: VmRSS {before} KiB before, {after} KiB after ({:+} KiB)",
         after as i64 - before as i64

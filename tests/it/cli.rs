@@ -4,6 +4,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::daemon::Daemon;
+
 #[test]
 fn serve_runs_and_exits_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
@@ -47,62 +49,6 @@ fn serve_runs_and_exits_cleanly_on_sigterm() {
     assert!(lines
         .map_while(Result::ok)
         .any(|l| l.contains("shutdown complete")));
-}
-
-/// The daemon as a process, its listeners' addresses, and its log lines as they come.
-struct Daemon {
-    child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
-    ingress: String,
-    internal: String,
-}
-
-impl Daemon {
-    fn start(config: &std::path::Path) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_imbridge"))
-            .args(["serve", "--config", config.to_str().unwrap()])
-            .env_clear()
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let serving = lines
-            .iter()
-            .find(|l| l.contains("imbridge serving"))
-            .expect("serving line");
-        let line: serde_json::Value = serde_json::from_str(&serving).unwrap();
-        Daemon {
-            child,
-            lines,
-            ingress: line["ingress"].as_str().unwrap().to_string(),
-            internal: line["internal"].as_str().unwrap().to_string(),
-        }
-    }
-
-    /// SIGTERM, then how long the process took to exit and its exit code.
-    fn terminate(&mut self) -> (Duration, Option<i32>) {
-        let started = Instant::now();
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success());
-        let deadline = started + Duration::from_secs(30);
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return (started.elapsed(), s.code());
-            }
-            assert!(Instant::now() < deadline, "no exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
 }
 
 /// Sends raw bytes and returns the first line of the answer.
@@ -163,7 +109,7 @@ fn shutdown_ends_within_the_grace_whatever_clients_and_targets_hold_and_sums_up_
         ),
     )
     .unwrap();
-    let mut daemon = Daemon::start(&config);
+    let mut daemon = Daemon::start(&config, &[]);
 
     // Twenty refused callbacks: summed up in one line, not logged one by one.
     for _ in 0..20 {
@@ -174,7 +120,7 @@ fn shutdown_ends_within_the_grace_whatever_clients_and_targets_hold_and_sums_up_
         assert!(status.starts_with("HTTP/1.1 404"), "{status}");
     }
     let status = http_status_line(
-        &daemon.internal,
+        daemon.internal.as_deref().unwrap(),
         "POST /notify/hang HTTP/1.1\r\nHost: i\r\nAuthorization: Bearer a-client-token-for-this-test\r\n\
          Content-Type: application/json\r\nContent-Length: 15\r\nConnection: close\r\n\r\n{\"text\":\"hang\"}",
     );

@@ -5,19 +5,14 @@
 // figment::Jail closures return figment::Error, which is large by design.
 #![allow(clippy::result_large_err)]
 
-use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use figment::Jail;
-use hmac::{Hmac, Mac};
 use imbridge::platform::Endpoint;
-use sha2::Sha256;
-use warp::http::{HeaderMap, StatusCode};
-use warp::Filter;
 
 use crate::common::engine::Engine;
+use crate::common::receiver::Receiver;
 use crate::common::*;
 
 const SECRET: &str = "whsec-0123456789";
@@ -30,115 +25,6 @@ max_attempts = 4
 request_timeout = "2s"
 rate_limit_margin = "50ms"
 "#;
-
-/// One request the receiver got.
-#[derive(Debug, Clone)]
-struct Got {
-    headers: HeaderMap,
-    body: Vec<u8>,
-    at: Instant,
-}
-
-impl Got {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-}
-
-/// An answer the receiver gives: status, `Retry-After`, body.
-type Scripted = (u16, Option<u64>, String);
-
-#[derive(Default)]
-struct State {
-    got: Vec<Got>,
-    script: VecDeque<Scripted>,
-    /// Requests being answered now, and the most there ever were.
-    in_flight: usize,
-    max_in_flight: usize,
-    /// Requests answered.
-    done: usize,
-}
-
-/// A webhook receiver on a random port: answers from its script, then 200.
-struct Receiver {
-    state: Arc<Mutex<State>>,
-    url: String,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Receiver {
-    async fn start(script: Vec<Scripted>) -> Receiver {
-        Receiver::slow(script, Duration::ZERO).await
-    }
-
-    /// A receiver taking `delay` to answer each request.
-    async fn slow(script: Vec<Scripted>, delay: Duration) -> Receiver {
-        let state = Arc::new(Mutex::new(State {
-            script: script.into(),
-            ..State::default()
-        }));
-        let s = state.clone();
-        let routes = warp::post()
-            .and(warp::header::headers_cloned())
-            .and(warp::body::bytes())
-            .then(move |headers: HeaderMap, body: bytes::Bytes| {
-                let s = s.clone();
-                async move {
-                    let (status, retry_after, text) = {
-                        let mut st = s.lock().unwrap();
-                        st.got.push(Got {
-                            headers,
-                            body: body.to_vec(),
-                            at: Instant::now(),
-                        });
-                        st.in_flight += 1;
-                        st.max_in_flight = st.max_in_flight.max(st.in_flight);
-                        st.script.pop_front().unwrap_or((200, None, String::new()))
-                    };
-                    tokio::time::sleep(delay).await;
-                    let mut st = s.lock().unwrap();
-                    st.in_flight -= 1;
-                    st.done += 1;
-                    let mut res = warp::http::Response::builder()
-                        .status(StatusCode::from_u16(status).unwrap());
-                    if let Some(secs) = retry_after {
-                        res = res.header("retry-after", secs.to_string());
-                    }
-                    res.body(text).unwrap()
-                }
-            });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!(
-            "http://{}/hook?token=RECEIVER-TOKEN",
-            listener.local_addr().unwrap()
-        );
-        let task = tokio::spawn(warp::serve(routes).incoming(listener).run());
-        Receiver { state, url, task }
-    }
-
-    fn got(&self) -> Vec<Got> {
-        self.state.lock().unwrap().got.clone()
-    }
-
-    /// Waits until `n` requests came.
-    async fn wait_for(&self, n: usize) -> Vec<Got> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let got = self.got();
-            if got.len() >= n {
-                return got;
-            }
-            assert!(Instant::now() < deadline, "only {} requests", got.len());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
 
 async fn start(receiver: &Receiver, extra: &str) -> TestApp {
     let app = TestApp::start(&toml_with(&format!(
@@ -190,26 +76,12 @@ async fn webhook_sends_signed_cloudevents_with_its_headers() {
     assert_eq!(body["text"], "done");
 
     // The receiver's side: recompute the HMAC over "t.body" and compare.
-    let sig = got.header("imbridge-signature").expect("signed");
-    let (t, v1) = sig
-        .split_once(',')
-        .map(|(t, v)| {
-            (
-                t.strip_prefix("t=").unwrap(),
-                v.strip_prefix("v1=").unwrap(),
-            )
-        })
-        .unwrap();
-    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-    mac.update(format!("{t}.").as_bytes());
-    mac.update(&got.body);
-    mac.verify_slice(&hex::decode(v1).unwrap())
-        .expect("signature verifies");
+    let t = got.verify(SECRET);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    assert!(now.abs_diff(t.parse().unwrap()) < 60);
+    assert!(now.abs_diff(t) < 60);
     app.stop().await;
 }
 

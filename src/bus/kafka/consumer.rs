@@ -1,9 +1,11 @@
-//! The group consumer every replica runs for the layout's consumers: one regex subscription,
-//! each record handed to the consumer of its topic (or the wildcard one), offsets stored only
-//! up to the first record not yet finished, a full queue pausing its partition only.
+//! The group consumers every replica runs for the layout's consumers: one group for the
+//! daemon's own topics (one regex subscription, each record handed to the consumer of its
+//! topic or the wildcard one), and a group of its own for each reader of inbound events (which
+//! other readers read too); offsets stored only up to the first record not yet finished, a
+//! full queue pausing its partition only.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -12,7 +14,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -28,7 +30,7 @@ pub(in crate::bus) fn subscription(consumers: &[ConsumerSpec]) -> String {
     let wildcards: Vec<&str> = consumers
         .iter()
         .map(|c| c.filter.as_str())
-        .filter(|f| f.split('.').any(|t| t == "*" || t == ">"))
+        .filter(|f| is_pattern(f))
         .collect();
     let patterns: Vec<&str> = if wildcards.is_empty() {
         consumers.iter().map(|c| c.filter.as_str()).collect()
@@ -44,6 +46,10 @@ pub(in crate::bus) fn subscription(consumers: &[ConsumerSpec]) -> String {
         })
         .collect::<Vec<_>>()
         .join("|")
+}
+
+fn is_pattern(filter: &str) -> bool {
+    filter.split('.').any(|t| t == "*" || t == ">")
 }
 
 /// A NATS-style subject pattern as a regex (without anchors).
@@ -98,9 +104,11 @@ impl Routes {
         }
     }
 
+    /// Records of topic `spec.filter` go to `tx`; with a wildcard filter (`notify.>`, or a
+    /// group's only reader), every record no other consumer names.
     pub(in crate::bus) fn register(&self, spec: &ConsumerSpec, tx: mpsc::Sender<Delivery>) {
         let mut map = self.map.lock().expect("not poisoned");
-        if spec.filter.ends_with('>') {
+        if is_pattern(&spec.filter) {
             map.catch_all = Some(tx);
         } else {
             map.targets.insert(spec.filter.clone(), tx);
@@ -187,12 +195,18 @@ type Trackers = Arc<Mutex<HashMap<(String, i32), Arc<Tracker>>>>;
 struct GroupContext {
     trackers: Trackers,
     assignments: Arc<AtomicU64>,
+    /// The group's name in logs.
+    label: String,
+    /// Readers of inbound events: mark where each newly assigned partition starts (see
+    /// [`mark_starts`]).
+    mark_starts: bool,
 }
 
 impl ClientContext for GroupContext {}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let group = self.label.as_str();
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 let mut trackers = self.trackers.lock().expect("not poisoned");
@@ -212,18 +226,21 @@ impl ConsumerContext for GroupContext {
                 }
                 if positions.count() > 0 {
                     if let Err(e) = consumer.store_offsets(&positions) {
-                        tracing::warn!(error = %e, "storing offsets of revoked partitions");
+                        tracing::warn!(group, error = %e, "storing offsets of revoked partitions");
                     }
                 }
-                tracing::info!(partitions = tpl.count(), "notify partitions revoked");
+                tracing::info!(group, partitions = tpl.count(), "partitions revoked");
             }
             Rebalance::Assign(_) => {}
-            Rebalance::Error(e) => tracing::warn!(error = %e, "notify consumer rebalance error"),
+            Rebalance::Error(e) => tracing::warn!(group, error = %e, "rebalance error"),
         }
     }
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            if self.mark_starts && tpl.count() > 0 {
+                mark_starts(consumer, tpl, &self.label);
+            }
             let mut trackers = self.trackers.lock().expect("not poisoned");
             for elem in tpl.elements() {
                 trackers.insert(
@@ -232,26 +249,122 @@ impl ConsumerContext for GroupContext {
                 );
             }
             self.assignments.fetch_add(1, Ordering::SeqCst);
-            tracing::info!(partitions = tpl.count(), "notify partitions assigned");
+            let group = self.label.as_str();
+            tracing::info!(group, partitions = tpl.count(), "partitions assigned");
         }
     }
+}
+
+/// How long a reader of inbound events waits for the brokers' answers when it decides where
+/// it starts.
+const START_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A reader of inbound events reads a partition it never read before from its start (a topic
+/// that appears after the reader does holds nothing older than the reader), and commits that
+/// start at once: otherwise, killed before its first commit, it would look brand new when it
+/// comes back ([`start_at_end`]) and skip what it had not finished.
+fn mark_starts<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    tpl: &TopicPartitionList,
+    group: &str,
+) {
+    let committed = match consumer.committed_offsets(tpl.clone(), START_TIMEOUT) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(group, error = %e, "cannot read the committed offsets of new partitions");
+            return;
+        }
+    };
+    let mut starts = TopicPartitionList::new();
+    for elem in committed.elements() {
+        if elem.offset() == Offset::Invalid {
+            // 0 even where retention has removed the first records: the consumer's
+            // `auto.offset.reset = earliest` moves it to the first one left.
+            let _ = starts.add_partition_offset(elem.topic(), elem.partition(), Offset::Offset(0));
+        }
+    }
+    if starts.count() > 0 {
+        if let Err(e) = consumer.commit(&starts, CommitMode::Sync) {
+            tracing::warn!(group, error = %e, "cannot commit where new partitions start");
+        }
+    }
+}
+
+/// A reader of inbound events that has never read anything (its group has no committed
+/// offset on any topic its filter matches) starts after what the topics hold now: a route
+/// added to a running system must not act on the past. Its starts are committed before it
+/// joins the group. Fails when the brokers do not answer, to be tried again.
+fn start_at_end(config: &ClientConfig, filter: &str, group: &str) -> KafkaResult<()> {
+    let consumer: BaseConsumer = config.create()?;
+    let metadata = consumer.fetch_metadata(None, START_TIMEOUT)?;
+    let mut matching = TopicPartitionList::new();
+    for topic in metadata.topics() {
+        if topic.error().is_none() && crate::bus::subject_matches(filter, topic.name()) {
+            for p in topic.partitions() {
+                matching.add_partition(topic.name(), p.id());
+            }
+        }
+    }
+    if matching.count() == 0 {
+        return Ok(());
+    }
+    let committed = consumer.committed_offsets(matching.clone(), START_TIMEOUT)?;
+    if committed
+        .elements()
+        .iter()
+        .any(|e| e.offset() != Offset::Invalid)
+    {
+        return Ok(());
+    }
+    let mut ends = TopicPartitionList::new();
+    for elem in matching.elements() {
+        let (_, high) = consumer.fetch_watermarks(elem.topic(), elem.partition(), START_TIMEOUT)?;
+        ends.add_partition_offset(elem.topic(), elem.partition(), Offset::Offset(high))?;
+    }
+    consumer.commit(&ends, CommitMode::Sync)?;
+    tracing::info!(
+        group,
+        partitions = ends.count(),
+        "new reader of inbound events starts after what the topics hold"
+    );
+    Ok(())
 }
 
 /// Records waiting for room in a full target queue, by partition; the partition is paused
 /// meanwhile, so only that target waits.
 type Backlogs = HashMap<(String, i32), (mpsc::Sender<Delivery>, VecDeque<Delivery>)>;
 
-/// Reads the notify topics until `closing`: dispatches records, stores finished offsets, and
-/// at the end commits them.
-pub(in crate::bus) async fn run_consumer(
-    config: ClientConfig,
-    group_id: String,
-    pattern: String,
-    routes: Arc<Routes>,
-    assignments: Arc<AtomicU64>,
-    shutdown: Shutdown,
-    closing: Shutdown,
-) {
+/// One consumer group this replica is a member of.
+pub(in crate::bus) struct Group {
+    pub(in crate::bus) config: ClientConfig,
+    pub(in crate::bus) id: String,
+    /// The regex subscription.
+    pub(in crate::bus) pattern: String,
+    pub(in crate::bus) routes: Arc<Routes>,
+    pub(in crate::bus) assignments: Arc<AtomicU64>,
+    /// For a reader of inbound events: its subject filter. It gets a group of its own, starts
+    /// after what the topics hold when it is new, and finds new topics within seconds.
+    pub(in crate::bus) inbound: Option<String>,
+    /// Counted down once this reader of inbound events is placed (its start found), the
+    /// first time only: the bus takes no publish before every reader is.
+    pub(in crate::bus) unplaced: Option<Arc<AtomicUsize>>,
+    pub(in crate::bus) placed: AtomicBool,
+}
+
+/// Reads the group's topics until `closing`: dispatches records, stores finished offsets,
+/// and at the end commits them.
+pub(in crate::bus) async fn run_consumer(group: Arc<Group>, shutdown: Shutdown, closing: Shutdown) {
+    let Group {
+        config,
+        id: group_id,
+        pattern,
+        routes,
+        assignments,
+        inbound,
+        unplaced,
+        placed,
+    } = group.as_ref();
+    let label = group_id.as_str();
     // Everything is registered before the first record is read, so none finds no consumer.
     while !routes.is_complete() {
         tokio::select! {
@@ -261,9 +374,9 @@ pub(in crate::bus) async fn run_consumer(
         }
     }
     let trackers: Trackers = Arc::default();
-    let mut config = config;
+    let mut config = config.clone();
     config
-        .set("group.id", &group_id)
+        .set("group.id", group_id)
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
         .set("auto.commit.interval.ms", "1000")
@@ -273,14 +386,45 @@ pub(in crate::bus) async fn run_consumer(
         // every replica and restarting what they were delivering.
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("enable.partition.eof", "false");
+    if let Some(filter) = inbound {
+        // Inbound topics appear with their first event (a new event type, a new business
+        // key); librdkafka's default looks for them every five minutes.
+        config.set("topic.metadata.refresh.interval.ms", "1000");
+        loop {
+            let (c, f, g) = (config.clone(), filter.clone(), group_id.clone());
+            match tokio::task::spawn_blocking(move || start_at_end(&c, &f, &g)).await {
+                Ok(Ok(())) => {
+                    // A restart after a panic finds its start in the committed offsets.
+                    if !placed.swap(true, Ordering::SeqCst) {
+                        if let Some(unplaced) = unplaced {
+                            unplaced.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    }
+                    break;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(group = label, error = %e, "cannot find where a reader of inbound events starts; retrying")
+                }
+                Err(e) => {
+                    tracing::warn!(group = label, error = %e, "finding where a reader of inbound events starts")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(CHECK_EVERY) => {}
+                _ = closing.cancelled() => return,
+            }
+        }
+    }
     let consumer: StreamConsumer<GroupContext> = loop {
         match config.create_with_context(GroupContext {
             trackers: trackers.clone(),
             assignments: assignments.clone(),
+            label: group_id.clone(),
+            mark_starts: inbound.is_some(),
         }) {
             Ok(c) => break c,
             Err(e) => {
-                tracing::error!(error = %e, "cannot create the Kafka notify consumer; retrying");
+                tracing::error!(group = label, error = %e, "cannot create a Kafka consumer; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(CHECK_EVERY) => {}
                     _ = closing.cancelled() => return,
@@ -288,11 +432,11 @@ pub(in crate::bus) async fn run_consumer(
             }
         }
     };
-    if let Err(e) = consumer.subscribe(&[&pattern]) {
-        tracing::error!(error = %e, pattern, "cannot subscribe to the notify topics");
+    if let Err(e) = consumer.subscribe(&[pattern]) {
+        tracing::error!(group = label, error = %e, pattern, "cannot subscribe");
         return;
     }
-    tracing::info!(group = %group_id, pattern, "Kafka notify consumer running");
+    tracing::info!(group = label, pattern, "Kafka consumer running");
     let mut backlogs: Backlogs = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
     {
@@ -300,8 +444,8 @@ pub(in crate::bus) async fn run_consumer(
         loop {
             tokio::select! {
                 m = stream.next(), if !shutdown.is_triggered() => match m {
-                    Some(Ok(m)) => dispatch(&consumer, &routes, &trackers, &mut backlogs, &m),
-                    Some(Err(e)) => tracing::warn!(error = %e, "Kafka notify consumer error"),
+                    Some(Ok(m)) => dispatch(&consumer, routes, &trackers, &mut backlogs, &m),
+                    Some(Err(e)) => tracing::warn!(group = label, error = %e, "Kafka consumer error"),
                     None => break,
                 },
                 _ = tick.tick() => {
@@ -320,8 +464,8 @@ pub(in crate::bus) async fn run_consumer(
             .await;
     match committed {
         Ok(Ok(())) | Ok(Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset))) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "committing notify offsets at shutdown"),
-        Err(e) => tracing::warn!(error = %e, "committing notify offsets at shutdown"),
+        Ok(Err(e)) => tracing::warn!(group = label, error = %e, "committing offsets at shutdown"),
+        Err(e) => tracing::warn!(group = label, error = %e, "committing offsets at shutdown"),
     }
     // Leaving the group (in a blocking thread: it waits for the coordinator).
     let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
@@ -383,7 +527,7 @@ fn dispatch(
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(&key.0, key.1);
             if let Err(e) = consumer.pause(&tpl) {
-                tracing::debug!(error = %e, "pausing a notify partition");
+                tracing::debug!(error = %e, "pausing a partition");
             }
             backlogs.insert(key, (tx, VecDeque::from([d])));
         }
@@ -413,7 +557,7 @@ fn refill(consumer: &StreamConsumer<GroupContext>, backlogs: &mut Backlogs, trac
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&key.0, key.1);
         if let Err(e) = consumer.resume(&tpl) {
-            tracing::debug!(error = %e, "resuming a notify partition");
+            tracing::debug!(error = %e, "resuming a partition");
         }
         false
     });
@@ -432,7 +576,7 @@ fn store_positions<C: rdkafka::consumer::Consumer<GroupContext>>(
     }
     if tpl.count() > 0 {
         if let Err(e) = consumer.store_offsets(&tpl) {
-            tracing::debug!(error = %e, "storing notify offsets");
+            tracing::debug!(error = %e, "storing offsets");
         }
     }
 }

@@ -17,9 +17,13 @@
 //! partition and keyed by name, so one replica at a time owns a name (a notify target); when
 //! its partition moves, the records the old owner still holds are dropped there (not
 //! acknowledged) and the new owner delivers them.
+//!
+//! A reader of inbound events (a route's `from` pattern, [`ConsumerSpec::new_only`]) reads
+//! what other readers read too, so it is a consumer group of its own, subscribed by the regex
+//! of its pattern; new, it starts after what the topics already hold.
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -60,16 +64,22 @@ pub struct KafkaBus {
     connected: Arc<AtomicBool>,
     /// The topics the daemon needs at start exist.
     topics_ready: Arc<AtomicBool>,
+    /// Readers of inbound events not yet placed (a new one after what the topics hold): an
+    /// event published before would be skipped by them.
+    readers_unplaced: Arc<AtomicUsize>,
     /// Topics known to exist (created or seen in metadata).
     known: Mutex<HashSet<String>>,
     /// ce-ids stored recently by this replica, per stream as on NATS, so a platform retry is
     /// not stored twice.
     seen: Mutex<Seen>,
+    /// Where the records of the daemon's own group go.
     routes: Arc<consumer::Routes>,
+    /// Where each reader of inbound events (a group of its own) hands its records, by durable.
+    readers: HashMap<String, Arc<consumer::Routes>>,
     /// Bumped on every partition assignment of the notify consumer (see [`KafkaBus::assignments`]).
     assignments: Arc<AtomicU64>,
     closing: Shutdown,
-    consumer_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    consumer_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// When the producer was last replaced.
     renewed: Mutex<Option<Instant>>,
 }
@@ -121,38 +131,64 @@ impl KafkaBus {
             compacted: layout.compacted.clone(),
             connected: Arc::new(AtomicBool::new(false)),
             topics_ready: Arc::new(AtomicBool::new(false)),
+            readers_unplaced: Arc::new(AtomicUsize::new(
+                consumers.iter().filter(|c| c.new_only).count(),
+            )),
             known: Mutex::new(HashSet::new()),
             seen: Mutex::new(Seen::new(layout)),
-            routes: Arc::new(consumer::Routes::new(consumers.len())),
+            routes: Arc::new(consumer::Routes::new(
+                consumers.iter().filter(|c| !c.new_only).count(),
+            )),
+            readers: consumers
+                .iter()
+                .filter(|c| c.new_only)
+                .map(|c| (c.durable.clone(), Arc::new(consumer::Routes::new(1))))
+                .collect(),
             // Starts at 1, so the kafka_log limiter catches up before the first send even when
             // nothing has been assigned yet (a `?wait=true` send needs no assignment).
             assignments: Arc::new(AtomicU64::new(1)),
             closing: Shutdown::new(),
-            consumer_task: Mutex::new(None),
+            consumer_tasks: Mutex::new(Vec::new()),
             renewed: Mutex::new(None),
         });
-        if !consumers.is_empty() {
-            let (config, group) = (bus.config.clone(), settings.group_id.clone());
-            let (pattern, routes) = (consumer::subscription(consumers), bus.routes.clone());
-            let (assignments, stop, closing) = (
-                bus.assignments.clone(),
-                shutdown.clone(),
-                bus.closing.clone(),
-            );
+        let (inbound, own): (Vec<&ConsumerSpec>, Vec<&ConsumerSpec>) =
+            consumers.iter().partition(|c| c.new_only);
+        let mut groups = Vec::new();
+        if !own.is_empty() {
+            let own: Vec<ConsumerSpec> = own.into_iter().cloned().collect();
+            groups.push(consumer::Group {
+                config: bus.config.clone(),
+                id: settings.group_id.clone(),
+                pattern: consumer::subscription(&own),
+                routes: bus.routes.clone(),
+                assignments: bus.assignments.clone(),
+                inbound: None,
+                unplaced: None,
+                placed: AtomicBool::new(false),
+            });
+        }
+        for spec in inbound {
+            groups.push(consumer::Group {
+                config: bus.config.clone(),
+                // The durable's name already tells the reader (and its filter) apart.
+                id: format!("{}-{}", settings.group_id, spec.durable),
+                pattern: consumer::subscription(std::slice::from_ref(spec)),
+                routes: bus.readers[&spec.durable].clone(),
+                assignments: Arc::new(AtomicU64::new(0)),
+                inbound: Some(spec.filter.clone()),
+                unplaced: Some(bus.readers_unplaced.clone()),
+                placed: AtomicBool::new(false),
+            });
+        }
+        for group in groups {
+            let (group, stop, closing) = (Arc::new(group), shutdown.clone(), bus.closing.clone());
             // A new group member after a panic: the partitions are assigned again, and what
             // was handed out and not finished is read again from the stored offsets.
-            let task = supervisor.spawn("kafka_consumer".into(), shutdown.clone(), move || {
-                consumer::run_consumer(
-                    config.clone(),
-                    group.clone(),
-                    pattern.clone(),
-                    routes.clone(),
-                    assignments.clone(),
-                    stop.clone(),
-                    closing.clone(),
-                )
+            let name = format!("kafka_consumer:{}", group.id);
+            let task = supervisor.spawn(name, shutdown.clone(), move || {
+                consumer::run_consumer(group.clone(), stop.clone(), closing.clone())
             });
-            *bus.consumer_task.lock().expect("not poisoned") = Some(task);
+            bus.consumer_tasks.lock().expect("not poisoned").push(task);
         }
         let keeper = bus.clone();
         let stop = shutdown.clone();
@@ -265,7 +301,9 @@ impl KafkaBus {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.connected.load(Ordering::SeqCst) && self.topics_ready.load(Ordering::SeqCst)
+        self.connected.load(Ordering::SeqCst)
+            && self.topics_ready.load(Ordering::SeqCst)
+            && self.readers_unplaced.load(Ordering::SeqCst) == 0
     }
 
     /// Bumped whenever this replica is assigned notify partitions.
@@ -283,9 +321,13 @@ impl KafkaBus {
     }
 
     /// Registers one of the pipeline's consumers: records of topic `spec.filter` (or, for the
-    /// `notify.>` spec, of every other notify topic) go to `tx`.
+    /// `notify.>` spec, of every other notify topic; for a reader of inbound events, of every
+    /// topic its group reads) go to `tx`.
     pub fn consume(&self, spec: &ConsumerSpec, tx: mpsc::Sender<Delivery>) {
-        self.routes.register(spec, tx);
+        match self.readers.get(&spec.durable) {
+            Some(reader) => reader.register(spec, tx),
+            None => self.routes.register(spec, tx),
+        }
     }
 
     pub async fn publish(&self, msg: &Message) -> Result<Ack, BusError> {
@@ -294,6 +336,11 @@ impl KafkaBus {
         }
         if !self.topics_ready.load(Ordering::SeqCst) {
             return Err(BusError::Unavailable("Kafka topics not ready".into()));
+        }
+        if self.readers_unplaced.load(Ordering::SeqCst) > 0 {
+            return Err(BusError::Unavailable(
+                "Kafka readers of inbound events not placed yet".into(),
+            ));
         }
         let window = self.settings.duplicate_window;
         if self.seen.lock().expect("not poisoned").contains(
@@ -368,14 +415,14 @@ impl KafkaBus {
     /// Stops the consumer (storing and committing what was finished) and flushes the producer.
     pub async fn close(&self) {
         self.closing.trigger();
-        let task = self.consumer_task.lock().expect("not poisoned").take();
-        if let Some(task) = task {
-            if tokio::time::timeout(Duration::from_secs(10), task)
-                .await
-                .is_err()
-            {
-                tracing::warn!("Kafka consumer did not stop in time");
-            }
+        let tasks = std::mem::take(&mut *self.consumer_tasks.lock().expect("not poisoned"));
+        // The groups commit and leave side by side, within one bound.
+        let all = futures::future::join_all(tasks);
+        if tokio::time::timeout(Duration::from_secs(10), all)
+            .await
+            .is_err()
+        {
+            tracing::warn!("Kafka consumers did not stop in time");
         }
         let producer = self.producer();
         let flushed =

@@ -38,7 +38,8 @@ pub(super) fn validate(
     let notify = notify::notify(&config.notify, &bus.engine, &mut c);
     let templates = catalog::templates(&config.templates, &mut c);
     let targets = targets::targets(config, targets, &templates, &mut c);
-    let routes = routes::routes(config, &bus.engine, &templates, &mut c);
+    let routes = routes::routes(config, &templates, &mut c);
+    routes::warn_untemplated_events(&routes, &targets, &mut c);
     let users = catalog::users(&config.users, &mut c);
     let names = targets
         .keys()

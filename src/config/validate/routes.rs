@@ -5,15 +5,14 @@ use std::collections::BTreeMap;
 
 use super::catalog::Shaping;
 use super::checker::Checker;
-use crate::bus::EngineSettings;
 use crate::config::raw::{Config, OneOrMany, RouteConfig, RuleConfig};
 use crate::notify::router::{Route, Rule};
+use crate::notify::target::Target;
 use crate::notify::template::Templates;
-use crate::platform::Platform;
+use crate::platform::{Kind, Platform};
 
 pub(super) fn routes(
     config: &Config,
-    engine: &EngineSettings,
     templates: &Templates,
     c: &mut Checker,
 ) -> BTreeMap<String, Route> {
@@ -31,7 +30,7 @@ pub(super) fn routes(
             .into_iter()
             .map(|(key, rule)| self::rule(rule, &key, config, templates, c))
             .collect();
-        let from = from(&r.from, &format!("{key}.from"), engine, c);
+        let from = from(&r.from, &format!("{key}.from"), c);
         let route = Route {
             name: name.clone(),
             rules,
@@ -44,16 +43,9 @@ pub(super) fn routes(
 
 /// The inbound subject patterns a route reads: each must be a NATS pattern within one
 /// platform's inbound subjects (`<platform>.>`), else the route would wait forever.
-fn from(patterns: &[String], key: &str, engine: &EngineSettings, c: &mut Checker) -> Vec<String> {
+fn from(patterns: &[String], key: &str, c: &mut Checker) -> Vec<String> {
     if patterns.is_empty() {
         return Vec::new();
-    }
-    if matches!(engine, EngineSettings::Kafka(_)) {
-        c.problem(
-            key,
-            "routes on inbound events are not supported on the kafka bus yet; use the nats or \
-             memory engine, or publish to notify.<route> instead",
-        );
     }
     let mut seen = Vec::new();
     for (i, p) in patterns.iter().enumerate() {
@@ -158,6 +150,37 @@ fn rule(r: RuleConfig, key: &str, config: &Config, templates: &Templates, c: &mu
         targets: r.targets,
         matches,
         composition,
+    }
+}
+
+/// An inbound event is no notification: a chat target it reaches without a template (the
+/// rule's or the target's own) would dead-letter every event as invalid. Valid all the same (a
+/// publisher may shape its events as notifications), so a warning, naming the rule.
+pub(super) fn warn_untemplated_events(
+    routes: &BTreeMap<String, Route>,
+    targets: &BTreeMap<String, Target>,
+    c: &mut Checker,
+) {
+    for route in routes.values().filter(|r| r.on_events()) {
+        for rule in &route.rules {
+            for name in &rule.targets {
+                let Some(target) = targets.get(name) else {
+                    continue;
+                };
+                let templated =
+                    rule.composition.template.is_some() || target.composition.template.is_some();
+                if !templated && target.kind != Kind::Webhook {
+                    c.warning(
+                        format!("routes.{}", route.name),
+                        format!(
+                            "inbound events reach {name} ({}) without a template: \
+                             events that are not notifications are dead-lettered there",
+                            target.kind.as_str()
+                        ),
+                    );
+                }
+            }
+        }
     }
 }
 

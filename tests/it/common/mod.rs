@@ -5,9 +5,11 @@
 #![allow(dead_code)]
 
 pub mod apps;
+pub mod daemon;
 pub mod engine;
 pub mod fakes;
 pub mod kafka;
+pub mod receiver;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -443,8 +445,17 @@ impl Callback {
     }
 
     pub async fn post(&self, app: &TestApp, name: &str) -> reqwest::Response {
-        app.http
-            .post(app.url(&format!("/callbacks/dingtalk/{name}")))
+        self.post_to(&app.http, &app.url(""), name).await
+    }
+
+    /// Posts to the public listener at `base` (`http://host:port`) of a daemon of any kind.
+    pub async fn post_to(
+        &self,
+        http: &reqwest::Client,
+        base: &str,
+        name: &str,
+    ) -> reqwest::Response {
+        http.post(format!("{base}/callbacks/dingtalk/{name}"))
             .query(&self.query)
             .header("content-type", "application/json")
             .body(self.body.clone())
