@@ -13,6 +13,7 @@ use super::router::{items, Rule};
 use super::target::{Composition, Target};
 use super::template::{Context, People, TemplateError, Templates};
 use crate::message::{self, MentionId, MessageError, Notification, Recipients, UserBinding};
+use crate::platform::outbound::Origin;
 use crate::platform::Kind;
 
 /// Internal accounts and their platform ids (`[users.<account>]`).
@@ -71,6 +72,9 @@ pub struct Prepared {
     /// Stable per message and target: Lark's idempotency `uuid` is derived from it, so a
     /// redelivered message is not shown twice.
     pub seed: String,
+    /// Webhooks: the inbound event's CloudEvents type and source, set by the reader of a
+    /// message a route on events forwarded.
+    pub origin: Option<Origin>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +118,7 @@ impl Composer<'_> {
             Some(name) => self.templated(name, map, &payload, target, route)?,
             // A webhook carries an event as it came (a route on inbound events forwarding it
             // to a system that cannot read the bus): what is no notification is its body.
-            None if target.kind == Kind::Webhook => match message::from_payload(map) {
+            None if target.kind.carries_events() => match message::from_payload(map) {
                 Ok(p) => p.notification,
                 Err(_) => Notification {
                     raw: Some(payload.clone()),
@@ -125,7 +129,7 @@ impl Composer<'_> {
         };
         // A webhook's body goes to a program, not a chat: the people it names are data there,
         // nobody gets mentioned.
-        if let Some(raw) = n.raw.as_ref().filter(|_| target.kind != Kind::Webhook) {
+        if let Some(raw) = n.raw.as_ref().filter(|_| !target.kind.carries_events()) {
             target.policy.check_raw(raw)?;
         }
         target.policy.check_text(&n)?;
@@ -146,6 +150,7 @@ impl Composer<'_> {
             recipients,
             unbound,
             seed,
+            origin: None,
         })
     }
 

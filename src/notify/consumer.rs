@@ -167,7 +167,10 @@ pub async fn feed(
         let seed = message_id(delivery);
         let rule = router::rule_of(&intake.routes, delivery, name);
         let prepared = match intake.prepare(&shared, &target, &delivery.payload, rule, seed) {
-            Ok(p) => p,
+            Ok(p) => Prepared {
+                origin: router::origin(&intake.routes, delivery),
+                ..p
+            },
             Err(e) => {
                 let letters = &shared.dead_letters;
                 let detail = e.to_string();

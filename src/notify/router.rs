@@ -8,6 +8,7 @@ use serde_json::Value;
 use super::target::Composition;
 use crate::bus::{self, Delivery, Message};
 use crate::message;
+use crate::platform::outbound::Origin;
 
 /// Header of a message a route forwarded to a target: which route, so the target applies the
 /// matching rule's template and recipients.
@@ -117,6 +118,19 @@ pub fn forwarded(
         headers,
         payload: Bytes::clone(&delivery.payload),
     }
+}
+
+/// The inbound event's CloudEvents type and source, for a message a route on events
+/// forwarded (its copy keeps the event's headers).
+pub fn origin(routes: &BTreeMap<String, Route>, delivery: &Delivery) -> Option<Origin> {
+    let route = routes.get(delivery.header(ROUTE_HEADER)?)?;
+    if !route.on_events() {
+        return None;
+    }
+    Some(Origin {
+        ty: delivery.header("ce-type")?.to_owned(),
+        source: delivery.header("ce-source")?.to_owned(),
+    })
 }
 
 /// The rule a forwarded message came through: the route's first rule that matches it and

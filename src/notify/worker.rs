@@ -134,6 +134,7 @@ pub fn render(target: &Target, p: &Prepared) -> Vec<Request> {
     let to = Addressing {
         recipients: &p.recipients,
         seed: &p.seed,
+        origin: p.origin.as_ref(),
     };
     target
         .kind

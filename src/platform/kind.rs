@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::outbound::{Answer, IssuedToken, RenderOptions, Request, TokenRequest};
+use super::outbound::{Answer, IssuedToken, Origin, RenderOptions, Request, TokenRequest};
 use super::webhook::{self, Webhook};
 use super::{dingtalk, lark, wecom};
 use crate::message::{MentionId, Notification, UserBinding};
@@ -119,6 +119,8 @@ pub struct Addressing<'a> {
     pub recipients: &'a [String],
     /// Stable per message and target: Lark's idempotency `uuid` derives from it.
     pub seed: &'a str,
+    /// Webhooks: the inbound event's CloudEvents type and source, for a route on events.
+    pub origin: Option<&'a Origin>,
 }
 
 impl Kind {
@@ -156,6 +158,14 @@ impl Kind {
             Kind::LarkRobot | Kind::LarkApp => Some(Platform::Lark),
             Kind::Webhook => None,
         }
+    }
+
+    /// Whether any JSON object is a body it sends as it is (a webhook: a program reads it, so
+    /// an event that is no notification goes unchanged, and the people it names are data,
+    /// nobody is mentioned); chat kinds send notifications, and a raw body that names people
+    /// is refused there.
+    pub fn carries_events(&self) -> bool {
+        matches!(self, Kind::Webhook)
     }
 
     /// App messages go to bound users through an app's API; group bots to one chat.
@@ -269,6 +279,7 @@ impl Kind {
                             body,
                             members: vec![r.clone()],
                             event_id: None,
+                            origin: None,
                         })
                 })
                 .collect(),
@@ -277,6 +288,7 @@ impl Kind {
                 body: webhook::render(n),
                 members: Vec::new(),
                 event_id: Some(to.seed.to_owned()),
+                origin: to.origin.cloned(),
             }],
         }
     }
@@ -296,7 +308,7 @@ impl Kind {
             let id = request.event_id.as_deref().unwrap_or_default();
             return HttpRequest {
                 url: hook.url.expose().to_owned(),
-                headers: webhook::headers(hook, id, &bytes, now_ms),
+                headers: webhook::headers(hook, id, request.origin.as_ref(), &bytes, now_ms),
                 body: bytes,
                 bearer: None,
                 method: hook.method,

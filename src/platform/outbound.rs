@@ -320,6 +320,15 @@ pub fn recipients(user_ids: &[String]) -> Vec<&str> {
         .collect()
 }
 
+/// The CloudEvents `type` and `source` of an inbound event a route on events forwards: a
+/// webhook request carrying that event keeps them (`dingtalk.bpms_instance_change`,
+/// `dingtalk/main`), so a receiver tells its events apart as a bus subscriber would.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub ty: String,
+    pub source: String,
+}
+
 /// One request to a platform.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
@@ -328,6 +337,8 @@ pub struct Request {
     pub members: Vec<String>,
     /// Webhooks: the event's id, stable per message and target (a redelivery keeps it).
     pub event_id: Option<String>,
+    /// Webhooks: the inbound event's type and source, when a route on events forwarded it.
+    pub origin: Option<Origin>,
 }
 
 impl Request {
@@ -338,6 +349,7 @@ impl Request {
             .map(|body| Request {
                 body,
                 event_id: None,
+                origin: None,
                 members: Vec::new(),
             })
             .collect()
@@ -359,6 +371,7 @@ impl Request {
                     body,
                     members,
                     event_id: None,
+                    origin: None,
                 }
             })
             .collect()

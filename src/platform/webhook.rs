@@ -12,7 +12,7 @@ use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
 
-use super::outbound::{detail, Answer, Class};
+use super::outbound::{detail, Answer, Class, Origin};
 use crate::message::Notification;
 use crate::secret::Secret;
 
@@ -87,15 +87,27 @@ pub fn signature(secret: &str, unix_s: u64, body: &[u8]) -> String {
 }
 
 /// The headers of one request besides `content-type` (always JSON): CloudEvents binary mode
-/// (the attributes as `ce-*` headers, the event as the body), the signature when the target has a secret, then the target's own.
-/// `id` is stable per message and target, so a receiver can drop a redelivered event.
-pub fn headers(hook: &Webhook, id: &str, body: &[u8], now_ms: u64) -> Vec<(String, String)> {
+/// (the attributes as `ce-*` headers, the event as the body; the type and source are the
+/// inbound event's when `origin` says so, else a notification's), the signature when the
+/// target has a secret, then the target's own. `id` is stable per message and target, so a
+/// receiver can drop a redelivered event.
+pub fn headers(
+    hook: &Webhook,
+    id: &str,
+    origin: Option<&Origin>,
+    body: &[u8],
+    now_ms: u64,
+) -> Vec<(String, String)> {
     let time = UNIX_EPOCH + Duration::from_millis(now_ms);
+    let (ty, source) = match origin {
+        Some(o) => (o.ty.clone(), o.source.clone()),
+        None => (EVENT_TYPE.to_owned(), hook.source.clone()),
+    };
     let mut out = vec![
         ("ce-specversion".to_owned(), "1.0".to_owned()),
         ("ce-id".to_owned(), id.to_owned()),
-        ("ce-type".to_owned(), EVENT_TYPE.to_owned()),
-        ("ce-source".to_owned(), hook.source.clone()),
+        ("ce-type".to_owned(), ty),
+        ("ce-source".to_owned(), source),
         ("ce-time".to_owned(), rfc3339(time)),
     ];
     if let Some(secret) = &hook.secret {
@@ -166,6 +178,42 @@ mod tests {
         mac.update(br#"1700000000.{"a":1}"#);
         let want = hex::encode(mac.finalize().into_bytes());
         assert_eq!(sig, format!("t=1700000000,v1={want}"));
+    }
+
+    #[test]
+    fn cloudevents_type_and_source_follow_the_origin() {
+        let hook = Webhook {
+            url: Secret::new("https://receiver.test/"),
+            secret: None,
+            headers: Vec::new(),
+            method: Method::Post,
+            timeout: None,
+            success: DEFAULT_SUCCESS.to_vec(),
+            source: "/imbridge/targets/hr".to_owned(),
+        };
+        let get = |h: &[(String, String)], k: &str| {
+            h.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        };
+        let own = headers(&hook, "id1", None, b"{}", 0);
+        assert_eq!(get(&own, "ce-type").as_deref(), Some(EVENT_TYPE));
+        assert_eq!(
+            get(&own, "ce-source").as_deref(),
+            Some("/imbridge/targets/hr")
+        );
+        let origin = Origin {
+            ty: "wecom.change_contact".to_owned(),
+            source: "wecom/main".to_owned(),
+        };
+        let event = headers(&hook, "id1", Some(&origin), b"{}", 0);
+        assert_eq!(
+            get(&event, "ce-type").as_deref(),
+            Some("wecom.change_contact")
+        );
+        assert_eq!(get(&event, "ce-source").as_deref(), Some("wecom/main"));
+        assert_eq!(
+            get(&event, "ce-time").as_deref(),
+            Some("1970-01-01T00:00:00Z")
+        );
     }
 
     #[test]

@@ -180,11 +180,10 @@ async fn one_approval_reaches_the_bus_a_webhook_and_a_robot() {
         let got = &receiver.wait_for(1).await[0];
         got.verify(SECRET);
         assert_eq!(got.header("ce-specversion"), Some("1.0"), "{name}");
-        assert_eq!(
-            got.header("ce-source"),
-            Some("/imbridge/targets/hr"),
-            "{name}"
-        );
+        // The event's own type and source, as a bus subscriber sees them.
+        let ty = got.header("ce-type");
+        assert_eq!(ty, Some("dingtalk.bpms_instance_change"), "{name}");
+        assert_eq!(got.header("ce-source"), Some("dingtalk/main"), "{name}");
         let hook_id = format!("{event_id}.approvals.hr");
         assert_eq!(got.header("ce-id"), Some(hook_id.as_str()), "{name}");
         let body: serde_json::Value = serde_json::from_slice(&got.body).unwrap();

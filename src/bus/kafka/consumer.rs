@@ -351,6 +351,36 @@ pub(in crate::bus) struct Group {
     pub(in crate::bus) placed: AtomicBool,
 }
 
+/// Finds where a reader of inbound events starts ([`start_at_end`]), retrying while the
+/// brokers do not answer; `false` when closing came first.
+async fn place(group: &Group, config: &ClientConfig, filter: &str, closing: &Shutdown) -> bool {
+    let label = group.id.as_str();
+    loop {
+        let (c, f, g) = (config.clone(), filter.to_owned(), group.id.clone());
+        match tokio::task::spawn_blocking(move || start_at_end(&c, &f, &g)).await {
+            Ok(Ok(())) => {
+                // A restart after a panic finds its start in the committed offsets.
+                if !group.placed.swap(true, Ordering::SeqCst) {
+                    if let Some(unplaced) = &group.unplaced {
+                        unplaced.fetch_sub(1, Ordering::SeqCst);
+                    }
+                }
+                return true;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(group = label, error = %e, "cannot find where a reader of inbound events starts; retrying")
+            }
+            Err(e) => {
+                tracing::warn!(group = label, error = %e, "finding where a reader of inbound events starts")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(CHECK_EVERY) => {}
+            _ = closing.cancelled() => return false,
+        }
+    }
+}
+
 /// Reads the group's topics until `closing`: dispatches records, stores finished offsets,
 /// and at the end commits them.
 pub(in crate::bus) async fn run_consumer(group: Arc<Group>, shutdown: Shutdown, closing: Shutdown) {
@@ -361,8 +391,7 @@ pub(in crate::bus) async fn run_consumer(group: Arc<Group>, shutdown: Shutdown, 
         routes,
         assignments,
         inbound,
-        unplaced,
-        placed,
+        ..
     } = group.as_ref();
     let label = group_id.as_str();
     // Everything is registered before the first record is read, so none finds no consumer.
@@ -390,29 +419,8 @@ pub(in crate::bus) async fn run_consumer(group: Arc<Group>, shutdown: Shutdown, 
         // Inbound topics appear with their first event (a new event type, a new business
         // key); librdkafka's default looks for them every five minutes.
         config.set("topic.metadata.refresh.interval.ms", "1000");
-        loop {
-            let (c, f, g) = (config.clone(), filter.clone(), group_id.clone());
-            match tokio::task::spawn_blocking(move || start_at_end(&c, &f, &g)).await {
-                Ok(Ok(())) => {
-                    // A restart after a panic finds its start in the committed offsets.
-                    if !placed.swap(true, Ordering::SeqCst) {
-                        if let Some(unplaced) = unplaced {
-                            unplaced.fetch_sub(1, Ordering::SeqCst);
-                        }
-                    }
-                    break;
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(group = label, error = %e, "cannot find where a reader of inbound events starts; retrying")
-                }
-                Err(e) => {
-                    tracing::warn!(group = label, error = %e, "finding where a reader of inbound events starts")
-                }
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(CHECK_EVERY) => {}
-                _ = closing.cancelled() => return,
-            }
+        if !place(&group, &config, filter, &closing).await {
+            return;
         }
     }
     let consumer: StreamConsumer<GroupContext> = loop {

@@ -9,7 +9,7 @@ use crate::config::raw::{Config, OneOrMany, RouteConfig, RuleConfig};
 use crate::notify::router::{Route, Rule};
 use crate::notify::target::Target;
 use crate::notify::template::Templates;
-use crate::platform::{Kind, Platform};
+use crate::platform::Platform;
 
 pub(super) fn routes(
     config: &Config,
@@ -169,7 +169,7 @@ pub(super) fn warn_untemplated_events(
                 };
                 let templated =
                     rule.composition.template.is_some() || target.composition.template.is_some();
-                if !templated && target.kind != Kind::Webhook {
+                if !templated && !target.kind.carries_events() {
                     c.warning(
                         format!("routes.{}", route.name),
                         format!(
