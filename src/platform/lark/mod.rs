@@ -3,3 +3,4 @@
 pub mod app;
 pub mod callback;
 pub mod robot;
+pub mod ws;
