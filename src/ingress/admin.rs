@@ -10,9 +10,9 @@ use serde_json::json;
 use warp::http::StatusCode;
 use warp::{Filter, Reply};
 
+use super::stream::Streams;
 use crate::bus::Bus;
 use crate::metrics::Metrics;
-use super::stream::Streams;
 use crate::shutdown::Shutdown;
 use crate::supervise::Supervisor;
 
@@ -48,7 +48,10 @@ pub fn routes(
                 Some("platform refuses app credentials"),
             )
         } else if streams.fails_readiness {
-            (StatusCode::SERVICE_UNAVAILABLE, Some("long connections down"))
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some("long connections down"),
+            )
         } else {
             (StatusCode::OK, None)
         };

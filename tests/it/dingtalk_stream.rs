@@ -3,6 +3,9 @@
 //! HTTP callbacks on every engine, events are ACKed SUCCESS only once the bus has them, and the
 //! connection survives everything a gateway or a network does to it.
 
+// figment::Jail closures return figment::Error, which is large by design.
+#![allow(clippy::result_large_err)]
+
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -101,7 +104,12 @@ async fn pushes_reach_the_bus_byte_for_byte_on_every_engine_and_are_acked() {
         let mut cards = engine.watch(&app, "dingtalk.card.callback");
 
         let data = user_event(name);
-        conn.send(event_frame("m-ev", &format!("ev-{name}"), "user_add_org", &data));
+        conn.send(event_frame(
+            "m-ev",
+            &format!("ev-{name}"),
+            "user_add_org",
+            &data,
+        ));
         conn.send(callback_frame("m-bot", ROBOT, ROBOT_MSG));
         conn.send(callback_frame("m-card", CARD, CARD_ACTION));
         conn.send(system_frame("m-ping", "ping", r#"{"opaque":"op-1"}"#));
@@ -119,7 +127,10 @@ async fn pushes_reach_the_bus_byte_for_byte_on_every_engine_and_are_acked() {
 
         let ev = &events.next(&engine, 1).await[0];
         assert_eq!(ev.payload, data.as_bytes(), "{name}");
-        assert_eq!(ev.header(&engine.ce("id")), Some(format!("ev-{name}").as_str()));
+        assert_eq!(
+            ev.header(&engine.ce("id")),
+            Some(format!("ev-{name}").as_str())
+        );
         assert_eq!(ev.header(&engine.ce("source")), Some("dingtalk/stream"));
         assert_eq!(ev.header(&engine.ce("type")), Some("dingtalk.user_add_org"));
         assert_eq!(ev.header(&engine.ce("specversion")), Some("1.0"));
@@ -165,7 +176,10 @@ async fn business_subjects_apply_to_stream_events_as_to_callbacks() {
     let data = r#"{"processCode":"PROC-9","type":"finish"}"#;
     conn.send(event_frame("m1", "e1", "bpms_instance_change", data));
     assert_eq!(gw.ack("m1").await.data(), success());
-    let msg = tokio::time::timeout(WAIT, sub.next()).await.unwrap().unwrap();
+    let msg = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(msg.subject, "dingtalk.bpms_instance_change.PROC-9");
     assert_eq!(msg.header("ce-type"), Some("dingtalk.bpms_instance_change"));
     app.stop().await;
@@ -229,7 +243,12 @@ async fn disconnect_opens_a_new_connection_and_finishes_the_old_one() {
     let app = start(&gw, "").await;
     let mut sub = app.bus.memory().unwrap().subscribe("dingtalk.>");
     let old = gw.next_conn().await;
-    old.send(event_frame("m-old", "ev-old", "user_add_org", &user_event("old")));
+    old.send(event_frame(
+        "m-old",
+        "ev-old",
+        "user_add_org",
+        &user_event("old"),
+    ));
     old.send(system_frame(
         "m-bye",
         "disconnect",
@@ -243,11 +262,19 @@ async fn disconnect_opens_a_new_connection_and_finishes_the_old_one() {
     gw.wait_closed(old.index).await;
     assert_eq!(reconnects(&app, "disconnect"), 1);
     // The new one works.
-    new.send(event_frame("m-new", "ev-new", "user_add_org", &user_event("new")));
+    new.send(event_frame(
+        "m-new",
+        "ev-new",
+        "user_add_org",
+        &user_event("new"),
+    ));
     let ack = gw.ack("m-new").await;
     assert_eq!((ack.conn, ack.data()), (new.index, success()));
     for _ in 0..2 {
-        tokio::time::timeout(WAIT, sub.next()).await.unwrap().unwrap();
+        tokio::time::timeout(WAIT, sub.next())
+            .await
+            .unwrap()
+            .unwrap();
     }
     assert!(gw.violations().is_empty(), "{:?}", gw.violations());
     app.stop().await;
@@ -309,7 +336,11 @@ async fn refused_credentials_turn_readyz_red_and_slow_the_retries() {
     let res = app.get_admin("/readyz").await;
     assert_eq!(res.status(), 503);
     let body: Value = res.json().await.unwrap();
-    assert_eq!(body["streams"]["refused"], json!(["dingtalk/stream"]), "{body}");
+    assert_eq!(
+        body["streams"]["refused"],
+        json!(["dingtalk/stream"]),
+        "{body}"
+    );
     // Once a second (auth_retry), not at the 20 ms reconnect pace.
     let conn = gw.next_conn().await;
     let times = gw.open_times();
@@ -338,7 +369,11 @@ async fn a_connection_down_past_its_grace_is_reported_by_readyz() {
     let res = app.get_admin("/readyz").await;
     assert_eq!(res.status(), 503);
     let body: Value = res.json().await.unwrap();
-    assert_eq!(body["streams"]["down"], json!(["dingtalk/stream"]), "{body}");
+    assert_eq!(
+        body["streams"]["down"],
+        json!(["dingtalk/stream"]),
+        "{body}"
+    );
     app.stop().await;
 
     // Reported, but not failing readiness, when so configured.
@@ -350,7 +385,11 @@ async fn a_connection_down_past_its_grace_is_reported_by_readyz() {
     let res = app.get_admin("/readyz").await;
     assert_eq!(res.status(), 200);
     let body: Value = res.json().await.unwrap();
-    assert_eq!(body["streams"]["down"], json!(["dingtalk/stream"]), "{body}");
+    assert_eq!(
+        body["streams"]["down"],
+        json!(["dingtalk/stream"]),
+        "{body}"
+    );
     app.stop().await;
 }
 
@@ -362,13 +401,28 @@ async fn bad_frames_are_counted_and_skipped_and_the_connection_stays() {
     conn.send("not json at all");
     conn.send(r#"{"type":"EVENT","headers":{"messageId":"m-obj"},"data":{"a":1}}"#);
     conn.send(r#"{"type":"MYSTERY","headers":{"messageId":"m-type"},"data":"{}"}"#);
-    conn.send(event_frame("m-big", "e-big", "user_add_org", &format!(r#"{{"x":"{}"}}"#, "x".repeat(9000))));
-    conn.send(event_frame("m-text", "e-text", "user_add_org", "not json data"));
+    conn.send(event_frame(
+        "m-big",
+        "e-big",
+        "user_add_org",
+        &format!(r#"{{"x":"{}"}}"#, "x".repeat(9000)),
+    ));
+    conn.send(event_frame(
+        "m-text",
+        "e-text",
+        "user_add_org",
+        "not json data",
+    ));
     conn.send_binary(&[0xff, 0x00, 0x01]);
     conn.send(callback_frame("m-topic", "/v1.0/graph/api/invoke", "{}"));
     conn.send(system_frame("m-keep", "KEEPALIVE", ""));
     // Still up: the next good frame is published and ACKed on the same connection.
-    conn.send(event_frame("m-ok", "e-ok", "user_add_org", &user_event("ok")));
+    conn.send(event_frame(
+        "m-ok",
+        "e-ok",
+        "user_add_org",
+        &user_event("ok"),
+    ));
     let ack = gw.ack("m-ok").await;
     assert_eq!((ack.conn, ack.data()), (conn.index, success()));
     assert_eq!(gw.opens(), 1);
@@ -406,7 +460,12 @@ async fn shutdown_acks_what_is_in_hand_then_closes() {
     app.wait_ready().await;
     let conn = gw.next_conn().await;
     engine.signal("-STOP");
-    conn.send(event_frame("m-held", "e-held", "user_add_org", &user_event("held")));
+    conn.send(event_frame(
+        "m-held",
+        "e-held",
+        "user_add_org",
+        &user_event("held"),
+    ));
     tokio::time::sleep(Duration::from_millis(300)).await;
     app.shutdown.trigger();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -425,9 +484,8 @@ async fn shutdown_acks_what_is_in_hand_then_closes() {
 #[test]
 fn stream_mode_config_is_validated_by_key() {
     use figment::providers::{Format, Toml};
-    let load = |toml: &str| {
-        imbridge::config::from_figment(figment::Figment::from(Toml::string(toml)))
-    };
+    let load =
+        |toml: &str| imbridge::config::from_figment(figment::Figment::from(Toml::string(toml)));
     let err = load(
         r#"
         [apps.dingtalk.empty]
@@ -452,9 +510,12 @@ fn stream_mode_config_is_validated_by_key() {
         assert!(keys.contains(&key), "{key} not in {keys:?}");
     }
     // The http-mode keys are not required in stream mode.
-    assert!(!keys.iter().any(|k| k.ends_with(".token")
-        || k.ends_with(".aes_key")
-        || k.ends_with(".receiver_id")), "{keys:?}");
+    assert!(
+        !keys.iter().any(|k| k.ends_with(".token")
+            || k.ends_with(".aes_key")
+            || k.ends_with(".receiver_id")),
+        "{keys:?}"
+    );
     assert!(!err.to_string().contains("very-secret-value"));
 
     let s = load(&format!(
@@ -488,9 +549,11 @@ fn the_client_secret_comes_from_the_environment() {
             "[apps.dingtalk.main]\nmode = \"stream\"\nclient_id = \"ding1\"\n",
         )?;
         jail.set_env("IMBRIDGE_APPS__DINGTALK__MAIN__CLIENT_SECRET", "from-env");
-        let s = imbridge::config::load(Some(std::path::Path::new("imbridge.toml")))
-            .expect("valid");
-        assert_eq!(s.dingtalk_streams["main"].client_secret.expose(), "from-env");
+        let s = imbridge::config::load(Some(std::path::Path::new("imbridge.toml"))).expect("valid");
+        assert_eq!(
+            s.dingtalk_streams["main"].client_secret.expose(),
+            "from-env"
+        );
         Ok(())
     });
 }

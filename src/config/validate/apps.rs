@@ -69,7 +69,9 @@ pub(super) fn dingtalk(
             }
             other => c.problem(
                 format!("{key}.mode"),
-                format!("{other:?} is not a mode: use \"http\" (callbacks) or \"stream\" (Stream mode)"),
+                format!(
+                    "{other:?} is not a mode: use \"http\" (callbacks) or \"stream\" (Stream mode)"
+                ),
             ),
         }
     }
@@ -77,7 +79,11 @@ pub(super) fn dingtalk(
 }
 
 /// The keys of a stream-mode app: the Client ID and Secret, and where to register.
-fn dingtalk_stream(key: &str, app: &DingTalkAppConfig, c: &mut Checker) -> Option<DingTalkStreamApp> {
+fn dingtalk_stream(
+    key: &str,
+    app: &DingTalkAppConfig,
+    c: &mut Checker,
+) -> Option<DingTalkStreamApp> {
     let before = c.count();
     if app.client_id.trim().is_empty() {
         c.problem(
@@ -172,7 +178,10 @@ fn base_url(url: &str, insecure: bool, key: &str, c: &mut Checker) {
         }
         rest
     } else {
-        c.problem(key, "must be an https:// URL, e.g. https://api.dingtalk.com");
+        c.problem(
+            key,
+            "must be an https:// URL, e.g. https://api.dingtalk.com",
+        );
         return;
     };
     if rest.is_empty() || reqwest::Url::parse(url).is_err() {

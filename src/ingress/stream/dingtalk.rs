@@ -174,7 +174,8 @@ async fn run(client: Arc<Client>, shutdown: Shutdown) {
         tracing::info!(platform = PLATFORM, app, "DingTalk Stream connected");
         let (replace_tx, replace_rx) = oneshot::channel();
         let connected_at = Instant::now();
-        connections.spawn(Connection::new(client.clone(), replace_tx).run(socket, shutdown.clone()));
+        connections
+            .spawn(Connection::new(client.clone(), replace_tx).run(socket, shutdown.clone()));
 
         let end = tokio::select! {
             end = replace_rx => end.unwrap_or(End::Error),
@@ -183,7 +184,12 @@ async fn run(client: Arc<Client>, shutdown: Shutdown) {
         client.streams.down(PLATFORM, app);
         metrics.stream_connected(PLATFORM, app, false);
         metrics.stream_reconnect(PLATFORM, app, end.label());
-        tracing::info!(platform = PLATFORM, app, reason = end.label(), "DingTalk Stream connection ended; reconnecting");
+        tracing::info!(
+            platform = PLATFORM,
+            app,
+            reason = end.label(),
+            "DingTalk Stream connection ended; reconnecting"
+        );
         if end == End::Disconnect {
             // DingTalk is rotating connections: register anew at once (A.6).
             failures = 0;
@@ -453,8 +459,8 @@ impl Connection {
             }
         }
         if writable {
-            let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(None)))
-                .await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(None))).await;
         }
         self.end(End::Closed);
     }
@@ -512,7 +518,9 @@ impl Connection {
         let metrics = &self.client.state.metrics;
         metrics.stream_frame(PLATFORM, &self.client.app, frame.kind());
         match frame {
-            Frame::Ping { message_id, data } => answer(stream::ack_ping(&message_id, &data), "ping"),
+            Frame::Ping { message_id, data } => {
+                answer(stream::ack_ping(&message_id, &data), "ping")
+            }
             Frame::Disconnect { message_id, reason } => {
                 tracing::info!(platform = PLATFORM, app = %self.client.app, reason = reason.as_deref().unwrap_or(""), "DingTalk announced a disconnect");
                 Step::Disconnect(Answer {
@@ -525,7 +533,9 @@ impl Connection {
                 tracing::debug!(platform = PLATFORM, app = %self.client.app, topic = %crate::bus::header_value(&topic), "system frame ignored");
                 answer(stream::ack(&message_id, 200, "OK", "{}"), "system")
             }
-            Frame::UnknownTopic { message_id, .. } => answer(stream::ack_unknown(&message_id), "unknown"),
+            Frame::UnknownTopic { message_id, .. } => {
+                answer(stream::ack_unknown(&message_id), "unknown")
+            }
             Frame::Publish(push) => {
                 Step::Publish(publish(self.client.clone(), push, received).boxed())
             }
@@ -586,7 +596,10 @@ async fn publish(client: Arc<Client>, push: Push, received: Instant) -> Answer {
         (Err(e), PushKind::Robot | PushKind::Card) => {
             state.metrics.callback(PLATFORM, app, e.code);
             tracing::warn!(platform = PLATFORM, app, message = %e.message, "callback not stored");
-            (stream::ack_callback_failed(&message_id, &e.message), "callback_failed")
+            (
+                stream::ack_callback_failed(&message_id, &e.message),
+                "callback_failed",
+            )
         }
     };
     Answer {

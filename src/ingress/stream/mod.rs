@@ -175,7 +175,10 @@ mod tests {
         s.up("dingtalk", "a");
         s.refused("dingtalk", "b", true);
         let r = s.report();
-        assert_eq!((r.refused.as_slice(), r.down.len()), (&["dingtalk/b".to_owned()][..], 0));
+        assert_eq!(
+            (r.refused.as_slice(), r.down.len()),
+            (&["dingtalk/b".to_owned()][..], 0)
+        );
         s.refused("dingtalk", "b", false);
         s.up("dingtalk", "b");
         assert!(!s.report().fails_readiness);

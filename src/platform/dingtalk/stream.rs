@@ -92,7 +92,11 @@ impl Endpoint {
     pub fn url(&self) -> String {
         let ticket = serde_urlencoded::to_string([("ticket", self.ticket.as_str())])
             .unwrap_or_else(|_| format!("ticket={}", self.ticket));
-        let sep = if self.endpoint.contains('?') { '&' } else { '?' };
+        let sep = if self.endpoint.contains('?') {
+            '&'
+        } else {
+            '?'
+        };
         format!("{}{sep}{ticket}", self.endpoint)
     }
 }
@@ -433,7 +437,12 @@ mod tests {
             panic!("a robot message");
         };
         assert_eq!(
-            (p.kind, p.event_type.as_str(), p.id.as_deref(), p.tenant.as_deref()),
+            (
+                p.kind,
+                p.event_type.as_str(),
+                p.id.as_deref(),
+                p.tenant.as_deref()
+            ),
             (PushKind::Robot, "bot.message", Some("msg-9"), Some("dc"))
         );
         let card = json!({"type": "CALLBACK", "headers": {"topic": TOPIC_CARD, "messageId": "m-3"},
@@ -447,10 +456,7 @@ mod tests {
             (PushKind::Card, "card.callback", None, Some("dc"))
         );
         let other = json!({"type": "CALLBACK", "headers": {"topic": "/v1.0/graph/api/invoke", "messageId": "m-4"}, "data": "{}"}).to_string();
-        assert!(matches!(
-            parse(&other, MAX),
-            Ok(Frame::UnknownTopic { .. })
-        ));
+        assert!(matches!(parse(&other, MAX), Ok(Frame::UnknownTopic { .. })));
     }
 
     #[test]
@@ -472,10 +478,7 @@ mod tests {
             })
         );
         let other = json!({"type": "SYSTEM", "headers": {"topic": "KEEPALIVE", "messageId": "k"}, "data": ""}).to_string();
-        assert!(matches!(
-            parse(&other, MAX),
-            Ok(Frame::OtherSystem { .. })
-        ));
+        assert!(matches!(parse(&other, MAX), Ok(Frame::OtherSystem { .. })));
     }
 
     #[test]
