@@ -480,6 +480,50 @@ async fn shutdown_acks_what_is_in_hand_then_closes() {
     assert_eq!(engine.stored("dingtalk.user_add_org").await, 1);
 }
 
+/// A panic while handling a frame restarts the app's supervised task, which reconnects; the
+/// push it held was never ACKed, so the gateway's redelivery is stored and ACKed.
+#[cfg(feature = "failpoints")]
+#[tokio::test]
+async fn a_panicking_connection_is_restarted_by_its_supervisor() {
+    const VICTIM: &str = "stream-failpoint-victim";
+    let gw = Gateway::start().await;
+    let toml = stream_toml(&gw, FAST).replace(
+        "[apps.dingtalk.stream]",
+        &format!("[apps.dingtalk.{VICTIM}]"),
+    );
+    let app = TestApp::start(&toml).await;
+    let first = gw.next_conn().await;
+    fail::cfg("dingtalk-stream-frame", &format!("return({VICTIM})")).unwrap();
+    first.send(event_frame(
+        "m-1",
+        "e-fp",
+        "user_add_org",
+        &user_event("fp"),
+    ));
+    let second = gw.next_conn().await;
+    fail::remove("dingtalk-stream-frame");
+    assert!(
+        gw.acks_of("m-1").is_empty(),
+        "nothing ACKed before it was stored"
+    );
+    let task = format!("dingtalk_stream:{VICTIM}");
+    assert_eq!(
+        app.metrics
+            .task_restarts_total
+            .with_label_values(&[task.as_str()])
+            .get(),
+        1
+    );
+    second.send(event_frame(
+        "m-2",
+        "e-fp",
+        "user_add_org",
+        &user_event("fp"),
+    ));
+    assert_eq!(gw.ack("m-2").await.data(), success());
+    app.stop().await;
+}
+
 /// `check-config`: each mode requires its own keys, problems name them, secrets stay out.
 #[test]
 fn stream_mode_config_is_validated_by_key() {

@@ -537,6 +537,9 @@ impl Connection {
                 answer(stream::ack_unknown(&message_id), "unknown")
             }
             Frame::Publish(push) => {
+                // A panic here takes down the connection and, passed on, the app's task: the
+                // supervisor restarts it, and the unACKed push is pushed again.
+                crate::supervise::failpoint("dingtalk-stream-frame", &self.client.app);
                 Step::Publish(publish(self.client.clone(), push, received).boxed())
             }
         }
