@@ -529,6 +529,55 @@ mod tests {
         assert_eq!(ping["data"], "{\"opaque\":\"x\"}");
     }
 
+    /// The frames of the shared vectors (`dingtalk_stream_frames`, captured from dt-py), and
+    /// what imbridge answers instead of dt-py's echo.
+    #[test]
+    fn vector_frames() {
+        let v: Value =
+            serde_json::from_str(include_str!("../../../tests/data/platform-vectors.json"))
+                .unwrap();
+        let inbound = &v["dingtalk_stream_frames"]["inbound"];
+        let frame = |name: &str| parse(&inbound[name].to_string(), MAX).unwrap();
+
+        let Frame::Ping { message_id, data } = frame("ping") else {
+            panic!("a ping");
+        };
+        let ack: Value = serde_json::from_str(&ack_ping(&message_id, &data)).unwrap();
+        assert_eq!(ack["headers"]["messageId"], "msg-ping-1");
+        // The same opaque back (dt-py re-serialises it; the text itself is echoed here).
+        assert_eq!(ack["data"], inbound["ping"]["data"]);
+
+        let Frame::Publish(event) = frame("event") else {
+            panic!("an event");
+        };
+        assert_eq!(
+            (
+                event.id.as_deref(),
+                event.tenant.as_deref(),
+                event.event_type.as_str()
+            ),
+            (Some("ev-123"), Some("dingcorp"), "user_add_org")
+        );
+        assert_eq!(event.data, inbound["event"]["data"].as_str().unwrap());
+        // Not dt-py's echo of the event: the documented status.
+        let ack: Value = serde_json::from_str(&ack_success(&event.message_id)).unwrap();
+        assert_eq!(ack["data"], SUCCESS);
+
+        let Frame::Publish(robot) = frame("callback") else {
+            panic!("a robot message");
+        };
+        // This one has no msgId: the caller derives the id from the payload.
+        assert_eq!((robot.kind, robot.id), (PushKind::Robot, None));
+
+        assert_eq!(
+            frame("disconnect"),
+            Frame::Disconnect {
+                message_id: "msg-dc-1".into(),
+                reason: Some("server upgrade".into())
+            }
+        );
+    }
+
     #[test]
     fn registration_answers() {
         let ok = open_answer(200, br#"{"endpoint":"wss://h/connect","ticket":"a b+c"}"#).unwrap();
