@@ -239,10 +239,16 @@ async fn a_stalled_bus_gets_no_success_until_it_is_back() {
 
 #[tokio::test]
 async fn disconnect_opens_a_new_connection_and_finishes_the_old_one() {
+    let engine = Engine::nats();
     let gw = Gateway::start().await;
-    let app = start(&gw, "").await;
-    let mut sub = app.bus.memory().unwrap().subscribe("dingtalk.>");
+    // A publish that waits out the pause below rather than timing out.
+    let bus = engine
+        .toml()
+        .replace("publish_timeout = \"2s\"", "publish_timeout = \"10s\"");
+    let app = start(&gw, &bus).await;
     let old = gw.next_conn().await;
+    // An event in hand (the bus is paused) when DingTalk announces the disconnect.
+    engine.signal("-STOP");
     old.send(event_frame(
         "m-old",
         "ev-old",
@@ -254,13 +260,20 @@ async fn disconnect_opens_a_new_connection_and_finishes_the_old_one() {
         "disconnect",
         r#"{"reason":"connection is expired"}"#,
     ));
+    // The next connection is opened at once, with a fresh registration, the event still held.
     let new = gw.next_conn().await;
-    assert_eq!(gw.opens(), 2, "a fresh registration");
-    // What the old connection held was ACKed on it, then the daemon closed it.
+    assert_eq!(gw.opens(), 2);
+    assert_eq!(reconnects(&app, "disconnect"), 1);
+    assert!(gw.acks_of("m-old").is_empty());
+    assert!(
+        !gw.closed(old.index),
+        "the old connection is kept while it holds an event"
+    );
+    engine.signal("-CONT");
+    // What the old connection held is ACKed on it; then the daemon closes it.
     let ack = gw.ack("m-old").await;
     assert_eq!((ack.conn, ack.data()), (old.index, success()));
     gw.wait_closed(old.index).await;
-    assert_eq!(reconnects(&app, "disconnect"), 1);
     // The new one works.
     new.send(event_frame(
         "m-new",
@@ -270,28 +283,37 @@ async fn disconnect_opens_a_new_connection_and_finishes_the_old_one() {
     ));
     let ack = gw.ack("m-new").await;
     assert_eq!((ack.conn, ack.data()), (new.index, success()));
-    for _ in 0..2 {
-        tokio::time::timeout(WAIT, sub.next())
-            .await
-            .unwrap()
-            .unwrap();
-    }
+    assert_eq!(engine.stored("dingtalk.user_add_org").await, 2);
     assert!(gw.violations().is_empty(), "{:?}", gw.violations());
     app.stop().await;
 }
 
 #[tokio::test]
-async fn a_dropped_connection_is_replaced() {
+async fn a_dropped_connection_is_replaced_and_what_it_held_is_not_lost() {
+    let engine = Engine::nats();
     let gw = Gateway::start().await;
-    let app = start(&gw, "").await;
+    let bus = engine
+        .toml()
+        .replace("publish_timeout = \"2s\"", "publish_timeout = \"10s\"");
+    let app = start(&gw, &bus).await;
     let first = gw.next_conn().await;
+    // An event in hand when the TCP connection drops: it cannot be ACKed any more...
+    engine.signal("-STOP");
+    let data = user_event("dropped");
+    first.send(event_frame("m-1", "e-drop", "user_add_org", &data));
+    tokio::time::sleep(Duration::from_millis(100)).await;
     drop(first);
     let second = gw.next_conn().await;
     assert_eq!(gw.opens(), 2);
     wait_for("the drop counted", || reconnects(&app, "dropped") == 1).await;
-    second.send(event_frame("m1", "e1", "user_add_org", &user_event("d")));
-    assert_eq!(gw.ack("m1").await.data(), success());
     wait_for("connected again", || connected(&app) == 1).await;
+    engine.signal("-CONT");
+    // ...but it is still stored, and DingTalk's redelivery on the new connection is ACKed
+    // SUCCESS and not stored twice.
+    second.send(event_frame("m-2", "e-drop", "user_add_org", &data));
+    assert_eq!(gw.ack("m-2").await.data(), success());
+    assert!(gw.acks_of("m-1").is_empty());
+    assert_eq!(engine.stored("dingtalk.user_add_org").await, 1);
     assert!(gw.violations().is_empty(), "{:?}", gw.violations());
     app.stop().await;
 }

@@ -152,7 +152,10 @@ async fn run(client: Arc<Client>, shutdown: Shutdown) {
                 failures = failures.saturating_add(1);
                 metrics.stream_reconnect(PLATFORM, app, e.label());
                 let refused = matches!(e, ConnectError::Open(OpenError::Refused(_)));
-                client.streams.refused(PLATFORM, app, refused);
+                // Cleared only by a connection: a 5xx in between proves nothing of them.
+                if refused {
+                    client.streams.refused(PLATFORM, app, true);
+                }
                 let delay = if refused {
                     tracing::error!(platform = PLATFORM, app, error = %e, "DingTalk refuses the app's client_id/client_secret; retrying slowly");
                     // Refused credentials do not fix themselves: retry at the slow pace, plus
@@ -374,6 +377,11 @@ impl Connection {
                 break;
             }
             let may_read = taking && in_hand.len() < settings.max_in_flight;
+            if !may_read {
+                // Not reading (all slots busy publishing) is not the gateway's silence: its
+                // frames and pongs wait in the socket meanwhile.
+                heard = tokio::time::Instant::now();
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if taking => {
@@ -440,7 +448,8 @@ impl Connection {
                 }
                 _ = tokio::time::sleep_until(ping_at), if taking && writable => {
                     ping_at = tokio::time::Instant::now() + interval;
-                    if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                    let ping = tokio::time::timeout(interval, sink.send(Message::Ping(Bytes::new())));
+                    if !matches!(ping.await, Ok(Ok(()))) {
                         writable = false;
                         taking = false;
                         self.end(End::Error);
@@ -465,13 +474,18 @@ impl Connection {
         self.end(End::Closed);
     }
 
-    /// Sends an ACK; `false` when the socket cannot take it.
+    /// Sends an ACK; `false` when the socket cannot take it, or not within a ping interval (a
+    /// gateway that stopped reading would otherwise hold the connection forever).
     async fn send(
         &self,
         sink: &mut futures::stream::SplitSink<Socket, Message>,
         answer: Answer,
     ) -> bool {
-        let ok = sink.send(Message::text(answer.text)).await.is_ok();
+        let send = sink.send(Message::text(answer.text));
+        let ok = matches!(
+            tokio::time::timeout(self.client.settings.ping_interval, send).await,
+            Ok(Ok(()))
+        );
         if ok {
             self.client.state.metrics.stream_ack(
                 PLATFORM,
