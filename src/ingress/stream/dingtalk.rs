@@ -337,6 +337,21 @@ struct Answer {
     received: Instant,
 }
 
+type Sink = futures::stream::SplitSink<Socket, Message>;
+
+/// The pushes being published, each ending in its ACK.
+type InHand = FuturesUnordered<BoxFuture<'static, Answer>>;
+
+/// What a connection still does.
+struct Live {
+    /// Reading new frames (off after shutdown or once the socket is gone).
+    taking: bool,
+    /// The socket can still carry ACKs.
+    writable: bool,
+    /// After a `disconnect`: close once what is in hand is ACKed, or at this deadline.
+    closing_by: Option<tokio::time::Instant>,
+}
+
 /// One connection: reads frames, publishes, ACKs, keeps alive.
 struct Connection {
     client: Arc<Client>,
@@ -359,107 +374,55 @@ impl Connection {
         }
     }
 
+    /// Reads, publishes and ACKs until the connection ends (or, after a `disconnect` or on
+    /// shutdown, until what it holds is ACKed), keeping it alive with pings meanwhile.
     async fn run(mut self, socket: Socket, shutdown: Shutdown) {
         let settings = self.client.settings.clone();
         let (mut sink, mut frames) = socket.split();
-        let mut in_hand: FuturesUnordered<BoxFuture<'static, Answer>> = FuturesUnordered::new();
-        // Reading new frames (off after shutdown or once the socket is gone).
-        let mut taking = true;
-        // The socket can still carry ACKs.
-        let mut writable = true;
-        // After a `disconnect`: close once what is in hand is ACKed, or at this deadline.
-        let mut closing_by: Option<tokio::time::Instant> = None;
+        let mut in_hand = InHand::new();
+        let mut live = Live {
+            taking: true,
+            writable: true,
+            closing_by: None,
+        };
         let interval = settings.ping_interval;
         let mut heard = tokio::time::Instant::now();
         let mut ping_at = heard + interval;
         loop {
-            if in_hand.is_empty() && (!taking || closing_by.is_some()) {
+            if in_hand.is_empty() && (!live.taking || live.closing_by.is_some()) {
                 break;
             }
-            let may_read = taking && in_hand.len() < settings.max_in_flight;
+            let may_read = live.taking && in_hand.len() < settings.max_in_flight;
             if !may_read {
                 // Not reading (all slots busy publishing) is not the gateway's silence: its
                 // frames and pongs wait in the socket meanwhile.
                 heard = tokio::time::Instant::now();
             }
+            let closing_by = live.closing_by;
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled(), if taking => {
+                _ = shutdown.cancelled(), if live.taking => {
                     // Stop taking frames; what is in hand is finished and ACKed below.
-                    taking = false;
+                    live.taking = false;
                     self.end(End::Shutdown);
                 }
                 Some(answer) = in_hand.next(), if !in_hand.is_empty() => {
-                    if writable && !self.send(&mut sink, answer).await {
-                        writable = false;
-                        taking = false;
-                        self.end(End::Error);
-                    }
+                    self.answer(&mut sink, answer, &mut live).await;
                 }
                 read = frames.next(), if may_read => {
                     heard = tokio::time::Instant::now();
-                    match read {
-                        Some(Ok(Message::Text(text))) => {
-                            let received = Instant::now();
-                            match self.frame(text.as_str(), received) {
-                                Step::Publish(publish) => in_hand.push(publish),
-                                Step::Answer(answer) => {
-                                    if writable && !self.send(&mut sink, answer).await {
-                                        writable = false;
-                                        taking = false;
-                                        self.end(End::Error);
-                                    }
-                                }
-                                Step::Disconnect(answer) => {
-                                    if writable {
-                                        writable = self.send(&mut sink, answer).await;
-                                    }
-                                    // The gateway closes it about 10 s later (A.4): finish
-                                    // what is in hand before that, then close.
-                                    closing_by = Some(tokio::time::Instant::now() + Duration::from_secs(10));
-                                    self.end(End::Disconnect);
-                                }
-                                Step::Skip => {}
-                            }
-                        }
-                        Some(Ok(Message::Binary(_))) => {
-                            // dt-go ignores non-text messages; counted here so it shows.
-                            self.invalid(stream::FrameError::NotText);
-                        }
-                        // Pings are answered by the library; any traffic counts as alive.
-                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                        Some(Ok(Message::Close(_))) => {
-                            taking = false;
-                            writable = false;
-                            self.end(End::Closed);
-                        }
-                        Some(Err(e)) => {
-                            taking = false;
-                            writable = false;
-                            self.end(if is_drop(&e) { End::Dropped } else { End::Error });
-                            tracing::debug!(platform = PLATFORM, app = %self.client.app, error = %handshake_error(&e), "DingTalk Stream read failed");
-                        }
-                        None => {
-                            taking = false;
-                            writable = false;
-                            self.end(End::Dropped);
-                        }
-                    }
+                    self.read(read, &mut sink, &mut in_hand, &mut live).await;
                 }
-                _ = tokio::time::sleep_until(ping_at), if taking && writable => {
+                _ = tokio::time::sleep_until(ping_at), if live.taking && live.writable => {
                     ping_at = tokio::time::Instant::now() + interval;
                     let ping = tokio::time::timeout(interval, sink.send(Message::Ping(Bytes::new())));
                     if !matches!(ping.await, Ok(Ok(()))) {
-                        writable = false;
-                        taking = false;
-                        self.end(End::Error);
+                        self.lose(&mut live, End::Error);
                     }
                 }
-                _ = tokio::time::sleep_until(heard + interval * 2), if taking => {
+                _ = tokio::time::sleep_until(heard + interval * 2), if live.taking => {
                     tracing::warn!(platform = PLATFORM, app = %self.client.app, "DingTalk Stream connection silent for two ping intervals; replacing it");
-                    taking = false;
-                    writable = false;
-                    self.end(End::PingTimeout);
+                    self.lose(&mut live, End::PingTimeout);
                 }
                 _ = tokio::time::sleep_until(closing_by.unwrap_or_else(tokio::time::Instant::now)), if closing_by.is_some() => {
                     // What is still in hand was never ACKed: DingTalk pushes it again.
@@ -467,20 +430,72 @@ impl Connection {
                 }
             }
         }
-        if writable {
+        if live.writable {
             let _ =
                 tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(None))).await;
         }
         self.end(End::Closed);
     }
 
+    /// What one message read from the socket calls for.
+    async fn read(
+        &mut self,
+        read: Option<Result<Message, tungstenite::Error>>,
+        sink: &mut Sink,
+        in_hand: &mut InHand,
+        live: &mut Live,
+    ) {
+        match read {
+            Some(Ok(Message::Text(text))) => match self.frame(text.as_str(), Instant::now()) {
+                Step::Publish(publish) => in_hand.push(publish),
+                Step::Answer(answer) => self.answer(sink, answer, live).await,
+                Step::Disconnect(answer) => {
+                    self.answer(sink, answer, live).await;
+                    // The gateway closes it about 10 s later (A.4): finish what is in hand
+                    // before that, then close.
+                    live.closing_by = Some(tokio::time::Instant::now() + Duration::from_secs(10));
+                    self.end(End::Disconnect);
+                }
+                Step::Skip => {}
+            },
+            // dt-go ignores non-text messages; counted here so it shows.
+            Some(Ok(Message::Binary(_))) => self.invalid(stream::FrameError::NotText),
+            // Pings are answered by the library; any traffic counts as alive.
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+            Some(Ok(Message::Close(_))) => self.lose(live, End::Closed),
+            Some(Err(e)) => {
+                tracing::debug!(platform = PLATFORM, app = %self.client.app, error = %handshake_error(&e), "DingTalk Stream read failed");
+                self.lose(
+                    live,
+                    if is_drop(&e) {
+                        End::Dropped
+                    } else {
+                        End::Error
+                    },
+                );
+            }
+            None => self.lose(live, End::Dropped),
+        }
+    }
+
+    /// The socket is gone (or given up): nothing more is read or written on it; what is in
+    /// hand is still published, its ACKs dropped.
+    fn lose(&mut self, live: &mut Live, why: End) {
+        live.taking = false;
+        live.writable = false;
+        self.end(why);
+    }
+
+    /// Sends an ACK while the socket can take it.
+    async fn answer(&mut self, sink: &mut Sink, answer: Answer, live: &mut Live) {
+        if live.writable && !self.send(sink, answer).await {
+            self.lose(live, End::Error);
+        }
+    }
+
     /// Sends an ACK; `false` when the socket cannot take it, or not within a ping interval (a
     /// gateway that stopped reading would otherwise hold the connection forever).
-    async fn send(
-        &self,
-        sink: &mut futures::stream::SplitSink<Socket, Message>,
-        answer: Answer,
-    ) -> bool {
+    async fn send(&self, sink: &mut Sink, answer: Answer) -> bool {
         let send = sink.send(Message::text(answer.text));
         let ok = matches!(
             tokio::time::timeout(self.client.settings.ping_interval, send).await,
