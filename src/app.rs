@@ -38,6 +38,9 @@ pub struct App {
     ingress: BoxFuture<'static, ()>,
     admin: BoxFuture<'static, ()>,
     refusals: Refusals,
+    /// The long connections' supervised tasks (stream-mode apps): each returns on shutdown
+    /// once it has ACKed the frames it held.
+    streams: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// A shutdown finishes within `server.shutdown_grace` plus this. The callbacks in progress and
@@ -95,6 +98,16 @@ impl App {
             header_timeout: settings.server.header_timeout,
             max_connections: settings.server.max_connections,
         };
+        let streams = ingress::stream::Streams::new(&settings.streams);
+        let stream_tasks = ingress::stream::dingtalk::spawn(
+            &settings.dingtalk_streams,
+            &settings.streams,
+            state.clone(),
+            &streams,
+            &supervisor,
+            &shutdown,
+        )
+        .context("starting the DingTalk Stream connections")?;
         let (ingress_addr, internal_addr, ingress) =
             serve_ingress(&settings, state, limits, &shutdown)?;
 
@@ -104,10 +117,15 @@ impl App {
         let admin_listener =
             Listener::bind("admin", "server.admin_listen", settings.server.admin_listen)?;
         let admin_addr = admin_listener.addr();
-        let admin_routes =
-            ingress::admin::routes(bus.clone(), metrics.clone(), supervisor, shutdown.clone())
-                .map(Reply::into_response)
-                .boxed();
+        let admin_routes = ingress::admin::routes(
+            bus.clone(),
+            metrics.clone(),
+            supervisor,
+            streams,
+            shutdown.clone(),
+        )
+        .map(Reply::into_response)
+        .boxed();
         let admin = admin_listener.serve(
             admin_routes,
             limits,
@@ -129,6 +147,7 @@ impl App {
             ingress,
             admin: admin.boxed(),
             refusals,
+            streams: stream_tasks,
         })
     }
 
@@ -141,7 +160,7 @@ impl App {
     }
 
     /// Serves until the shutdown signal, then drains and returns.
-    pub async fn run(self) -> anyhow::Result<()> {
+    pub async fn run(mut self) -> anyhow::Result<()> {
         let internal = self.internal_addr.map(|a| a.to_string());
         tracing::info!(ingress = %self.ingress_addr, internal = internal.as_deref().unwrap_or("off"), admin = %self.admin_addr, bus = self.bus.engine(), "imbridge serving");
         let mut ingress = tokio::spawn(self.ingress);
@@ -165,6 +184,15 @@ impl App {
             Err(_) => {
                 tracing::warn!(in_flight = self.metrics.requests_in_flight.get(), "grace period over; abandoning in-flight callbacks (the platform will retry them)");
                 ingress.abort();
+            }
+        }
+        // Long connections stop taking frames at the signal and ACK what they hold; past the
+        // grace they are dropped, and DingTalk pushes again what was not ACKed.
+        let streams = futures::future::join_all(self.streams.iter_mut());
+        if tokio::time::timeout_at(deadline, streams).await.is_err() {
+            tracing::warn!("grace period over; closing long connections with frames still in hand (the platform will push them again)");
+            for task in &self.streams {
+                task.abort();
             }
         }
         // Workers hand back what they hold; a send already in flight finishes and is acked.

@@ -3,7 +3,9 @@
 //!
 //! Inbound, one HTTP ingress receives every platform's encrypted event callbacks, verifies and
 //! decrypts them, answers the platform's handshake, and publishes each event to a subject such
-//! as `dingtalk.bpms_instance_change`, answering the platform only once the bus has it.
+//! as `dingtalk.bpms_instance_change`, answering the platform only once the bus has it. Apps
+//! in stream mode (DingTalk Stream) need no public URL: imbridge dials out to the platform and
+//! the same events arrive over a WebSocket, with the same subjects and guarantees.
 //!
 //! # Layout
 //!
@@ -16,7 +18,7 @@
 //!   [`config::Settings`], every problem reported at once. It builds each domain's own
 //!   settings types; no domain imports `config`.
 //! - [`ingress`]: warp routes and handlers for callbacks and `POST /notify`, the admin
-//!   listener, error replies.
+//!   listener, error replies; the long connections of stream-mode apps ([`ingress::stream`]).
 //! - [`server`]: serves those routes on hyper 1 connections with the limits a public listener
 //!   needs (header timeout, connection cap, HTTP/1 only) and sums up refusals in the log.
 //! - [`notify`]: the outbound pipeline in named parts: consumer, router, compose, worker,
@@ -24,7 +26,7 @@
 //! - [`bus`]: the bus contract and one engine per file ([`bus::memory`], [`bus::nats`],
 //!   [`bus::kafka`]); it keeps in place what the app describes in a neutral [`bus::Layout`]
 //!   and knows nothing of notify.
-//! - [`platform`]: pure protocol code, one folder per platform (callback, robot, app), and
+//! - [`platform`]: pure protocol code, one folder per platform (callback, stream, robot, app), and
 //!   [`platform::Kind`], the one enum whose methods hold every per-kind decision; the AES
 //!   scheme DingTalk and WeCom share is [`platform::msgcrypt`]; generic HTTP receivers (the
 //!   `webhook` kind: CloudEvents, signed) are [`platform::webhook`].

@@ -66,6 +66,20 @@ pub struct Inner {
     pub notify_routed_total: IntCounterVec,
     /// Restarts of supervised tasks after a panic, by task (`<kind>:<configured name>`).
     pub task_restarts_total: IntCounterVec,
+    /// 1 while a stream-mode app has its long connection, by platform and app.
+    pub stream_connected: IntGaugeVec,
+    /// Long connections replaced or attempts failed, by platform, app and reason.
+    pub stream_reconnects_total: IntCounterVec,
+    /// Frames received on long connections, by platform, app and type (`system`, `event`,
+    /// `callback`, `invalid`).
+    pub stream_frames_total: IntCounterVec,
+    /// Frames skipped as unreadable, by platform, app and reason.
+    pub stream_invalid_frames_total: IntCounterVec,
+    /// ACKs sent, by platform, app and status (`success`, `later`, `callback`,
+    /// `callback_failed`, `ping`, `system`, `unknown`).
+    pub stream_acks_total: IntCounterVec,
+    /// Time from a frame's arrival to its ACK, by platform.
+    pub stream_ack_seconds: HistogramVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -213,6 +227,58 @@ impl Metrics {
                 &["task"],
             )
             .unwrap(),
+            stream_connected: IntGaugeVec::new(
+                Opts::new(
+                    "imbridge_stream_connected",
+                    "1 while a stream-mode app has its long connection",
+                ),
+                &["platform", "app"],
+            )
+            .unwrap(),
+            stream_reconnects_total: IntCounterVec::new(
+                Opts::new(
+                    "imbridge_stream_reconnects_total",
+                    "Long connections replaced or connection attempts failed, by reason",
+                ),
+                &["platform", "app", "reason"],
+            )
+            .unwrap(),
+            stream_frames_total: IntCounterVec::new(
+                Opts::new(
+                    "imbridge_stream_frames_total",
+                    "Frames received on long connections, by type",
+                ),
+                &["platform", "app", "type"],
+            )
+            .unwrap(),
+            stream_invalid_frames_total: IntCounterVec::new(
+                Opts::new(
+                    "imbridge_stream_invalid_frames_total",
+                    "Frames skipped as unreadable, by reason",
+                ),
+                &["platform", "app", "reason"],
+            )
+            .unwrap(),
+            stream_acks_total: IntCounterVec::new(
+                Opts::new(
+                    "imbridge_stream_acks_total",
+                    "ACKs sent on long connections, by status",
+                ),
+                &["platform", "app", "status"],
+            )
+            .unwrap(),
+            stream_ack_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "imbridge_stream_ack_seconds",
+                    "Time from a frame's arrival to its ACK",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ]),
+                &["platform"],
+            )
+            .unwrap(),
             notify_dead_letters_total: IntCounterVec::new(
                 Opts::new(
                     "imbridge_notify_dead_letters_total",
@@ -286,6 +352,10 @@ impl Metrics {
             &inner.task_restarts_total,
             &inner.connections_refused_total,
             &inner.connections_closed_total,
+            &inner.stream_reconnects_total,
+            &inner.stream_frames_total,
+            &inner.stream_invalid_frames_total,
+            &inner.stream_acks_total,
         ] {
             r.register(Box::new(c.clone())).unwrap();
         }
@@ -296,6 +366,10 @@ impl Metrics {
         r.register(Box::new(inner.connections_open.clone()))
             .unwrap();
         r.register(Box::new(inner.notify_latency_seconds.clone()))
+            .unwrap();
+        r.register(Box::new(inner.stream_connected.clone()))
+            .unwrap();
+        r.register(Box::new(inner.stream_ack_seconds.clone()))
             .unwrap();
         Metrics(Arc::new(inner))
     }
@@ -428,6 +502,45 @@ impl Metrics {
     /// A supervised task restarted after a panic.
     pub fn task_restart(&self, task: &str) {
         self.task_restarts_total.with_label_values(&[task]).inc();
+    }
+
+    /// Whether a stream-mode app has its long connection.
+    pub fn stream_connected(&self, platform: &str, app: &str, connected: bool) {
+        self.stream_connected
+            .with_label_values(&[platform, app])
+            .set(i64::from(connected));
+    }
+
+    /// A long connection replaced, or an attempt at one failed, and why.
+    pub fn stream_reconnect(&self, platform: &str, app: &str, reason: &str) {
+        self.stream_reconnects_total
+            .with_label_values(&[platform, app, reason])
+            .inc();
+    }
+
+    /// A frame received, by type (`invalid` when it could not be read).
+    pub fn stream_frame(&self, platform: &str, app: &str, kind: &str) {
+        self.stream_frames_total
+            .with_label_values(&[platform, app, kind])
+            .inc();
+    }
+
+    /// A frame skipped as unreadable, and why.
+    pub fn stream_invalid_frame(&self, platform: &str, app: &str, reason: &str) {
+        self.stream_frame(platform, app, "invalid");
+        self.stream_invalid_frames_total
+            .with_label_values(&[platform, app, reason])
+            .inc();
+    }
+
+    /// An ACK sent, by status, and the time since its frame arrived.
+    pub fn stream_ack(&self, platform: &str, app: &str, status: &str, took: Duration) {
+        self.stream_acks_total
+            .with_label_values(&[platform, app, status])
+            .inc();
+        self.stream_ack_seconds
+            .with_label_values(&[platform])
+            .observe(took.as_secs_f64());
     }
 
     /// A message a route forwarded to `target` ("" when no rule matched).

@@ -9,6 +9,7 @@ use super::error::Problem;
 use super::raw::LogConfig;
 use crate::bus::BusSettings;
 use crate::ingress::clients::Clients;
+use crate::ingress::stream::{DingTalkStreamApp, StreamSettings};
 use crate::ingress::subject::Subjects;
 use crate::message::UserBinding;
 use crate::notify::compose::Directory;
@@ -28,7 +29,12 @@ pub struct Settings {
     pub server: ServerSettings,
     pub log: LogConfig,
     pub bus: BusSettings,
+    /// DingTalk apps in http mode, served at `/callbacks/dingtalk/<name>`.
     pub dingtalk_apps: BTreeMap<String, DingTalkApp>,
+    /// DingTalk apps in stream mode: no route, a long connection each.
+    pub dingtalk_streams: BTreeMap<String, DingTalkStreamApp>,
+    /// `[streams]`: how those connections are kept.
+    pub streams: StreamSettings,
     pub wecom_apps: BTreeMap<String, WeComApp>,
     pub lark_apps: BTreeMap<String, LarkApp>,
     /// The apps' business tokens for inbound subjects.

@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics`, `/healthz` (the process is up) and `/readyz` (the bus is
-//! connected with its streams in place, no supervised task keeps failing, and no shutdown has
+//! connected with its streams in place, no supervised task keeps failing, no stream-mode app
+//! is refused by its platform or (if so configured) down past its grace, and no shutdown has
 //! begun).
 
 use std::convert::Infallible;
@@ -9,6 +10,7 @@ use serde_json::json;
 use warp::http::StatusCode;
 use warp::{Filter, Reply};
 
+use super::stream::Streams;
 use crate::bus::Bus;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -18,6 +20,7 @@ pub fn routes(
     bus: Arc<Bus>,
     metrics: Metrics,
     supervisor: Supervisor,
+    streams: Streams,
     shutdown: Shutdown,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let metrics = warp::path!("metrics").and(warp::get()).map(move || {
@@ -32,12 +35,23 @@ pub fn routes(
         .map(|| warp::reply::json(&json!({"status": "ok"})));
     let readyz = warp::path!("readyz").and(warp::get()).map(move || {
         let failing = supervisor.failing();
+        let streams = streams.report();
         let (status, reason) = if shutdown.is_triggered() {
             (StatusCode::SERVICE_UNAVAILABLE, Some("shutting down"))
         } else if !bus.is_ready() {
             (StatusCode::SERVICE_UNAVAILABLE, Some("bus not ready"))
         } else if !failing.is_empty() {
             (StatusCode::SERVICE_UNAVAILABLE, Some("tasks keep failing"))
+        } else if !streams.refused.is_empty() {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some("platform refuses app credentials"),
+            )
+        } else if streams.fails_readiness {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some("long connections down"),
+            )
         } else {
             (StatusCode::OK, None)
         };
@@ -46,6 +60,7 @@ pub fn routes(
             "bus": bus.engine(),
             "reason": reason,
             "failing": failing,
+            "streams": streams,
         });
         warp::reply::with_status(warp::reply::json(&body), status)
     });

@@ -62,26 +62,47 @@ async fn handle(
         // Milliseconds; already checked against the window when there is one.
         signed_at_ms: params.timestamp.parse().ok(),
     };
+    let id = event_id(app, &event.plaintext);
     let outcome = replay::publish_once(
         state,
         signed,
-        super::Event {
-            platform: PLATFORM,
-            app: app.to_owned(),
-            event_type: event.event_type.clone().unwrap_or_default(),
-            id: event_id(app, &event.plaintext),
-            tenant: event.corp_id.clone(),
-            payload: Bytes::from(event.plaintext),
-        },
+        self::event(
+            app,
+            event.event_type.clone().unwrap_or_default(),
+            id,
+            event.corp_id.clone(),
+            Bytes::from(event.plaintext),
+        ),
     )
     .await?;
     Ok((outcome, reply()))
 }
 
+/// One DingTalk event for the bus, however it arrived (HTTP callback or Stream mode), so a
+/// subscriber cannot tell the two apart: published to `dingtalk.<event_type>` (sanitised, plus
+/// the app's business tokens) with `ce-source` = `dingtalk/<app>` and the corpId as tenant.
+pub fn event(
+    app: &str,
+    event_type: String,
+    id: String,
+    tenant: Option<String>,
+    payload: Bytes,
+) -> super::Event {
+    super::Event {
+        platform: PLATFORM,
+        app: app.to_owned(),
+        event_type,
+        id,
+        tenant,
+        payload,
+    }
+}
+
 /// DingTalk HTTP pushes carry no event id, so the id is a hash of what identifies the event:
 /// platform, app and the decrypted payload (which includes its own timestamp). A retry of the
-/// same push gets the same id; JetStream drops it inside its duplicate window.
-fn event_id(app: &str, plaintext: &[u8]) -> String {
+/// same push gets the same id; JetStream drops it inside its duplicate window. Stream pushes
+/// without an id of their own (card actions) get one the same way.
+pub fn event_id(app: &str, plaintext: &[u8]) -> String {
     let mut h = Sha256::new();
     h.update(PLATFORM.as_bytes());
     h.update([0]);

@@ -11,6 +11,7 @@ pub mod lark;
 pub mod notify;
 pub mod replay;
 pub mod reply;
+pub mod stream;
 pub mod subject;
 pub mod wecom;
 
@@ -218,7 +219,8 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn label(&self) -> &'static str {
+    /// Metric label.
+    pub fn label(&self) -> &'static str {
         match self {
             Outcome::Published => "published",
             Outcome::Duplicate => "duplicate",

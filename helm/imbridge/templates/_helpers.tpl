@@ -137,7 +137,7 @@ TOML.
 {{- $_ = set $server "shutdown_grace" (printf "%ds" (int .Values.shutdownGraceSeconds)) }}
 {{- $_ = set $config "server" $server }}
 {{- /* Sections in the order of imbridge.example.toml, then any other (the daemon refuses those). */}}
-{{- $order := list "server" "log" "bus" "apps" "notify" "targets" "routes" "templates" "users" "clients" }}
+{{- $order := list "server" "log" "bus" "apps" "streams" "notify" "targets" "routes" "templates" "users" "clients" }}
 {{- range $section := keys $config | sortAlpha }}
 {{- if not (has $section $order) }}
 {{- $order = append $order $section }}
@@ -241,27 +241,48 @@ floats as integers; lists as arrays; maps inside lists as inline tables.
 {{- end }}
 
 {{/*
-The apps the daemon serves, as "<platform>/<name>" lines: those declared in config.apps and
-those only named by `secrets` keys (IMBRIDGE_APPS__<PLATFORM>__<NAME>__<KEY>; the daemon
-lower-cases names read from the environment). Apps that only an existingSecret declares
-cannot be seen here.
+The apps the daemon serves callbacks for, as "<platform>/<name>" lines: those declared in
+config.apps and those only named by `secrets` keys (IMBRIDGE_APPS__<PLATFORM>__<NAME>__<KEY>;
+the daemon lower-cases names read from the environment), except apps in stream mode, which
+have no route. Apps that only an existingSecret declares cannot be seen here.
 */}}
 {{- define "imbridge.apps" -}}
 {{- $apps := dict }}
+{{- $streams := include "imbridge.streamApps" . | trim | splitList "\n" }}
 {{- range $platform, $byName := (dig "apps" dict .Values.config) }}
 {{- range $name, $_ := $byName }}
-{{- $_ := set $apps (printf "%s/%s" $platform $name) true }}
+{{- $app := printf "%s/%s" $platform $name }}
+{{- if not (has $app $streams) }}
+{{- $_ := set $apps $app true }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- if not .Values.existingSecret }}
 {{- range $key, $_ := .Values.secrets }}
 {{- $parts := splitList "__" $key }}
 {{- if and (eq (index $parts 0) "IMBRIDGE_APPS") (eq (len $parts) 4) }}
-{{- $_ := set $apps (printf "%s/%s" (lower (index $parts 1)) (lower (index $parts 2))) true }}
+{{- $app := printf "%s/%s" (lower (index $parts 1)) (lower (index $parts 2)) }}
+{{- if not (has $app $streams) }}
+{{- $_ := set $apps $app true }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
 {{- range $app, $_ := $apps }}
 {{ $app }}
+{{- end }}
+{{- end }}
+
+{{/*
+The apps in stream mode (DingTalk Stream), as "<platform>/<name>" lines: they dial out to the
+platform and need no callback URL.
+*/}}
+{{- define "imbridge.streamApps" -}}
+{{- range $platform, $byName := (dig "apps" dict .Values.config) }}
+{{- range $name, $app := $byName }}
+{{- if eq (dig "mode" "http" ($app | default dict)) "stream" }}
+{{ printf "%s/%s" $platform $name }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}

@@ -516,8 +516,13 @@ def check_notes(c: Checker, label: str, notes: str, values: dict) -> None:
     internal Service only (the bus subjects when the internal listener is off)."""
     apps = values.get("config", {}).get("apps", {})
     for platform, by_name in apps.items():
-        for name in by_name:
-            c.check(f"/callbacks/{platform}/{name}" in notes, f"{label}: NOTES.txt lacks /callbacks/{platform}/{name}")
+        for name, app in by_name.items():
+            url = f"/callbacks/{platform}/{name}"
+            if (app or {}).get("mode") == "stream":
+                # No route: the app dials out, and the notes say so.
+                c.check(url not in notes and f"{platform}/{name}" in notes, f"{label}: NOTES.txt lists {url} of a stream-mode app, or omits it")
+            else:
+                c.check(url in notes, f"{label}: NOTES.txt lacks {url}")
     c.check(f"http://{RELEASE}.{NAMESPACE}.svc:" not in notes, f"{label}: NOTES.txt sends notifications to the main Service")
     internal = deep_merge({"enabled": False, "service": {"port": 8081}}, values.get("internal", {}))
     base = f"http://{RELEASE}-internal.{NAMESPACE}.svc:{internal['service']['port']}/notify/"
@@ -569,6 +574,16 @@ def check_chart(c: Checker) -> dict[str, list[dict]]:
         "examples/values-kafka.yaml": kafka,
         "values-nats.yaml + values-networkpolicy.yaml": deep_merge(nats, policy),
         "values-nats.yaml + every optional resource": everything,
+        "values-nats.yaml + a DingTalk app in stream mode": deep_merge(
+            nats,
+            {
+                "config": {
+                    "apps": {"dingtalk": {"ops": {"mode": "stream", "client_id": "dingopsclient"}}},
+                    "streams": {"ping_interval": "30s", "down_fails_readiness": False},
+                },
+                "secrets": {"IMBRIDGE_APPS__DINGTALK__OPS__CLIENT_SECRET": "REPLACE_ME"},
+            },
+        ),
         **internal_cases(nats),
     }
     rendered: dict[str, list[dict]] = {}
@@ -611,6 +626,9 @@ def check_chart(c: Checker) -> dict[str, list[dict]]:
         "a token under config.apps": {"config": {"apps": {"dingtalk": {"main": {"receiver_id": "x", "token": "t"}}}}},
         "an aes_key under config.apps": {"config": {"apps": {"wecom": {"main": {"corp_id": "x", "aes_key": "k"}}}}},
         "a Lark encrypt_key under config.apps": {"config": {"apps": {"lark": {"main": {"encrypt_key": "k"}}}}},
+        "a DingTalk client_secret under config.apps": {"config": {"apps": {"dingtalk": {"s": {"mode": "stream", "client_id": "d", "client_secret": "s"}}}}},
+        "a stream-mode DingTalk app without its client_id": {"config": {"apps": {"dingtalk": {"s": {"mode": "stream"}}}}},
+        "an unknown key under config.streams": {"config": {"streams": {"ping": "1s"}}},
         "a webhook url under config.targets": {"config": {"targets": {"ops": {"kind": "dingtalk_robot", "url": "u"}}}},
         "an app_secret under config.targets": {"config": {"targets": {"w": {"kind": "wecom_app", "app_secret": "s"}}}},
         "a NATS password under config.bus": {"config": {"bus": {"nats": {"password": "p"}}}},

@@ -9,7 +9,7 @@ use crate::secret::{lenient_string, Secret};
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]
 pub struct AppsConfig {
-    /// DingTalk apps by name: `POST /callbacks/dingtalk/<name>`.
+    /// DingTalk apps by name: `POST /callbacks/dingtalk/<name>`, or a Stream-mode connection.
     pub dingtalk: BTreeMap<String, DingTalkAppConfig>,
     /// WeCom apps by name: `GET|POST /callbacks/wecom/<name>`.
     pub wecom: BTreeMap<String, WeComAppConfig>,
@@ -63,11 +63,33 @@ pub struct LarkAppConfig {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]
 pub struct DingTalkAppConfig {
-    /// The callback token chosen when registering the URL.
+    /// How events reach imbridge: "http" (the default: DingTalk posts them to
+    /// `/callbacks/dingtalk/<name>`, which needs a public URL) or "stream" (imbridge opens a
+    /// WebSocket to DingTalk, Stream mode: no public URL, no route).
+    #[serde(deserialize_with = "lenient_string")]
+    pub mode: String,
+    /// Stream mode: the app's Client ID (AppKey; the suiteKey for an ISV app).
+    #[serde(deserialize_with = "lenient_string")]
+    pub client_id: String,
+    /// Stream mode: the app's Client Secret (AppSecret).
+    pub client_secret: Secret,
+    /// Stream mode: where `connections/open` is called. Default `https://api.dingtalk.com`;
+    /// `https://api.dingtalk.io` overseas.
+    #[serde(
+        default,
+        deserialize_with = "crate::secret::lenient_opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub api_base: Option<String>,
+    /// Stream mode: accept an `http://` api_base and the `ws://` endpoint it hands out.
+    /// Default false: the registration carries the client secret, so only `https://` (and
+    /// `wss://`) are accepted (tests and private gateways set this).
+    pub allow_insecure_http: bool,
+    /// HTTP mode: the callback token chosen when registering the URL.
     pub token: Secret,
-    /// The 43-character EncodingAESKey ("aes_key") chosen when registering the URL.
+    /// HTTP mode: the 43-character EncodingAESKey ("aes_key") chosen when registering the URL.
     pub aes_key: Secret,
-    /// corpId (API-registered callback), appKey (in-house app event subscription) or suiteKey.
+    /// HTTP mode: corpId (API-registered callback), appKey (in-house app event subscription) or suiteKey.
     #[serde(deserialize_with = "lenient_string")]
     pub receiver_id: String,
     /// Business tokens appended to this app's inbound subjects, per event type as the platform

@@ -35,6 +35,9 @@ pub struct Config {
     pub bus: BusConfig,
     /// Platform apps whose callbacks the ingress accepts.
     pub apps: AppsConfig,
+    /// Long connections of the apps in stream mode (DingTalk Stream): keepalive, reconnects,
+    /// limits and readiness.
+    pub streams: StreamsConfig,
     /// The notify pipeline (consumer of `notify.>`, retries, dead letters, limiter).
     pub notify: NotifyConfig,
     /// Where notifications go: `notify.<name>` and `POST /notify/<name>`.
@@ -127,6 +130,56 @@ impl Default for ServerConfig {
             replay_window: "2m".into(),
             max_callback_rate: 100,
             shutdown_grace: "20s".into(),
+        }
+    }
+}
+
+/// `[streams]`: how the apps in stream mode keep their connection to the platform.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct StreamsConfig {
+    /// A WebSocket ping is sent this often; a connection that receives nothing (no frame, no
+    /// pong) for twice this long is declared dead and replaced.
+    #[serde(deserialize_with = "lenient_string")]
+    pub ping_interval: String,
+    /// First wait before reconnecting after a failure; it doubles (with jitter) up to
+    /// reconnect_max. A `disconnect` from the platform reconnects at once.
+    #[serde(deserialize_with = "lenient_string")]
+    pub reconnect_initial: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub reconnect_max: String,
+    /// Wait between attempts while the platform refuses the app's credentials (401/403): they
+    /// will not start working by themselves, and the platform should not be hammered.
+    #[serde(deserialize_with = "lenient_string")]
+    pub auth_retry: String,
+    /// Timeout of the registration call and of the WebSocket handshake.
+    #[serde(deserialize_with = "lenient_string")]
+    pub connect_timeout: String,
+    /// An app whose connection has been down longer than this is named in /readyz.
+    #[serde(deserialize_with = "lenient_string")]
+    pub down_grace: String,
+    /// Whether such an app makes /readyz answer 503. Set false when the replica must stay in
+    /// its Service meanwhile (it also serves /notify, say); refused credentials always do.
+    pub down_fails_readiness: bool,
+    /// Largest frame read; a larger one is counted and skipped (DingTalk's Java SDK caps
+    /// frames at 256 KiB, so the platform is not expected to send more).
+    pub max_frame_bytes: usize,
+    /// Frames of one connection being published at once; past it, reading pauses.
+    pub max_in_flight: usize,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        StreamsConfig {
+            ping_interval: "60s".into(),
+            reconnect_initial: "1s".into(),
+            reconnect_max: "60s".into(),
+            auth_retry: "60s".into(),
+            connect_timeout: "10s".into(),
+            down_grace: "60s".into(),
+            down_fails_readiness: true,
+            max_frame_bytes: 1024 * 1024,
+            max_in_flight: 64,
         }
     }
 }

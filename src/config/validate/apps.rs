@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 
 use super::checker::Checker;
-use crate::config::raw::{AppsConfig, DingTalkAppConfig, LarkAppConfig, WeComAppConfig};
+use crate::config::raw::{
+    AppsConfig, DingTalkAppConfig, LarkAppConfig, StreamsConfig, WeComAppConfig,
+};
+use crate::ingress::stream::{DingTalkStreamApp, StreamSettings};
 use crate::ingress::subject::{self, SubjectKeys, Subjects};
 use crate::platform::dingtalk::callback::DingTalkApp;
 use crate::platform::lark::callback::LarkApp;
@@ -13,24 +16,189 @@ use crate::platform::wecom::callback::WeComApp;
 use crate::platform::Platform;
 use crate::secret::Secret;
 
+/// DingTalk apps by how their events arrive: callbacks (`mode = "http"`, the default) or a
+/// Stream-mode connection (`mode = "stream"`). Each mode requires its own keys only.
 pub(super) fn dingtalk(
     apps: &BTreeMap<String, DingTalkAppConfig>,
     c: &mut Checker,
-) -> BTreeMap<String, DingTalkApp> {
-    let mut out = BTreeMap::new();
+) -> (
+    BTreeMap<String, DingTalkApp>,
+    BTreeMap<String, DingTalkStreamApp>,
+) {
+    let mut http = BTreeMap::new();
+    let mut streams = BTreeMap::new();
     for (name, app) in apps {
         let key = format!("apps.dingtalk.{name}");
         c.name(&key, name, "app");
-        let receiver = Receiver {
-            field: "receiver_id",
-            value: &app.receiver_id,
-            what: "corpId, appKey or suiteKey",
-        };
-        if let Some(crypt) = crypt(&key, &app.token, &app.aes_key, receiver, c) {
-            out.insert(name.clone(), DingTalkApp { crypt });
+        match app.mode.as_str() {
+            "" | "http" => {
+                unused_keys(
+                    &key,
+                    "http",
+                    &[
+                        ("client_id", !app.client_id.is_empty()),
+                        ("client_secret", !app.client_secret.expose().is_empty()),
+                        ("api_base", app.api_base.is_some()),
+                        ("allow_insecure_http", app.allow_insecure_http),
+                    ],
+                    c,
+                );
+                let receiver = Receiver {
+                    field: "receiver_id",
+                    value: &app.receiver_id,
+                    what: "corpId, appKey or suiteKey",
+                };
+                if let Some(crypt) = crypt(&key, &app.token, &app.aes_key, receiver, c) {
+                    http.insert(name.clone(), DingTalkApp { crypt });
+                }
+            }
+            "stream" => {
+                unused_keys(
+                    &key,
+                    "stream",
+                    &[
+                        ("token", !app.token.expose().is_empty()),
+                        ("aes_key", !app.aes_key.expose().is_empty()),
+                        ("receiver_id", !app.receiver_id.is_empty()),
+                    ],
+                    c,
+                );
+                if let Some(s) = dingtalk_stream(&key, app, c) {
+                    streams.insert(name.clone(), s);
+                }
+            }
+            other => c.problem(
+                format!("{key}.mode"),
+                format!(
+                    "{other:?} is not a mode: use \"http\" (callbacks) or \"stream\" (Stream mode)"
+                ),
+            ),
         }
     }
-    out
+    (http, streams)
+}
+
+/// The keys of a stream-mode app: the Client ID and Secret, and where to register.
+fn dingtalk_stream(
+    key: &str,
+    app: &DingTalkAppConfig,
+    c: &mut Checker,
+) -> Option<DingTalkStreamApp> {
+    let before = c.count();
+    if app.client_id.trim().is_empty() {
+        c.problem(
+            format!("{key}.client_id"),
+            "must be set in stream mode (the app's Client ID / AppKey)",
+        );
+    }
+    if app.client_secret.expose().is_empty() {
+        c.problem(
+            format!("{key}.client_secret"),
+            "must be set in stream mode (the app's Client Secret / AppSecret)",
+        );
+    }
+    let api_base = app
+        .api_base
+        .as_deref()
+        .unwrap_or(DINGTALK_API_BASE)
+        .trim()
+        .trim_end_matches('/')
+        .to_owned();
+    base_url(
+        &api_base,
+        app.allow_insecure_http,
+        &format!("{key}.api_base"),
+        c,
+    );
+    if c.count() > before {
+        return None;
+    }
+    Some(DingTalkStreamApp {
+        client_id: app.client_id.trim().to_owned(),
+        client_secret: app.client_secret.clone(),
+        api_base,
+        allow_insecure: app.allow_insecure_http,
+    })
+}
+
+/// `[streams]`: durations parsed, each non-zero, the backoff in order.
+pub(super) fn streams(raw: &StreamsConfig, c: &mut Checker) -> StreamSettings {
+    let mut duration = |field: &str, value: &str| {
+        let key = format!("streams.{field}");
+        let d = c.duration(&key, value);
+        if humantime::parse_duration(value).is_ok_and(|d| d.is_zero()) {
+            c.problem(key, "must be greater than 0");
+        }
+        d
+    };
+    let settings = StreamSettings {
+        ping_interval: duration("ping_interval", &raw.ping_interval),
+        reconnect_initial: duration("reconnect_initial", &raw.reconnect_initial),
+        reconnect_max: duration("reconnect_max", &raw.reconnect_max),
+        auth_retry: duration("auth_retry", &raw.auth_retry),
+        connect_timeout: duration("connect_timeout", &raw.connect_timeout),
+        down_grace: c.duration("streams.down_grace", &raw.down_grace),
+        down_fails_readiness: raw.down_fails_readiness,
+        max_frame_bytes: raw.max_frame_bytes,
+        max_in_flight: raw.max_in_flight,
+    };
+    if settings.reconnect_max < settings.reconnect_initial {
+        c.problem(
+            "streams.reconnect_max",
+            "must not be shorter than streams.reconnect_initial",
+        );
+    }
+    for (key, value) in [
+        ("streams.max_frame_bytes", settings.max_frame_bytes),
+        ("streams.max_in_flight", settings.max_in_flight),
+    ] {
+        if value == 0 {
+            c.problem(key, "must be greater than 0");
+        }
+    }
+    settings
+}
+
+/// DingTalk's OpenAPI, where Stream connections are registered.
+const DINGTALK_API_BASE: &str = "https://api.dingtalk.com";
+
+/// The registration carries the client secret: `https://` only, unless the app says
+/// `allow_insecure_http`.
+fn base_url(url: &str, insecure: bool, key: &str, c: &mut Checker) {
+    let lower = url.to_ascii_lowercase();
+    let rest = if let Some(rest) = lower.strip_prefix("https://") {
+        rest
+    } else if let Some(rest) = lower.strip_prefix("http://") {
+        if !insecure {
+            c.problem(
+                key,
+                "is an http:// URL: the client secret would travel in clear; use https:// \
+                 (or set allow_insecure_http = true on this app)",
+            );
+        }
+        rest
+    } else {
+        c.problem(
+            key,
+            "must be an https:// URL, e.g. https://api.dingtalk.com",
+        );
+        return;
+    };
+    if rest.is_empty() || reqwest::Url::parse(url).is_err() {
+        c.problem(key, "is not a valid URL");
+    }
+}
+
+/// Keys of the other mode are ignored: said, so that a half-switched app is noticed.
+fn unused_keys(key: &str, mode: &str, set: &[(&str, bool)], c: &mut Checker) {
+    for (field, is_set) in set {
+        if *is_set {
+            c.warning(
+                format!("{key}.{field}"),
+                format!("is not used in {mode} mode"),
+            );
+        }
+    }
 }
 
 pub(super) fn wecom(

@@ -30,7 +30,8 @@ pub(super) fn validate(
     let server = server::server(&config.server, &mut c);
     server::log(&config.log, &mut c);
     let bus = bus::bus(&config.bus, &mut c);
-    let dingtalk_apps = apps::dingtalk(&config.apps.dingtalk, &mut c);
+    let (dingtalk_apps, dingtalk_streams) = apps::dingtalk(&config.apps.dingtalk, &mut c);
+    let streams = apps::streams(&config.streams, &mut c);
     let wecom_apps = apps::wecom(&config.apps.wecom, &mut c);
     let lark_apps = apps::lark(&config.apps.lark, &mut c);
     let subjects = apps::subjects(&config.apps, &mut c);
@@ -53,6 +54,8 @@ pub(super) fn validate(
         log: config.log.clone(),
         bus,
         dingtalk_apps,
+        dingtalk_streams,
+        streams,
         wecom_apps,
         lark_apps,
         subjects,

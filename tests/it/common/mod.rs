@@ -10,6 +10,7 @@ pub mod engine;
 pub mod fakes;
 pub mod kafka;
 pub mod receiver;
+pub mod stream_gateway;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
