@@ -135,8 +135,17 @@ async fn rate_limiter_forgets_100k_members_rss_stays_flat() {
     send_to(&http, &notify_url, last).await;
     farm.wait_sent(CORP, warm_ups + 1 + MEMBERS / PER_MESSAGE, WAIT)
         .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let after = rss_kib(&daemon);
+    // Freed memory leaves the resident set when the allocator gets round to it, later on a
+    // loaded machine: the lowest of a few seconds' samples is what the daemon holds. A leak
+    // of the 100,000 members' state stays above the slack however long this waits.
+    let mut after = u64::MAX;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        after = after.min(rss_kib(&daemon));
+        if after <= before + RSS_SLACK_KIB {
+            break;
+        }
+    }
     eprintln!(
         "{MEMBERS} members in {flooded:?}: VmRSS {before} KiB before, {after} KiB after ({:+} KiB)",
         after as i64 - before as i64

@@ -6,6 +6,7 @@
 //! One connection per app per replica, in a supervised task; [`Streams`] is what `/readyz`
 //! learns of them.
 
+mod connection;
 pub mod dingtalk;
 
 use std::collections::BTreeMap;
