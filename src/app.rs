@@ -99,7 +99,7 @@ impl App {
             max_connections: settings.server.max_connections,
         };
         let streams = ingress::stream::Streams::new(&settings.streams);
-        let stream_tasks = ingress::stream::dingtalk::spawn(
+        let mut stream_tasks = ingress::stream::dingtalk::spawn(
             &settings.dingtalk_streams,
             &settings.streams,
             state.clone(),
@@ -108,6 +108,17 @@ impl App {
             &shutdown,
         )
         .context("starting the DingTalk Stream connections")?;
+        stream_tasks.extend(
+            ingress::stream::lark::spawn(
+                &settings.lark_streams,
+                &settings.streams,
+                state.clone(),
+                &streams,
+                &supervisor,
+                &shutdown,
+            )
+            .context("starting the Lark long connections")?,
+        );
         let (ingress_addr, internal_addr, ingress) =
             serve_ingress(&settings, state, limits, &shutdown)?;
 

@@ -9,7 +9,7 @@ use super::error::Problem;
 use super::raw::LogConfig;
 use crate::bus::BusSettings;
 use crate::ingress::clients::Clients;
-use crate::ingress::stream::{DingTalkStreamApp, StreamSettings};
+use crate::ingress::stream::{DingTalkStreamApp, LarkStreamApp, StreamSettings};
 use crate::ingress::subject::Subjects;
 use crate::message::UserBinding;
 use crate::notify::compose::Directory;
@@ -36,7 +36,10 @@ pub struct Settings {
     /// `[streams]`: how those connections are kept.
     pub streams: StreamSettings,
     pub wecom_apps: BTreeMap<String, WeComApp>,
+    /// Lark apps in http mode, served at `/callbacks/lark/<name>`.
     pub lark_apps: BTreeMap<String, LarkApp>,
+    /// Lark apps in websocket mode: no route, a long connection each.
+    pub lark_streams: BTreeMap<String, LarkStreamApp>,
     /// The apps' business tokens for inbound subjects.
     pub subjects: Subjects,
     pub notify: NotifySettings,

@@ -41,7 +41,28 @@ pub struct WeComAppConfig {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]
 pub struct LarkAppConfig {
-    /// The Verification Token of the app's event subscription; checked when set.
+    /// How events reach imbridge: "http" (the default: Lark posts them to
+    /// `/callbacks/lark/<name>`, which needs a public URL) or "websocket" (imbridge opens
+    /// Lark's long connection: no public URL, no route).
+    #[serde(deserialize_with = "lenient_string")]
+    pub mode: String,
+    /// Websocket mode: the app's App ID (`cli_…`).
+    #[serde(deserialize_with = "lenient_string")]
+    pub app_id: String,
+    /// Websocket mode: the app's App Secret.
+    pub app_secret: Secret,
+    /// Websocket mode: where the endpoint is asked for. Default `https://open.feishu.cn`;
+    /// `https://open.larksuite.com` for Lark (international).
+    #[serde(
+        default,
+        deserialize_with = "crate::secret::lenient_opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub domain: Option<String>,
+    /// Websocket mode: accept an `http://` domain and the `ws://` URL it hands out (tests,
+    /// private gateways). Default false: the endpoint call carries the app secret.
+    pub allow_insecure_http: bool,
+    /// HTTP mode: the Verification Token of the app's event subscription; checked when set.
     #[serde(default)]
     pub verification_token: Option<Secret>,
     /// The Encrypt Key; when set, events must be encrypted and signed with it.

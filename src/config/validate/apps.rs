@@ -7,7 +7,7 @@ use super::checker::Checker;
 use crate::config::raw::{
     AppsConfig, DingTalkAppConfig, LarkAppConfig, StreamsConfig, WeComAppConfig,
 };
-use crate::ingress::stream::{DingTalkStreamApp, StreamSettings};
+use crate::ingress::stream::{DingTalkStreamApp, LarkStreamApp, StreamSettings};
 use crate::ingress::subject::{self, SubjectKeys, Subjects};
 use crate::platform::dingtalk::callback::DingTalkApp;
 use crate::platform::lark::callback::LarkApp;
@@ -228,54 +228,140 @@ pub(super) fn wecom(
     out
 }
 
+/// Lark apps by how their events arrive: callbacks (`mode = "http"`, the default) or the
+/// long connection (`mode = "websocket"`). Each mode requires its own keys only.
 pub(super) fn lark(
     apps: &BTreeMap<String, LarkAppConfig>,
     c: &mut Checker,
-) -> BTreeMap<String, LarkApp> {
-    let mut out = BTreeMap::new();
+) -> (BTreeMap<String, LarkApp>, BTreeMap<String, LarkStreamApp>) {
+    let mut http = BTreeMap::new();
+    let mut streams = BTreeMap::new();
     for (name, app) in apps {
         let key = format!("apps.lark.{name}");
         c.name(&key, name, "app");
-        let set = |s: &Option<Secret>| {
-            s.as_ref()
-                .map(|s| s.expose().to_owned())
-                .filter(|s| !s.is_empty())
-        };
-        let (verification_token, encrypt_key) =
-            (set(&app.verification_token), set(&app.encrypt_key));
-        if verification_token.is_none() && encrypt_key.is_none() {
-            c.problem(
-                &key,
-                "set verification_token or encrypt_key (or both): otherwise anyone who knows \
-                 the URL can publish events",
-            );
+        match app.mode.as_str() {
+            "" | "http" => {
+                unused_keys(
+                    &key,
+                    "http",
+                    &[
+                        ("app_id", !app.app_id.is_empty()),
+                        ("app_secret", !app.app_secret.expose().is_empty()),
+                        ("domain", app.domain.is_some()),
+                        ("allow_insecure_http", app.allow_insecure_http),
+                    ],
+                    c,
+                );
+                http.insert(name.clone(), lark_http(&key, app, c));
+            }
+            "websocket" => {
+                let set = |s: &Option<Secret>| s.as_ref().is_some_and(|s| !s.expose().is_empty());
+                unused_keys(
+                    &key,
+                    "websocket",
+                    &[
+                        ("verification_token", set(&app.verification_token)),
+                        ("encrypt_key", set(&app.encrypt_key)),
+                        ("allow_unsigned", app.allow_unsigned),
+                    ],
+                    c,
+                );
+                if let Some(s) = lark_stream(&key, app, c) {
+                    streams.insert(name.clone(), s);
+                }
+            }
+            other => c.problem(
+                format!("{key}.mode"),
+                format!(
+                    "{other:?} is not a mode: use \"http\" (callbacks) or \"websocket\" (the long \
+                     connection)"
+                ),
+            ),
         }
-        if verification_token.is_some() && encrypt_key.is_none() && !app.allow_unsigned {
-            c.problem(
-                format!("{key}.encrypt_key"),
-                "is not set, so callbacks are not signed and the verification token, which \
-                 travels inside every event published, is their only proof: anyone who can read \
-                 the bus could forge them. Set the Encrypt Key from Lark's console, or \
-                 allow_unsigned = true to accept that",
-            );
-        } else if encrypt_key.is_none() && app.allow_unsigned {
-            c.warning(
-                format!("{key}.allow_unsigned"),
-                "callbacks are accepted unsigned: anyone who can read the bus could forge them",
-            );
-        } else if encrypt_key.is_some() && app.allow_unsigned {
-            c.warning(
-                format!("{key}.allow_unsigned"),
-                "has no effect: an encrypt key is set, so callbacks must be signed",
-            );
-        }
-        let app = LarkApp {
-            verification_token,
-            encrypt_key,
-        };
-        out.insert(name.clone(), app);
     }
-    out
+    (http, streams)
+}
+
+/// The keys of a websocket-mode app: the App ID and Secret, and where to ask for the endpoint.
+fn lark_stream(key: &str, app: &LarkAppConfig, c: &mut Checker) -> Option<LarkStreamApp> {
+    let before = c.count();
+    if app.app_id.trim().is_empty() {
+        c.problem(
+            format!("{key}.app_id"),
+            "must be set in websocket mode (the app's App ID, cli_…)",
+        );
+    }
+    if app.app_secret.expose().is_empty() {
+        c.problem(
+            format!("{key}.app_secret"),
+            "must be set in websocket mode (the app's App Secret)",
+        );
+    }
+    let domain = app
+        .domain
+        .as_deref()
+        .unwrap_or(LARK_DOMAIN)
+        .trim()
+        .trim_end_matches('/')
+        .to_owned();
+    base_url(
+        &domain,
+        app.allow_insecure_http,
+        &format!("{key}.domain"),
+        c,
+    );
+    if c.count() > before {
+        return None;
+    }
+    Some(LarkStreamApp {
+        app_id: app.app_id.trim().to_owned(),
+        app_secret: app.app_secret.clone(),
+        domain,
+        allow_insecure: app.allow_insecure_http,
+    })
+}
+
+/// Feishu's OpenAPI, where the long connection's endpoint is asked for.
+const LARK_DOMAIN: &str = "https://open.feishu.cn";
+
+/// The keys of an http-mode app: the verification token and encrypt key.
+fn lark_http(key: &str, app: &LarkAppConfig, c: &mut Checker) -> LarkApp {
+    let set = |s: &Option<Secret>| {
+        s.as_ref()
+            .map(|s| s.expose().to_owned())
+            .filter(|s| !s.is_empty())
+    };
+    let (verification_token, encrypt_key) = (set(&app.verification_token), set(&app.encrypt_key));
+    if verification_token.is_none() && encrypt_key.is_none() {
+        c.problem(
+            key,
+            "set verification_token or encrypt_key (or both): otherwise anyone who knows \
+             the URL can publish events",
+        );
+    }
+    if verification_token.is_some() && encrypt_key.is_none() && !app.allow_unsigned {
+        c.problem(
+            format!("{key}.encrypt_key"),
+            "is not set, so callbacks are not signed and the verification token, which \
+             travels inside every event published, is their only proof: anyone who can read \
+             the bus could forge them. Set the Encrypt Key from Lark's console, or \
+             allow_unsigned = true to accept that",
+        );
+    } else if encrypt_key.is_none() && app.allow_unsigned {
+        c.warning(
+            format!("{key}.allow_unsigned"),
+            "callbacks are accepted unsigned: anyone who can read the bus could forge them",
+        );
+    } else if encrypt_key.is_some() && app.allow_unsigned {
+        c.warning(
+            format!("{key}.allow_unsigned"),
+            "has no effect: an encrypt key is set, so callbacks must be signed",
+        );
+    }
+    LarkApp {
+        verification_token,
+        encrypt_key,
+    }
 }
 
 /// Every app's `subjects`: pointers that start with `/`, at most a few per event type, so an

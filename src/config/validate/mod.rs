@@ -33,7 +33,7 @@ pub(super) fn validate(
     let (dingtalk_apps, dingtalk_streams) = apps::dingtalk(&config.apps.dingtalk, &mut c);
     let streams = apps::streams(&config.streams, &mut c);
     let wecom_apps = apps::wecom(&config.apps.wecom, &mut c);
-    let lark_apps = apps::lark(&config.apps.lark, &mut c);
+    let (lark_apps, lark_streams) = apps::lark(&config.apps.lark, &mut c);
     let subjects = apps::subjects(&config.apps, &mut c);
     server::replay(&server, &bus, &mut c);
     let notify = notify::notify(&config.notify, &bus.engine, &mut c);
@@ -58,6 +58,7 @@ pub(super) fn validate(
         streams,
         wecom_apps,
         lark_apps,
+        lark_streams,
         subjects,
         notify,
         targets,

@@ -56,8 +56,11 @@ pub(super) trait Protocol: Sized + Send + Sync + 'static {
         client: &Client<Self>,
     ) -> impl Future<Output = Result<(Socket, Self::Conn), ConnectError>> + Send;
 
-    /// The keepalive message and how often it goes.
-    fn ping(client: &Client<Self>, conn: &Self::Conn) -> (Message, Duration);
+    /// The keepalive message.
+    fn ping(client: &Client<Self>, conn: &Self::Conn) -> Message;
+
+    /// How often it goes, now (a platform may change it on a live connection).
+    fn ping_every(client: &Client<Self>, conn: &Self::Conn) -> Duration;
 
     /// How long without any traffic means the connection is dead.
     fn silence(client: &Client<Self>, conn: &Self::Conn) -> Duration;
@@ -389,7 +392,7 @@ impl<P: Protocol> Connection<P> {
         };
         let mut heard = tokio::time::Instant::now();
         // The first ping goes at once (Lark's SDKs do; DingTalk's gateway does not mind).
-        let mut ping_at = heard;
+        let mut pinged: Option<tokio::time::Instant> = None;
         loop {
             if in_hand.is_empty() && (!live.taking || live.closing_by.is_some()) {
                 break;
@@ -401,6 +404,9 @@ impl<P: Protocol> Connection<P> {
                 heard = tokio::time::Instant::now();
             }
             let silence = P::silence(&self.client, &self.conn);
+            // Recomputed each time round: a period shortened by the platform applies at once.
+            let every = P::ping_every(&self.client, &self.conn);
+            let ping_at = pinged.map_or(heard, |at| at + every);
             let closing_by = live.closing_by;
             tokio::select! {
                 biased;
@@ -417,8 +423,8 @@ impl<P: Protocol> Connection<P> {
                     self.read(read, &mut sink, &mut in_hand, &mut live).await;
                 }
                 _ = tokio::time::sleep_until(ping_at), if live.taking && live.writable => {
-                    let (ping, every) = P::ping(&self.client, &self.conn);
-                    ping_at = tokio::time::Instant::now() + every;
+                    pinged = Some(tokio::time::Instant::now());
+                    let ping = P::ping(&self.client, &self.conn);
                     if !matches!(tokio::time::timeout(every, sink.send(ping)).await, Ok(Ok(()))) {
                         self.lose(&mut live, End::Error);
                     }

@@ -63,8 +63,12 @@ impl Protocol for DingTalkStreamApp {
     }
 
     /// A WebSocket ping every interval (A.6).
-    fn ping(client: &Client<Self>, _: &()) -> (Message, Duration) {
-        (Message::Ping(Bytes::new()), client.settings.ping_interval)
+    fn ping(_: &Client<Self>, _: &()) -> Message {
+        Message::Ping(Bytes::new())
+    }
+
+    fn ping_every(client: &Client<Self>, _: &()) -> Duration {
+        client.settings.ping_interval
     }
 
     fn silence(client: &Client<Self>, _: &()) -> Duration {

@@ -1,5 +1,6 @@
 //! Long connections: apps in stream mode dial out to their platform instead of being called
-//! back, so no public URL is needed (DingTalk Stream mode, [`dingtalk`]). Their events reach
+//! back, so no public URL is needed (DingTalk Stream mode, [`dingtalk`]; Lark's long connection,
+//! [`lark`]). What every connection does is [`connection`]'s. Their events reach
 //! the same subjects with the same bodies, headers and guarantees as the HTTP callbacks: the
 //! platform is acknowledged only after the bus has the event.
 //!
@@ -8,6 +9,7 @@
 
 mod connection;
 pub mod dingtalk;
+pub mod lark;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -55,6 +57,17 @@ pub struct DingTalkStreamApp {
     /// Without a trailing slash.
     pub api_base: String,
     /// `http://` api_base and `ws://` endpoints allowed.
+    pub allow_insecure: bool,
+}
+
+/// A Lark app in websocket mode, validated.
+#[derive(Debug, Clone)]
+pub struct LarkStreamApp {
+    pub app_id: String,
+    pub app_secret: Secret,
+    /// Without a trailing slash.
+    pub domain: String,
+    /// `http://` domain and `ws://` URLs allowed.
     pub allow_insecure: bool,
 }
 

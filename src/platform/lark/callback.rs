@@ -356,6 +356,25 @@ pub fn signed_at_ms(headers: &Headers<'_>) -> Option<u64> {
 }
 
 /// Parses bytes that must be a JSON object, telling bad UTF-8 from bad JSON.
+/// An event pushed over the long connection (STREAMS.md §B.4): the plain event JSON, neither
+/// encrypted nor signed, and no token to check (the connection was authenticated when it was
+/// opened). Read as HTTP mode reads a decrypted callback, so that both publish the same
+/// subject, id and tenant, and the same bytes.
+pub fn pushed_event(body: Vec<u8>) -> Result<Event, CallbackError> {
+    let object = json_object(&body)?;
+    let unchecked = LarkApp {
+        verification_token: None,
+        encrypt_key: None,
+    };
+    match classify(&unchecked, body, &object)? {
+        Incoming::Event(event) => Ok(event),
+        // A handshake belongs to HTTP mode's URL check; over the connection it is no event.
+        Incoming::Challenge { .. } => Err(CallbackError::UnknownSchema(Some(
+            "url_verification".to_owned(),
+        ))),
+    }
+}
+
 fn json_object(bytes: &[u8]) -> Result<Map<String, Value>, CallbackError> {
     let text = std::str::from_utf8(bytes).map_err(|_| CallbackError::Utf8)?;
     match serde_json::from_str(text).map_err(|_| CallbackError::Json)? {
