@@ -891,3 +891,178 @@ fn check_config_exits_64_naming_the_missing_websocket_keys() {
     assert!(!all.contains("apps.lark.s.verification_token"), "{all}");
     assert!(!all.contains("hush-hush-lark-secret"), "{all}");
 }
+
+/// The fake gateway itself, played against by a client made of the daemon's pure protocol
+/// module (`platform::lark::ws`): what the tests above rely on it to accept and to flag.
+mod gateway_selftest {
+    use std::time::{Duration, Instant};
+
+    use futures::{SinkExt, StreamExt};
+    use imbridge::platform::lark::ws::{self, Endpoint, Fragments, Frame, FrameKind};
+    use tokio_tungstenite::tungstenite::{self, Message};
+
+    use crate::common::lark_gateway::{
+        event_v2, EndpointReply, Gateway, HandshakeRefusal, APP_ID, APP_SECRET, CODE_REFUSED,
+    };
+    use crate::common::WAIT;
+
+    type Socket = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    async fn endpoint(gw: &Gateway, secret: &str) -> Endpoint {
+        let res = reqwest::Client::new()
+            .post(format!("{}/callback/ws/endpoint", gw.domain()))
+            .header("locale", "zh")
+            .json(&ws::endpoint_request(APP_ID, secret))
+            .timeout(WAIT)
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        ws::endpoint(status, &res.bytes().await.unwrap())
+    }
+
+    async fn fresh_url(gw: &Gateway) -> String {
+        match endpoint(gw, APP_SECRET).await {
+            Endpoint::Connect { url, config } => {
+                assert_eq!(config.ping_interval, 1);
+                assert_eq!(config.reconnect_nonce, 0);
+                url
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn next_frame(socket: &mut Socket) -> Frame {
+        loop {
+            let msg = tokio::time::timeout(WAIT, socket.next())
+                .await
+                .expect("a frame")
+                .expect("open")
+                .unwrap();
+            if let Message::Binary(b) = msg {
+                return Frame::decode_bytes(&b).unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_well_behaved_client_leaves_no_violation() {
+        let gw = Gateway::start().await;
+        let url = fresh_url(&gw).await;
+        let (service, device) = ws::connection_ids(&url);
+        assert!(service > 0 && device.is_some(), "{url}");
+        let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        let conn = gw.next_conn().await;
+        assert_eq!(conn.service_id, service);
+
+        gw.set_pong_config(Some(serde_json::json!({"PingInterval": 5})));
+        socket
+            .send(Message::binary(Frame::ping(service).to_bytes()))
+            .await
+            .unwrap();
+        let pong = next_frame(&mut socket).await;
+        assert_eq!(pong.kind(), FrameKind::Pong);
+        let mut config = ws::ClientConfig::default();
+        assert!(config.apply(pong.payload.as_deref().unwrap()));
+        assert_eq!(config.ping_interval, 5);
+        assert_eq!(gw.pings(conn.index).len(), 1);
+
+        // Out of order, answered from the part that completed the message.
+        let event = event_v2("ev-self", "自检");
+        let parts = conn.fragments("m-self", event.as_bytes(), 3);
+        conn.send_all(&[parts[1].clone(), parts[2].clone(), parts[0].clone()]);
+        let mut fragments = Fragments::new(Duration::from_secs(5), 8, 1 << 20);
+        let whole = loop {
+            let frame = next_frame(&mut socket).await;
+            if let Some(whole) = fragments.add(&frame, Instant::now()).unwrap() {
+                break (whole, frame);
+            }
+        };
+        assert_eq!(whole.0, event.as_bytes());
+        let answer = whole.1.answer(true, Duration::from_millis(3));
+        socket
+            .send(Message::binary(answer.to_bytes()))
+            .await
+            .unwrap();
+        let got = gw.answer("m-self").await;
+        assert_eq!((got.code(), got.header("seq")), (200, Some("0")));
+        assert!(gw.violations().is_empty(), "{:?}", gw.violations());
+
+        socket.close(None).await.unwrap();
+        gw.wait_closed(conn.index).await;
+    }
+
+    #[tokio::test]
+    async fn mistakes_are_flagged_and_refusals_scripted() {
+        let gw = Gateway::start().await;
+        let url = fresh_url(&gw).await;
+        let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        let conn = gw.next_conn().await;
+        // A URL used twice.
+        let reused = tokio_tungstenite::connect_async(&url).await;
+        assert!(reused.is_err());
+        // An answer that is not the frame it answers.
+        let frame = conn.event("m-1", b"{}");
+        conn.send(&frame);
+        let got = next_frame(&mut socket).await;
+        let mut answer = got.answer(true, Duration::ZERO);
+        answer.seq_id += 1;
+        socket
+            .send(Message::binary(answer.to_bytes()))
+            .await
+            .unwrap();
+        // A ping of the wrong service, and a text message.
+        socket
+            .send(Message::binary(Frame::ping(conn.service_id + 1).to_bytes()))
+            .await
+            .unwrap();
+        socket.send(Message::text("hello")).await.unwrap();
+        let deadline = Instant::now() + WAIT;
+        while gw.violations().len() < 4 {
+            assert!(Instant::now() < deadline, "{:?}", gw.violations());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // Scripted endpoint answers, then wrong credentials.
+        gw.script_endpoint(&[
+            EndpointReply::Status(500),
+            EndpointReply::Code(1),
+            EndpointReply::Code(CODE_REFUSED),
+        ]);
+        assert!(matches!(
+            endpoint(&gw, APP_SECRET).await,
+            Endpoint::Retry(_)
+        ));
+        assert!(matches!(
+            endpoint(&gw, APP_SECRET).await,
+            Endpoint::Retry(_)
+        ));
+        assert!(matches!(
+            endpoint(&gw, APP_SECRET).await,
+            Endpoint::Refused(_)
+        ));
+        assert!(matches!(endpoint(&gw, "wrong").await, Endpoint::Refused(_)));
+
+        // A scripted handshake refusal carries its headers.
+        gw.script_handshake(&[HandshakeRefusal {
+            http_status: 400,
+            status: 514,
+            auth_code: Some(1_000_040_350),
+        }]);
+        let url = fresh_url(&gw).await;
+        let Err(tungstenite::Error::Http(res)) = tokio_tungstenite::connect_async(&url).await
+        else {
+            panic!("the handshake was not refused");
+        };
+        assert_eq!(res.status().as_u16(), 400);
+        let header = |k| res.headers().get(k).and_then(|v| v.to_str().ok());
+        assert!(ws::handshake_refused_by_client(
+            header("handshake-status"),
+            header("handshake-autherrcode")
+        ));
+        // Refusing it used its ticket: no new violation.
+        assert_eq!(gw.violations().len(), 4, "{:?}", gw.violations());
+    }
+}
