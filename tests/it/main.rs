@@ -18,6 +18,7 @@ mod event_routes;
 mod fakes_selftest;
 mod helm_chart;
 mod kafka_harness;
+mod lark_stream;
 mod layout;
 mod notify;
 mod notify_clients;

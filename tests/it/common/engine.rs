@@ -107,6 +107,14 @@ impl Engine {
         }
     }
 
+    /// Pauses the broker and waits until it is really stalled (NATS only).
+    pub fn pause(&self) {
+        match self {
+            Engine::Nats(s) => s.pause(),
+            _ => panic!("only the NATS engine is paused and waited for"),
+        }
+    }
+
     /// Publishes straight on the bus, as an internal system does (not through the daemon). The
     /// in-process bus is reached through the daemon `app` running it.
     pub async fn publish(&self, app: Option<&TestApp>, subject: &str, payload: &[u8]) {

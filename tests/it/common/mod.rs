@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod engine;
 pub mod fakes;
 pub mod kafka;
+pub mod lark_gateway;
 pub mod receiver;
 pub mod stream_gateway;
 
@@ -89,6 +90,14 @@ impl NatsServer {
         signal(self.child.as_ref().expect("running"), sig);
     }
 
+    /// Pauses the server and waits until every one of its threads is stopped: after SIGSTOP
+    /// nats-server can keep answering for a few milliseconds (STREAMS.md §C), which would let a
+    /// publish through that the test means to stall.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+        wait_all_threads_stopped(self.child.as_ref().expect("running").id());
+    }
+
     pub async fn client(&self) -> async_nats::Client {
         tokio::time::timeout(WAIT, async_nats::connect(self.url()))
             .await
@@ -144,6 +153,29 @@ fn spawn_nats(port: Option<u16>, store: &std::path::Path) -> (Child, u16) {
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
+    }
+}
+
+/// Waits until every thread of process `pid` is in the stopped state (`T` in
+/// `/proc/<pid>/task/*/stat`).
+pub fn wait_all_threads_stopped(pid: u32) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process runs");
+        let all_stopped = tasks.filter_map(Result::ok).all(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // The state follows the command name, which is in parentheses and may hold spaces.
+            let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+            state.is_some_and(|s| s.starts_with('T') || s.starts_with('t'))
+        });
+        if all_stopped {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} never stopped"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -258,6 +290,15 @@ pub fn nats_bus(url: &str) -> String {
 impl TestApp {
     /// Builds and starts the daemon from TOML (which must set the `[server]` listeners).
     pub async fn start(toml: &str) -> TestApp {
+        let toml = allow_insecure_http(toml);
+        let settings = config::from_figment(figment::Figment::from(Toml::string(&toml)))
+            .unwrap_or_else(|e| panic!("test config invalid: {e}"));
+        TestApp::start_settings(settings).await
+    }
+
+    /// Builds and starts the daemon from settings already loaded (e.g. from a file and the
+    /// environment, with `config::load`).
+    pub async fn start_settings(settings: config::Settings) -> TestApp {
         // Logs show with `--nocapture`; RUST_LOG selects them.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -266,9 +307,6 @@ impl TestApp {
             )
             .with_test_writer()
             .try_init();
-        let toml = allow_insecure_http(toml);
-        let settings = config::from_figment(figment::Figment::from(Toml::string(&toml)))
-            .unwrap_or_else(|e| panic!("test config invalid: {e}"));
         let shutdown = Shutdown::new();
         let app = App::build(settings, shutdown.clone()).await.expect("build");
         let (ingress, internal, admin) = (app.ingress_addr, app.internal_addr, app.admin_addr);
