@@ -274,13 +274,13 @@ have no route. Apps that only an existingSecret declares cannot be seen here.
 {{- end }}
 
 {{/*
-The apps in stream mode (DingTalk Stream), as "<platform>/<name>" lines: they dial out to the
-platform and need no callback URL.
+The apps on a long connection (DingTalk Stream mode, Lark websocket mode), as
+"<platform>/<name>" lines: they dial out to the platform and need no callback URL.
 */}}
 {{- define "imbridge.streamApps" -}}
 {{- range $platform, $byName := (dig "apps" dict .Values.config) }}
 {{- range $name, $app := $byName }}
-{{- if eq (dig "mode" "http" ($app | default dict)) "stream" }}
+{{- if has (dig "mode" "http" ($app | default dict)) (list "stream" "websocket") }}
 {{ printf "%s/%s" $platform $name }}
 {{- end }}
 {{- end }}

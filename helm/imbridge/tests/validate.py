@@ -518,7 +518,7 @@ def check_notes(c: Checker, label: str, notes: str, values: dict) -> None:
     for platform, by_name in apps.items():
         for name, app in by_name.items():
             url = f"/callbacks/{platform}/{name}"
-            if (app or {}).get("mode") == "stream":
+            if (app or {}).get("mode") in ("stream", "websocket"):
                 # No route: the app dials out, and the notes say so.
                 c.check(url not in notes and f"{platform}/{name}" in notes, f"{label}: NOTES.txt lists {url} of a stream-mode app, or omits it")
             else:
@@ -584,6 +584,13 @@ def check_chart(c: Checker) -> dict[str, list[dict]]:
                 "secrets": {"IMBRIDGE_APPS__DINGTALK__OPS__CLIENT_SECRET": "REPLACE_ME"},
             },
         ),
+        "values-nats.yaml + a Lark app on the long connection": deep_merge(
+            nats,
+            {
+                "config": {"apps": {"lark": {"ops": {"mode": "websocket", "app_id": "cli_ops", "domain": "https://open.larksuite.com"}}}},
+                "secrets": {"IMBRIDGE_APPS__LARK__OPS__APP_SECRET": "REPLACE_ME"},
+            },
+        ),
         **internal_cases(nats),
     }
     rendered: dict[str, list[dict]] = {}
@@ -629,6 +636,9 @@ def check_chart(c: Checker) -> dict[str, list[dict]]:
         "a DingTalk client_secret under config.apps": {"config": {"apps": {"dingtalk": {"s": {"mode": "stream", "client_id": "d", "client_secret": "s"}}}}},
         "a stream-mode DingTalk app without its client_id": {"config": {"apps": {"dingtalk": {"s": {"mode": "stream"}}}}},
         "an unknown key under config.streams": {"config": {"streams": {"ping": "1s"}}},
+        "a Lark app_secret under config.apps": {"config": {"apps": {"lark": {"s": {"mode": "websocket", "app_id": "cli_s", "app_secret": "s"}}}}},
+        "a websocket-mode Lark app without its app_id": {"config": {"apps": {"lark": {"s": {"mode": "websocket"}}}}},
+        "an http:// Lark domain": {"config": {"apps": {"lark": {"s": {"mode": "websocket", "app_id": "cli_s", "domain": "http://x"}}}}},
         "a webhook url under config.targets": {"config": {"targets": {"ops": {"kind": "dingtalk_robot", "url": "u"}}}},
         "an app_secret under config.targets": {"config": {"targets": {"w": {"kind": "wecom_app", "app_secret": "s"}}}},
         "a NATS password under config.bus": {"config": {"bus": {"nats": {"password": "p"}}}},
