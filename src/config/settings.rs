@@ -19,6 +19,7 @@ use crate::notify::settings::NotifySettings;
 use crate::notify::target::Target;
 use crate::notify::template::Templates;
 use crate::platform::dingtalk::callback::DingTalkApp;
+use crate::platform::dingtalk::oapi::DingTalkOapi;
 use crate::platform::lark::callback::LarkApp;
 use crate::platform::wecom::callback::WeComApp;
 
@@ -33,6 +34,9 @@ pub struct Settings {
     pub dingtalk_apps: BTreeMap<String, DingTalkApp>,
     /// DingTalk apps in stream mode: no route, a long connection each.
     pub dingtalk_streams: BTreeMap<String, DingTalkStreamApp>,
+    /// DingTalk apps with server-API credentials (either mode): callback registration,
+    /// failed-push recovery, the API gateway.
+    pub dingtalk_oapi: BTreeMap<String, DingTalkOapi>,
     /// `[streams]`: how those connections are kept.
     pub streams: StreamSettings,
     pub wecom_apps: BTreeMap<String, WeComApp>,

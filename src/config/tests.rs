@@ -68,7 +68,7 @@ fn unknown_keys_anywhere_are_reported_with_their_full_key() {
             max_retries = 3
             [apps.lark.main]
             encrypt_key = "k"
-            app_secret = "s"
+            app_secert = "s"
             [targets.ops]
             kind = "dingtalk_robot"
             url = "https://oapi.dingtalk.com/robot/send?access_token=x"
@@ -88,7 +88,7 @@ fn unknown_keys_anywhere_are_reported_with_their_full_key() {
         );
         let keys = keys(&err);
         for expected in [
-            "apps.lark.main.app_secret",
+            "apps.lark.main.app_secert",
             "bus.kafka.broker",
             "log.colour",
             "notify.max_retries",

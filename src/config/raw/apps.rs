@@ -106,6 +106,31 @@ pub struct DingTalkAppConfig {
     /// Default false: the registration carries the client secret, so only `https://` (and
     /// `wss://`) are accepted (tests and private gateways set this).
     pub allow_insecure_http: bool,
+    /// The app's AppKey, for its server API (`gettoken`): registering the callback, recovering
+    /// failed pushes, the API gateway. In stream mode, `client_id` when unset.
+    #[serde(deserialize_with = "lenient_string")]
+    pub app_key: String,
+    /// The app's AppSecret, with `app_key`. In stream mode, `client_secret` when unset.
+    pub app_secret: Secret,
+    /// Where DingTalk's classic server API (`gettoken`, `call_back/*`, `topapi/*`) is called.
+    /// Default `https://oapi.dingtalk.com`.
+    #[serde(
+        default,
+        deserialize_with = "crate::secret::lenient_opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub oapi_base: Option<String>,
+    /// The events `imbridge dingtalk callback register|update` subscribes to when `--tags` is
+    /// not given, e.g. `["user_add_org", "bpms_instance_change"]`.
+    pub callback_tags: Vec<String>,
+    /// Poll `call_back/get_call_back_failed_result` this often and publish what DingTalk could
+    /// not push (one replica at a time); off when unset.
+    #[serde(
+        default,
+        deserialize_with = "crate::secret::lenient_opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub recover_failed: Option<String>,
     /// HTTP mode: the callback token chosen when registering the URL.
     pub token: Secret,
     /// HTTP mode: the 43-character EncodingAESKey ("aes_key") chosen when registering the URL.

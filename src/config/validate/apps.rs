@@ -10,9 +10,11 @@ use crate::config::raw::{
 use crate::ingress::stream::{DingTalkStreamApp, LarkStreamApp, StreamSettings};
 use crate::ingress::subject::{self, SubjectKeys, Subjects};
 use crate::platform::dingtalk::callback::DingTalkApp;
+use crate::platform::dingtalk::oapi::{self, DingTalkOapi};
 use crate::platform::lark::callback::LarkApp;
 use crate::platform::msgcrypt::{self, MsgCrypt};
 use crate::platform::wecom::callback::WeComApp;
+use crate::platform::AppCredentials;
 use crate::platform::Platform;
 use crate::secret::Secret;
 
@@ -21,15 +23,16 @@ use crate::secret::Secret;
 pub(super) fn dingtalk(
     apps: &BTreeMap<String, DingTalkAppConfig>,
     c: &mut Checker,
-) -> (
-    BTreeMap<String, DingTalkApp>,
-    BTreeMap<String, DingTalkStreamApp>,
-) {
+) -> DingTalkApps {
     let mut http = BTreeMap::new();
     let mut streams = BTreeMap::new();
+    let mut oapi = BTreeMap::new();
     for (name, app) in apps {
         let key = format!("apps.dingtalk.{name}");
         c.name(&key, name, "app");
+        if let Some(o) = dingtalk_oapi(&key, app, c) {
+            oapi.insert(name.clone(), o);
+        }
         match app.mode.as_str() {
             "" | "http" => {
                 unused_keys(
@@ -38,8 +41,6 @@ pub(super) fn dingtalk(
                     &[
                         ("client_id", !app.client_id.is_empty()),
                         ("client_secret", !app.client_secret.expose().is_empty()),
-                        ("api_base", app.api_base.is_some()),
-                        ("allow_insecure_http", app.allow_insecure_http),
                     ],
                     c,
                 );
@@ -75,7 +76,110 @@ pub(super) fn dingtalk(
             ),
         }
     }
-    (http, streams)
+    DingTalkApps {
+        http,
+        streams,
+        oapi,
+    }
+}
+
+/// DingTalk apps, validated, by what imbridge does with them.
+pub(super) struct DingTalkApps {
+    /// Callbacks (`mode = "http"`).
+    pub(super) http: BTreeMap<String, DingTalkApp>,
+    /// Stream-mode connections.
+    pub(super) streams: BTreeMap<String, DingTalkStreamApp>,
+    /// The apps with server-API credentials, of either mode.
+    pub(super) oapi: BTreeMap<String, DingTalkOapi>,
+}
+
+/// An app's server-API side, when it has credentials: `app_key` and `app_secret` (in stream
+/// mode the Client ID and Secret, the same pair, serve when they are unset).
+fn dingtalk_oapi(key: &str, app: &DingTalkAppConfig, c: &mut Checker) -> Option<DingTalkOapi> {
+    let stream = app.mode == "stream";
+    let app_key = match app.app_key.trim() {
+        "" if stream => app.client_id.trim(),
+        k => k,
+    };
+    let secret = match app.app_secret.expose() {
+        "" if stream => &app.client_secret,
+        _ => &app.app_secret,
+    };
+    let has_key = !app_key.is_empty();
+    let has_secret = !secret.expose().is_empty();
+    let before = c.count();
+    match (has_key, has_secret) {
+        (true, false) => c.problem(
+            format!("{key}.app_secret"),
+            "must be set with app_key (the app's AppSecret)",
+        ),
+        (false, true) => c.problem(
+            format!("{key}.app_key"),
+            "must be set with app_secret (the app's AppKey)",
+        ),
+        _ => {}
+    }
+    let recover_failed = app.recover_failed.as_deref().map(|d| {
+        let field = format!("{key}.recover_failed");
+        let every = c.duration(&field, d);
+        if every.is_zero() {
+            c.problem(
+                &field,
+                "must be greater than 0 (leave it out to turn it off)",
+            );
+        }
+        every
+    });
+    for (i, tag) in app.callback_tags.iter().enumerate() {
+        if !crate::bus::is_valid_token(tag) {
+            c.problem(
+                format!("{key}.callback_tags[{i}]"),
+                "is not an event name (letters, digits, _ and -), e.g. \"bpms_instance_change\"",
+            );
+        }
+    }
+    let needs_credentials = recover_failed.is_some() || !app.callback_tags.is_empty();
+    if needs_credentials && !has_key && !has_secret {
+        c.problem(
+            format!("{key}.app_key"),
+            "must be set (with app_secret) for recover_failed and callback_tags: they call \
+             DingTalk's server API",
+        );
+    }
+    let base = |value: &Option<String>, default: &str, field: &str, c: &mut Checker| {
+        let url = value
+            .as_deref()
+            .unwrap_or(default)
+            .trim()
+            .trim_end_matches('/')
+            .to_owned();
+        base_url(&url, app.allow_insecure_http, &format!("{key}.{field}"), c);
+        url
+    };
+    let oapi_base = base(&app.oapi_base, oapi::OAPI_BASE, "oapi_base", c);
+    // In stream mode dingtalk_stream() checks api_base already.
+    let api_base = match stream {
+        true => app
+            .api_base
+            .clone()
+            .unwrap_or_else(|| oapi::API_BASE.to_owned()),
+        false => base(&app.api_base, oapi::API_BASE, "api_base", c),
+    };
+    if c.count() > before || !has_key {
+        return None;
+    }
+    Some(DingTalkOapi {
+        credentials: AppCredentials {
+            base_url: oapi_base,
+            app_id: app_key.to_owned(),
+            secret: secret.clone(),
+            agent_id: 0,
+        },
+        api_base: api_base.trim().trim_end_matches('/').to_owned(),
+        callback_tags: app.callback_tags.clone(),
+        recover_failed,
+        allow_insecure: app.allow_insecure_http,
+    })
 }
 
 /// The keys of a stream-mode app: the Client ID and Secret, and where to register.

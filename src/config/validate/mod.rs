@@ -30,7 +30,7 @@ pub(super) fn validate(
     let server = server::server(&config.server, &mut c);
     server::log(&config.log, &mut c);
     let bus = bus::bus(&config.bus, &mut c);
-    let (dingtalk_apps, dingtalk_streams) = apps::dingtalk(&config.apps.dingtalk, &mut c);
+    let dingtalk = apps::dingtalk(&config.apps.dingtalk, &mut c);
     let streams = apps::streams(&config.streams, &mut c);
     let wecom_apps = apps::wecom(&config.apps.wecom, &mut c);
     let (lark_apps, lark_streams) = apps::lark(&config.apps.lark, &mut c);
@@ -53,8 +53,9 @@ pub(super) fn validate(
         server,
         log: config.log.clone(),
         bus,
-        dingtalk_apps,
-        dingtalk_streams,
+        dingtalk_apps: dingtalk.http,
+        dingtalk_streams: dingtalk.streams,
+        dingtalk_oapi: dingtalk.oapi,
         streams,
         wecom_apps,
         lark_apps,

@@ -4,6 +4,7 @@
 //! (STREAMS.md §A): the same events over a WebSocket the app dials out on (`stream`).
 
 pub mod callback;
+pub mod oapi;
 pub mod robot;
 pub mod stream;
 pub mod work;
