@@ -9,6 +9,7 @@ pub mod dingtalk;
 pub mod idempotency;
 pub mod lark;
 pub mod notify;
+pub mod oapi;
 pub mod replay;
 pub mod reply;
 pub mod stream;
