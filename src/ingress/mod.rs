@@ -286,6 +286,9 @@ pub struct Event {
     pub id: String,
     pub tenant: Option<String>,
     pub payload: Bytes,
+    /// Fetched from the platform's list of what it failed to push, not pushed: carried as
+    /// `imbridge-recovered: true`.
+    pub recovered: bool,
 }
 
 /// Publishes to `<platform>.<event_type>` (then the app's business tokens, if it has any) with
@@ -316,7 +319,15 @@ pub async fn publish(state: &State, event: Event) -> Result<Outcome, ApiError> {
         app: event.app,
         tenant: event.tenant,
     };
-    let (msg, ack) = store_on(state, &subject, &cloud_event, event.payload, "event").await?;
+    let (msg, ack) = store_on(
+        state,
+        &subject,
+        &cloud_event,
+        event.payload,
+        event.recovered,
+        "event",
+    )
+    .await?;
     tracing::debug!(platform = event.platform, app = %cloud_event.app, subject = %msg.subject, id = %msg.id, duplicate = ack.duplicate, "published");
     Ok(if ack.duplicate {
         Outcome::Duplicate
@@ -333,7 +344,7 @@ pub async fn store(
     payload: Bytes,
     what: &str,
 ) -> Result<(Message, bus::Ack), ApiError> {
-    store_on(state, &event.ty, event, payload, what).await
+    store_on(state, &event.ty, event, payload, false, what).await
 }
 
 /// [`store`] on `subject` (prefixed here) rather than the event's type.
@@ -342,10 +353,15 @@ async fn store_on(
     subject: &str,
     event: &CloudEvent,
     payload: Bytes,
+    recovered: bool,
     what: &str,
 ) -> Result<(Message, bus::Ack), ApiError> {
     let subject = bus::with_prefix(&state.subject_prefix, subject);
-    let msg = Message::event(subject, event, payload);
+    let mut msg = Message::event(subject, event, payload);
+    if recovered {
+        msg.headers
+            .push((bus::HEADER_RECOVERED.to_owned(), "true".to_owned()));
+    }
     match state.bus.publish(&msg).await {
         Ok(ack) => Ok((msg, ack)),
         // The bus client's own words stay in the log: the sender learns the class only.
