@@ -31,17 +31,17 @@ pub struct Lease {
 
 enum Inner {
     Memory,
-    Nats {
-        js: async_nats::jetstream::Context,
-        bucket_config: kv::Config,
-        store: Option<kv::Store>,
-        /// The revision of our entry while we hold it.
-        revision: Option<u64>,
-        holder: String,
-    },
-    Kafka {
-        held: Arc<AtomicBool>,
-    },
+    Nats(Box<NatsLease>),
+    Kafka { held: Arc<AtomicBool> },
+}
+
+struct NatsLease {
+    js: async_nats::jetstream::Context,
+    bucket_config: kv::Config,
+    store: Option<kv::Store>,
+    /// The revision of our entry while we hold it.
+    revision: Option<u64>,
+    holder: String,
 }
 
 /// The key of the holder's entry in a lease's NATS bucket.
@@ -61,7 +61,7 @@ impl Lease {
         let holder = format!("{}-{}", hostname(), std::process::id());
         let inner = if let Some(nats) = bus.nats() {
             let (storage, replicas) = nats.storage();
-            Inner::Nats {
+            Inner::Nats(Box::new(NatsLease {
                 js: nats.jetstream().clone(),
                 // A bucket per lease, as each has its own time to live.
                 bucket_config: kv::Config {
@@ -76,7 +76,7 @@ impl Lease {
                 store: None,
                 revision: None,
                 holder,
-            }
+            }))
         } else if let Some(kafka) = bus.kafka() {
             let held = Arc::new(AtomicBool::new(false));
             let topic = super::with_prefix(kafka.prefix(), &topic(name));
@@ -119,13 +119,14 @@ impl Lease {
         match &mut self.inner {
             Inner::Memory => true,
             Inner::Kafka { held } => held.load(Ordering::SeqCst),
-            Inner::Nats {
-                js,
-                bucket_config,
-                store,
-                revision,
-                holder,
-            } => {
+            Inner::Nats(lease) => {
+                let NatsLease {
+                    js,
+                    bucket_config,
+                    store,
+                    revision,
+                    holder,
+                } = lease.as_mut();
                 let name = self.name.as_str();
                 let key = NATS_KEY;
                 let kv = match store {
@@ -166,12 +167,15 @@ impl Lease {
     /// Gives the lease up at once (shutdown), so another replica need not wait out its time
     /// to live.
     pub async fn release(&mut self) {
-        if let Inner::Nats {
-            store: Some(kv),
-            revision,
-            ..
-        } = &mut self.inner
-        {
+        if let Inner::Nats(lease) = &mut self.inner {
+            let NatsLease {
+                store: Some(kv),
+                revision,
+                ..
+            } = lease.as_mut()
+            else {
+                return;
+            };
             if let Some(r) = revision.take() {
                 let _ = kv.purge_expect_revision(NATS_KEY, Some(r)).await;
             }
