@@ -10,6 +10,7 @@ pub mod idempotency;
 pub mod lark;
 pub mod notify;
 pub mod replay;
+pub mod recover;
 pub mod reply;
 pub mod stream;
 pub mod subject;
