@@ -119,6 +119,37 @@ impl App {
             )
             .context("starting the Lark long connections")?,
         );
+        // Failed DingTalk pushes, polled by whichever replica holds each app's lease; ended
+        // with the streams, after the listeners.
+        for (app, oapi) in &settings.dingtalk_oapi {
+            let Some(every) = oapi.recover_failed else {
+                continue;
+            };
+            let ttl = ingress::recover::lease_ttl(every);
+            let name = ingress::recover::lease_name(app);
+            let lease = bus::lease::Lease::new(&bus, &name, ttl, &supervisor, &shutdown);
+            let lease = Arc::new(tokio::sync::Mutex::new(lease));
+            let (app, oapi, state, stop) =
+                (app.clone(), oapi.clone(), state.clone(), shutdown.clone());
+            // A poller restarted after a panic takes the lease it left behind.
+            stream_tasks.push(supervisor.spawn(
+                format!("dingtalk_recover:{app}"),
+                shutdown.clone(),
+                move || {
+                    let (app, oapi, state, stop, lease) = (
+                        app.clone(),
+                        oapi.clone(),
+                        state.clone(),
+                        stop.clone(),
+                        lease.clone(),
+                    );
+                    async move {
+                        let mut lease = lease.lock().await;
+                        ingress::recover::run(app, oapi, state, &mut lease, stop).await;
+                    }
+                },
+            ));
+        }
         let (ingress_addr, internal_addr, ingress) =
             serve_ingress(&settings, state, limits, &shutdown)?;
 
@@ -279,5 +310,12 @@ fn bus_layout(settings: &Settings) -> bus::Layout {
         .iter()
         .map(|p| bus::with_prefix(prefix, &format!("{}.>", p.as_str())))
         .collect();
+    // Kafka's leases are topics of one partition: in place before anyone joins their group.
+    for (app, oapi) in &settings.dingtalk_oapi {
+        if oapi.recover_failed.is_some() {
+            let topic = bus::lease::topic(&ingress::recover::lease_name(app));
+            layout.topics.push(bus::with_prefix(prefix, &topic));
+        }
+    }
     layout
 }
