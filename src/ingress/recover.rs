@@ -16,8 +16,9 @@ use bytes::Bytes;
 
 use super::{Event, Inbound};
 use crate::bus::lease::Lease;
+use crate::ingress::oapi::OapiClient;
 use crate::metrics::Metrics;
-use crate::platform::dingtalk::oapi::{DingTalkOapi, FailedEntry, OapiClient, OapiError};
+use crate::platform::dingtalk::oapi::{DingTalkOapi, FailedEntry, OapiError};
 use crate::platform::Platform;
 use crate::secret::Secret;
 use crate::shutdown::Shutdown;
@@ -225,7 +226,14 @@ pub async fn run(
             Ok(pass) => {
                 state.metrics.recover_poll(&app, "ok");
                 if !pass.published.is_empty() || pass.unreadable > 0 {
-                    tracing::info!(platform = PLATFORM, app, pages = pass.pages, published = pass.published.len(), unreadable = pass.unreadable, "recovered failed pushes");
+                    tracing::info!(
+                        platform = PLATFORM,
+                        app,
+                        pages = pass.pages,
+                        published = pass.published.len(),
+                        unreadable = pass.unreadable,
+                        "recovered failed pushes"
+                    );
                 }
             }
             Err(PassError::Oapi(e)) => {
