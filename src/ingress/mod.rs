@@ -11,6 +11,7 @@ pub mod lark;
 pub mod notify;
 pub mod oapi;
 pub mod recover;
+pub mod registration;
 pub mod replay;
 pub mod reply;
 pub mod stream;
