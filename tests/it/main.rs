@@ -10,6 +10,7 @@ mod bounded_state;
 mod bus_engines;
 mod cli;
 mod config;
+mod dingtalk_callback_cli;
 mod dingtalk_ingress;
 mod dingtalk_nats;
 mod dingtalk_stream;
