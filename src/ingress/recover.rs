@@ -225,7 +225,14 @@ pub async fn run(
             Ok(pass) => {
                 state.metrics.recover_poll(&app, "ok");
                 if !pass.published.is_empty() || pass.unreadable > 0 {
-                    tracing::info!(platform = PLATFORM, app, pages = pass.pages, published = pass.published.len(), unreadable = pass.unreadable, "recovered failed pushes");
+                    tracing::info!(
+                        platform = PLATFORM,
+                        app,
+                        pages = pass.pages,
+                        published = pass.published.len(),
+                        unreadable = pass.unreadable,
+                        "recovered failed pushes"
+                    );
                 }
             }
             Err(PassError::Oapi(e)) => {

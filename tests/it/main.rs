@@ -12,6 +12,7 @@ mod cli;
 mod config;
 mod dingtalk_ingress;
 mod dingtalk_nats;
+mod dingtalk_recover;
 mod dingtalk_stream;
 mod edge;
 mod event_routes;
