@@ -4,9 +4,11 @@
 //! when that time runs out, and another replica takes over.
 //!
 //! - In-process bus: one process, always the holder.
-//! - NATS: an entry of a JetStream key-value bucket whose `max_age` is the time to live,
-//!   taken with `create` (only if absent) and renewed with `update` at the revision held
-//!   (compare-and-set). The server removes an entry nobody renews: no clocks are compared.
+//! - NATS: the one message of a JetStream stream whose `max_age` is the time to live, taken
+//!   by publishing it only if there is none (`Nats-Expected-Last-Subject-Sequence: 0`) and
+//!   renewed by publishing again at the sequence held (compare-and-set), as the `nats_kv`
+//!   limiter keeps its logs. The server removes a message nobody renews: no clocks are
+//!   compared.
 //! - Kafka: membership of a consumer group on a topic of one partition: the member the
 //!   partition is assigned to holds the lease. The group coordinator moves it when a member
 //!   leaves or stops polling (`session.timeout.ms`).
@@ -15,7 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::kv;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::stream;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 
@@ -37,15 +40,13 @@ enum Inner {
 
 struct NatsLease {
     js: async_nats::jetstream::Context,
-    bucket_config: kv::Config,
-    store: Option<kv::Store>,
-    /// The revision of our entry while we hold it.
-    revision: Option<u64>,
+    config: stream::Config,
+    /// The stream is in place.
+    ready: bool,
+    /// The sequence of our message while we hold the lease.
+    sequence: Option<u64>,
     holder: String,
 }
-
-/// The key of the holder's entry in a lease's NATS bucket.
-const NATS_KEY: &str = "holder";
 
 impl Lease {
     /// A lease named `name` (e.g. `recover.dingtalk.main`), lost `ttl` after its last renewal.
@@ -63,18 +64,21 @@ impl Lease {
             let (storage, replicas) = nats.storage();
             Inner::Nats(Box::new(NatsLease {
                 js: nats.jetstream().clone(),
-                // A bucket per lease, as each has its own time to live.
-                bucket_config: kv::Config {
-                    bucket: format!("imbridge_lease_{}", name.replace(['.', ' '], "_")),
-                    description: "imbridge leases: which replica does what only one may".into(),
-                    history: 1,
+                // A stream per lease, as each has its own time to live.
+                config: stream::Config {
+                    name: format!("imbridge_lease_{}", name.replace(['.', ' '], "_")),
+                    subjects: vec![format!("imbridge_lease.{name}")],
+                    description: Some(
+                        "an imbridge lease: which replica does what only one may".into(),
+                    ),
+                    max_messages_per_subject: 1,
                     max_age: ttl,
                     storage,
                     num_replicas: replicas,
                     ..Default::default()
                 },
-                store: None,
-                revision: None,
+                ready: false,
+                sequence: None,
                 holder,
             }))
         } else if let Some(kafka) = bus.kafka() {
@@ -119,48 +123,7 @@ impl Lease {
         match &mut self.inner {
             Inner::Memory => true,
             Inner::Kafka { held } => held.load(Ordering::SeqCst),
-            Inner::Nats(lease) => {
-                let NatsLease {
-                    js,
-                    bucket_config,
-                    store,
-                    revision,
-                    holder,
-                } = lease.as_mut();
-                let name = self.name.as_str();
-                let key = NATS_KEY;
-                let kv = match store {
-                    Some(kv) => kv,
-                    None => match open_bucket(js, bucket_config).await {
-                        Ok(kv) => store.insert(kv),
-                        Err(e) => {
-                            tracing::warn!(lease = name, error = %e, "cannot open the lease bucket");
-                            *revision = None;
-                            return false;
-                        }
-                    },
-                };
-                let value = bytes::Bytes::from(holder.clone());
-                let result = match *revision {
-                    Some(r) => kv.update(key, value, r).await.map_err(|e| e.to_string()),
-                    None => kv.create(key, value).await.map_err(|e| e.to_string()),
-                };
-                match result {
-                    Ok(r) => {
-                        if revision.is_none() {
-                            tracing::info!(lease = name, "lease taken");
-                        }
-                        *revision = Some(r);
-                        true
-                    }
-                    Err(e) => {
-                        if revision.take().is_some() {
-                            tracing::warn!(lease = name, error = %e, "lease lost");
-                        }
-                        false
-                    }
-                }
-            }
+            Inner::Nats(lease) => lease.hold(&self.name).await,
         }
     }
 
@@ -168,33 +131,59 @@ impl Lease {
     /// to live.
     pub async fn release(&mut self) {
         if let Inner::Nats(lease) = &mut self.inner {
-            let NatsLease {
-                store: Some(kv),
-                revision,
-                ..
-            } = lease.as_mut()
-            else {
-                return;
-            };
-            if let Some(r) = revision.take() {
-                let _ = kv.purge_expect_revision(NATS_KEY, Some(r)).await;
+            if lease.sequence.take().is_some() {
+                let subject = lease.config.subjects[0].clone();
+                if let Ok(stream) = lease.js.get_stream(&lease.config.name).await {
+                    let _ = stream.purge().filter(subject).await;
+                }
             }
         }
     }
 }
 
-/// The lease's bucket: made when missing, or the one there (made by a replica whose time to
-/// live may differ: the first one made stands until the bucket is deleted).
-async fn open_bucket(
-    js: &async_nats::jetstream::Context,
-    config: &kv::Config,
-) -> Result<kv::Store, String> {
-    match js.create_key_value(config.clone()).await {
-        Ok(kv) => Ok(kv),
-        Err(created) => js
-            .get_key_value(config.bucket.clone())
-            .await
-            .map_err(|e| format!("{created}; {e}")),
+impl NatsLease {
+    async fn hold(&mut self, name: &str) -> bool {
+        if !self.ready {
+            match self.js.create_or_update_stream(self.config.clone()).await {
+                Ok(_) => self.ready = true,
+                Err(e) => {
+                    tracing::warn!(lease = name, error = %e, "cannot put the lease's stream in place");
+                    self.sequence = None;
+                    return false;
+                }
+            }
+        }
+        let mut headers = async_nats::HeaderMap::new();
+        let expected = self.sequence.unwrap_or(0).to_string();
+        headers.insert("Nats-Expected-Last-Subject-Sequence", expected.as_str());
+        let subject = self.config.subjects[0].clone();
+        let value = bytes::Bytes::from(self.holder.clone());
+        let ack = async {
+            self.js
+                .publish_with_headers(subject, headers, value)
+                .await?
+                .await
+        };
+        match ack.await {
+            Ok(ack) => {
+                if self.sequence.is_none() {
+                    tracing::info!(lease = name, "lease taken");
+                }
+                self.sequence = Some(ack.sequence);
+                true
+            }
+            Err(e) => {
+                if e.kind() != PublishErrorKind::WrongLastSequence {
+                    tracing::warn!(lease = name, error = %e, "cannot renew the lease");
+                    // The stream may be gone (a server that lost it): put it back next time.
+                    self.ready = false;
+                }
+                if self.sequence.take().is_some() {
+                    tracing::warn!(lease = name, "lease lost");
+                }
+                false
+            }
+        }
     }
 }
 

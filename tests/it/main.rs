@@ -13,6 +13,7 @@ mod config;
 mod dingtalk_callback_cli;
 mod dingtalk_ingress;
 mod dingtalk_nats;
+mod dingtalk_recover;
 mod dingtalk_stream;
 mod edge;
 mod event_routes;
