@@ -99,57 +99,8 @@ impl App {
             max_connections: settings.server.max_connections,
         };
         let streams = ingress::stream::Streams::new(&settings.streams);
-        let mut stream_tasks = ingress::stream::dingtalk::spawn(
-            &settings.dingtalk_streams,
-            &settings.streams,
-            state.clone(),
-            &streams,
-            &supervisor,
-            &shutdown,
-        )
-        .context("starting the DingTalk Stream connections")?;
-        stream_tasks.extend(
-            ingress::stream::lark::spawn(
-                &settings.lark_streams,
-                &settings.streams,
-                state.clone(),
-                &streams,
-                &supervisor,
-                &shutdown,
-            )
-            .context("starting the Lark long connections")?,
-        );
-        // Failed DingTalk pushes, polled by whichever replica holds each app's lease; ended
-        // with the streams, after the listeners.
-        for (app, oapi) in &settings.dingtalk_oapi {
-            let Some(every) = oapi.recover_failed else {
-                continue;
-            };
-            let ttl = ingress::recover::lease_ttl(every);
-            let name = ingress::recover::lease_name(app);
-            let lease = bus::lease::Lease::new(&bus, &name, ttl, &supervisor, &shutdown);
-            let lease = Arc::new(tokio::sync::Mutex::new(lease));
-            let (app, oapi, state, stop) =
-                (app.clone(), oapi.clone(), state.clone(), shutdown.clone());
-            // A poller restarted after a panic takes the lease it left behind.
-            stream_tasks.push(supervisor.spawn(
-                format!("dingtalk_recover:{app}"),
-                shutdown.clone(),
-                move || {
-                    let (app, oapi, state, stop, lease) = (
-                        app.clone(),
-                        oapi.clone(),
-                        state.clone(),
-                        stop.clone(),
-                        lease.clone(),
-                    );
-                    async move {
-                        let mut lease = lease.lock().await;
-                        ingress::recover::run(app, oapi, state, &mut lease, stop).await;
-                    }
-                },
-            ));
-        }
+        let stream_tasks =
+            spawn_outbound_ingress(&settings, &state, &bus, &streams, &supervisor, &shutdown)?;
         let (ingress_addr, internal_addr, ingress) =
             serve_ingress(&settings, state, limits, &shutdown)?;
 
@@ -294,6 +245,47 @@ fn serve_ingress(
         .boxed();
     let both = futures::future::join(public, serve(internal, routes)).map(drop);
     Ok((ingress_addr, Some(internal_addr), both.boxed()))
+}
+
+/// What brings events in without a request to the public listener, each task supervised and
+/// ended after the listeners: the long connections of stream-mode apps, and the pollers of
+/// DingTalk's failed pushes.
+fn spawn_outbound_ingress(
+    settings: &Settings,
+    state: &Arc<State>,
+    bus: &Arc<Bus>,
+    streams: &ingress::stream::Streams,
+    supervisor: &Supervisor,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = ingress::stream::dingtalk::spawn(
+        &settings.dingtalk_streams,
+        &settings.streams,
+        state.clone(),
+        streams,
+        supervisor,
+        shutdown,
+    )
+    .context("starting the DingTalk Stream connections")?;
+    tasks.extend(
+        ingress::stream::lark::spawn(
+            &settings.lark_streams,
+            &settings.streams,
+            state.clone(),
+            streams,
+            supervisor,
+            shutdown,
+        )
+        .context("starting the Lark long connections")?,
+    );
+    tasks.extend(ingress::recover::spawn(
+        &settings.dingtalk_oapi,
+        state,
+        bus,
+        supervisor,
+        shutdown,
+    ));
+    Ok(tasks)
 }
 
 /// What the bus keeps in place: the inbound stream's subjects (every platform's events) and

@@ -16,12 +16,14 @@ use bytes::Bytes;
 
 use super::{Event, Inbound};
 use crate::bus::lease::Lease;
+use crate::bus::Bus;
 use crate::ingress::oapi::OapiClient;
 use crate::metrics::Metrics;
 use crate::platform::dingtalk::oapi::{DingTalkOapi, FailedEntry, OapiError};
 use crate::platform::Platform;
 use crate::secret::Secret;
 use crate::shutdown::Shutdown;
+use crate::supervise::Supervisor;
 
 const PLATFORM: &str = Platform::DingTalk.as_str();
 
@@ -180,6 +182,50 @@ impl Recovery<'_> {
             }
         }
     }
+}
+
+/// Starts, for each app with `recover_failed`, its poller with its lease, supervised: a poller
+/// restarted after a panic takes the lease it left behind.
+pub fn spawn(
+    apps: &std::collections::BTreeMap<String, DingTalkOapi>,
+    state: &Arc<super::State>,
+    bus: &Bus,
+    supervisor: &Supervisor,
+    shutdown: &Shutdown,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for (app, oapi) in apps {
+        let Some(every) = oapi.recover_failed else {
+            continue;
+        };
+        let lease = Lease::new(
+            bus,
+            &lease_name(app),
+            lease_ttl(every),
+            supervisor,
+            shutdown,
+        );
+        let lease = Arc::new(tokio::sync::Mutex::new(lease));
+        let (app, oapi, state, stop) = (app.clone(), oapi.clone(), state.clone(), shutdown.clone());
+        tasks.push(supervisor.spawn(
+            format!("dingtalk_recover:{app}"),
+            shutdown.clone(),
+            move || {
+                let (app, oapi, state, stop, lease) = (
+                    app.clone(),
+                    oapi.clone(),
+                    state.clone(),
+                    stop.clone(),
+                    lease.clone(),
+                );
+                async move {
+                    let mut lease = lease.lock().await;
+                    run(app, oapi, state, &mut lease, stop).await;
+                }
+            },
+        ));
+    }
+    tasks
 }
 
 /// The app's poller: every `every`, while this replica holds the lease, one pass.
