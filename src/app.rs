@@ -18,7 +18,6 @@ use crate::config::Settings;
 use crate::ingress::{self, State};
 use crate::metrics::Metrics;
 use crate::notify::notifier::{self, Notifier};
-use crate::platform::Platform;
 use crate::server::{self, Listener, Refusals};
 use crate::shutdown::Shutdown;
 use crate::supervise::Supervisor;
@@ -298,10 +297,7 @@ fn bus_layout(settings: &Settings) -> bus::Layout {
         &settings.routes,
         prefix,
     );
-    layout.inbound = Platform::ALL
-        .iter()
-        .map(|p| bus::with_prefix(prefix, &format!("{}.>", p.as_str())))
-        .collect();
+    layout.inbound = ingress::inbound_subjects(prefix);
     // Kafka's leases are topics of one partition: in place before anyone joins their group.
     for (app, oapi) in &settings.dingtalk_oapi {
         if oapi.recover_failed.is_some() {

@@ -16,6 +16,16 @@ pub fn delay(n: u32, initial: Duration, max: Duration) -> Duration {
     half + Duration::from_nanos(rand::thread_rng().gen_range(0..=half.as_nanos().max(1) as u64))
 }
 
+/// Waits out the delay of attempt `n` of a publish the bus refused (200 ms doubling to 10 s);
+/// `false` when `shutdown` came first.
+pub async fn republish_wait(n: u32, shutdown: &crate::shutdown::Shutdown) -> bool {
+    let delay = delay(n, Duration::from_millis(200), Duration::from_secs(10));
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        _ = shutdown.cancelled() => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

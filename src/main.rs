@@ -231,7 +231,13 @@ fn dingtalk_failed(args: AppArgs) -> ExitCode {
         .enable_all()
         .build()
         .expect("starting the tokio runtime");
-    let pass = runtime.block_on(recover::once(&settings, &args.app));
+    let app = args.app.as_str();
+    let pass = runtime.block_on(recover::once(
+        app,
+        settings.dingtalk_oapi.get(app),
+        &settings.bus,
+        &settings.subjects,
+    ));
     runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     match pass {
         Ok(pass) => {

@@ -442,14 +442,8 @@ impl Bus {
                 Err(e) => {
                     attempt += 1;
                     tracing::error!(subject = %msg.subject, error = %e, attempt, "cannot publish yet; retrying");
-                    let delay = crate::backoff::delay(
-                        attempt,
-                        Duration::from_millis(200),
-                        Duration::from_secs(10),
-                    );
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.cancelled() => return false,
+                    if !crate::backoff::republish_wait(attempt, shutdown).await {
+                        return false;
                     }
                 }
             }

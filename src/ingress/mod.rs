@@ -279,6 +279,15 @@ pub fn unknown_app(platform: &str) -> ApiError {
     )
 }
 
+/// The subjects of every platform's events (`dingtalk.>`, …), prefixed: what the inbound
+/// stream holds.
+pub fn inbound_subjects(prefix: &str) -> Vec<String> {
+    crate::platform::Platform::ALL
+        .iter()
+        .map(|p| bus::with_prefix(prefix, &format!("{}.>", p.as_str())))
+        .collect()
+}
+
 /// One verified event, ready for the bus.
 pub struct Event {
     pub platform: &'static str,

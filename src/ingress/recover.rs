@@ -165,18 +165,10 @@ impl Recovery<'_> {
                 Err(e) => {
                     attempt += 1;
                     tracing::error!(platform = PLATFORM, app, tag = %crate::bus::header_value(&tag), attempt, message = %e.message, "a recovered event cannot be stored yet; retrying");
-                    let delay = crate::backoff::delay(
-                        attempt,
-                        Duration::from_millis(200),
-                        Duration::from_secs(10),
-                    );
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.shutdown.cancelled() => {
-                            // DingTalk handed it out already: say what is lost, exactly.
-                            tracing::error!(platform = PLATFORM, app, tag = %crate::bus::header_value(&tag), event_time, id, "shutdown before a recovered event was stored; it is not recovered");
-                            return None;
-                        }
+                    if !crate::backoff::republish_wait(attempt, self.shutdown).await {
+                        // DingTalk handed it out already: say what is lost, exactly.
+                        tracing::error!(platform = PLATFORM, app, tag = %crate::bus::header_value(&tag), event_time, id, "shutdown before a recovered event was stored; it is not recovered");
+                        return None;
                     }
                 }
             }
@@ -207,28 +199,27 @@ const BUS_WAIT: Duration = Duration::from_secs(15);
 /// One pass by hand, without a daemon and without a lease (`imbridge dingtalk callback failed`):
 /// connects to the configured bus as a publisher only (no consumer is joined) and publishes
 /// what DingTalk lists for `app`, as the daemon's poller would.
-pub async fn once(settings: &crate::config::Settings, app: &str) -> Result<Pass, OnceError> {
-    let oapi = settings
-        .dingtalk_oapi
-        .get(app)
-        .ok_or_else(|| OnceError::NoCredentials(app.to_owned()))?;
+pub async fn once(
+    app: &str,
+    oapi: Option<&DingTalkOapi>,
+    bus_settings: &crate::bus::BusSettings,
+    subjects: &super::subject::Subjects,
+) -> Result<Pass, OnceError> {
+    let oapi = oapi.ok_or_else(|| OnceError::NoCredentials(app.to_owned()))?;
     let client = OapiClient::new(oapi.clone(), CALL_TIMEOUT)
         .map_err(|e| OnceError::Client(e.to_string()))?;
     let metrics = Metrics::new();
     let shutdown = Shutdown::new();
     let supervisor = Supervisor::new(metrics.clone());
-    let prefix = &settings.bus.subject_prefix;
+    let prefix = &bus_settings.subject_prefix;
     // The inbound subjects only: the notify pipeline's consumers are the daemon's, and a
     // one-off command joining their groups would take work from it.
     let layout = crate::bus::Layout {
-        inbound: Platform::ALL
-            .iter()
-            .map(|p| crate::bus::with_prefix(prefix, &format!("{}.>", p.as_str())))
-            .collect(),
+        inbound: super::inbound_subjects(prefix),
         ..Default::default()
     };
     let bus = Bus::start(
-        &settings.bus,
+        bus_settings,
         &layout,
         metrics.clone(),
         &supervisor,
@@ -250,7 +241,7 @@ pub async fn once(settings: &crate::config::Settings, app: &str) -> Result<Pass,
         inbound: Inbound {
             bus: &bus,
             subject_prefix: prefix,
-            subjects: &settings.subjects,
+            subjects,
         },
         metrics: &metrics,
         shutdown: &shutdown,

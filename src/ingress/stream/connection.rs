@@ -165,9 +165,38 @@ pub(super) enum Step {
     Skip,
 }
 
-/// Starts the app's supervised task; it returns on `shutdown` once its connections have
+/// What every app's client shares.
+pub(super) struct Shared<'a> {
+    pub(super) settings: &'a StreamSettings,
+    pub(super) state: &'a Arc<State>,
+    pub(super) streams: &'a Streams,
+    pub(super) supervisor: &'a Supervisor,
+    pub(super) shutdown: &'a Shutdown,
+}
+
+/// Starts one supervised task per app; each returns on `shutdown` once its connections have
 /// answered what they held.
-pub(super) fn spawn<P: Protocol>(
+pub(super) fn spawn_all<P: Protocol>(
+    apps: impl IntoIterator<Item = (String, P)>,
+    shared: Shared<'_>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    for (app, protocol) in apps {
+        let client = Client {
+            app,
+            protocol,
+            settings: shared.settings.clone(),
+            http: crate::notify::http::client(shared.settings.connect_timeout)?,
+            state: shared.state.clone(),
+            streams: shared.streams.clone(),
+        };
+        tasks.push(spawn(client, shared.supervisor, shared.shutdown));
+    }
+    Ok(tasks)
+}
+
+/// Starts the app's supervised task.
+fn spawn<P: Protocol>(
     client: Client<P>,
     supervisor: &Supervisor,
     shutdown: &Shutdown,
@@ -290,6 +319,30 @@ fn resume_panic(done: Result<(), tokio::task::JoinError>) {
             std::panic::resume_unwind(e.into_panic());
         }
     }
+}
+
+/// Sends a registration request (its JSON body, with `content-type: application/json`) and
+/// reads the answer, capped: the status and the body. Failing to, a `Register` error counted
+/// as `open_failed`, described without the URL (it may hold credentials).
+pub(super) async fn register(
+    request: reqwest::RequestBuilder,
+    body: &impl serde::Serialize,
+) -> Result<(u16, Vec<u8>), ConnectError> {
+    let failed = |message: String| ConnectError::Register {
+        label: "open_failed",
+        message: format!("registration request failed: {message}"),
+    };
+    let response = request
+        .header("content-type", "application/json")
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| failed(e.without_url().to_string()))?;
+    let status = response.status().as_u16();
+    let answer = crate::notify::http::read_capped(response)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    Ok((status, answer))
 }
 
 /// Dials `url` within the connect timeout, refusing `ws://` unless allowed. Frames over

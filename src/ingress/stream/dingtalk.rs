@@ -14,7 +14,6 @@ use tokio_tungstenite::tungstenite::Message;
 use super::connection::{self, Answer, Client, ConnectError, Protocol, Socket, Step};
 use super::{DingTalkStreamApp, StreamSettings, Streams};
 use crate::ingress::{self, State};
-use crate::notify::http;
 use crate::platform::dingtalk::stream::{self, Frame, OpenError, Push, PushKind};
 use crate::platform::Platform;
 use crate::shutdown::Shutdown;
@@ -32,19 +31,15 @@ pub fn spawn(
     supervisor: &Supervisor,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let mut tasks = Vec::with_capacity(apps.len());
-    for (name, app) in apps {
-        let client = Client {
-            app: name.clone(),
-            protocol: app.clone(),
-            settings: settings.clone(),
-            http: http::client(settings.connect_timeout)?,
-            state: state.clone(),
-            streams: streams.clone(),
-        };
-        tasks.push(connection::spawn(client, supervisor, shutdown));
-    }
-    Ok(tasks)
+    let apps = apps.iter().map(|(name, app)| (name.clone(), app.clone()));
+    let shared = connection::Shared {
+        settings,
+        state: &state,
+        streams,
+        supervisor,
+        shutdown,
+    };
+    connection::spawn_all(apps, shared)
 }
 
 impl Protocol for DingTalkStreamApp {
@@ -100,25 +95,9 @@ async fn open(client: &Client<DingTalkStreamApp>) -> Result<stream::Endpoint, Co
         local_ip: &local_ip,
     };
     let url = format!("{}{}", app.api_base, stream::OPEN_PATH);
-    let send = client
-        .http
-        .post(url)
-        .header("content-type", "application/json")
-        // Without it the gateway may answer XML (dt-node).
-        .header("accept", "application/json")
-        .json(&body)
-        .send();
-    let failed = |message: String| ConnectError::Register {
-        label: "open_failed",
-        message: format!("registration request failed: {message}"),
-    };
-    let response = send
-        .await
-        .map_err(|e| failed(e.without_url().to_string()))?;
-    let status = response.status().as_u16();
-    let answer = http::read_capped(response)
-        .await
-        .map_err(|e| failed(e.to_string()))?;
+    // Without `accept` the gateway may answer XML (dt-node).
+    let request = client.http.post(url).header("accept", "application/json");
+    let (status, answer) = connection::register(request, &body).await?;
     stream::open_answer(status, &answer).map_err(|e| match e {
         OpenError::Refused(_) => ConnectError::Refused(e.to_string()),
         other => ConnectError::Register {

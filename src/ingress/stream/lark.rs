@@ -15,7 +15,6 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use super::connection::{self, Answer, Client, ConnectError, DialError, Protocol, Socket, Step};
 use super::{LarkStreamApp, StreamSettings, Streams};
 use crate::ingress::{self, State};
-use crate::notify::http;
 use crate::platform::lark::callback;
 use crate::platform::lark::ws::{
     self, ClientConfig, Endpoint, FragmentError, Fragments, Frame, FrameKind,
@@ -50,22 +49,21 @@ pub fn spawn(
     supervisor: &Supervisor,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let mut tasks = Vec::with_capacity(apps.len());
-    for (name, app) in apps {
-        let client = Client {
-            app: name.clone(),
-            protocol: Lark {
-                app: app.clone(),
-                config: Mutex::new(ClientConfig::default()),
-            },
-            settings: settings.clone(),
-            http: http::client(settings.connect_timeout)?,
-            state: state.clone(),
-            streams: streams.clone(),
+    let apps = apps.iter().map(|(name, app)| {
+        let lark = Lark {
+            app: app.clone(),
+            config: Mutex::new(ClientConfig::default()),
         };
-        tasks.push(connection::spawn(client, supervisor, shutdown));
-    }
-    Ok(tasks)
+        (name.clone(), lark)
+    });
+    let shared = connection::Shared {
+        settings,
+        state: &state,
+        streams,
+        supervisor,
+        shutdown,
+    };
+    connection::spawn_all(apps, shared)
 }
 
 /// One app: its settings, and the latest `ClientConfig` Lark sent (an endpoint answer or a
@@ -195,25 +193,10 @@ impl Protocol for Lark {
 async fn endpoint(client: &Client<Lark>) -> Result<(String, ClientConfig), ConnectError> {
     let app = &client.protocol.app;
     let url = format!("{}{ENDPOINT_PATH}", app.domain);
-    let send = client
-        .http
-        .post(url)
-        .header("content-type", "application/json")
-        // The gateway reads it (lk-node: "consumed by gateway").
-        .header("locale", "zh")
-        .json(&ws::endpoint_request(&app.app_id, app.app_secret.expose()))
-        .send();
-    let failed = |message: String| ConnectError::Register {
-        label: "open_failed",
-        message: format!("endpoint request failed: {message}"),
-    };
-    let response = send
-        .await
-        .map_err(|e| failed(e.without_url().to_string()))?;
-    let status = response.status().as_u16();
-    let body = http::read_capped(response)
-        .await
-        .map_err(|e| failed(e.to_string()))?;
+    // The gateway reads `locale` (lk-node: "consumed by gateway").
+    let request = client.http.post(url).header("locale", "zh");
+    let body = ws::endpoint_request(&app.app_id, app.app_secret.expose());
+    let (status, body) = connection::register(request, &body).await?;
     match ws::endpoint(status, &body) {
         Endpoint::Connect { url, config } => Ok((url, config)),
         Endpoint::Retry(why) => Err(ConnectError::Register {
