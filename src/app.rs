@@ -77,6 +77,10 @@ impl App {
             shutdown.clone(),
         )
         .context("starting the notify pipeline")?;
+        // The gateway shares the pipeline's token cache and rate limiter.
+        let gateway = notifier
+            .gateway(settings.api_apps.clone(), settings.api.clone())
+            .context("starting the API gateway")?;
         let state = Arc::new(State {
             dingtalk: settings.dingtalk_apps.clone(),
             wecom: settings.wecom_apps.clone(),
@@ -93,6 +97,7 @@ impl App {
             clients: settings.clients.clone(),
             idempotency: Default::default(),
             refusals: refusals.clone(),
+            gateway: Arc::new(gateway),
         });
         let limits = server::Limits {
             header_timeout: settings.server.header_timeout,
@@ -119,6 +124,11 @@ impl App {
             )
             .context("starting the Lark long connections")?,
         );
+        stream_tasks.extend(ingress::api_nats::spawn(
+            state.clone(),
+            &supervisor,
+            &shutdown,
+        ));
         let (ingress_addr, internal_addr, ingress) =
             serve_ingress(&settings, state, limits, &shutdown)?;
 
