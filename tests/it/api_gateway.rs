@@ -649,3 +649,40 @@ async fn two_replicas_keep_five_a_second_and_nats_answers_as_http() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A work-notification target of the same app and the gateway share one token: one fetch for
+/// both, whichever comes first.
+#[tokio::test]
+async fn a_notify_target_and_api_calls_of_one_app_share_its_token() {
+    let fake = Fake::start().await;
+    let extra = format!(
+        "[targets.ding]\nkind = \"dingtalk_work\"\nbase_url = \"{}\"\n\
+         app_key = \"dingkey\"\napp_secret = \"dingsecret\"\nagent_id = \"42\"\n\
+         [users.zhangsan]\ndingtalk = \"ding-zs\"\n",
+        fake.base("dingtalk-oapi")
+    );
+    let app = TestApp::start(&config(&fake, &extra)).await;
+    app.wait_ready().await;
+    let body = json!({"text": "hello", "to": {"users": ["zhangsan"]}});
+    let (status, answer) = post_json(&app.http, app.url("/notify/ding?wait=true"), body).await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, _, text) = call(
+        OPS_TOKEN,
+        &app,
+        "GET",
+        "dingtalk/main/v1.0/contact/users/me",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(fake.fetches("dingtalk"), 1);
+    let paths: Vec<String> = fake.calls().into_iter().map(|c| c.path).collect();
+    assert_eq!(
+        paths,
+        [
+            "topapi/message/corpconversation/asyncsend_v2",
+            "v1.0/contact/users/me"
+        ]
+    );
+    app.stop().await;
+}
