@@ -76,6 +76,18 @@ pub(super) fn apps(
     c: &mut Checker,
 ) -> BTreeMap<String, ApiApp> {
     let mut out = BTreeMap::new();
+    dingtalk(raw, oapi, &mut out, c);
+    wecom(raw, &mut out, c);
+    lark(raw, &mut out, c);
+    out
+}
+
+fn dingtalk(
+    raw: &AppsConfig,
+    oapi: &BTreeMap<String, DingTalkOapi>,
+    out: &mut BTreeMap<String, ApiApp>,
+    c: &mut Checker,
+) {
     for (name, app) in &raw.dingtalk {
         let key = format!("apps.dingtalk.{name}");
         let limits = limits(&key, app.api_rate_limit.as_ref(), Platform::DingTalk, c);
@@ -96,6 +108,9 @@ pub(super) fn apps(
         };
         out.insert(format!("dingtalk/{name}"), app);
     }
+}
+
+fn wecom(raw: &AppsConfig, out: &mut BTreeMap<String, ApiApp>, c: &mut Checker) {
     for (name, app) in &raw.wecom {
         let key = format!("apps.wecom.{name}");
         let limits = limits(&key, app.api_rate_limit.as_ref(), Platform::WeCom, c);
@@ -121,6 +136,10 @@ pub(super) fn apps(
         let app = api_app(Platform::WeCom, credentials, base, limits);
         out.insert(format!("wecom/{name}"), app);
     }
+}
+
+/// Lark apps of either mode with an App ID and Secret.
+fn lark(raw: &AppsConfig, out: &mut BTreeMap<String, ApiApp>, c: &mut Checker) {
     for (name, app) in &raw.lark {
         let key = format!("apps.lark.{name}");
         let limits = limits(&key, app.api_rate_limit.as_ref(), Platform::Lark, c);
@@ -175,7 +194,6 @@ pub(super) fn apps(
             api_app(Platform::Lark, credentials, base, limits),
         );
     }
-    out
 }
 
 fn api_app(
