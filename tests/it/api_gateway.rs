@@ -686,3 +686,182 @@ async fn a_notify_target_and_api_calls_of_one_app_share_its_token() {
     );
     app.stop().await;
 }
+
+/// The problems of a configuration, by key (check-config prints them and exits 64).
+fn problems(toml: &str) -> Vec<String> {
+    use figment::providers::{Format as _, Toml};
+    let toml = allow_insecure_http(toml);
+    match imbridge::config::from_figment(figment::Figment::from(Toml::string(&toml))) {
+        Ok(settings) => settings
+            .warnings
+            .iter()
+            .map(|w| format!("warning {}", w.key))
+            .collect(),
+        Err(e) => e.problems.iter().map(|p| p.key.clone()).collect(),
+    }
+}
+
+#[test]
+fn check_config_names_each_bad_gateway_key() {
+    let base = format!(
+        r#"
+        [server]
+        listen = "127.0.0.1:0"
+        admin_listen = "127.0.0.1:0"
+        internal_listen = "127.0.0.1:0"
+        [apps.wecom.main]
+        token = "{WECOM_TOKEN}"
+        aes_key = "{WECOM_KEY}"
+        corp_id = "{WECOM_CORP}"
+        app_secret = "wecomsecret"
+        [apps.lark.main]
+        verification_token = "{LARK_TOKEN}"
+        encrypt_key = "{LARK_KEY}"
+        app_id = "cli_1"
+        app_secret = "larksecret"
+        [clients.reader]
+        token = "{OPS_TOKEN}"
+        api = ["wecom/main/cgi-bin/user/*", "lark/*/open-apis/contact/*"]
+        "#
+    );
+    // A client of the gateway only, a Lark app in http mode with API keys: no complaint.
+    assert_eq!(problems(&base), Vec::<String>::new());
+    let bad = format!(
+        r#"{base}
+        [apps.dingtalk.nokey]
+        token = "{TOKEN}"
+        aes_key = "{AES_KEY}"
+        receiver_id = "{CORP_ID}"
+        api_rate_limit = "20/s"
+        [apps.lark.half]
+        verification_token = "{LARK_TOKEN}"
+        encrypt_key = "{LARK_KEY}"
+        app_id = "cli_2"
+        [apps.wecom.fast]
+        token = "{WECOM_TOKEN}"
+        aes_key = "{WECOM_KEY}"
+        corp_id = "{WECOM_CORP}"
+        app_secret = "s"
+        api_rate_limit = "fast"
+        [clients.typo]
+        token = "{CI_TOKEN}"
+        api = ["dingtalk/ghost/topapi/*", "slack/main/x", "wecom"]
+        [clients.idle]
+        token = "{NARROW_TOKEN}"
+        [api]
+        max_wait = "0s"
+        nats_client = "ghost"
+        "#
+    );
+    let mut keys = problems(&bad);
+    keys.sort();
+    keys.dedup();
+    assert_eq!(
+        keys,
+        [
+            "api.max_wait",
+            "api.nats_client",
+            "apps.lark.half.app_secret",
+            "apps.wecom.fast.api_rate_limit",
+            "clients.idle.targets",
+            "clients.typo.api",
+        ]
+    );
+    let warned = problems(&format!(
+        "{base}\n[apps.dingtalk.nokey]\ntoken = \"{TOKEN}\"\naes_key = \"{AES_KEY}\"\n\
+         receiver_id = \"{CORP_ID}\"\napi_rate_limit = \"20/s\"\n"
+    ));
+    assert_eq!(warned, ["warning apps.dingtalk.nokey.api_rate_limit"]);
+}
+
+/// A request written byte for byte with `headers` and `body`; the status.
+async fn raw_request(addr: std::net::SocketAddr, head: &str, body: &str) -> u16 {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "{head}\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    text.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Hop-by-hop headers (and those `Connection` names), cookies and a token header of the
+/// client's own stay behind; bodies over either cap are refused, nothing forwarded for a
+/// request over it.
+#[tokio::test]
+async fn hop_by_hop_headers_stay_behind_and_bodies_are_capped() {
+    let fake = Fake::start().await;
+    let toml = config(
+        &fake,
+        "[api]\nmax_request_bytes = 64\nmax_response_bytes = 400\n",
+    );
+    let app = TestApp::start(&toml).await;
+    app.wait_ready().await;
+    let internal = app.internal.unwrap();
+    let head = format!(
+        "POST /api/dingtalk/main/topapi/v2/user/get HTTP/1.1\r\nAuthorization: Bearer {OPS_TOKEN}\r\n\
+         X-Custom: kept\r\nX-Hop: secret\r\nConnection: x-hop\r\nKeep-Alive: timeout=5\r\n\
+         Proxy-Authorization: Basic eA==\r\nCookie: session=1\r\nTE: trailers\r\n\
+         X-Acs-Dingtalk-Access-Token: mine\r\nX-Forwarded-For: 10.0.0.1\r\n\
+         Content-Type: application/json"
+    );
+    assert_eq!(
+        raw_request(internal, &head, r#"{"userid":"u1"}"#).await,
+        200
+    );
+    let seen = fake.calls();
+    assert_eq!(seen.len(), 1);
+    let headers = &seen[0].headers;
+    assert_eq!(headers["x-custom"], "kept");
+    assert_eq!(headers["content-type"], "application/json");
+    for gone in [
+        "x-hop",
+        "keep-alive",
+        "proxy-authorization",
+        "cookie",
+        "te",
+        "x-acs-dingtalk-access-token",
+        "x-forwarded-for",
+        "authorization",
+    ] {
+        assert!(!headers.contains_key(gone), "{gone} forwarded: {headers:?}");
+    }
+    // A body over api.max_request_bytes: 413, not forwarded.
+    let (status, body, _) = call(
+        OPS_TOKEN,
+        &app,
+        "POST",
+        "dingtalk/main/topapi/v2/user/get",
+        Some(json!({"pad": "x".repeat(100)})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (413, Some("body_too_large"))
+    );
+    assert_eq!(fake.calls().len(), 1);
+    // An answer over api.max_response_bytes (the fake echoes the query): 502.
+    let long = "q=".to_owned() + &"y".repeat(500);
+    let (status, body, _) = call(
+        OPS_TOKEN,
+        &app,
+        "GET",
+        &format!("dingtalk/main/topapi/v2/user/get?{long}"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (502, Some("response_too_large"))
+    );
+    app.stop().await;
+}
