@@ -84,31 +84,8 @@ impl App {
             max_connections: settings.server.max_connections,
         };
         let streams = ingress::stream::Streams::new(&settings.streams);
-        let mut stream_tasks = ingress::stream::dingtalk::spawn(
-            &settings.dingtalk_streams,
-            &settings.streams,
-            state.clone(),
-            &streams,
-            &supervisor,
-            &shutdown,
-        )
-        .context("starting the DingTalk Stream connections")?;
-        stream_tasks.extend(
-            ingress::stream::lark::spawn(
-                &settings.lark_streams,
-                &settings.streams,
-                state.clone(),
-                &streams,
-                &supervisor,
-                &shutdown,
-            )
-            .context("starting the Lark long connections")?,
-        );
-        stream_tasks.extend(ingress::api_nats::spawn(
-            state.clone(),
-            &supervisor,
-            &shutdown,
-        ));
+        let stream_tasks =
+            spawn_background(&settings, &bus, &state, &streams, &supervisor, &shutdown)?;
         let (ingress_addr, internal_addr, ingress) =
             serve_ingress(&settings, state, limits, &shutdown)?;
 
@@ -217,6 +194,86 @@ impl App {
     }
 }
 
+/// The long connections of stream- and websocket-mode apps, the API responder on NATS and
+/// the failed-push pollers: supervised, each ending on `shutdown`.
+fn spawn_background(
+    settings: &Settings,
+    bus: &Arc<Bus>,
+    state: &Arc<State>,
+    streams: &ingress::stream::Streams,
+    supervisor: &Supervisor,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = ingress::stream::dingtalk::spawn(
+        &settings.dingtalk_streams,
+        &settings.streams,
+        state.clone(),
+        streams,
+        supervisor,
+        shutdown,
+    )
+    .context("starting the DingTalk Stream connections")?;
+    tasks.extend(
+        ingress::stream::lark::spawn(
+            &settings.lark_streams,
+            &settings.streams,
+            state.clone(),
+            streams,
+            supervisor,
+            shutdown,
+        )
+        .context("starting the Lark long connections")?,
+    );
+    tasks.extend(ingress::api_nats::spawn(
+        state.clone(),
+        supervisor,
+        shutdown,
+    ));
+    tasks.extend(spawn_recovery(settings, bus, state, supervisor, shutdown));
+    Ok(tasks)
+}
+
+/// Failed DingTalk pushes, polled by whichever replica holds each app's lease; ended with the
+/// streams, after the listeners.
+fn spawn_recovery(
+    settings: &Settings,
+    bus: &Arc<Bus>,
+    state: &Arc<State>,
+    supervisor: &Supervisor,
+    shutdown: &Shutdown,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for (app, oapi) in &settings.dingtalk_oapi {
+        let Some(every) = oapi.recover_failed else {
+            continue;
+        };
+        let ttl = ingress::recover::lease_ttl(every);
+        let name = ingress::recover::lease_name(app);
+        let lease = bus::lease::Lease::new(bus, &name, ttl, supervisor, shutdown);
+        let lease = Arc::new(tokio::sync::Mutex::new(lease));
+        let (app, oapi, state, stop) = (app.clone(), oapi.clone(), state.clone(), shutdown.clone());
+        // A poller restarted after a panic takes the lease it left behind.
+        tasks.push(supervisor.spawn(
+            format!("dingtalk_recover:{app}"),
+            shutdown.clone(),
+            move || {
+                let (app, oapi, state, stop, lease) = (
+                    app.clone(),
+                    oapi.clone(),
+                    state.clone(),
+                    stop.clone(),
+                    lease.clone(),
+                );
+                async move {
+                    let mut lease = lease.lock().await;
+                    ingress::recover::run(app, oapi, state, &mut lease, stop).await;
+                }
+            },
+        ));
+    }
+    tasks
+}
+
 /// What the listeners' handlers share; the API gateway shares the pipeline's token cache and
 /// rate limiter.
 fn ingress_state(
@@ -303,5 +360,12 @@ fn bus_layout(settings: &Settings) -> bus::Layout {
         .iter()
         .map(|p| bus::with_prefix(prefix, &format!("{}.>", p.as_str())))
         .collect();
+    // Kafka's leases are topics of one partition: in place before anyone joins their group.
+    for (app, oapi) in &settings.dingtalk_oapi {
+        if oapi.recover_failed.is_some() {
+            let topic = bus::lease::topic(&ingress::recover::lease_name(app));
+            layout.topics.push(bus::with_prefix(prefix, &topic));
+        }
+    }
     layout
 }

@@ -45,6 +45,57 @@ enum Command {
         #[arg(long, default_value = "render")]
         id: String,
     },
+    /// DingTalk's server API for one app.
+    Dingtalk {
+        #[command(subcommand)]
+        command: DingTalkCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DingTalkCommand {
+    /// The app's event callback, registered with DingTalk's classic API (`call_back/*`).
+    /// Exits 0 when done, 64 on a configuration or usage problem, 69 when DingTalk refused or
+    /// could not be reached, or the URL failed its check_url check.
+    Callback {
+        #[command(subcommand)]
+        action: CallbackAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum CallbackAction {
+    /// Check that the URL answers check_url with this app's keys, then register it.
+    Register(SetArgs),
+    /// Check that the URL answers check_url with this app's keys, then replace the
+    /// registration with it.
+    Update(SetArgs),
+    /// Print the registration (token and aes_key masked, compared with the app's).
+    Get(AppArgs),
+    /// Delete the registration.
+    Delete(AppArgs),
+}
+
+#[derive(clap::Args)]
+struct AppArgs {
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The app, as in `[apps.dingtalk.<app>]`.
+    #[arg(long)]
+    app: String,
+}
+
+#[derive(clap::Args)]
+struct SetArgs {
+    #[command(flatten)]
+    app: AppArgs,
+    /// The public URL DingTalk pushes to, e.g.
+    /// https://imbridge.example.com/callbacks/dingtalk/<app>.
+    #[arg(long)]
+    url: Option<String>,
+    /// The events, comma-separated (default: the app's `callback_tags`).
+    #[arg(long, value_delimiter = ',')]
+    tags: Vec<String>,
 }
 
 /// Exit code for a payload the target cannot use (EX_DATAERR in sysexits.h).
@@ -100,6 +151,66 @@ fn render(config: Option<&PathBuf>, target: &str, id: &str) -> ExitCode {
     }
 }
 
+fn dingtalk_callback(action: CallbackAction) -> ExitCode {
+    use imbridge::ingress::registration::{self, Action, App};
+    let (action, args, url, tags) = match action {
+        CallbackAction::Register(a) => (Action::Register, a.app, a.url, a.tags),
+        CallbackAction::Update(a) => (Action::Update, a.app, a.url, a.tags),
+        CallbackAction::Get(a) => (Action::Get, a, None, Vec::new()),
+        CallbackAction::Delete(a) => (Action::Delete, a, None, Vec::new()),
+    };
+    let settings = match load(args.config.as_ref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let name = args.app.as_str();
+    let known = settings.dingtalk_apps.contains_key(name)
+        || settings.dingtalk_streams.contains_key(name)
+        || settings.dingtalk_oapi.contains_key(name);
+    if !known {
+        let names: std::collections::BTreeSet<&String> = settings
+            .dingtalk_apps
+            .keys()
+            .chain(settings.dingtalk_streams.keys())
+            .collect();
+        let names: Vec<&str> = names.into_iter().map(String::as_str).collect();
+        eprintln!(
+            "apps.dingtalk.{name}: no such app (configured: {})",
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let app = App {
+        name,
+        oapi: settings.dingtalk_oapi.get(name),
+        callback: settings.dingtalk_apps.get(name),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("starting the tokio runtime");
+    match runtime.block_on(registration::run(app, action, url.as_deref(), &tags)) {
+        Ok(outcome) => {
+            for w in &outcome.warnings {
+                eprintln!("warning: {w}");
+            }
+            print!("{}", outcome.output);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
 fn load(path: Option<&PathBuf>) -> Result<config::Settings, ConfigError> {
     match path {
         Some(p) => config::load_file(p),
@@ -135,6 +246,9 @@ fn main() -> ExitCode {
             }
         },
         Command::Render { config, target, id } => render(config.as_ref(), &target, &id),
+        Command::Dingtalk {
+            command: DingTalkCommand::Callback { action },
+        } => dingtalk_callback(action),
         Command::Serve { config } => {
             let settings = match load(config.as_ref()) {
                 Ok(s) => s,

@@ -87,6 +87,12 @@ pub struct Inner {
     pub stream_acks_total: IntCounterVec,
     /// Time from a frame's arrival to its ACK, by platform.
     pub stream_ack_seconds: HistogramVec,
+    /// Events published from a platform's list of failed pushes, by platform and app.
+    pub recovered_events_total: IntCounterVec,
+    /// Polls of that list, by platform, app and outcome (`ok`, `error`, `not_holder`).
+    pub recover_polls_total: IntCounterVec,
+    /// Errors of recovery, by platform, app and reason.
+    pub recover_errors_total: IntCounterVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -269,6 +275,32 @@ impl Metrics {
                 &["platform", "app"],
             )
             .unwrap(),
+            recovered_events_total: IntCounterVec::new(
+                Opts::new(
+                    "imbridge_recovered_events_total",
+                    "Events published from the platform's list of pushes it failed to deliver",
+                ),
+                &["platform", "app"],
+            )
+            .unwrap(),
+            recover_polls_total: IntCounterVec::new(
+                Opts::new(
+                    "imbridge_recover_polls_total",
+                    "Polls of the platform's failed pushes, by outcome (not_holder: another \
+                     replica holds the lease)",
+                ),
+                &["platform", "app", "outcome"],
+            )
+            .unwrap(),
+            recover_errors_total: IntCounterVec::new(
+                Opts::new(
+                    "imbridge_recover_errors_total",
+                    "Errors while recovering failed pushes, by reason (unreadable_entry: \
+                     an entry whose data could not be read, logged with its tag and time)",
+                ),
+                &["platform", "app", "reason"],
+            )
+            .unwrap(),
             stream_reconnects_total: IntCounterVec::new(
                 Opts::new(
                     "imbridge_stream_reconnects_total",
@@ -392,6 +424,9 @@ impl Metrics {
             &inner.stream_frames_total,
             &inner.stream_invalid_frames_total,
             &inner.stream_acks_total,
+            &inner.recovered_events_total,
+            &inner.recover_polls_total,
+            &inner.recover_errors_total,
         ] {
             r.register(Box::new(c.clone())).unwrap();
         }
@@ -424,6 +459,27 @@ impl Metrics {
     // One method per event: the only place that decides label names and values.
 
     /// Counts one callback outcome.
+    /// An event published from DingTalk's list of failed pushes.
+    pub fn recovered(&self, app: &str) {
+        self.recovered_events_total
+            .with_label_values(&["dingtalk", app])
+            .inc();
+    }
+
+    /// A poll of DingTalk's list of failed pushes, and how it went.
+    pub fn recover_poll(&self, app: &str, outcome: &str) {
+        self.recover_polls_total
+            .with_label_values(&["dingtalk", app, outcome])
+            .inc();
+    }
+
+    /// A recovery error, and why.
+    pub fn recover_error(&self, app: &str, reason: &str) {
+        self.recover_errors_total
+            .with_label_values(&["dingtalk", app, reason])
+            .inc();
+    }
+
     pub fn callback(&self, platform: &str, app: &str, outcome: &str) {
         self.callbacks_total
             .with_label_values(&[platform, app, outcome])

@@ -5,6 +5,7 @@
 //! and a publish that returns only once the bus has the message. `ce-id` is the dedupe key.
 
 pub mod kafka;
+pub mod lease;
 pub mod memory;
 pub mod nats;
 
@@ -64,6 +65,8 @@ pub struct CloudEvent {
 /// Header names of the bridge's own attributes, the same on every engine.
 pub const HEADER_APP: &str = "imbridge-app";
 pub const HEADER_TENANT: &str = "imbridge-tenant";
+/// On an event fetched from a platform's list of what it failed to push: `true`.
+pub const HEADER_RECOVERED: &str = "imbridge-recovered";
 
 impl CloudEvent {
     /// The headers in CloudEvents binary content mode. `ce_prefix` is `ce-` for NATS (and the

@@ -95,6 +95,7 @@ pub fn event(
         id,
         tenant,
         payload,
+        recovered: false,
     }
 }
 

@@ -76,6 +76,7 @@ pub async fn callback(
                         id: event.event_id,
                         tenant: event.tenant_key,
                         payload: Bytes::from(event.body),
+                        recovered: false,
                     },
                 )
                 .await?;

@@ -11,6 +11,9 @@ pub mod dingtalk;
 pub mod idempotency;
 pub mod lark;
 pub mod notify;
+pub mod oapi;
+pub mod recover;
+pub mod registration;
 pub mod replay;
 pub mod reply;
 pub mod stream;
@@ -305,43 +308,75 @@ pub struct Event {
     pub id: String,
     pub tenant: Option<String>,
     pub payload: Bytes,
+    /// Fetched from the platform's list of what it failed to push, not pushed: carried as
+    /// `imbridge-recovered: true`.
+    pub recovered: bool,
 }
 
 /// Publishes to `<platform>.<event_type>` (then the app's business tokens, if it has any) with
 /// the CloudEvents headers and waits for the bus; a bus that cannot take it means 503, so the
 /// platform retries. `ce-type` stays `<platform>.<event_type>` whatever the tokens.
 pub async fn publish(state: &State, event: Event) -> Result<Outcome, ApiError> {
-    let ty = format!(
-        "{}.{}",
-        event.platform,
-        bus::sanitize_event_type(&event.event_type)
-    );
-    let tokens = state.subjects.tokens(
-        event.platform,
-        &event.app,
-        &event.event_type,
-        &event.payload,
-    );
-    let subject = std::iter::once(ty.as_str())
-        .chain(tokens.iter().map(String::as_str))
-        .collect::<Vec<_>>()
-        .join(".");
-    let cloud_event = CloudEvent {
-        id: event.id,
-        source: format!("{}/{}", event.platform, event.app),
-        ty,
-        time: std::time::SystemTime::now(),
-        content_type: "application/json",
-        app: event.app,
-        tenant: event.tenant,
+    let inbound = Inbound {
+        bus: &state.bus,
+        subject_prefix: &state.subject_prefix,
+        subjects: &state.subjects,
     };
-    let (msg, ack) = store_on(state, &subject, &cloud_event, event.payload, "event").await?;
-    tracing::debug!(platform = event.platform, app = %cloud_event.app, subject = %msg.subject, id = %msg.id, duplicate = ack.duplicate, "published");
-    Ok(if ack.duplicate {
-        Outcome::Duplicate
-    } else {
-        Outcome::Published
-    })
+    inbound.publish(event).await
+}
+
+/// What publishing an inbound event needs: the bus, the subject prefix and the apps'
+/// business tokens (the daemon's [`State`] has them; a one-off command builds its own).
+pub struct Inbound<'a> {
+    pub bus: &'a Bus,
+    pub subject_prefix: &'a str,
+    pub subjects: &'a subject::Subjects,
+}
+
+impl Inbound<'_> {
+    /// [`publish`].
+    pub async fn publish(&self, event: Event) -> Result<Outcome, ApiError> {
+        let ty = format!(
+            "{}.{}",
+            event.platform,
+            bus::sanitize_event_type(&event.event_type)
+        );
+        let tokens = self.subjects.tokens(
+            event.platform,
+            &event.app,
+            &event.event_type,
+            &event.payload,
+        );
+        let subject = std::iter::once(ty.as_str())
+            .chain(tokens.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(".");
+        let cloud_event = CloudEvent {
+            id: event.id,
+            source: format!("{}/{}", event.platform, event.app),
+            ty,
+            time: std::time::SystemTime::now(),
+            content_type: "application/json",
+            app: event.app,
+            tenant: event.tenant,
+        };
+        let (msg, ack) = store_on(
+            self.bus,
+            self.subject_prefix,
+            &subject,
+            &cloud_event,
+            event.payload,
+            event.recovered,
+            "event",
+        )
+        .await?;
+        tracing::debug!(platform = event.platform, app = %cloud_event.app, subject = %msg.subject, id = %msg.id, duplicate = ack.duplicate, "published");
+        Ok(if ack.duplicate {
+            Outcome::Duplicate
+        } else {
+            Outcome::Published
+        })
+    }
 }
 
 /// Publishes `event` (its type is the subject, prefixed) and waits for the bus to have it; 503
@@ -352,20 +387,27 @@ pub async fn store(
     payload: Bytes,
     what: &str,
 ) -> Result<(Message, bus::Ack), ApiError> {
-    store_on(state, &event.ty, event, payload, what).await
+    let (bus, prefix) = (&state.bus, state.subject_prefix.as_str());
+    store_on(bus, prefix, &event.ty, event, payload, false, what).await
 }
 
 /// [`store`] on `subject` (prefixed here) rather than the event's type.
 async fn store_on(
-    state: &State,
+    bus: &Bus,
+    subject_prefix: &str,
     subject: &str,
     event: &CloudEvent,
     payload: Bytes,
+    recovered: bool,
     what: &str,
 ) -> Result<(Message, bus::Ack), ApiError> {
-    let subject = bus::with_prefix(&state.subject_prefix, subject);
-    let msg = Message::event(subject, event, payload);
-    match state.bus.publish(&msg).await {
+    let subject = bus::with_prefix(subject_prefix, subject);
+    let mut msg = Message::event(subject, event, payload);
+    if recovered {
+        msg.headers
+            .push((bus::HEADER_RECOVERED.to_owned(), "true".to_owned()));
+    }
+    match bus.publish(&msg).await {
         Ok(ack) => Ok((msg, ack)),
         // The bus client's own words stay in the log: the sender learns the class only.
         Err(e) => {

@@ -94,6 +94,7 @@ pub async fn callback(
                 id: event.ce_id(),
                 tenant: event.tenant().map(str::to_owned),
                 payload: Bytes::from(payload),
+                recovered: false,
             },
         )
         .await?;

@@ -13,6 +13,8 @@ use base64::Engine;
 use sha1::{Digest, Sha1};
 use subtle::ConstantTimeEq;
 
+use crate::secret::Secret;
+
 type Aes256CbcEnc = cbc::Encryptor<aes::Aes256>;
 type Aes256CbcDec = cbc::Decryptor<aes::Aes256>;
 
@@ -68,6 +70,8 @@ pub struct Decrypted {
 #[derive(Clone)]
 pub struct MsgCrypt {
     token: String,
+    /// As configured: a callback registration hands it to the platform as it is.
+    encoding_aes_key: String,
     key: [u8; 32],
     receiver_id: String,
 }
@@ -100,6 +104,7 @@ impl MsgCrypt {
         let key: [u8; 32] = bytes.try_into().map_err(|_| KeyError)?;
         Ok(MsgCrypt {
             token: token.to_owned(),
+            encoding_aes_key: encoding_aes_key.to_owned(),
             key,
             receiver_id: receiver_id.to_owned(),
         })
@@ -107,6 +112,16 @@ impl MsgCrypt {
 
     pub fn receiver_id(&self) -> &str {
         &self.receiver_id
+    }
+
+    /// The token, for registering the callback with the platform.
+    pub fn token(&self) -> Secret {
+        Secret::new(self.token.as_str())
+    }
+
+    /// The EncodingAESKey as configured, for registering the callback with the platform.
+    pub fn encoding_aes_key(&self) -> Secret {
+        Secret::new(self.encoding_aes_key.as_str())
     }
 
     fn iv(&self) -> [u8; 16] {

@@ -320,6 +320,11 @@ impl KafkaBus {
         &self.settings
     }
 
+    /// The subject prefix, which topics carry too.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// Registers one of the pipeline's consumers: records of topic `spec.filter` (or, for the
     /// `notify.>` spec, of every other notify topic; for a reader of inbound events, of every
     /// topic its group reads) go to `tx`.

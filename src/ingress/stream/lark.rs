@@ -332,6 +332,7 @@ async fn publish(
         id: event.event_id,
         tenant: event.tenant_key,
         payload: Bytes::from(event.body),
+        recovered: false,
     };
     match ingress::publish(state, event).await {
         Ok(outcome) => {

@@ -192,6 +192,73 @@ pub fn reply(crypt: &MsgCrypt, now_ms: u64) -> Reply {
     )
 }
 
+/// A callback as DingTalk sends one: the query (`msg_signature`, `timestamp` in ms, `nonce`)
+/// and the JSON body `{"encrypt": …}`. imbridge sends one itself to check a URL before
+/// registering it, so that a wrong URL fails at once and not in DingTalk's hands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    pub query: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+/// Encrypts and signs `plaintext` as DingTalk would, at `now_ms`.
+pub fn seal(crypt: &MsgCrypt, plaintext: &[u8], now_ms: u64) -> Sealed {
+    let encrypt = crypt.encrypt_fresh(plaintext);
+    let timestamp = now_ms.to_string();
+    let nonce = String::from_utf8(msgcrypt::random_alnum::<16>().to_vec()).expect("ascii");
+    Sealed {
+        query: vec![
+            (
+                "msg_signature",
+                crypt.signature(&timestamp, &nonce, &encrypt),
+            ),
+            ("timestamp", timestamp),
+            ("nonce", nonce),
+        ],
+        body: serde_json::json!({ "encrypt": encrypt }).to_string(),
+    }
+}
+
+/// The `check_url` callback DingTalk sends when a callback is registered.
+pub fn check_url(crypt: &MsgCrypt, now_ms: u64) -> Sealed {
+    seal(crypt, br#"{"EventType":"check_url"}"#, now_ms)
+}
+
+/// Why a reply is not the one DingTalk accepts (PROTOCOLS.md §1.3).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    #[error("the answer is not DingTalk's reply JSON (msg_signature, timeStamp, nonce, encrypt)")]
+    NotAReply,
+    #[error("the reply's signature does not verify with this app's token")]
+    Signature,
+    #[error("the reply does not decrypt with this app's aes_key and receiver_id: {0}")]
+    Decrypt(#[from] DecryptError),
+    #[error("the reply decrypts to {0:?}, not \"success\"")]
+    NotSuccess(String),
+}
+
+/// Checks a reply as DingTalk does: signed with the token over its own timestamp and nonce,
+/// and decrypting to `success` for this receiver id.
+pub fn check_reply(crypt: &MsgCrypt, body: &[u8]) -> Result<(), ReplyError> {
+    let reply: Reply = serde_json::from_slice(body).map_err(|_| ReplyError::NotAReply)?;
+    if !crypt.verify(
+        &reply.msg_signature,
+        &reply.time_stamp,
+        &reply.nonce,
+        &reply.encrypt,
+    ) {
+        return Err(ReplyError::Signature);
+    }
+    let message = crypt.decrypt(&reply.encrypt)?.message;
+    if message != b"success" {
+        let shown = String::from_utf8_lossy(&message);
+        return Err(ReplyError::NotSuccess(
+            crate::platform::outbound::truncate_utf8(&shown, 64),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,6 +411,67 @@ mod tests {
         assert_eq!(
             open(&crypt, &forged, &body, ts, hour),
             Err(CallbackError::Signature)
+        );
+    }
+
+    #[test]
+    fn a_sealed_check_url_opens_and_its_reply_checks() {
+        let all = vectors();
+        let crypt = crypt_of(&all["dingtalk_callback"]["D1_vendor_decrypt"]);
+        let now = 1_608_001_896_814;
+        let sealed = check_url(&crypt, now);
+        let query: HashMap<String, String> = sealed
+            .query
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        let params = Params::from_query(&query).unwrap();
+        assert_eq!(params.nonce.len(), 16);
+        let event = open(&crypt, &params, sealed.body.as_bytes(), now, None).unwrap();
+        assert!(event.is_check_url());
+
+        let good = serde_json::to_vec(&reply(&crypt, now)).unwrap();
+        assert_eq!(check_reply(&crypt, &good), Ok(()));
+        // The D2 vendor reply checks too.
+        let d2 = serde_json::to_vec(
+            &all["dingtalk_callback"]["D2_reply_success"]["expected_reply_json"],
+        )
+        .unwrap();
+        assert_eq!(check_reply(&crypt, &d2), Ok(()));
+
+        assert_eq!(check_reply(&crypt, b"success"), Err(ReplyError::NotAReply));
+        let other_token = MsgCrypt::new(
+            "other",
+            "Yue0EfdN5900c1ce5cf6A152c63DDe1808a60c5ecd7",
+            "ding6ccabc44d2c8d38b",
+        )
+        .unwrap();
+        let signed_elsewhere = serde_json::to_vec(&reply(&other_token, now)).unwrap();
+        assert_eq!(
+            check_reply(&crypt, &signed_elsewhere),
+            Err(ReplyError::Signature)
+        );
+        let other_receiver = MsgCrypt::new(
+            "mryue",
+            "Yue0EfdN5900c1ce5cf6A152c63DDe1808a60c5ecd7",
+            "dingother",
+        )
+        .unwrap();
+        let for_other = serde_json::to_vec(&reply(&other_receiver, now)).unwrap();
+        assert_eq!(
+            check_reply(&crypt, &for_other),
+            Err(ReplyError::Decrypt(DecryptError::ReceiverMismatch))
+        );
+        let encrypt = crypt.encrypt_fresh(b"fail");
+        let not_success = Reply {
+            msg_signature: crypt.signature("1", "n", &encrypt),
+            time_stamp: "1".into(),
+            nonce: "n".into(),
+            encrypt,
+        };
+        assert_eq!(
+            check_reply(&crypt, &serde_json::to_vec(&not_success).unwrap()),
+            Err(ReplyError::NotSuccess("fail".into()))
         );
     }
 }

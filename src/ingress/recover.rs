@@ -1,0 +1,257 @@
+//! Recovering what DingTalk failed to push (`[apps.dingtalk.<app>] recover_failed`): DingTalk
+//! keeps the events it could not deliver for 7 days and hands them out through
+//! `call_back/get_call_back_failed_result`, a page at a time, each entry once. One replica at
+//! a time (a [`Lease`] on the bus) polls it, publishes every entry of a page on the usual
+//! subject (`dingtalk.<tag>`, `imbridge-recovered: true`) and only then asks for the next.
+//!
+//! `ce-id` is derived as for a pushed callback (platform, app and the event's bytes): when the
+//! entry's data is the JSON DingTalk would have pushed, byte for byte, a later real push of
+//! the same change (or a recovery of one that was pushed meanwhile) falls within the bus's
+//! duplicate window as the same id. When DingTalk reformats it, both are stored.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{Event, Inbound};
+use crate::bus::lease::Lease;
+use crate::ingress::oapi::OapiClient;
+use crate::metrics::Metrics;
+use crate::platform::dingtalk::oapi::{DingTalkOapi, FailedEntry, OapiError};
+use crate::platform::Platform;
+use crate::secret::Secret;
+use crate::shutdown::Shutdown;
+
+const PLATFORM: &str = Platform::DingTalk.as_str();
+
+/// How long a call to DingTalk may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The lease of an app's recovery, for the bus layout (Kafka) and the poller.
+pub fn lease_name(app: &str) -> String {
+    format!("recover.dingtalk.{app}")
+}
+
+/// Its time to live: a few polls, and at least long enough for a pass of several pages.
+pub fn lease_ttl(every: Duration) -> Duration {
+    (every * 3).clamp(Duration::from_secs(30), Duration::from_secs(300))
+}
+
+/// One entry published by a pass.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub tag: String,
+    pub event_time: Option<u64>,
+    pub subject_id: String,
+    pub duplicate: bool,
+}
+
+/// What a pass did.
+#[derive(Debug, Default, Clone)]
+pub struct Pass {
+    pub pages: u64,
+    pub published: Vec<Published>,
+    /// Entries whose data could not be read: counted and logged, not published.
+    pub unreadable: u64,
+    /// The pass ended early: the lease was lost or shutdown came.
+    pub interrupted: bool,
+}
+
+/// Why a pass stopped before the list was empty.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error(transparent)]
+    Oapi(#[from] OapiError),
+}
+
+/// What a pass needs.
+pub struct Recovery<'a> {
+    pub app: &'a str,
+    pub client: &'a OapiClient,
+    pub inbound: Inbound<'a>,
+    pub metrics: &'a Metrics,
+    pub shutdown: &'a Shutdown,
+}
+
+impl Recovery<'_> {
+    /// Fetches pages until DingTalk has no more (or `lease`, when given, is lost), publishing
+    /// each page's entries before asking for the next. A rejected access token is fetched
+    /// again once per page.
+    pub async fn pass(&self, mut lease: Option<&mut Lease>) -> Result<Pass, PassError> {
+        let mut pass = Pass::default();
+        let mut token = self.token().await?;
+        loop {
+            if let Some(lease) = lease.as_deref_mut() {
+                if !lease.hold().await {
+                    pass.interrupted = true;
+                    return Ok(pass);
+                }
+            }
+            let page = match self.client.failed(&token).await {
+                Err(e) if e.is_token_rejected() => {
+                    token = self.token().await?;
+                    self.client.failed(&token).await?
+                }
+                other => other?,
+            };
+            pass.pages += 1;
+            let has_more = page.has_more;
+            for entry in page.entries {
+                match self.publish(entry).await {
+                    Some(Ok(p)) => pass.published.push(p),
+                    Some(Err(())) => pass.unreadable += 1,
+                    None => {
+                        pass.interrupted = true;
+                        return Ok(pass);
+                    }
+                }
+            }
+            if !has_more {
+                return Ok(pass);
+            }
+        }
+    }
+
+    async fn token(&self) -> Result<Secret, OapiError> {
+        let issued = self.client.gettoken().await?;
+        Ok(Secret::new(issued.token))
+    }
+
+    /// Publishes one entry, retrying while the bus cannot take it (DingTalk has handed it
+    /// out: it will not come again). `Some(Err(()))` for an unreadable entry; `None` when
+    /// shutdown came first.
+    async fn publish(&self, entry: FailedEntry) -> Option<Result<Published, ()>> {
+        let app = self.app;
+        let FailedEntry {
+            tag,
+            event_time,
+            corp_id,
+            data,
+            ..
+        } = entry;
+        let data = match data {
+            Ok(data) => data,
+            Err(why) => {
+                self.metrics.recover_error(app, "unreadable_entry");
+                tracing::warn!(platform = PLATFORM, app, tag = %crate::bus::header_value(&tag), event_time, why = %why, "a failed push DingTalk listed cannot be read; not published");
+                return Some(Err(()));
+            }
+        };
+        let id = super::dingtalk::event_id(app, data.as_bytes());
+        let mut attempt = 0;
+        loop {
+            let event = Event {
+                platform: PLATFORM,
+                app: app.to_owned(),
+                event_type: tag.clone(),
+                id: id.clone(),
+                tenant: corp_id.clone(),
+                payload: Bytes::from(data.clone()),
+                recovered: true,
+            };
+            match self.inbound.publish(event).await {
+                Ok(outcome) => {
+                    self.metrics.recovered(app);
+                    return Some(Ok(Published {
+                        tag,
+                        event_time,
+                        subject_id: id,
+                        duplicate: outcome.label() == "duplicate",
+                    }));
+                }
+                Err(e) => {
+                    attempt += 1;
+                    tracing::error!(platform = PLATFORM, app, tag = %crate::bus::header_value(&tag), attempt, message = %e.message, "a recovered event cannot be stored yet; retrying");
+                    let delay = crate::backoff::delay(
+                        attempt,
+                        Duration::from_millis(200),
+                        Duration::from_secs(10),
+                    );
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.cancelled() => {
+                            // DingTalk handed it out already: say what is lost, exactly.
+                            tracing::error!(platform = PLATFORM, app, tag = %crate::bus::header_value(&tag), event_time, id, "shutdown before a recovered event was stored; it is not recovered");
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The app's poller: every `every`, while this replica holds the lease, one pass.
+pub async fn run(
+    app: String,
+    oapi: DingTalkOapi,
+    state: Arc<super::State>,
+    lease: &mut Lease,
+    shutdown: Shutdown,
+) {
+    let Some(every) = oapi.recover_failed else {
+        return;
+    };
+    let client = match OapiClient::new(oapi, CALL_TIMEOUT) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(platform = PLATFORM, app, error = %e, "cannot build the DingTalk API client; failed pushes are not recovered");
+            return;
+        }
+    };
+    let recovery = Recovery {
+        app: &app,
+        client: &client,
+        inbound: Inbound {
+            bus: &state.bus,
+            subject_prefix: &state.subject_prefix,
+            subjects: &state.subjects,
+        },
+        metrics: &state.metrics,
+        shutdown: &shutdown,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => break,
+        }
+        if !lease.hold().await {
+            state.metrics.recover_poll(&app, "not_holder");
+            continue;
+        }
+        match recovery.pass(Some(lease)).await {
+            Ok(pass) => {
+                state.metrics.recover_poll(&app, "ok");
+                if !pass.published.is_empty() || pass.unreadable > 0 {
+                    tracing::info!(
+                        platform = PLATFORM,
+                        app,
+                        pages = pass.pages,
+                        published = pass.published.len(),
+                        unreadable = pass.unreadable,
+                        "recovered failed pushes"
+                    );
+                }
+            }
+            Err(PassError::Oapi(e)) => {
+                state.metrics.recover_poll(&app, "error");
+                state.metrics.recover_error(&app, error_label(&e));
+                tracing::warn!(platform = PLATFORM, app, error = %e, "polling DingTalk's failed pushes failed; trying again next time");
+            }
+        }
+    }
+    lease.release().await;
+}
+
+fn error_label(e: &OapiError) -> &'static str {
+    match e {
+        OapiError::Refused { .. } if e.is_token_rejected() => "token_rejected",
+        OapiError::Refused { .. } => "refused",
+        OapiError::Transport { .. } => "transport",
+        OapiError::Status { .. } => "status",
+        OapiError::Unexpected { .. } => "unexpected",
+    }
+}
