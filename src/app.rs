@@ -85,7 +85,7 @@ impl App {
         };
         let streams = ingress::stream::Streams::new(&settings.streams);
         let stream_tasks =
-            spawn_background(&settings, &bus, &state, &streams, &supervisor, &shutdown)?;
+            spawn_outbound_ingress(&settings, &state, &bus, &streams, &supervisor, &shutdown)?;
         let (ingress_addr, internal_addr, ingress) =
             serve_ingress(&settings, state, limits, &shutdown)?;
 
@@ -194,86 +194,6 @@ impl App {
     }
 }
 
-/// The long connections of stream- and websocket-mode apps, the API responder on NATS and
-/// the failed-push pollers: supervised, each ending on `shutdown`.
-fn spawn_background(
-    settings: &Settings,
-    bus: &Arc<Bus>,
-    state: &Arc<State>,
-    streams: &ingress::stream::Streams,
-    supervisor: &Supervisor,
-    shutdown: &Shutdown,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let mut tasks = ingress::stream::dingtalk::spawn(
-        &settings.dingtalk_streams,
-        &settings.streams,
-        state.clone(),
-        streams,
-        supervisor,
-        shutdown,
-    )
-    .context("starting the DingTalk Stream connections")?;
-    tasks.extend(
-        ingress::stream::lark::spawn(
-            &settings.lark_streams,
-            &settings.streams,
-            state.clone(),
-            streams,
-            supervisor,
-            shutdown,
-        )
-        .context("starting the Lark long connections")?,
-    );
-    tasks.extend(ingress::api_nats::spawn(
-        state.clone(),
-        supervisor,
-        shutdown,
-    ));
-    tasks.extend(spawn_recovery(settings, bus, state, supervisor, shutdown));
-    Ok(tasks)
-}
-
-/// Failed DingTalk pushes, polled by whichever replica holds each app's lease; ended with the
-/// streams, after the listeners.
-fn spawn_recovery(
-    settings: &Settings,
-    bus: &Arc<Bus>,
-    state: &Arc<State>,
-    supervisor: &Supervisor,
-    shutdown: &Shutdown,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut tasks = Vec::new();
-    for (app, oapi) in &settings.dingtalk_oapi {
-        let Some(every) = oapi.recover_failed else {
-            continue;
-        };
-        let ttl = ingress::recover::lease_ttl(every);
-        let name = ingress::recover::lease_name(app);
-        let lease = bus::lease::Lease::new(bus, &name, ttl, supervisor, shutdown);
-        let lease = Arc::new(tokio::sync::Mutex::new(lease));
-        let (app, oapi, state, stop) = (app.clone(), oapi.clone(), state.clone(), shutdown.clone());
-        // A poller restarted after a panic takes the lease it left behind.
-        tasks.push(supervisor.spawn(
-            format!("dingtalk_recover:{app}"),
-            shutdown.clone(),
-            move || {
-                let (app, oapi, state, stop, lease) = (
-                    app.clone(),
-                    oapi.clone(),
-                    state.clone(),
-                    stop.clone(),
-                    lease.clone(),
-                );
-                async move {
-                    let mut lease = lease.lock().await;
-                    ingress::recover::run(app, oapi, state, &mut lease, stop).await;
-                }
-            },
-        ));
-    }
-    tasks
-}
-
 /// What the listeners' handlers share; the API gateway shares the pipeline's token cache and
 /// rate limiter.
 fn ingress_state(
@@ -344,6 +264,53 @@ fn serve_ingress(
         .boxed();
     let both = futures::future::join(public, serve(internal, routes)).map(drop);
     Ok((ingress_addr, Some(internal_addr), both.boxed()))
+}
+
+/// What brings events in without a request to the public listener, each task supervised and
+/// ended after the listeners: the long connections of stream-mode apps, the pollers of
+/// DingTalk's failed pushes, and the API gateway's request/reply responder on NATS.
+fn spawn_outbound_ingress(
+    settings: &Settings,
+    state: &Arc<State>,
+    bus: &Arc<Bus>,
+    streams: &ingress::stream::Streams,
+    supervisor: &Supervisor,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = ingress::stream::dingtalk::spawn(
+        &settings.dingtalk_streams,
+        &settings.streams,
+        state.clone(),
+        streams,
+        supervisor,
+        shutdown,
+    )
+    .context("starting the DingTalk Stream connections")?;
+    tasks.extend(
+        ingress::stream::lark::spawn(
+            &settings.lark_streams,
+            &settings.streams,
+            state.clone(),
+            streams,
+            supervisor,
+            shutdown,
+        )
+        .context("starting the Lark long connections")?,
+    );
+    tasks.extend(ingress::recover::spawn(
+        &settings.dingtalk_oapi,
+        state,
+        bus,
+        supervisor,
+        shutdown,
+    ));
+    // The API gateway's responder on NATS (request/reply), when api.nats_client is set.
+    tasks.extend(ingress::api_nats::spawn(
+        state.clone(),
+        supervisor,
+        shutdown,
+    ));
+    Ok(tasks)
 }
 
 /// What the bus keeps in place: the inbound stream's subjects (every platform's events) and

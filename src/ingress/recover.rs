@@ -16,12 +16,14 @@ use bytes::Bytes;
 
 use super::{Event, Inbound};
 use crate::bus::lease::Lease;
+use crate::bus::Bus;
 use crate::ingress::oapi::OapiClient;
 use crate::metrics::Metrics;
 use crate::platform::dingtalk::oapi::{DingTalkOapi, FailedEntry, OapiError};
 use crate::platform::Platform;
 use crate::secret::Secret;
 use crate::shutdown::Shutdown;
+use crate::supervise::Supervisor;
 
 const PLATFORM: &str = Platform::DingTalk.as_str();
 
@@ -180,6 +182,127 @@ impl Recovery<'_> {
             }
         }
     }
+}
+
+/// Why `imbridge dingtalk callback failed` could not do its pass.
+#[derive(Debug, thiserror::Error)]
+pub enum OnceError {
+    #[error(
+        "apps.dingtalk.{0}.app_key: must be set (with app_secret) to read DingTalk's failed pushes"
+    )]
+    NoCredentials(String),
+    #[error("the bus is not ready after {0:?} (is it running and reachable?)")]
+    BusNotReady(Duration),
+    #[error("starting the bus: {0}")]
+    Bus(String),
+    #[error("cannot build an HTTP client: {0}")]
+    Client(String),
+    #[error(transparent)]
+    Pass(#[from] PassError),
+}
+
+/// How long a one-off pass waits for the bus.
+const BUS_WAIT: Duration = Duration::from_secs(15);
+
+/// One pass by hand, without a daemon and without a lease (`imbridge dingtalk callback failed`):
+/// connects to the configured bus as a publisher only (no consumer is joined) and publishes
+/// what DingTalk lists for `app`, as the daemon's poller would.
+pub async fn once(settings: &crate::config::Settings, app: &str) -> Result<Pass, OnceError> {
+    let oapi = settings
+        .dingtalk_oapi
+        .get(app)
+        .ok_or_else(|| OnceError::NoCredentials(app.to_owned()))?;
+    let client = OapiClient::new(oapi.clone(), CALL_TIMEOUT)
+        .map_err(|e| OnceError::Client(e.to_string()))?;
+    let metrics = Metrics::new();
+    let shutdown = Shutdown::new();
+    let supervisor = Supervisor::new(metrics.clone());
+    let prefix = &settings.bus.subject_prefix;
+    // The inbound subjects only: the notify pipeline's consumers are the daemon's, and a
+    // one-off command joining their groups would take work from it.
+    let layout = crate::bus::Layout {
+        inbound: Platform::ALL
+            .iter()
+            .map(|p| crate::bus::with_prefix(prefix, &format!("{}.>", p.as_str())))
+            .collect(),
+        ..Default::default()
+    };
+    let bus = Bus::start(
+        &settings.bus,
+        &layout,
+        metrics.clone(),
+        &supervisor,
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| OnceError::Bus(e.to_string()))?;
+    let deadline = tokio::time::Instant::now() + BUS_WAIT;
+    while !bus.is_ready() {
+        if tokio::time::Instant::now() > deadline {
+            shutdown.trigger();
+            return Err(OnceError::BusNotReady(BUS_WAIT));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let recovery = Recovery {
+        app,
+        client: &client,
+        inbound: Inbound {
+            bus: &bus,
+            subject_prefix: prefix,
+            subjects: &settings.subjects,
+        },
+        metrics: &metrics,
+        shutdown: &shutdown,
+    };
+    let pass = recovery.pass(None).await;
+    shutdown.trigger();
+    bus.close().await;
+    Ok(pass?)
+}
+
+/// Starts, for each app with `recover_failed`, its poller with its lease, supervised: a poller
+/// restarted after a panic takes the lease it left behind.
+pub fn spawn(
+    apps: &std::collections::BTreeMap<String, DingTalkOapi>,
+    state: &Arc<super::State>,
+    bus: &Bus,
+    supervisor: &Supervisor,
+    shutdown: &Shutdown,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    for (app, oapi) in apps {
+        let Some(every) = oapi.recover_failed else {
+            continue;
+        };
+        let lease = Lease::new(
+            bus,
+            &lease_name(app),
+            lease_ttl(every),
+            supervisor,
+            shutdown,
+        );
+        let lease = Arc::new(tokio::sync::Mutex::new(lease));
+        let (app, oapi, state, stop) = (app.clone(), oapi.clone(), state.clone(), shutdown.clone());
+        tasks.push(supervisor.spawn(
+            format!("dingtalk_recover:{app}"),
+            shutdown.clone(),
+            move || {
+                let (app, oapi, state, stop, lease) = (
+                    app.clone(),
+                    oapi.clone(),
+                    state.clone(),
+                    stop.clone(),
+                    lease.clone(),
+                );
+                async move {
+                    let mut lease = lease.lock().await;
+                    run(app, oapi, state, &mut lease, stop).await;
+                }
+            },
+        ));
+    }
+    tasks
 }
 
 /// The app's poller: every `every`, while this replica holds the lease, one pass.

@@ -271,3 +271,63 @@ fn recover_failed_needs_credentials_and_a_duration() {
         assert!(stderr.contains(key), "{key} not named: {stderr}");
     }
 }
+
+/// `imbridge dingtalk callback failed` does one pass by hand, without a daemon: every entry
+/// reaches the bus and is printed; without credentials it exits 64 naming the key.
+#[tokio::test]
+async fn the_failed_command_publishes_one_pass_and_prints_it() {
+    let engine = Engine::nats();
+    let oapi = Oapi::default();
+    let url = oapi.clone().start().await;
+    oapi.add((0..5).map(entry));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("imbridge.toml");
+    let without_poller = config(&engine, &url).replace("recover_failed = \"300ms\"\n", "");
+    std::fs::write(&path, without_poller).unwrap();
+    let run = |path: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_imbridge"))
+                .args([
+                    "dingtalk", "callback", "failed", "--app", "main", "--config",
+                ])
+                .arg(path)
+                .env_clear()
+                .output()
+                .unwrap()
+        })
+    };
+    let out = run(path.clone()).await.unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(stdout.lines().count(), 5, "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .all(|l| l.starts_with("dingtalk.user_add_org\t")),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("5 published from 1 page(s); 0 unreadable"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(APP_SECRET) && !stdout.contains("tok-"),
+        "{stderr}"
+    );
+    assert_eq!(engine.stored("dingtalk.user_add_org").await, 5);
+    assert_eq!(oapi.left(), 0);
+
+    let no_credentials = dir.path().join("bare.toml");
+    std::fs::write(
+        &no_credentials,
+        toml_with(&format!("{}\n{MAIN_APP}", engine.toml())),
+    )
+    .unwrap();
+    let out = run(no_credentials).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("apps.dingtalk.main.app_key"), "{stderr}");
+}

@@ -98,10 +98,13 @@ impl Engine {
         }
     }
 
-    /// Pauses (`-STOP`) or resumes (`-CONT`) the broker process.
+    /// Pauses (`-STOP`) or resumes (`-CONT`) the broker process. A pause returns once every
+    /// thread of the broker is stopped: nats-server was seen answering for a few milliseconds
+    /// after SIGSTOP, letting through a publish the test meant to stall.
     pub fn signal(&self, sig: &str) {
         match self {
             Engine::Memory => panic!("the memory engine has no broker"),
+            Engine::Nats(s) if sig == "-STOP" => s.pause(),
             Engine::Nats(s) => s.signal(sig),
             Engine::Kafka(k) => k.signal(sig),
         }
