@@ -38,7 +38,8 @@ pub struct App {
     admin: BoxFuture<'static, ()>,
     refusals: Refusals,
     /// The long connections' supervised tasks (stream-mode apps): each returns on shutdown
-    /// once it has ACKed the frames it held.
+    /// once it has ACKed the frames it held. The API responder on NATS too (it stops taking
+    /// requests on shutdown).
     streams: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -76,23 +77,7 @@ impl App {
             shutdown.clone(),
         )
         .context("starting the notify pipeline")?;
-        let state = Arc::new(State {
-            dingtalk: settings.dingtalk_apps.clone(),
-            wecom: settings.wecom_apps.clone(),
-            lark: settings.lark_apps.clone(),
-            bus: bus.clone(),
-            metrics: metrics.clone(),
-            replay_window: settings.server.replay_window,
-            replay: settings.server.replay_window.map(|window| {
-                ingress::replay::Seen::new(window, settings.server.replay_capacity, metrics.clone())
-            }),
-            subject_prefix: settings.bus.subject_prefix.clone(),
-            subjects: settings.subjects.clone(),
-            notifier: notifier.clone(),
-            clients: settings.clients.clone(),
-            idempotency: Default::default(),
-            refusals: refusals.clone(),
-        });
+        let state = ingress_state(&settings, &bus, &metrics, &notifier, &refusals)?;
         let limits = server::Limits {
             header_timeout: settings.server.header_timeout,
             max_connections: settings.server.max_connections,
@@ -208,6 +193,40 @@ impl App {
     }
 }
 
+/// What the listeners' handlers share; the API gateway shares the pipeline's token cache and
+/// rate limiter.
+fn ingress_state(
+    settings: &Settings,
+    bus: &Arc<Bus>,
+    metrics: &Metrics,
+    notifier: &Arc<Notifier>,
+    refusals: &Refusals,
+) -> anyhow::Result<Arc<State>> {
+    // The gateway shares the pipeline's token cache and rate limiter.
+    let gateway = notifier
+        .gateway(settings.api_apps.clone(), settings.api.clone())
+        .context("starting the API gateway")?;
+    let state = Arc::new(State {
+        dingtalk: settings.dingtalk_apps.clone(),
+        wecom: settings.wecom_apps.clone(),
+        lark: settings.lark_apps.clone(),
+        bus: bus.clone(),
+        metrics: metrics.clone(),
+        replay_window: settings.server.replay_window,
+        replay: settings.server.replay_window.map(|window| {
+            ingress::replay::Seen::new(window, settings.server.replay_capacity, metrics.clone())
+        }),
+        subject_prefix: settings.bus.subject_prefix.clone(),
+        subjects: settings.subjects.clone(),
+        notifier: notifier.clone(),
+        clients: settings.clients.clone(),
+        idempotency: Default::default(),
+        refusals: refusals.clone(),
+        gateway: Arc::new(gateway),
+    });
+    Ok(state)
+}
+
 /// Binds the public listener and, when configured, the internal one; both stop accepting on
 /// `shutdown` and are drained together.
 fn serve_ingress(
@@ -247,8 +266,8 @@ fn serve_ingress(
 }
 
 /// What brings events in without a request to the public listener, each task supervised and
-/// ended after the listeners: the long connections of stream-mode apps, and the pollers of
-/// DingTalk's failed pushes.
+/// ended after the listeners: the long connections of stream-mode apps, the pollers of
+/// DingTalk's failed pushes, and the API gateway's request/reply responder on NATS.
 fn spawn_outbound_ingress(
     settings: &Settings,
     state: &Arc<State>,
@@ -281,6 +300,12 @@ fn spawn_outbound_ingress(
         &settings.dingtalk_oapi,
         state,
         bus,
+        supervisor,
+        shutdown,
+    ));
+    // The API gateway's responder on NATS (request/reply), when api.nats_client is set.
+    tasks.extend(ingress::api_nats::spawn(
+        state.clone(),
         supervisor,
         shutdown,
     ));

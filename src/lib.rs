@@ -17,16 +17,19 @@
 //! - [`config`]: figment load (defaults → TOML → `IMBRIDGE_` env) and validation into
 //!   [`config::Settings`], every problem reported at once. It builds each domain's own
 //!   settings types; no domain imports `config`.
-//! - [`ingress`]: warp routes and handlers for callbacks and `POST /notify`, the admin
+//! - [`ingress`]: warp routes and handlers for callbacks, `POST /notify` and the platform API
+//!   gateway's `/api` ([`ingress::api`], and on NATS [`ingress::api_nats`]), the admin
 //!   listener, error replies; the long connections of stream-mode apps ([`ingress::stream`]).
 //! - [`server`]: serves those routes on hyper 1 connections with the limits a public listener
 //!   needs (header timeout, connection cap, HTTP/1 only) and sums up refusals in the log.
 //! - [`notify`]: the outbound pipeline in named parts: consumer, router, compose, worker,
-//!   sender (the only HTTP to platforms and webhooks), dead letters, limiter, preview.
+//!   sender (the HTTP to platforms and webhooks), the API gateway's calls ([`notify::gateway`],
+//!   sharing the sender's token cache and the limiter), dead letters, limiter, preview.
 //! - [`bus`]: the bus contract and one engine per file ([`bus::memory`], [`bus::nats`],
 //!   [`bus::kafka`]); it keeps in place what the app describes in a neutral [`bus::Layout`]
 //!   and knows nothing of notify.
-//! - [`platform`]: pure protocol code, one folder per platform (callback, stream, robot, app), and
+//! - [`platform`]: pure protocol code, one folder per platform (callback, stream, robot, app),
+//!   the API gateway's rules ([`platform::api`]: token placement, refusals, path normalising), and
 //!   [`platform::Kind`], the one enum whose methods hold every per-kind decision; the AES
 //!   scheme DingTalk and WeCom share is [`platform::msgcrypt`]; generic HTTP receivers (the
 //!   `webhook` kind: CloudEvents, signed) are [`platform::webhook`].

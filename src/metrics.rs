@@ -64,6 +64,13 @@ pub struct Inner {
     pub notify_token_fetches_total: IntCounterVec,
     /// Messages a route forwarded, by route and target (target "" when no rule matched).
     pub notify_routed_total: IntCounterVec,
+    /// API gateway calls by platform, app and the class of the status the caller got
+    /// (`2xx`, `4xx`, `5xx`, …).
+    pub api_requests_total: IntCounterVec,
+    /// API gateway calls from request to answer, by platform and app.
+    pub api_duration_seconds: HistogramVec,
+    /// The API gateway's access-token requests by platform, app and outcome.
+    pub api_token_fetches_total: IntCounterVec,
     /// Restarts of supervised tasks after a panic, by task (`<kind>:<configured name>`).
     pub task_restarts_total: IntCounterVec,
     /// 1 while a stream-mode app has its long connection, by platform and app.
@@ -194,6 +201,33 @@ impl Metrics {
                     "Access-token requests by outcome",
                 ),
                 &["target", "outcome"],
+            )
+            .unwrap(),
+            api_requests_total: IntCounterVec::new(
+                Opts::new(
+                    "imbridge_api_requests_total",
+                    "API gateway calls by status class",
+                ),
+                &["platform", "app", "class"],
+            )
+            .unwrap(),
+            api_duration_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "imbridge_api_duration_seconds",
+                    "API gateway calls from request to answer",
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]),
+                &["platform", "app"],
+            )
+            .unwrap(),
+            api_token_fetches_total: IntCounterVec::new(
+                Opts::new(
+                    "imbridge_api_token_fetches_total",
+                    "API gateway access-token requests by outcome",
+                ),
+                &["platform", "app", "outcome"],
             )
             .unwrap(),
             notify_routed_total: IntCounterVec::new(
@@ -381,6 +415,8 @@ impl Metrics {
             &inner.notify_invalid_recipients_total,
             &inner.notify_token_fetches_total,
             &inner.notify_routed_total,
+            &inner.api_requests_total,
+            &inner.api_token_fetches_total,
             &inner.task_restarts_total,
             &inner.connections_refused_total,
             &inner.connections_closed_total,
@@ -401,6 +437,8 @@ impl Metrics {
         r.register(Box::new(inner.connections_open.clone()))
             .unwrap();
         r.register(Box::new(inner.notify_latency_seconds.clone()))
+            .unwrap();
+        r.register(Box::new(inner.api_duration_seconds.clone()))
             .unwrap();
         r.register(Box::new(inner.stream_connected.clone()))
             .unwrap();
@@ -552,6 +590,24 @@ impl Metrics {
     pub fn notify_token_fetch(&self, target: &str, outcome: &str) {
         self.notify_token_fetches_total
             .with_label_values(&[target, outcome])
+            .inc();
+    }
+
+    /// One API gateway call's answer to its caller: the status's class and how long it took.
+    pub fn api_request(&self, platform: &str, app: &str, status: u16, took: Duration) {
+        let class = format!("{}xx", status / 100);
+        self.api_requests_total
+            .with_label_values(&[platform, app, &class])
+            .inc();
+        self.api_duration_seconds
+            .with_label_values(&[platform, app])
+            .observe(took.as_secs_f64());
+    }
+
+    /// One access-token request of the API gateway, by outcome.
+    pub fn api_token_fetch(&self, platform: &str, app: &str, outcome: &str) {
+        self.api_token_fetches_total
+            .with_label_values(&[platform, app, outcome])
             .inc();
     }
 

@@ -100,6 +100,11 @@ impl NatsBus {
     }
 
     /// The JetStream context, for the key-value limiter.
+    /// The core client: request/reply (the API gateway) needs no stream.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
     }

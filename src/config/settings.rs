@@ -13,11 +13,13 @@ use crate::ingress::stream::{DingTalkStreamApp, LarkStreamApp, StreamSettings};
 use crate::ingress::subject::Subjects;
 use crate::message::UserBinding;
 use crate::notify::compose::Directory;
+use crate::notify::gateway::ApiSettings;
 use crate::notify::notifier::Catalog;
 use crate::notify::router::Route;
 use crate::notify::settings::NotifySettings;
 use crate::notify::target::Target;
 use crate::notify::template::Templates;
+use crate::platform::api::ApiApp;
 use crate::platform::dingtalk::callback::DingTalkApp;
 use crate::platform::dingtalk::oapi::DingTalkOapi;
 use crate::platform::lark::callback::LarkApp;
@@ -53,6 +55,10 @@ pub struct Settings {
     pub users: BTreeMap<String, UserBinding>,
     /// The internal systems allowed on the internal listener.
     pub clients: Clients,
+    /// `[api]`: the platform API gateway's limits.
+    pub api: ApiSettings,
+    /// The apps the gateway calls for (those with API credentials), by `<platform>/<name>`.
+    pub api_apps: BTreeMap<String, ApiApp>,
     /// What is allowed but probably unwise, each naming its key: `check-config` prints them
     /// and the daemon logs them at start.
     pub warnings: Vec<Problem>,

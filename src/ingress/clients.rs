@@ -16,12 +16,20 @@ pub struct Client {
     pub allow_recipients: bool,
     /// May send platform-native `raw` bodies.
     pub allow_raw: bool,
+    /// Globs over `<platform>/<app>/<normalised path>` of the platform APIs it may call
+    /// through `/api` (`*` also spans `/`).
+    pub api: Vec<String>,
 }
 
 impl Client {
     /// Whether this client may send to the target or route `name`.
     pub fn may_use(&self, name: &str) -> bool {
         self.targets.iter().any(|glob| glob_matches(glob, name))
+    }
+
+    /// Whether this client may call `<platform>/<app>/<path>` (the path normalised first).
+    pub fn may_call(&self, path: &str) -> bool {
+        self.api.iter().any(|glob| glob_matches(glob, path))
     }
 }
 
@@ -55,6 +63,8 @@ impl Clients {
                     targets: vec!["*".into()],
                     allow_recipients: true,
                     allow_raw: true,
+                    // The API gateway spends the apps' tokens and quotas: never anonymously.
+                    api: Vec::new(),
                 }),
                 false => Err(Denied::Missing),
             };
@@ -115,6 +125,7 @@ mod tests {
             targets: targets.iter().map(|t| t.to_string()).collect(),
             allow_recipients: false,
             allow_raw: false,
+            api: vec!["dingtalk/main/topapi/v2/user/*".into()],
         }
     }
 
@@ -148,6 +159,8 @@ mod tests {
             .unwrap();
         assert_eq!(ci.name, "ci");
         assert!(ci.may_use("ops") && !ci.may_use("zentao-x"));
+        assert!(ci.may_call("dingtalk/main/topapi/v2/user/get"));
+        assert!(!ci.may_call("dingtalk/main/topapi/message/send"));
         assert_eq!(clients.authenticate(None).unwrap_err(), Denied::Missing);
         assert_eq!(clients.authenticate(Some("")).unwrap_err(), Denied::Missing);
         assert_eq!(
@@ -161,6 +174,7 @@ mod tests {
             ..clients
         };
         assert!(open.authenticate(None).unwrap().may_use("anything"));
+        assert!(!open.authenticate(None).unwrap().may_call("dingtalk/main/x"));
         assert_eq!(open.authenticate(Some("nope")).unwrap_err(), Denied::Wrong);
     }
 }

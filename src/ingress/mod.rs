@@ -4,6 +4,8 @@
 //! token ([`clients`]); the admin one (separate, so it can stay private) metrics and probes.
 
 pub mod admin;
+pub mod api;
+pub mod api_nats;
 pub mod clients;
 pub mod dingtalk;
 pub mod idempotency;
@@ -29,6 +31,7 @@ use warp::{Buf, Filter, Rejection, Reply};
 
 use crate::bus::{self, Bus, CloudEvent, Message};
 use crate::metrics::{Metrics, UNKNOWN_APP};
+use crate::notify::gateway::Gateway;
 use crate::notify::notifier::Notifier;
 use crate::platform::dingtalk::callback::DingTalkApp;
 use crate::platform::lark::callback::LarkApp;
@@ -57,6 +60,8 @@ pub struct State {
     pub idempotency: idempotency::IdempotencyKeys,
     /// Refused requests, summed up in the log.
     pub refusals: Refusals,
+    /// The platform API gateway (`/api/<platform>/<app>/…`, NATS `api.<platform>.<app>`).
+    pub gateway: Arc<Gateway>,
 }
 
 /// How much of a request body is read, and for how long.
@@ -102,20 +107,34 @@ pub fn routes(
         .recover(reply::recover)
 }
 
-/// The internal listener: `POST /notify/<target>` for the configured clients.
+/// The internal listener: `POST /notify/<target>` and `/api/<platform>/<app>/…` for the
+/// configured clients. API bodies have their own cap (`api.max_request_bytes`), under the
+/// same timeout.
 pub fn internal_routes(
     state: Arc<State>,
     limit: BodyLimit,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
-    warp::path!("notify" / String)
+    let api_limit = BodyLimit {
+        max_bytes: state.gateway.settings().max_request_bytes,
+        ..limit
+    };
+    let notify = warp::path!("notify" / String)
         .and(warp::post())
         .and(query())
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::header::optional::<String>("idempotency-key"))
         .and(pending_body(limit))
+        .and(with(state.clone()))
+        .then(notify::post);
+    let api = warp::path("api")
+        .and(warp::method())
+        .and(warp::path::full())
+        .and(query())
+        .and(warp::header::headers_cloned())
+        .and(pending_body(api_limit))
         .and(with(state))
-        .then(notify::post)
-        .recover(reply::recover)
+        .then(api::call);
+    notify.or(api).recover(reply::recover)
 }
 
 fn with<T: Clone + Send>(value: T) -> impl Filter<Extract = (T,), Error = Infallible> + Clone {

@@ -78,21 +78,8 @@ fn authorize(
     state: &State,
 ) -> Result<(Client, HashMap<String, String>), ApiError> {
     let query = super::parse_query(query)?;
-    let bearer = authorization.and_then(|h| {
-        let (scheme, token) = h.trim().split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-    });
-    let token = bearer.or(query.get("token").map(String::as_str));
-    let client = state.clients.authenticate(token).map_err(|denied| {
-        let (code, message) = match denied {
-            Denied::Missing => (
-                "token_missing",
-                "a client token is required (Authorization: Bearer <token>)",
-            ),
-            Denied::Wrong => ("token_invalid", "the client token is not valid"),
-        };
-        ApiError::new(StatusCode::UNAUTHORIZED, code, message)
-    })?;
+    let token = bearer(authorization).or(query.get("token").map(String::as_str));
+    let client = authenticate(state, token)?;
     if !client.may_use(target) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -101,6 +88,28 @@ fn authorize(
         ));
     }
     Ok((client, query))
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+pub(super) fn bearer(authorization: Option<&str>) -> Option<&str> {
+    authorization.and_then(|h| {
+        let (scheme, token) = h.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    })
+}
+
+/// The client holding `token`, or the 401 refusal saying why there is none.
+pub(super) fn authenticate(state: &State, token: Option<&str>) -> Result<Client, ApiError> {
+    state.clients.authenticate(token).map_err(|denied| {
+        let (code, message) = match denied {
+            Denied::Missing => (
+                "token_missing",
+                "a client token is required (Authorization: Bearer <token>)",
+            ),
+            Denied::Wrong => ("token_invalid", "the client token is not valid"),
+        };
+        ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+    })
 }
 
 /// Refuses body fields the client may not use: recipients it names itself, and platform-native

@@ -13,6 +13,8 @@
 //! - [`dead_letter`]: ack, nak or dead letter; [`verdict`]: how a delivery ended.
 //! - [`limiter`]: the sliding-window rate limits, kept locally, in NATS or in Kafka.
 //! - [`preview`]: `imbridge render`.
+//! - [`gateway`]: the platform API gateway's calls, through the same token cache, limiter
+//!   and HTTP client rules as the sends.
 //!
 //! Nothing here knows one platform from another: every per-kind decision is a method of
 //! [`crate::platform::Kind`].
@@ -20,6 +22,7 @@
 pub mod compose;
 pub mod consumer;
 pub mod dead_letter;
+pub mod gateway;
 pub mod guard;
 pub mod http;
 pub mod in_flight;

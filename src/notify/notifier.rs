@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use super::compose::{ComposeError, Directory};
 use super::consumer::{self, Intake};
 use super::dead_letter::DeadLetters;
+use super::gateway::{ApiSettings, Gateway};
 use super::in_flight::InFlight;
 use super::limiter::{Limiter, StoreError};
 use super::router::Route;
@@ -185,6 +186,16 @@ impl Notifier {
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner) = tasks;
         Ok(Arc::new(notifier))
+    }
+
+    /// The platform API gateway for `apps` (by `<platform>/<name>`): it shares this pipeline's
+    /// token cache (a target and an API call of one app use one token) and rate limiter.
+    pub fn gateway(
+        &self,
+        apps: BTreeMap<String, crate::platform::api::ApiApp>,
+        settings: ApiSettings,
+    ) -> Result<Gateway, reqwest::Error> {
+        Gateway::new(apps, settings, self.shared.clone())
     }
 
     /// Starts the bus consumers, supervised: one per target and route, the catch-all, and the

@@ -142,15 +142,28 @@ impl Sender {
 
     /// An app target's access token (`None` for group bots), from the cache or fetched.
     pub async fn token(&self, target: &Target) -> Result<Option<String>, Answer> {
-        let (Endpoint::App(app), Some(request)) = (
-            &target.endpoint,
-            target.kind.token_request(&target.endpoint),
-        ) else {
+        let Endpoint::App(app) = &target.endpoint else {
             return Ok(None);
         };
-        let key = token_key(target.kind, app);
+        self.app_token(target.kind, app, TokenUser::Target(&target.name))
+            .await
+    }
+
+    /// An app's access token, from the cache shared by every target and API call of the same
+    /// credentials, or fetched (one flight per credential, see [`TokenCache`]). `Ok(None)`
+    /// when the kind takes no token.
+    pub async fn app_token(
+        &self,
+        kind: Kind,
+        app: &AppCredentials,
+        user: TokenUser<'_>,
+    ) -> Result<Option<String>, Answer> {
+        let Some(request) = kind.token_request(&Endpoint::App(app.clone())) else {
+            return Ok(None);
+        };
+        let key = token_key(kind, app);
         self.tokens
-            .get(&key, || self.fetch_token(target, request))
+            .get(&key, || self.fetch_token(kind, request, user))
             .await
             .map(Some)
     }
@@ -158,30 +171,58 @@ impl Sender {
     /// Forgets a token the platform refused, unless another send already replaced it.
     pub fn invalidate(&self, target: &Target, token: &str) {
         if let Endpoint::App(app) = &target.endpoint {
-            self.tokens.invalidate(&token_key(target.kind, app), token);
+            self.invalidate_app(target.kind, app, token);
         }
     }
 
-    /// Asks the platform for an access token (one flight per credential, see [`TokenCache`]).
+    /// [`Sender::invalidate`] by credentials.
+    pub fn invalidate_app(&self, kind: Kind, app: &AppCredentials, token: &str) {
+        self.tokens.invalidate(&token_key(kind, app), token);
+    }
+
+    /// Asks the platform for an access token, counting it under whoever needed it.
     async fn fetch_token(
         &self,
-        target: &Target,
+        kind: Kind,
         request: TokenRequest,
+        user: TokenUser<'_>,
     ) -> Result<IssuedToken, Answer> {
-        let kind = target.kind;
         let result = token::fetch(&self.http, &request, |s, b| kind.parse_token(s, b)).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(a) => a.class.label(),
+        };
+        match user {
+            TokenUser::Target(name) => self.metrics.notify_token_fetch(name, outcome),
+            TokenUser::Api { platform, app } => {
+                self.metrics.api_token_fetch(platform, app, outcome)
+            }
+        }
         match &result {
             Ok(t) => {
-                self.metrics.notify_token_fetch(&target.name, "ok");
-                tracing::info!(target = %target.name, expires_in = ?t.expires_in, "access token fetched")
+                tracing::info!(for_ = %user, expires_in = ?t.expires_in, "access token fetched")
             }
             Err(a) => {
-                self.metrics
-                    .notify_token_fetch(&target.name, a.class.label());
-                tracing::warn!(target = %target.name, class = a.class.label(), code = ?a.code, detail = %a.detail, "access token refused")
+                tracing::warn!(for_ = %user, class = a.class.label(), code = ?a.code, detail = %a.detail, "access token refused")
             }
         }
         result
+    }
+}
+
+/// Who needed a token: the metric and the log line of its fetch name it.
+#[derive(Debug, Clone, Copy)]
+pub enum TokenUser<'a> {
+    Target(&'a str),
+    Api { platform: &'a str, app: &'a str },
+}
+
+impl std::fmt::Display for TokenUser<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenUser::Target(name) => write!(f, "target {name}"),
+            TokenUser::Api { platform, app } => write!(f, "api {platform}/{app}"),
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! platform; the AES scheme DingTalk and WeCom share is in [`msgcrypt`]; generic HTTP
 //! receivers in [`webhook`].
 
+pub mod api;
 pub mod dingtalk;
 pub mod kind;
 pub mod lark;

@@ -4,6 +4,7 @@
 
 mod common;
 
+mod api_gateway;
 mod app_messages;
 mod apps_selftest;
 mod bounded_state;

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::targets::OneOrMany;
 use crate::secret::{lenient_string, Secret};
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -30,6 +31,24 @@ pub struct WeComAppConfig {
     /// Also carry the decrypted XML, byte for byte, in the event body under `"#xml"`.
     #[serde(default)]
     pub keep_raw_xml: bool,
+    /// The app's Secret (with corp_id), for its server API through the gateway; no gateway
+    /// for this app when unset.
+    pub app_secret: Secret,
+    /// Where WeCom's server API is called. Default `https://qyapi.weixin.qq.com`.
+    #[serde(
+        default,
+        deserialize_with = "crate::secret::lenient_opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub api_base: Option<String>,
+    /// Accept an `http://` api_base (tests, private gateways). Default false: the token
+    /// request carries the app secret.
+    pub allow_insecure_http: bool,
+    /// The API gateway's rate for this app across every replica, e.g. "20/s" or
+    /// ["5/s", "100/min"]. Default: the platform's documented limit (README, "Calling the
+    /// platforms' APIs through imbridge").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_rate_limit: Option<OneOrMany>,
     /// Business tokens appended to this app's inbound subjects, per event type as the platform
     /// names it (`"*"`: every type without a key of its own): JSON pointers into the event as
     /// published, e.g. `bpms_instance_change = ["/processCode", "/type"]` publishes to
@@ -46,12 +65,14 @@ pub struct LarkAppConfig {
     /// Lark's long connection: no public URL, no route).
     #[serde(deserialize_with = "lenient_string")]
     pub mode: String,
-    /// Websocket mode: the app's App ID (`cli_…`).
+    /// The app's App ID (`cli_…`): websocket mode's credentials, and (either mode) the API
+    /// gateway's.
     #[serde(deserialize_with = "lenient_string")]
     pub app_id: String,
-    /// Websocket mode: the app's App Secret.
+    /// The app's App Secret, with app_id.
     pub app_secret: Secret,
-    /// Websocket mode: where the endpoint is asked for. Default `https://open.feishu.cn`;
+    /// Where the long connection's endpoint is asked for and the API gateway calls. Default
+    /// `https://open.feishu.cn`;
     /// `https://open.larksuite.com` for Lark (international).
     #[serde(
         default,
@@ -59,9 +80,14 @@ pub struct LarkAppConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub domain: Option<String>,
-    /// Websocket mode: accept an `http://` domain and the `ws://` URL it hands out (tests,
+    /// Accept an `http://` domain and the `ws://` URL it hands out (tests,
     /// private gateways). Default false: the endpoint call carries the app secret.
     pub allow_insecure_http: bool,
+    /// The API gateway's rate for this app across every replica, e.g. "20/s" or
+    /// ["5/s", "100/min"]. Default: the platform's documented limit (README, "Calling the
+    /// platforms' APIs through imbridge").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_rate_limit: Option<OneOrMany>,
     /// HTTP mode: the Verification Token of the app's event subscription; checked when set.
     #[serde(default)]
     pub verification_token: Option<Secret>,
@@ -131,6 +157,11 @@ pub struct DingTalkAppConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub recover_failed: Option<String>,
+    /// The API gateway's rate for this app across every replica, e.g. "20/s" or
+    /// ["5/s", "100/min"]. Default: the platform's documented limit (README, "Calling the
+    /// platforms' APIs through imbridge").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_rate_limit: Option<OneOrMany>,
     /// HTTP mode: the callback token chosen when registering the URL.
     pub token: Secret,
     /// HTTP mode: the 43-character EncodingAESKey ("aes_key") chosen when registering the URL.

@@ -51,6 +51,47 @@ pub struct Config {
     pub users: BTreeMap<String, UserConfig>,
     /// Internal systems allowed on the internal listener, each with its token.
     pub clients: BTreeMap<String, ClientConfig>,
+    /// The platform API gateway (`/api/<platform>/<app>/…` on the internal listener, NATS
+    /// request/reply on `api.<platform>.<app>`).
+    pub api: ApiConfig,
+}
+
+/// `[api]`: the platform API gateway's limits, and who calls through NATS.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ApiConfig {
+    /// Largest request body forwarded; larger ones are answered 413.
+    pub max_request_bytes: u64,
+    /// Largest platform answer passed back; a larger one is answered 502.
+    pub max_response_bytes: u64,
+    /// How long a call waits for its app's rate limit (`api_rate_limit`) before it is
+    /// answered 429 with `Retry-After`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub max_wait: String,
+    /// Timeout of one request to a platform, its answer included.
+    #[serde(deserialize_with = "lenient_string")]
+    pub timeout: String,
+    /// The `[clients.<name>]` NATS request/reply on `api.<platform>.<app>` acts as: its `api`
+    /// globs apply. The bus is trusted: whoever may publish there calls as this client.
+    /// Unset: no request/reply.
+    #[serde(
+        default,
+        deserialize_with = "crate::secret::lenient_opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub nats_client: Option<String>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            max_request_bytes: 1024 * 1024,
+            max_response_bytes: 4 * 1024 * 1024,
+            max_wait: "5s".into(),
+            timeout: "30s".into(),
+            nats_client: None,
+        }
+    }
 }
 
 /// `[clients.<name>]`: one internal system allowed to `POST /notify` on the internal listener.
@@ -67,6 +108,10 @@ pub struct ClientConfig {
     pub allow_recipients: bool,
     /// Whether it may send platform-native `raw` bodies. Default false.
     pub allow_raw: bool,
+    /// Platform APIs it may call through `/api`: globs over `<platform>/<app>/<path>`, the
+    /// path normalised first (`*` any run of characters, `/` included; `?` one), e.g.
+    /// `["dingtalk/main/topapi/v2/user/*", "lark/main/open-apis/contact/v3/users/*"]`.
+    pub api: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

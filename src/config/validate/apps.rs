@@ -268,7 +268,7 @@ const DINGTALK_API_BASE: &str = "https://api.dingtalk.com";
 
 /// The registration carries the client secret: `https://` only, unless the app says
 /// `allow_insecure_http`.
-fn base_url(url: &str, insecure: bool, key: &str, c: &mut Checker) {
+pub(super) fn base_url(url: &str, insecure: bool, key: &str, c: &mut Checker) {
     let lower = url.to_ascii_lowercase();
     let rest = if let Some(rest) = lower.strip_prefix("https://") {
         rest
@@ -344,18 +344,9 @@ pub(super) fn lark(
         let key = format!("apps.lark.{name}");
         c.name(&key, name, "app");
         match app.mode.as_str() {
+            // app_id, app_secret and domain serve the API gateway in this mode (config::
+            // validate::api checks them).
             "" | "http" => {
-                unused_keys(
-                    &key,
-                    "http",
-                    &[
-                        ("app_id", !app.app_id.is_empty()),
-                        ("app_secret", !app.app_secret.expose().is_empty()),
-                        ("domain", app.domain.is_some()),
-                        ("allow_insecure_http", app.allow_insecure_http),
-                    ],
-                    c,
-                );
                 http.insert(name.clone(), lark_http(&key, app, c));
             }
             "websocket" => {

@@ -3,6 +3,7 @@
 //!
 //! The sections import the checker and each other as siblings; this file only runs them.
 
+mod api;
 mod apps;
 mod bus;
 mod catalog;
@@ -47,7 +48,9 @@ pub(super) fn validate(
         .chain(routes.keys())
         .map(String::as_str)
         .collect();
-    let clients = server::clients(config, &names, &mut c);
+    let api = api::settings(config, &bus.engine, &mut c);
+    let api_apps = api::apps(&config.apps, &dingtalk.oapi, &mut c);
+    let clients = server::clients(config, &names, &api_apps, &mut c);
     let warnings = c.finish()?;
     Ok(Settings {
         server,
@@ -67,6 +70,8 @@ pub(super) fn validate(
         templates,
         users,
         clients,
+        api,
+        api_apps,
         warnings,
     })
 }

@@ -9,6 +9,8 @@ use crate::config::raw::{Config, LogConfig, ServerConfig};
 use crate::config::settings::ServerSettings;
 use crate::ingress::clients::{Client, Clients};
 use crate::ingress::replay;
+use crate::platform::api::ApiApp;
+use crate::platform::Platform;
 use crate::secret::Secret;
 
 /// The placeholder `imbridge.example.toml` ships, refused once the listener is on.
@@ -121,7 +123,12 @@ pub(super) fn replay(server: &ServerSettings, bus: &BusSettings, c: &mut Checker
 
 /// `[clients]`: tokens long and distinct, and every plain name a client may use configured.
 /// `names` are the configured targets and routes.
-pub(super) fn clients(raw: &Config, names: &BTreeSet<&str>, c: &mut Checker) -> Clients {
+pub(super) fn clients(
+    raw: &Config,
+    names: &BTreeSet<&str>,
+    api_apps: &BTreeMap<String, ApiApp>,
+    c: &mut Checker,
+) -> Clients {
     if raw.server.internal_listen.is_some() && raw.clients.is_empty() && !raw.server.allow_anonymous
     {
         c.problem(
@@ -155,12 +162,14 @@ pub(super) fn clients(raw: &Config, names: &BTreeSet<&str>, c: &mut Checker) -> 
                 format!("the same as clients.{other}.token: each client needs its own"),
             );
         }
-        if client.targets.is_empty() {
+        if client.targets.is_empty() && client.api.is_empty() {
             c.problem(
                 format!("{key}.targets"),
-                "names no target (globs allowed, e.g. \"ops-*\")",
+                "names no target (globs allowed, e.g. \"ops-*\") and api no path: the client \
+                 could do nothing",
             );
         }
+        api_globs(&key, &client.api, api_apps, c);
         for glob in &client.targets {
             let plain = !glob.contains(['*', '?']);
             if glob.is_empty() || plain && !names.contains(glob.as_str()) {
@@ -176,11 +185,39 @@ pub(super) fn clients(raw: &Config, names: &BTreeSet<&str>, c: &mut Checker) -> 
             targets: client.targets.clone(),
             allow_recipients: client.allow_recipients,
             allow_raw: client.allow_raw,
+            api: client.api.clone(),
         });
     }
     Clients {
         clients,
         anonymous: raw.server.allow_anonymous,
+    }
+}
+
+/// Each `api` glob is `<platform>/<app>/<path>`: a platform by name (or a glob), and a plain
+/// app name one with API credentials, so that a typo is not a silent 403.
+fn api_globs(key: &str, globs: &[String], api_apps: &BTreeMap<String, ApiApp>, c: &mut Checker) {
+    let key = format!("{key}.api");
+    for glob in globs {
+        let mut parts = glob.splitn(3, '/');
+        let (platform, app) = (parts.next().unwrap_or_default(), parts.next());
+        let plain = |s: &str| !s.contains(['*', '?']);
+        let platform_ok = !plain(platform) || Platform::ALL.iter().any(|p| p.as_str() == platform);
+        if glob.is_empty() || !platform_ok || (plain(platform) && app.is_none()) {
+            c.problem(
+                &key,
+                format!("{glob:?} is not <platform>/<app>/<path> (e.g. \"dingtalk/main/topapi/v2/user/*\")"),
+            );
+            continue;
+        }
+        if let Some(app) = app.filter(|a| plain(platform) && plain(a)) {
+            if !api_apps.contains_key(&format!("{platform}/{app}")) {
+                c.problem(
+                    &key,
+                    format!("{glob:?}: apps.{platform}.{app} has no API credentials"),
+                );
+            }
+        }
     }
 }
 
