@@ -19,6 +19,7 @@ use crate::bus::lease::Lease;
 use crate::bus::Bus;
 use crate::ingress::oapi::OapiClient;
 use crate::metrics::Metrics;
+use crate::notify::gateway::Gateway;
 use crate::platform::dingtalk::oapi::{DingTalkOapi, FailedEntry, OapiError};
 use crate::platform::Platform;
 use crate::secret::Secret;
@@ -67,10 +68,19 @@ pub enum PassError {
     Oapi(#[from] OapiError),
 }
 
+/// Where a pass gets its access token.
+pub enum Tokens<'a> {
+    /// Its own `gettoken` (a one-off pass, without the daemon's cache).
+    Own,
+    /// The daemon's cache, shared with the app's targets and API calls.
+    Shared(&'a Gateway),
+}
+
 /// What a pass needs.
 pub struct Recovery<'a> {
     pub app: &'a str,
     pub client: &'a OapiClient,
+    pub tokens: Tokens<'a>,
     pub inbound: Inbound<'a>,
     pub metrics: &'a Metrics,
     pub shutdown: &'a Shutdown,
@@ -92,6 +102,9 @@ impl Recovery<'_> {
             }
             let page = match self.client.failed(&token).await {
                 Err(e) if e.is_token_rejected() => {
+                    if let Tokens::Shared(gateway) = self.tokens {
+                        gateway.forget_token(PLATFORM, self.app, token.expose());
+                    }
                     token = self.token().await?;
                     self.client.failed(&token).await?
                 }
@@ -116,6 +129,14 @@ impl Recovery<'_> {
     }
 
     async fn token(&self) -> Result<Secret, OapiError> {
+        if let Tokens::Shared(gateway) = self.tokens {
+            match gateway.token(PLATFORM, self.app).await {
+                Ok(Some(token)) => return Ok(Secret::new(token)),
+                // Not known to the gateway: fetched here, as a one-off pass does.
+                Ok(None) => {}
+                Err(answer) => return Err(token_error(answer)),
+            }
+        }
         let issued = self.client.gettoken().await?;
         Ok(Secret::new(issued.token))
     }
@@ -238,6 +259,7 @@ pub async fn once(
     let recovery = Recovery {
         app,
         client: &client,
+        tokens: Tokens::Own,
         inbound: Inbound {
             bus: &bus,
             subject_prefix: prefix,
@@ -317,6 +339,7 @@ pub async fn run(
     let recovery = Recovery {
         app: &app,
         client: &client,
+        tokens: Tokens::Shared(&state.gateway),
         inbound: Inbound {
             bus: &state.bus,
             subject_prefix: &state.subject_prefix,
@@ -358,6 +381,27 @@ pub async fn run(
         }
     }
     lease.release().await;
+}
+
+/// A token fetch the shared cache failed, as the one-off client would have reported it.
+fn token_error(answer: crate::platform::outbound::Answer) -> OapiError {
+    let call = crate::platform::dingtalk::oapi::call::GETTOKEN;
+    match (answer.code, answer.status) {
+        (Some(errcode), _) => OapiError::Refused {
+            call,
+            errcode,
+            errmsg: answer.detail,
+        },
+        (None, 0) => OapiError::Transport {
+            call,
+            detail: answer.detail,
+        },
+        (None, status) => OapiError::Status {
+            call,
+            status,
+            detail: answer.detail,
+        },
+    }
 }
 
 fn error_label(e: &OapiError) -> &'static str {

@@ -121,6 +121,31 @@ impl Gateway {
         self.apps.keys().filter_map(|k| k.split_once('/'))
     }
 
+    /// `<platform>/<name>`'s access token from the cache every target and API call of the app
+    /// share (fetched when missing): for the daemon's own calls of the app's API (recovering
+    /// DingTalk's failed pushes). `Ok(None)` for an app without credentials.
+    pub async fn token(&self, platform: &str, name: &str) -> Result<Option<String>, Answer> {
+        let Some(app) = self.app(platform, name) else {
+            return Ok(None);
+        };
+        let user = TokenUser::Api {
+            platform,
+            app: name,
+        };
+        let sender = &self.shared.sender;
+        sender
+            .app_token(app.token_kind(), &app.credentials, user)
+            .await
+    }
+
+    /// Forgets a token of `<platform>/<name>` the platform refused.
+    pub fn forget_token(&self, platform: &str, name: &str, token: &str) {
+        if let Some(app) = self.app(platform, name) {
+            let sender = &self.shared.sender;
+            sender.invalidate_app(app.token_kind(), &app.credentials, token);
+        }
+    }
+
     /// Calls `<platform>/<name>`'s API: token, rate limit, request; on a refused token once
     /// more with a fresh one. The answer comes back whatever its status, the token scrubbed.
     pub async fn call(
