@@ -47,6 +47,7 @@ pub mod app;
 pub mod backoff;
 pub mod bus;
 pub mod config;
+pub mod dlq;
 pub mod ingress;
 pub mod message;
 pub mod metrics;

@@ -45,6 +45,13 @@ enum Command {
         #[arg(long, default_value = "render")]
         id: String,
     },
+    /// The dead letters of one target (`dlq.notify.<target>`): list, show, replay, purge.
+    /// Exits 0 when done, 64 on a configuration or usage problem, 69 when the bus (or, on
+    /// the in-process bus, the daemon's internal listener) could not be reached or refused.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
     /// DingTalk's server API for one app.
     Dingtalk {
         #[command(subcommand)]
@@ -100,6 +107,118 @@ struct SetArgs {
     /// The events, comma-separated (default: the app's `callback_tags`).
     #[arg(long, value_delimiter = ',')]
     tags: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// One line per letter: id, time, reason, attempts, HTTP status, original ce-id.
+    List(DlqArgs),
+    /// Letters in full: headers and body.
+    Show(DlqArgs),
+    /// Publish each selected letter again to `notify.<target>` with the id
+    /// `<ce-id>.replay.<letter id>`, and remove it once the bus acknowledged the publish.
+    Replay(DlqArgs),
+    /// Remove the selected letters; needs a filter, or --all.
+    Purge {
+        #[command(flatten)]
+        args: DlqArgs,
+        /// Purge every letter of the target.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct DlqArgs {
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The target (or route) whose dead letters these are.
+    #[arg(long, short)]
+    target: String,
+    /// Only letters with this reason (permanent, attempts_exhausted, expired, …).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only letters stored since: a duration back from now (30m, 2h) or an RFC 3339 time.
+    #[arg(long)]
+    since: Option<String>,
+    /// At most this many letters, oldest first (default 100).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Only the letter with this id (as `list` prints it).
+    #[arg(long)]
+    id: Option<String>,
+    /// In-process bus: the daemon's internal listener (default: server.internal_listen).
+    #[arg(long)]
+    url: Option<String>,
+    /// In-process bus: a client token allowed to use the target.
+    #[arg(long, env = "IMBRIDGE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+/// `imbridge dlq …`.
+fn dlq(action: DlqAction) -> ExitCode {
+    use imbridge::dlq::{self, Action, Request};
+    use imbridge::notify::dlq::Filter;
+    let (action, args) = match action {
+        DlqAction::List(a) => (Action::List, a),
+        DlqAction::Show(a) => (Action::Show, a),
+        DlqAction::Replay(a) => (Action::Replay, a),
+        DlqAction::Purge { args, all } => (Action::Purge { all }, args),
+    };
+    let settings = match load(args.config.as_ref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let since = match args
+        .since
+        .as_deref()
+        .map(|s| Filter::parse_since(s, std::time::SystemTime::now()))
+    {
+        Some(Err(e)) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Some(Ok(s)) => Some(s),
+        None => None,
+    };
+    let req = Request {
+        action,
+        target: args.target,
+        filter: Filter {
+            reason: args.reason,
+            since,
+            id: args.id,
+            limit: args.limit,
+        },
+        url: args.url,
+        token: args.token,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("starting the tokio runtime");
+    let outcome = runtime.block_on(dlq::run(&settings, &req));
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    for line in &outcome.lines {
+        println!("{line}");
+    }
+    match outcome.error {
+        None => ExitCode::SUCCESS,
+        Some(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
 }
 
 /// Exit code for a payload the target cannot use (EX_DATAERR in sysexits.h).
@@ -307,6 +426,7 @@ fn main() -> ExitCode {
         Command::Dingtalk {
             command: DingTalkCommand::Callback { action },
         } => dingtalk_callback(action),
+        Command::Dlq { action } => dlq(action),
         Command::Serve { config } => {
             let settings = match load(config.as_ref()) {
                 Ok(s) => s,

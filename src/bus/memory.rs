@@ -44,6 +44,32 @@ pub struct MemoryBus {
     queues: Mutex<Queues>,
     seen: Mutex<Seen>,
     window: Duration,
+    /// What the layout's limits-retention streams (the dead letters) keep, for `/dlq`.
+    kept: Mutex<Kept>,
+}
+
+/// Messages kept at most per subject of a limits-retention stream: past it the oldest is
+/// evicted (and counted), so a target failing for days costs a bounded amount of memory.
+/// The in-process bus is not durable anyway; a deployment that must keep every dead letter
+/// runs on NATS or Kafka.
+pub const KEPT_PER_SUBJECT: usize = 1000;
+
+/// A message a limits-retention stream keeps.
+#[derive(Debug, Clone)]
+pub struct KeptMessage {
+    /// Increasing over the bus's life, never reused: the id `imbridge dlq` names it by.
+    pub seq: u64,
+    pub time: std::time::SystemTime,
+    pub received: Arc<Received>,
+}
+
+#[derive(Default)]
+struct Kept {
+    /// Subject patterns of the streams that keep what they get (not interest-based).
+    patterns: Vec<String>,
+    by_subject: HashMap<String, VecDeque<KeptMessage>>,
+    next_seq: u64,
+    evicted: u64,
 }
 
 type QueueTx = tokio::sync::mpsc::Sender<Delivery>;
@@ -164,7 +190,67 @@ impl MemoryBus {
             seen: Mutex::new(Seen::new(layout)),
             window: settings.duplicate_window,
             queues: Mutex::new(Queues::default()),
+            kept: Mutex::new(Kept {
+                patterns: layout
+                    .streams
+                    .iter()
+                    .filter(|s| !s.interest)
+                    .flat_map(|s| s.subjects.clone())
+                    .collect(),
+                ..Kept::default()
+            }),
         }
+    }
+
+    /// Keeps `msg` when a limits-retention stream would (JetStream keeps such messages until
+    /// deleted; here, until deleted or evicted).
+    fn keep(&self, msg: &Arc<Received>) {
+        let mut kept = self.kept.lock().expect("not poisoned");
+        if !kept
+            .patterns
+            .iter()
+            .any(|p| super::subject_matches(p, &msg.subject))
+        {
+            return;
+        }
+        kept.next_seq += 1;
+        let seq = kept.next_seq;
+        let queue = kept.by_subject.entry(msg.subject.clone()).or_default();
+        queue.push_back(KeptMessage {
+            seq,
+            time: std::time::SystemTime::now(),
+            received: msg.clone(),
+        });
+        if queue.len() > KEPT_PER_SUBJECT {
+            queue.pop_front();
+            kept.evicted += 1;
+            tracing::warn!(subject = %msg.subject, "in-process dead letter evicted: {KEPT_PER_SUBJECT} kept at most per target");
+        }
+    }
+
+    /// What is kept on `subject`, oldest first.
+    pub fn kept(&self, subject: &str) -> Vec<KeptMessage> {
+        let kept = self.kept.lock().expect("not poisoned");
+        kept.by_subject
+            .get(subject)
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Deletes the kept message `seq` of `subject`; false when there is none (any more).
+    pub fn delete_kept(&self, subject: &str, seq: u64) -> bool {
+        let mut kept = self.kept.lock().expect("not poisoned");
+        let Some(queue) = kept.by_subject.get_mut(subject) else {
+            return false;
+        };
+        let before = queue.len();
+        queue.retain(|m| m.seq != seq);
+        before != queue.len()
+    }
+
+    /// Kept messages evicted to stay within [`KEPT_PER_SUBJECT`].
+    pub fn evicted(&self) -> u64 {
+        self.kept.lock().expect("not poisoned").evicted
     }
 
     /// Registers a queue subscription for `pattern`.
@@ -221,12 +307,14 @@ impl MemoryBus {
                     .expect("not poisoned")
                     .forget(&msg.subject, &msg.id);
             })?;
-            // No subscriber is not an error: like a stream nobody reads yet.
-            let _ = self.tx.send(Arc::new(Received {
+            let received = Arc::new(Received {
                 subject: msg.subject.clone(),
                 headers: msg.headers.clone(),
                 payload: msg.payload.clone(),
-            }));
+            });
+            self.keep(&received);
+            // No subscriber is not an error: like a stream nobody reads yet.
+            let _ = self.tx.send(received);
         }
         Ok(Ack { duplicate: !fresh })
     }

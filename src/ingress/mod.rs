@@ -8,6 +8,7 @@ pub mod api;
 pub mod api_nats;
 pub mod clients;
 pub mod dingtalk;
+pub mod dlq;
 pub mod idempotency;
 pub mod lark;
 pub mod notify;
@@ -132,9 +133,33 @@ pub fn internal_routes(
         .and(query())
         .and(warp::header::headers_cloned())
         .and(pending_body(api_limit))
-        .and(with(state))
+        .and(with(state.clone()))
         .then(api::call);
-    notify.or(api).recover(reply::recover)
+    notify.or(api).or(dlq_routes(state)).recover(reply::recover)
+}
+
+/// `/dlq/<target>…`: the in-process bus's dead letters (see [`dlq`]).
+fn dlq_routes(
+    state: Arc<State>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
+    let auth = || warp::header::optional::<String>("authorization");
+    let list = warp::path!("dlq" / String)
+        .and(warp::get())
+        .and(query())
+        .and(auth())
+        .and(with(state.clone()))
+        .then(dlq::list);
+    let replay = warp::path!("dlq" / String / String / "replay")
+        .and(warp::post())
+        .and(auth())
+        .and(with(state.clone()))
+        .then(dlq::replay);
+    let delete = warp::path!("dlq" / String / String)
+        .and(warp::delete())
+        .and(auth())
+        .and(with(state))
+        .then(dlq::delete);
+    list.or(replay).unify().or(delete).unify()
 }
 
 fn with<T: Clone + Send>(value: T) -> impl Filter<Extract = (T,), Error = Infallible> + Clone {

@@ -71,7 +71,7 @@ pub async fn post(
 /// The client the request is from, if it may use `target` at all, and the parsed query.
 /// Checked before anything else, so an unknown caller learns nothing, not even which targets
 /// exist.
-fn authorize(
+pub(super) fn authorize(
     target: &str,
     query: &str,
     authorization: Option<&str>,

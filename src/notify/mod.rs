@@ -22,6 +22,7 @@
 pub mod compose;
 pub mod consumer;
 pub mod dead_letter;
+pub mod dlq;
 pub mod gateway;
 pub mod guard;
 pub mod http;

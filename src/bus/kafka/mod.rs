@@ -586,7 +586,7 @@ fn kafka_header_name(name: &str) -> String {
 }
 
 /// The pipeline reads the `ce-` spelling whatever the engine.
-fn internal_header_name(name: &str) -> String {
+pub fn internal_header_name(name: &str) -> String {
     match name.strip_prefix("ce_") {
         Some(attr) => format!("ce-{attr}"),
         None => name.to_owned(),
