@@ -16,6 +16,7 @@ mod dingtalk_ingress;
 mod dingtalk_nats;
 mod dingtalk_recover;
 mod dingtalk_stream;
+mod dlq_cli;
 mod edge;
 mod event_routes;
 mod fakes_selftest;
