@@ -17,13 +17,18 @@ use super::validate;
 /// Prefix of the environment variables that override the file; `__` separates nesting levels.
 pub const ENV_PREFIX: &str = "IMBRIDGE_";
 
+/// Variables under the prefix that are not configuration: `IMBRIDGE_TOKEN` is the client
+/// token of the one-off commands that talk to a running daemon (`imbridge dlq`), and a
+/// top-level `token` key does not exist.
+pub const ENV_NOT_CONFIG: &[&str] = &["TOKEN"];
+
 /// Builds the layered figment: defaults → TOML file → `IMBRIDGE_` environment.
 pub fn figment(path: Option<&Path>) -> Figment {
     let mut f = Figment::from(Serialized::defaults(Config::default()));
     if let Some(path) = path {
         f = f.merge(Toml::file_exact(path));
     }
-    f.merge(Env::prefixed(ENV_PREFIX).split("__"))
+    f.merge(Env::prefixed(ENV_PREFIX).ignore(ENV_NOT_CONFIG).split("__"))
 }
 
 /// Loads and validates the configuration from `path` (if any) and the environment.
