@@ -442,4 +442,40 @@ mod tests {
         );
         assert!(seen.contains("dingtalk.x", "1000", t0, w));
     }
+
+    #[test]
+    fn limits_streams_keep_a_bounded_ring_per_subject() {
+        let mut layout = layout();
+        layout.streams.push(super::super::StreamSpec {
+            name: "dlq".into(),
+            subjects: vec!["dlq.notify.>".into()],
+            interest: false,
+        });
+        let settings = MemorySettings {
+            capacity: 16,
+            duplicate_window: Duration::from_secs(60),
+        };
+        let bus = MemoryBus::new(&settings, &layout, Metrics::new());
+        let msg = |subject: &str, id: String| Message {
+            subject: subject.into(),
+            id,
+            headers: Vec::new(),
+            payload: Bytes::from_static(b"{}"),
+        };
+        for i in 0..KEPT_PER_SUBJECT + 5 {
+            bus.publish(&msg("dlq.notify.ops", format!("a{i}"))).unwrap();
+        }
+        bus.publish(&msg("dlq.notify.dev", "b".into())).unwrap();
+        // Interest-based streams keep nothing here: their consumers have the messages.
+        bus.publish(&msg("notify.ops", "c".into())).unwrap();
+        let ops = bus.kept("dlq.notify.ops");
+        assert_eq!(ops.len(), KEPT_PER_SUBJECT);
+        assert_eq!(bus.evicted(), 5);
+        assert_eq!(ops[0].seq, 6, "the oldest went first");
+        assert_eq!(bus.kept("dlq.notify.dev").len(), 1);
+        assert!(bus.kept("notify.ops").is_empty());
+        assert!(bus.delete_kept("dlq.notify.dev", bus.kept("dlq.notify.dev")[0].seq));
+        assert!(bus.kept("dlq.notify.dev").is_empty());
+        assert!(!bus.delete_kept("dlq.notify.dev", 1));
+    }
 }

@@ -241,7 +241,7 @@ mod tests {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_060);
         assert_eq!(
             Filter::parse_since("2m", now).unwrap(),
-            "1970-01-12T13:44:40.000Z"
+            "1970-01-12T13:45:40.000Z"
         );
         assert!(Filter::parse_since("yesterday", now).is_err());
         assert!(!Filter::default().narrows());
