@@ -463,7 +463,8 @@ mod tests {
             payload: Bytes::from_static(b"{}"),
         };
         for i in 0..KEPT_PER_SUBJECT + 5 {
-            bus.publish(&msg("dlq.notify.ops", format!("a{i}"))).unwrap();
+            bus.publish(&msg("dlq.notify.ops", format!("a{i}")))
+                .unwrap();
         }
         bus.publish(&msg("dlq.notify.dev", "b".into())).unwrap();
         // Interest-based streams keep nothing here: their consumers have the messages.

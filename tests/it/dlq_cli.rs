@@ -143,7 +143,7 @@ async fn accepted(scene: &Scene, text: &str) -> usize {
     count()
 }
 
-fn id_of<'a>(run: &'a Run, text_line: usize) -> &'a str {
+fn id_of(run: &Run, text_line: usize) -> &str {
     run.lines()[text_line].split('\t').next().unwrap()
 }
 
