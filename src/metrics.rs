@@ -25,6 +25,8 @@ pub struct Inner {
     /// Published requests forgotten before their replay window ended because the set of them
     /// was full: repeats of those are caught only by the bus's duplicate window.
     pub replay_evictions_total: IntCounter,
+    /// Dead letters the in-process bus dropped to stay within its ring per target.
+    pub dead_letter_evictions_total: IntCounter,
     /// Time from request to reply, by platform.
     pub callback_duration_seconds: HistogramVec,
     /// Time from publish to acknowledgement, by engine and outcome.
@@ -123,6 +125,11 @@ impl Metrics {
             replay_evictions_total: IntCounter::new(
                 "imbridge_replay_evictions_total",
                 "Published callbacks forgotten early because the replay set was full",
+            )
+            .unwrap(),
+            dead_letter_evictions_total: IntCounter::new(
+                "imbridge_dead_letter_evictions_total",
+                "Dead letters the in-process bus dropped because its ring for the target was full",
             )
             .unwrap(),
             callback_duration_seconds: HistogramVec::new(
@@ -397,6 +404,8 @@ impl Metrics {
         r.register(Box::new(inner.callbacks_total.clone())).unwrap();
         r.register(Box::new(inner.replay_evictions_total.clone()))
             .unwrap();
+        r.register(Box::new(inner.dead_letter_evictions_total.clone()))
+            .unwrap();
         r.register(Box::new(inner.callback_duration_seconds.clone()))
             .unwrap();
         r.register(Box::new(inner.bus_publish_duration_seconds.clone()))
@@ -489,6 +498,11 @@ impl Metrics {
     /// A published callback forgotten before its replay window ended, to make room.
     pub fn replay_evicted(&self) {
         self.replay_evictions_total.inc();
+    }
+
+    /// A dead letter the in-process bus dropped, oldest first, to make room.
+    pub fn dead_letter_evicted(&self) {
+        self.dead_letter_evictions_total.inc();
     }
 
     /// Times one callback, from request to reply.

@@ -46,6 +46,7 @@ pub struct MemoryBus {
     window: Duration,
     /// What the layout's limits-retention streams (the dead letters) keep, for `/dlq`.
     kept: Mutex<Kept>,
+    metrics: Metrics,
 }
 
 /// Messages kept at most per subject of a limits-retention stream: past it the oldest is
@@ -199,6 +200,7 @@ impl MemoryBus {
                     .collect(),
                 ..Kept::default()
             }),
+            metrics,
         }
     }
 
@@ -224,6 +226,7 @@ impl MemoryBus {
         if queue.len() > KEPT_PER_SUBJECT {
             queue.pop_front();
             kept.evicted += 1;
+            self.metrics.dead_letter_evicted();
             tracing::warn!(subject = %msg.subject, "in-process dead letter evicted: {KEPT_PER_SUBJECT} kept at most per target");
         }
     }
@@ -248,7 +251,9 @@ impl MemoryBus {
         before != queue.len()
     }
 
-    /// Kept messages evicted to stay within [`KEPT_PER_SUBJECT`].
+    /// Kept messages evicted to stay within [`KEPT_PER_SUBJECT`] (also counted in
+    /// `imbridge_dead_letter_evictions_total`).
+    /// `imbridge_dead_letter_evictions_total`).
     pub fn evicted(&self) -> u64 {
         self.kept.lock().expect("not poisoned").evicted
     }
