@@ -51,7 +51,14 @@ fn list_letters(
     };
     let filter = Filter {
         reason: query.get("reason").cloned(),
-        since: query.get("since").cloned(),
+        since: match query.get("since") {
+            // A duration back from now, or an RFC 3339 time, as on the command line.
+            Some(raw) => Some(
+                Filter::parse_since(raw, std::time::SystemTime::now())
+                    .map_err(|e| ApiError::bad_request("invalid_since", e.to_string()))?,
+            ),
+            None => None,
+        },
         id: query.get("id").cloned(),
         limit,
     };

@@ -277,6 +277,29 @@ async fn internal_dlq_endpoints_need_a_client_token() {
             assert_eq!(response.status(), 401, "{method} {path} {token:?}");
         }
     }
+    // With the token: the letters as JSON, `since` as on the command line.
+    let listed: serde_json::Value = scene
+        .app
+        .http
+        .get(format!("http://{internal}/dlq/perm?since=1h"))
+        .timeout(WAIT)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert!(listed[0]["body"].as_str().unwrap().contains("secret"));
+    let bad = scene
+        .app
+        .http
+        .get(format!("http://{internal}/dlq/perm?since=someday"))
+        .timeout(WAIT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
     // The command without a token is refused as a usage problem, and nothing changed.
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_imbridge"));
     let out = command
