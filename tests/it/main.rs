@@ -26,6 +26,7 @@ mod layout;
 mod notify;
 mod notify_clients;
 mod outbound_safety;
+mod proxy;
 mod recipients_guard;
 mod replay;
 mod secrets;
