@@ -262,3 +262,37 @@ fn the_example_file_loads() {
         Ok(())
     });
 }
+
+#[test]
+fn zones_and_proxies_are_checked_by_key_and_proxies_never_printed() {
+    Jail::expect_with(|jail| {
+        jail.set_env("IMBRIDGE_HTTP__PROXY", "socks5://admin:hunter2@proxy:1080");
+        let err = problems(
+            jail,
+            r#"
+            [notify]
+            timezone = "Asia/Shanghia"
+            [templates.t]
+            text = "{{ d | date(tz='Europe/Pariss') }}"
+            [apps.lark.main]
+            app_id = "cli_x"
+            app_secret = "s"
+            verification_token = "v"
+            proxy = ""
+            "#,
+        );
+        let keys = keys(&err);
+        for key in [
+            "notify.timezone",
+            "templates.t.text",
+            "http.proxy",
+            "apps.lark.main.proxy",
+        ] {
+            assert!(keys.contains(&key), "{key} not in {keys:?}");
+        }
+        let text = err.to_string();
+        assert!(text.contains("Asia/Shanghia") && text.contains("Europe/Pariss"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        Ok(())
+    });
+}

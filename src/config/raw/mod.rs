@@ -327,6 +327,15 @@ pub struct NotifyConfig {
     /// user bindings are resolved. A message naming more is refused (422, or a dead letter
     /// with reason "too_many_recipients").
     pub max_recipients: usize,
+    /// The zone templates' `date` filter shows times in when the template names none: an IANA
+    /// name such as "Asia/Shanghai" (the tz database is built in). Unset: unix times in UTC
+    /// and RFC 3339 times in the offset they were written with, as before it existed.
+    #[serde(
+        default,
+        deserialize_with = "crate::secret::lenient_opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timezone: Option<String>,
 }
 
 impl Default for NotifyConfig {
@@ -350,6 +359,7 @@ impl Default for NotifyConfig {
             limiter: "auto".into(),
             limiter_bucket: "imbridge_rate_limits".into(),
             max_recipients: crate::notify::guard::DEFAULT_MAX_RECIPIENTS,
+            timezone: None,
         }
     }
 }

@@ -40,7 +40,8 @@ pub(super) fn validate(
     let subjects = apps::subjects(&config.apps, &mut c);
     server::replay(&server, &bus, &mut c);
     let notify = notify::notify(&config.notify, &bus.engine, &mut c);
-    let templates = catalog::templates(&config.templates, &mut c);
+    let zone = notify::timezone(&config.notify, &mut c);
+    let templates = catalog::templates(&config.templates, zone, &mut c);
     let mut targets = targets::targets(config, raw_targets, &templates, &mut c);
     let routes = routes::routes(config, &templates, &mut c);
     routes::warn_untemplated_events(&routes, &targets, &mut c);
