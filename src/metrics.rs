@@ -54,6 +54,9 @@ pub struct Inner {
     pub notify_limiter_wait_seconds: HistogramVec,
     /// Notifications queued in this replica, by target.
     pub notify_queue_depth: IntGaugeVec,
+    /// Unix time until which this replica paused a target after "too fast"; in the past
+    /// once the pause is over (a timestamp needs no timer to clear it).
+    pub notify_paused_until_seconds: IntGaugeVec,
     /// From publish on the bus to the platform's answer, by target.
     pub notify_latency_seconds: HistogramVec,
     /// Accounts named in a notification but not bound on the target's platform, by target.
@@ -372,6 +375,14 @@ impl Metrics {
                 &["target"],
             )
             .unwrap(),
+            notify_paused_until_seconds: IntGaugeVec::new(
+                Opts::new(
+                    "imbridge_notify_paused_until_seconds",
+                    "Unix time until which the target is paused after the platform said too fast",
+                ),
+                &["target"],
+            )
+            .unwrap(),
             notify_latency_seconds: HistogramVec::new(
                 HistogramOpts::new(
                     "imbridge_notify_latency_seconds",
@@ -433,6 +444,8 @@ impl Metrics {
         r.register(Box::new(inner.notify_limiter_wait_seconds.clone()))
             .unwrap();
         r.register(Box::new(inner.notify_queue_depth.clone()))
+            .unwrap();
+        r.register(Box::new(inner.notify_paused_until_seconds.clone()))
             .unwrap();
         r.register(Box::new(inner.connections_open.clone()))
             .unwrap();
@@ -565,6 +578,16 @@ impl Metrics {
         self.notify_limiter_wait_seconds
             .with_label_values(&[target])
             .observe(waited.as_secs_f64());
+    }
+
+    /// `target` paused until `until` (the platform said too fast).
+    pub fn notify_paused(&self, target: &str, until: std::time::SystemTime) {
+        let secs = until
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.notify_paused_until_seconds
+            .with_label_values(&[target])
+            .set(i64::try_from(secs).unwrap_or(i64::MAX));
     }
 
     /// The gauge of notifications queued for `target` in this replica.
