@@ -291,7 +291,10 @@ fn zones_and_proxies_are_checked_by_key_and_proxies_never_printed() {
             assert!(keys.contains(&key), "{key} not in {keys:?}");
         }
         let text = err.to_string();
-        assert!(text.contains("Asia/Shanghia") && text.contains("Europe/Pariss"), "{text}");
+        assert!(
+            text.contains("Asia/Shanghia") && text.contains("Europe/Pariss"),
+            "{text}"
+        );
         assert!(!text.contains("hunter2"), "{text}");
         Ok(())
     });

@@ -25,6 +25,7 @@ mod lark_stream;
 mod layout;
 mod notify;
 mod notify_clients;
+mod observability;
 mod outbound_safety;
 mod proxy;
 mod recipients_guard;
