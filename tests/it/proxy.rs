@@ -11,11 +11,14 @@ use tokio::net::TcpListener;
 use crate::common::receiver::Receiver;
 use crate::common::*;
 
+/// What reached the proxy: a request line and its `Proxy-Authorization`.
+type Seen = (String, Option<String>);
+
 /// A forward proxy that answers every request 200 itself, recording its request line and
 /// `Proxy-Authorization`.
 struct FakeProxy {
     port: u16,
-    seen: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl FakeProxy {
@@ -43,13 +46,13 @@ impl FakeProxy {
         format!("http://{userinfo}127.0.0.1:{}", self.port)
     }
 
-    fn seen(&self) -> Vec<(String, Option<String>)> {
+    fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
 }
 
 /// The request line and `Proxy-Authorization` of one request, its body read and dropped.
-async fn read_request(conn: &mut tokio::net::TcpStream) -> Option<(String, Option<String>)> {
+async fn read_request(conn: &mut tokio::net::TcpStream) -> Option<Seen> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let end = loop {
