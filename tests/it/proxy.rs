@@ -226,3 +226,53 @@ proxy = ""
     assert!(text.contains("targets.hook.proxy"), "{text}");
     assert!(!text.contains("hunter2"), "{text}");
 }
+
+#[tokio::test]
+async fn the_proxy_environment_variables_are_not_read() {
+    let proxy = FakeProxy::start().await;
+    let receiver = Receiver::start(vec![]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("imbridge.toml");
+    let toml = toml_with(&format!(
+        r#"
+[log]
+format = "json"
+
+[targets.unresolvable]
+kind = "webhook"
+url = "http://hooks.example.invalid/in"
+
+[targets.local]
+kind = "webhook"
+url = "{}"
+"#,
+        receiver.url
+    ));
+    std::fs::write(&path, toml).unwrap();
+    let url = proxy.url("");
+    let env = [
+        ("HTTP_PROXY", url.as_str()),
+        ("http_proxy", url.as_str()),
+        ("HTTPS_PROXY", url.as_str()),
+        ("ALL_PROXY", url.as_str()),
+    ];
+    let daemon = crate::common::daemon::Daemon::start(&path, &env);
+    daemon.wait_ready().await;
+    let internal = daemon.internal.clone().expect("an internal listener");
+    let client = client_with_token(CLIENT_TOKEN);
+    for target in ["unresolvable", "local"] {
+        let res = client
+            .post(format!("http://{internal}/notify/{target}"))
+            .json(&serde_json::json!({"title": "t", "text": "x"}))
+            .timeout(WAIT)
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_success(), "{}", res.status());
+    }
+    // The local one arrives directly; by then the other has been tried (and failed to resolve)
+    // at least once. Had the variables been read, the proxy would have answered both.
+    receiver.wait_for(1).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(proxy.seen().is_empty(), "{:?}", proxy.seen());
+}
