@@ -35,6 +35,10 @@
 //!   `webhook` kind: CloudEvents, signed) are [`platform::webhook`].
 //! - [`message`]: the notification model shared by `platform` and `notify`, user bindings and
 //!   HTML-to-text.
+//! - [`dlq`]: `imbridge dlq list|show|replay|purge`, per engine (NATS stream, Kafka topic
+//!   and its compacted `dlq.handled` markers, the in-process ring over the internal listener).
+//! - [`egress`]: whether outbound platform calls go through a proxy (`[http] proxy`, per
+//!   target and per app); the one client builder, `notify::http::client`, applies it.
 //! - [`secret`], [`backoff`], [`metrics`], [`shutdown`], [`telemetry`]: masked secrets, retry
 //!   delays, Prometheus metrics (one method per event), the shutdown signal, logs.
 //!
@@ -48,6 +52,7 @@ pub mod backoff;
 pub mod bus;
 pub mod config;
 pub mod dlq;
+pub mod egress;
 pub mod ingress;
 pub mod message;
 pub mod metrics;

@@ -19,6 +19,9 @@ pub struct Metrics(Arc<Inner>);
 
 pub struct Inner {
     registry: Registry,
+    /// The name of every registered family, listed at registration: the exposition leaves out
+    /// a family with no series yet, and dashboards and alerts may name one.
+    families: Vec<String>,
     /// Callbacks by platform, app and outcome (`published`, `duplicate`, `replay`, `check_url`,
     /// or the error code of a refusal).
     pub callbacks_total: IntCounterVec,
@@ -56,6 +59,9 @@ pub struct Inner {
     pub notify_limiter_wait_seconds: HistogramVec,
     /// Notifications queued in this replica, by target.
     pub notify_queue_depth: IntGaugeVec,
+    /// Unix time until which this replica paused a target after "too fast"; in the past
+    /// once the pause is over (a timestamp needs no timer to clear it).
+    pub notify_paused_until_seconds: IntGaugeVec,
     /// From publish on the bus to the platform's answer, by target.
     pub notify_latency_seconds: HistogramVec,
     /// Accounts named in a notification but not bound on the target's platform, by target.
@@ -116,7 +122,7 @@ impl Metrics {
         let latency_buckets = vec![
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
         ];
-        let inner = Inner {
+        let mut inner = Inner {
             callbacks_total: IntCounterVec::new(
                 Opts::new("imbridge_callbacks_total", "Platform callbacks by outcome"),
                 &["platform", "app", "outcome"],
@@ -379,6 +385,14 @@ impl Metrics {
                 &["target"],
             )
             .unwrap(),
+            notify_paused_until_seconds: IntGaugeVec::new(
+                Opts::new(
+                    "imbridge_notify_paused_until_seconds",
+                    "Unix time until which the target is paused after the platform said too fast",
+                ),
+                &["target"],
+            )
+            .unwrap(),
             notify_latency_seconds: HistogramVec::new(
                 HistogramOpts::new(
                     "imbridge_notify_latency_seconds",
@@ -391,6 +405,7 @@ impl Metrics {
             )
             .unwrap(),
             registry,
+            families: Vec::new(),
         };
         let build_info = IntGaugeVec::new(
             Opts::new("imbridge_build_info", "Always 1; labels give the version"),
@@ -401,19 +416,19 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         let r = &inner.registry;
-        r.register(Box::new(inner.callbacks_total.clone())).unwrap();
-        r.register(Box::new(inner.replay_evictions_total.clone()))
-            .unwrap();
-        r.register(Box::new(inner.dead_letter_evictions_total.clone()))
-            .unwrap();
-        r.register(Box::new(inner.callback_duration_seconds.clone()))
-            .unwrap();
-        r.register(Box::new(inner.bus_publish_duration_seconds.clone()))
-            .unwrap();
-        r.register(Box::new(inner.bus_connected.clone())).unwrap();
-        r.register(Box::new(inner.requests_in_flight.clone()))
-            .unwrap();
-        r.register(Box::new(build_info)).unwrap();
+        let mut families = Vec::new();
+        let mut register = |c: Box<dyn prometheus::core::Collector>| {
+            families.extend(c.desc().iter().map(|d| d.fq_name.clone()));
+            r.register(c).unwrap();
+        };
+        register(Box::new(inner.callbacks_total.clone()));
+        register(Box::new(inner.replay_evictions_total.clone()));
+        register(Box::new(inner.dead_letter_evictions_total.clone()));
+        register(Box::new(inner.callback_duration_seconds.clone()));
+        register(Box::new(inner.bus_publish_duration_seconds.clone()));
+        register(Box::new(inner.bus_connected.clone()));
+        register(Box::new(inner.requests_in_flight.clone()));
+        register(Box::new(build_info));
         for c in [
             &inner.notify_requests_total,
             &inner.notify_sent_total,
@@ -437,23 +452,23 @@ impl Metrics {
             &inner.recover_polls_total,
             &inner.recover_errors_total,
         ] {
-            r.register(Box::new(c.clone())).unwrap();
+            register(Box::new(c.clone()));
         }
-        r.register(Box::new(inner.notify_limiter_wait_seconds.clone()))
-            .unwrap();
-        r.register(Box::new(inner.notify_queue_depth.clone()))
-            .unwrap();
-        r.register(Box::new(inner.connections_open.clone()))
-            .unwrap();
-        r.register(Box::new(inner.notify_latency_seconds.clone()))
-            .unwrap();
-        r.register(Box::new(inner.api_duration_seconds.clone()))
-            .unwrap();
-        r.register(Box::new(inner.stream_connected.clone()))
-            .unwrap();
-        r.register(Box::new(inner.stream_ack_seconds.clone()))
-            .unwrap();
+        register(Box::new(inner.notify_limiter_wait_seconds.clone()));
+        register(Box::new(inner.notify_queue_depth.clone()));
+        register(Box::new(inner.notify_paused_until_seconds.clone()));
+        register(Box::new(inner.connections_open.clone()));
+        register(Box::new(inner.notify_latency_seconds.clone()));
+        register(Box::new(inner.api_duration_seconds.clone()));
+        register(Box::new(inner.stream_connected.clone()));
+        register(Box::new(inner.stream_ack_seconds.clone()));
+        inner.families = families;
         Metrics(Arc::new(inner))
+    }
+
+    /// The name of every metric family, whether it has a series yet or not.
+    pub fn family_names(&self) -> &[String] {
+        &self.families
     }
 
     /// The Prometheus text exposition of every metric.
@@ -579,6 +594,16 @@ impl Metrics {
         self.notify_limiter_wait_seconds
             .with_label_values(&[target])
             .observe(waited.as_secs_f64());
+    }
+
+    /// `target` paused until `until` (the platform said too fast).
+    pub fn notify_paused(&self, target: &str, until: std::time::SystemTime) {
+        let secs = until
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.notify_paused_until_seconds
+            .with_label_values(&[target])
+            .set(i64::try_from(secs).unwrap_or(i64::MAX));
     }
 
     /// The gauge of notifications queued for `target` in this replica.

@@ -9,6 +9,7 @@ use std::path::Path;
 use figment::Jail;
 
 use super::{load, ConfigError};
+use crate::egress::Egress;
 
 fn keys(err: &ConfigError) -> Vec<&str> {
     err.problems.iter().map(|p| p.key.as_str()).collect()
@@ -259,6 +260,94 @@ fn the_example_file_loads() {
             "a target without template"
         );
         assert_eq!(s.routes["zentao"].rules.len(), 2);
+        Ok(())
+    });
+}
+
+#[test]
+fn zones_and_proxies_are_checked_by_key_and_proxies_never_printed() {
+    Jail::expect_with(|jail| {
+        jail.set_env("IMBRIDGE_HTTP__PROXY", "socks5://admin:hunter2@proxy:1080");
+        let err = problems(
+            jail,
+            r#"
+            [notify]
+            timezone = "Asia/Shanghia"
+            [templates.t]
+            text = "{{ d | date(tz='Europe/Pariss') }}"
+            [apps.lark.main]
+            app_id = "cli_x"
+            app_secret = "s"
+            verification_token = "v"
+            proxy = ""
+            "#,
+        );
+        let keys = keys(&err);
+        for key in [
+            "notify.timezone",
+            "templates.t.text",
+            "http.proxy",
+            "apps.lark.main.proxy",
+        ] {
+            assert!(keys.contains(&key), "{key} not in {keys:?}");
+        }
+        let text = err.to_string();
+        assert!(
+            text.contains("Asia/Shanghia") && text.contains("Europe/Pariss"),
+            "{text}"
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+        Ok(())
+    });
+}
+
+#[test]
+fn every_target_and_app_gets_its_proxy_or_the_global_one() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "imbridge.toml",
+            r#"
+            [http]
+            proxy = "http://global:3128"
+            no_proxy = [".corp"]
+            [apps.dingtalk.ops]
+            mode = "stream"
+            client_id = "dingops"
+            client_secret = "s"
+            [apps.dingtalk.main]
+            token = "t"
+            aes_key = "Yue0EfdN5900c1ce5cf6A152c63DDe1808a60c5ecd7"
+            receiver_id = "ding1"
+            app_key = "k"
+            app_secret = "s"
+            proxy = "none"
+            [apps.wecom.main]
+            token = "t"
+            aes_key = "Yue0EfdN5900c1ce5cf6A152c63DDe1808a60c5ecd7"
+            corp_id = "ww1"
+            app_secret = "s"
+            proxy = "https://wecom-proxy:443"
+            [targets.bot]
+            kind = "wecom_robot"
+            url = "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=k"
+            [targets.direct]
+            kind = "wecom_robot"
+            url = "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=k"
+            proxy = "none"
+            "#,
+        )?;
+        let s = load(Some(Path::new("imbridge.toml"))).expect("valid");
+        let global = Egress::proxy("http://global:3128", &[".corp".to_owned()]).unwrap();
+        let wecom = Egress::proxy("https://wecom-proxy:443", &[".corp".to_owned()]).unwrap();
+        assert_eq!(s.targets["bot"].egress, global);
+        assert_eq!(s.targets["direct"].egress, Egress::Direct);
+        assert_eq!(s.dingtalk_streams["ops"].egress, global);
+        assert_eq!(s.dingtalk_oapi["main"].egress, Egress::Direct);
+        assert_eq!(s.api_apps["dingtalk/main"].egress, Egress::Direct);
+        assert_eq!(s.api_apps["wecom/main"].egress, wecom);
+        // The stream's WebSocket is dialed directly: said, not hidden.
+        let warned: Vec<&str> = s.warnings.iter().map(|w| w.key.as_str()).collect();
+        assert!(warned.contains(&"apps.dingtalk.ops.proxy"), "{warned:?}");
         Ok(())
     });
 }

@@ -24,7 +24,7 @@ impl OapiClient {
     /// A client with its own HTTP client (no redirects, `timeout` per request).
     pub fn new(oapi: DingTalkOapi, timeout: Duration) -> Result<Self, reqwest::Error> {
         Ok(OapiClient {
-            http: http::client(timeout)?,
+            http: http::client(timeout, &oapi.egress)?,
             oapi,
         })
     }
@@ -166,6 +166,7 @@ mod tests {
 
     fn client(base: &str) -> OapiClient {
         let oapi = DingTalkOapi {
+            egress: Default::default(),
             credentials: creds(base),
             api_base: API_BASE.into(),
             callback_tags: vec![],

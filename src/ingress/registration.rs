@@ -296,7 +296,10 @@ fn chosen_tags(app: &str, oapi: &DingTalkOapi, given: &[String]) -> Result<Vec<S
 /// does: HTTP 200 with a reply signed with the token that decrypts to `success`. Returns how
 /// long the answer took.
 pub async fn probe(crypt: &MsgCrypt, url: &str) -> Result<Duration, ProbeError> {
-    let client = http::client(TIMEOUT).map_err(|e| ProbeError::Unreachable(e.to_string()))?;
+    // The probe plays DingTalk reaching our own public URL, from wherever this command runs:
+    // not a platform call, so no proxy.
+    let client = http::client(TIMEOUT, &crate::egress::Egress::Direct)
+        .map_err(|e| ProbeError::Unreachable(e.to_string()))?;
     let sealed = callback::check_url(crypt, crate::platform::now_ms());
     let started = Instant::now();
     let response = client
@@ -350,6 +353,7 @@ mod tests {
 
     fn oapi(tags: &[&str]) -> DingTalkOapi {
         DingTalkOapi {
+            egress: Default::default(),
             credentials: AppCredentials {
                 base_url: "http://127.0.0.1:9".into(),
                 app_id: "dingkey".into(),

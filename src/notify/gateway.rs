@@ -89,7 +89,8 @@ pub struct Gateway {
     /// By `<platform>/<app>`.
     apps: BTreeMap<String, ApiApp>,
     shared: Arc<Shared>,
-    http: reqwest::Client,
+    /// By egress: each app's proxy, or none.
+    http: super::http::Clients,
     settings: ApiSettings,
 }
 
@@ -101,7 +102,7 @@ impl Gateway {
     ) -> Result<Gateway, reqwest::Error> {
         Ok(Gateway {
             apps,
-            http: super::http::client(settings.timeout)?,
+            http: super::http::Clients::new(settings.timeout)?,
             shared,
             settings,
         })
@@ -134,7 +135,7 @@ impl Gateway {
         };
         let sender = &self.shared.sender;
         sender
-            .app_token(app.token_kind(), &app.credentials, user)
+            .app_token(app.token_kind(), &app.credentials, &app.egress, user)
             .await
     }
 
@@ -163,7 +164,8 @@ impl Gateway {
         let (kind, credentials) = (app.token_kind(), &app.credentials);
         let mut retried = false;
         loop {
-            let token = match self.shared.sender.app_token(kind, credentials, user).await {
+            let sender = &self.shared.sender;
+            let token = match sender.app_token(kind, credentials, &app.egress, user).await {
                 Ok(Some(token)) => token,
                 Ok(None) => String::new(),
                 Err(answer) => return Err(GatewayError::Token(answer)),
@@ -229,7 +231,9 @@ impl Gateway {
             url.push('?');
             url.push_str(&query);
         }
-        let mut request = self.http.request(call.method.clone(), url);
+        let client = (self.http.get(&app.egress))
+            .map_err(|e| GatewayError::Upstream(transport_answer(e, 0)))?;
+        let mut request = client.request(call.method.clone(), url);
         for (name, value) in &call.headers {
             request = request.header(name.as_str(), value.as_str());
         }

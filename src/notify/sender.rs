@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use super::http::{self, ReadError};
 use super::target::Target;
 use super::token::{self, TokenCache};
+use crate::egress::Egress;
 use crate::metrics::Metrics;
 use crate::platform::kind::HttpRequest;
 use crate::platform::outbound::TokenRequest;
@@ -38,14 +39,15 @@ impl Sent {
 }
 
 pub struct Sender {
-    http: reqwest::Client,
+    /// By egress: each target's and app's proxy, or none.
+    http: http::Clients,
     tokens: TokenCache,
     metrics: Metrics,
 }
 
 impl Sender {
     pub fn new(request_timeout: Duration, metrics: Metrics) -> Result<Sender, reqwest::Error> {
-        let http = http::client(request_timeout)?;
+        let http = http::Clients::new(request_timeout)?;
         Ok(Sender {
             http,
             tokens: TokenCache::default(),
@@ -76,8 +78,11 @@ impl Sender {
             Method::Post => reqwest::Method::POST,
             Method::Put => reqwest::Method::PUT,
         };
-        let mut request = self
-            .http
+        let client = match self.http.get(&target.egress) {
+            Ok(client) => client,
+            Err(e) => return (transport_answer(e, 0), Vec::new()),
+        };
+        let mut request = client
             .request(method, http.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(http.body);
@@ -145,8 +150,8 @@ impl Sender {
         let Endpoint::App(app) = &target.endpoint else {
             return Ok(None);
         };
-        self.app_token(target.kind, app, TokenUser::Target(&target.name))
-            .await
+        let user = TokenUser::Target(&target.name);
+        self.app_token(target.kind, app, &target.egress, user).await
     }
 
     /// An app's access token, from the cache shared by every target and API call of the same
@@ -156,6 +161,7 @@ impl Sender {
         &self,
         kind: Kind,
         app: &AppCredentials,
+        egress: &Egress,
         user: TokenUser<'_>,
     ) -> Result<Option<String>, Answer> {
         let Some(request) = kind.token_request(&Endpoint::App(app.clone())) else {
@@ -163,7 +169,7 @@ impl Sender {
         };
         let key = token_key(kind, app);
         self.tokens
-            .get(&key, || self.fetch_token(kind, request, user))
+            .get(&key, || self.fetch_token(kind, request, egress, user))
             .await
             .map(Some)
     }
@@ -185,9 +191,13 @@ impl Sender {
         &self,
         kind: Kind,
         request: TokenRequest,
+        egress: &Egress,
         user: TokenUser<'_>,
     ) -> Result<IssuedToken, Answer> {
-        let result = token::fetch(&self.http, &request, |s, b| kind.parse_token(s, b)).await;
+        let result = match self.http.get(egress) {
+            Ok(client) => token::fetch(&client, &request, |s, b| kind.parse_token(s, b)).await,
+            Err(e) => Err(transport_answer(e, 0)),
+        };
         let outcome = match &result {
             Ok(_) => "ok",
             Err(a) => a.class.label(),

@@ -26,6 +26,8 @@ pub struct Target {
     /// Messages delivered at once: 1 keeps the queue's order (chat platforms show messages in
     /// the order they came); a webhook may allow more.
     pub concurrency: usize,
+    /// How its requests (and its token fetches) leave: `proxy`, else `[http] proxy`.
+    pub egress: crate::egress::Egress,
 }
 
 /// How a body becomes the notification sent (`template`, `recipients`, `mention`, `exclude_actor` of a target or a route rule).

@@ -17,6 +17,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use jiff::civil::DateTime;
+use jiff::tz::{Offset, TimeZone};
+use jiff::Timestamp;
 use minijinja::value::{Kwargs, Serde, ValueKind};
 use minijinja::{AutoEscape, Environment, Error, ErrorKind, UndefinedBehavior, Value};
 use serde::{Deserialize, Serialize};
@@ -167,7 +170,17 @@ impl Templates {
     pub fn compile(
         defs: &BTreeMap<String, TemplateConfig>,
     ) -> Result<Templates, Vec<(String, String)>> {
-        let mut env = environment();
+        Templates::compile_in(defs, None)
+    }
+
+    /// [`Templates::compile`], the `date` filter showing times in `zone` (`[notify]
+    /// timezone`) unless a template names its own; `None` keeps the filter's zone-less
+    /// behaviour (unix times in UTC, RFC 3339 in its own offset).
+    pub fn compile_in(
+        defs: &BTreeMap<String, TemplateConfig>,
+        zone: Option<TimeZone>,
+    ) -> Result<Templates, Vec<(String, String)>> {
+        let mut env = environment(zone);
         let mut errors = Vec::new();
         let mut compiled = BTreeMap::new();
         for (name, def) in defs {
@@ -185,6 +198,11 @@ impl Templates {
                 if field == Field::Text && source.trim().is_empty() {
                     errors.push((key, "must not be empty".to_owned()));
                     continue;
+                }
+                for zone in literal_zones(source) {
+                    if let Err(message) = time_zone(&zone) {
+                        errors.push((key.clone(), message));
+                    }
                 }
                 match env.add_template_owned(key.clone(), source.to_owned()) {
                     Ok(()) => fields.push(field),
@@ -293,7 +311,7 @@ fn finish(
     })
 }
 
-fn environment() -> Environment<'static> {
+fn environment(zone: Option<TimeZone>) -> Environment<'static> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Chainable);
     env.set_auto_escape_callback(|_| AutoEscape::None);
@@ -311,7 +329,9 @@ fn environment() -> Environment<'static> {
     });
     env.set_fuel(Some(FUEL));
     env.set_recursion_limit(RECURSION_LIMIT);
-    env.add_filter("date", date);
+    env.add_filter("date", move |value, format, kwargs| {
+        date(value, format, kwargs, zone.as_ref())
+    });
     env.add_filter("accounts", accounts);
     env.add_filter("strip_html", strip_html);
     env
@@ -568,47 +588,76 @@ fn tag_word(b: &[u8], mut i: usize, word: &[u8]) -> Option<usize> {
     b.get(i..)?.starts_with(b"%}").then_some(i + 2)
 }
 
-/// Filter `date(format="%Y-%m-%d %H:%M")`. Reads ZenTao's "2024-01-01 10:00:00", "2024-01-01",
-/// RFC 3339 (shown in its own offset, as written) and unix seconds or milliseconds (numbers or
-/// strings of 9 to 13 digits, shown in UTC). Anything else comes back unchanged: a date the
-/// sender formatted its own way is still worth showing.
+/// Filter `date(format="%Y-%m-%d %H:%M", tz="Asia/Shanghai")`. Reads ZenTao's
+/// "2024-01-01 10:00:00", "2024-01-01", RFC 3339 and unix seconds or milliseconds (numbers, or
+/// strings of 9 to 13 digits). Anything else comes back unchanged: a date the sender formatted
+/// its own way is still worth showing.
 ///
-/// The strftime subset is written here rather than taken from a date crate: `time` (already a
-/// transitive dependency) has its own format language, so the subset would be translated
-/// anyway, `chrono` would be a second date library for one filter, and the calendar arithmetic
-/// for timestamps is a dozen lines.
-fn date(value: Value, format: Option<String>, kwargs: Kwargs) -> Result<Value, Error> {
+/// Where it is shown: in `tz` when given, else in `[notify] timezone` (`zone`) when set, else
+/// as before either existed: unix times in UTC, RFC 3339 in the offset it was written with.
+/// ZenTao's times carry no zone (they are the ZenTao server's wall clock), so there is nothing
+/// to convert from: they are shown as written whatever the zone.
+///
+/// Parsing, calendars, zones (jiff's bundled tz database, so no /usr/share/zoneinfo needed)
+/// and strftime are jiff's; only which directives are honoured is decided here ([`strftime`]).
+fn date(
+    value: Value,
+    format: Option<String>,
+    kwargs: Kwargs,
+    zone: Option<&TimeZone>,
+) -> Result<Value, Error> {
     let keyword: Option<String> = kwargs.get("format")?;
+    let tz: Option<String> = kwargs.get("tz")?;
     kwargs.assert_all_used()?;
     let format = keyword
         .or(format)
         .unwrap_or_else(|| "%Y-%m-%d %H:%M".to_owned());
-    Ok(match read_time(&value) {
-        Some(t) => Value::from(t.format(&format)),
-        None => value,
+    let named = match tz {
+        Some(name) => {
+            Some(time_zone(&name).map_err(|m| Error::new(ErrorKind::InvalidOperation, m))?)
+        }
+        None => None,
+    };
+    let Some(when) = read_time(&value) else {
+        return Ok(value);
+    };
+    let format = strftime(&format);
+    let shown = match (when, named.as_ref().or(zone)) {
+        (When::Wall(dt), _) => jiff::fmt::strtime::format(&format, dt),
+        (When::At(ts, _), Some(zone)) => {
+            jiff::fmt::strtime::format(&format, &ts.to_zoned_datetime(zone.clone()))
+        }
+        (When::At(ts, offset), None) => {
+            let zdt = ts.to_zoned_datetime(TimeZone::fixed(offset));
+            jiff::fmt::strtime::format(&format, &zdt)
+        }
+    };
+    shown
+        .map(Value::from)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))
+}
+
+/// The zone named `name` (IANA, e.g. "Asia/Shanghai"), from the tz database bundled in the
+/// binary. The error names the zone: a zone name is not a secret.
+pub fn time_zone(name: &str) -> Result<TimeZone, String> {
+    jiff::tz::db().get(name).map_err(|_| {
+        format!("unknown time zone {name:?} (expected an IANA name such as \"Asia/Shanghai\")")
     })
 }
 
-/// A wall-clock time.
+/// A time read from a payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Civil {
-    year: i64,
-    month: u32,
-    day: u32,
-    hour: u32,
-    minute: u32,
-    second: u32,
+enum When {
+    /// A wall-clock time without a zone (ZenTao's): shown as written.
+    Wall(DateTime),
+    /// An instant, and the offset it was written with (UTC for unix times).
+    At(Timestamp, Offset),
 }
-
-const MONTHS: [&str; 12] = [
-    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-];
-const WEEKDAYS: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
 
 /// Values of 10^11 and more are read as milliseconds: as seconds they would be past year 5000.
 const MILLIS_FROM: i64 = 100_000_000_000;
 
-fn read_time(v: &Value) -> Option<Civil> {
+fn read_time(v: &Value) -> Option<When> {
     match v.kind() {
         ValueKind::Number => {
             let n = match v.as_i64() {
@@ -626,154 +675,113 @@ fn read_time(v: &Value) -> Option<Civil> {
     }
 }
 
-fn from_unix(n: i64) -> Option<Civil> {
+fn from_unix(n: i64) -> Option<When> {
     if n < 0 {
         return None;
     }
-    let secs = if n >= MILLIS_FROM { n / 1000 } else { n };
-    let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
-    let rem = secs.rem_euclid(86_400);
-    Some(Civil {
-        year,
-        month,
-        day,
-        hour: (rem / 3600) as u32,
-        minute: (rem / 60 % 60) as u32,
-        second: (rem % 60) as u32,
-    })
+    let ts = if n >= MILLIS_FROM {
+        // Whole seconds, as the filter has always shown them.
+        Timestamp::from_second(n / 1000)
+    } else {
+        Timestamp::from_second(n)
+    };
+    Some(When::At(ts.ok()?, Offset::UTC))
 }
 
-fn parse_time(s: &str) -> Option<Civil> {
+/// ZenTao's and RFC 3339's shapes, read by jiff. Only strings starting `YYYY-MM-DD` are handed
+/// to it: jiff's parser also takes compact and annotated forms ("20240101",
+/// "…[Asia/Shanghai]"), and a payload string that merely looks like those was never a date
+/// here.
+fn parse_time(s: &str) -> Option<When> {
     let b = s.as_bytes();
     if (9..=13).contains(&b.len()) && b.iter().all(u8::is_ascii_digit) {
         return from_unix(s.parse().ok()?);
     }
-    let num = |from: usize, len: usize| -> Option<u32> {
-        let d = b.get(from..from + len)?;
-        d.iter()
-            .all(u8::is_ascii_digit)
-            .then(|| d.iter().fold(0, |n, c| n * 10 + u32::from(c - b'0')))
-    };
-    let at = |i: usize, c: u8| b.get(i) == Some(&c);
-    if !(at(4, b'-') && at(7, b'-')) {
-        return None;
-    }
-    let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
-    if !(1..=12).contains(&month) || day == 0 || day > days_in_month(year.into(), month) {
-        return None;
-    }
-    let mut t = Civil {
-        year: year.into(),
-        month,
-        day,
-        hour: 0,
-        minute: 0,
-        second: 0,
-    };
-    if b.len() == 10 {
-        return Some(t);
-    }
-    if !matches!(b[10], b' ' | b'T' | b't') || !at(13, b':') {
-        return None;
-    }
-    t.hour = num(11, 2)?;
-    t.minute = num(14, 2)?;
-    let mut i = 16;
-    if at(i, b':') {
-        t.second = num(17, 2)?;
-        i = 19;
-        if at(i, b'.') {
-            i += 1;
-            while b.get(i).is_some_and(u8::is_ascii_digit) {
-                i += 1;
+    let shape = b.len() >= 10
+        && b[..10].iter().enumerate().all(|(i, c)| {
+            if i == 4 || i == 7 {
+                *c == b'-'
+            } else {
+                c.is_ascii_digit()
             }
+        });
+    if !shape || s.contains('[') {
+        return None;
+    }
+    let pieces = jiff::fmt::temporal::Pieces::parse(s).ok()?;
+    let time = pieces.time().unwrap_or(jiff::civil::Time::midnight());
+    let wall = pieces.date().to_datetime(time);
+    match pieces.to_numeric_offset() {
+        None => Some(When::Wall(wall)),
+        Some(offset) => Some(When::At(offset.to_timestamp(wall).ok()?, offset)),
+    }
+}
+
+/// `fmt` for jiff's strftime, honouring the directives this filter has always honoured (%Y %m
+/// %d %H %M %S %y %b %a %%) and keeping any other `%x` as written, as it always has (jiff
+/// would refuse some and read others differently).
+fn strftime(fmt: &str) -> String {
+    let mut out = String::with_capacity(fmt.len() + 4);
+    let mut chars = fmt.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some(d @ ('Y' | 'y' | 'm' | 'd' | 'H' | 'M' | 'S' | 'b' | 'a' | '%')) => {
+                out.push('%');
+                out.push(d);
+            }
+            Some(other) => {
+                out.push_str("%%");
+                out.push(other);
+            }
+            None => out.push_str("%%"),
         }
     }
-    if t.hour > 23 || t.minute > 59 || t.second > 60 {
-        return None;
-    }
-    let offset_ok = match &b[i..] {
-        [] | [b'Z' | b'z'] => true,
-        [b'+' | b'-', ..] => {
-            b.len() == i + 6 && at(i + 3, b':') && num(i + 1, 2)? < 24 && num(i + 4, 2)? < 60
+    out
+}
+
+/// The zones templates name literally (`tz="Asia/Shanghai"` inside a tag), checked when they
+/// compile; a zone that comes from a variable can only be checked when it renders.
+fn literal_zones(src: &str) -> Vec<String> {
+    let mut zones = Vec::new();
+    for (open, close) in [("{{", "}}"), ("{%", "%}")] {
+        let mut rest = src;
+        while let Some(i) = rest.find(open) {
+            let tag = &rest[i + 2..];
+            let end = tag.find(close).unwrap_or(tag.len());
+            zones.extend(tz_arguments(&tag[..end]));
+            rest = &tag[end..];
         }
-        _ => false,
-    };
-    offset_ok.then_some(t)
-}
-
-fn is_leap(y: i64) -> bool {
-    y % 4 == 0 && (y % 100 != 0 || y % 400 == 0)
-}
-
-fn days_in_month(y: i64, m: u32) -> u32 {
-    match m {
-        2 if is_leap(y) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
     }
+    zones
 }
 
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-/// (year, month, day) → days since 1970-01-01, the inverse of `civil_from_days`.
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = i64::from((month + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-impl Civil {
-    /// The strftime subset %Y %m %d %H %M %S %y %b %a %%; other `%x` are kept as written.
-    fn format(&self, fmt: &str) -> String {
-        let mut out = String::with_capacity(fmt.len() + 8);
-        let mut chars = fmt.chars();
-        while let Some(c) = chars.next() {
-            if c != '%' {
-                out.push(c);
-                continue;
-            }
-            match chars.next() {
-                Some('Y') => out.push_str(&format!("{:04}", self.year)),
-                Some('y') => out.push_str(&format!("{:02}", self.year.rem_euclid(100))),
-                Some('m') => out.push_str(&format!("{:02}", self.month)),
-                Some('d') => out.push_str(&format!("{:02}", self.day)),
-                Some('H') => out.push_str(&format!("{:02}", self.hour)),
-                Some('M') => out.push_str(&format!("{:02}", self.minute)),
-                Some('S') => out.push_str(&format!("{:02}", self.second)),
-                Some('b') => out.push_str(MONTHS[(self.month - 1) as usize]),
-                Some('a') => {
-                    let days = days_from_civil(self.year, self.month, self.day);
-                    // 1970-01-01 was a Thursday.
-                    out.push_str(WEEKDAYS[(days + 4).rem_euclid(7) as usize]);
-                }
-                Some('%') => out.push('%'),
-                Some(other) => {
-                    out.push('%');
-                    out.push(other);
-                }
-                None => out.push('%'),
-            }
+/// The string values of `tz=` in one tag.
+fn tz_arguments(tag: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut rest = tag;
+    while let Some(i) = rest.find("tz") {
+        let before = rest[..i].chars().next_back();
+        let after = rest[i + 2..].trim_start();
+        rest = &rest[i + 2..];
+        if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+            continue;
         }
-        out
+        let Some(value) = after.strip_prefix('=') else {
+            continue;
+        };
+        let value = value.trim_start();
+        let Some(quote) = value.chars().next().filter(|q| matches!(q, '"' | '\'')) else {
+            continue;
+        };
+        if let Some(end) = value[1..].find(quote) {
+            found.push(value[1..1 + end].to_owned());
+        }
     }
+    found
 }
 
 /// Filter `accounts`: ",zhangsan,lisi," (ZenTao's mailto), "a, b" or a list → the non-empty,
@@ -1093,11 +1101,107 @@ mod tests {
         );
         assert_eq!(eval("{{ missing|date }}x", json!({})).unwrap(), "x");
         assert!(eval("{{ d|date(fmt='%Y') }}", json!({"d": 1})).is_err());
-        for days in [-800_000, -1, 0, 59, 365, 19_723, 2_932_896] {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days);
+        // The calendar across centuries and leap days (formerly hand-written arithmetic).
+        for (secs, want) in [
+            (0_i64, "1970-01-01 00:00:00 Thu"),
+            (951_782_400, "2000-02-29 00:00:00 Tue"),
+            (4_107_542_399, "2100-02-28 23:59:59 Sun"),
+            (32_503_679_999, "2999-12-31 23:59:59 Tue"),
+        ] {
+            let got = eval("{{ d|date('%Y-%m-%d %H:%M:%S %a') }}", json!({ "d": secs }));
+            assert_eq!(got.unwrap(), want, "{secs}");
         }
-        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+    }
+
+    fn eval_in(
+        zone: Option<&str>,
+        source: &str,
+        payload: serde_json::Value,
+    ) -> Result<String, String> {
+        let zone = zone.map(|z| time_zone(z).unwrap());
+        let templates =
+            Templates::compile_in(&BTreeMap::from([("t".to_owned(), text(source))]), zone)
+                .map_err(|e| format!("{e:?}"))?;
+        templates
+            .render("t", &ctx(&payload))
+            .map(|r| r.text)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn date_filter_shows_times_in_a_zone() {
+        // 2024-03-10 06:59:59Z is 01:59:59 EST; a second later New York jumps to 03:00 EDT.
+        let before = 1_710_053_999_i64;
+        let ny = "{{ d|date('%Y-%m-%d %H:%M:%S', tz='America/New_York') }}";
+        assert_eq!(
+            eval(ny, json!({ "d": before })).unwrap(),
+            "2024-03-10 01:59:59"
+        );
+        assert_eq!(
+            eval(ny, json!({ "d": before + 1 })).unwrap(),
+            "2024-03-10 03:00:00"
+        );
+        // And back in November: 05:30Z is 01:30 EDT, 06:30Z 01:30 EST.
+        let nov = json!({ "a": "2024-11-03T05:30:00Z", "b": "2024-11-03T06:30:00Z" });
+        let both = "{{ a|date(tz='America/New_York') }}|{{ b|date(tz='America/New_York') }}";
+        assert_eq!(
+            eval(both, nov).unwrap(),
+            "2024-11-03 01:30|2024-11-03 01:30"
+        );
+
+        // Unix seconds and milliseconds, RFC 3339 from any offset, into Shanghai (UTC+8).
+        let sh = "{{ d|date(tz=\"Asia/Shanghai\") }}";
+        for value in [
+            json!(1_704_103_200),
+            json!(1_704_103_200_000_i64),
+            json!("1704103200"),
+            json!("2024-01-01T10:00:00Z"),
+            json!("2024-01-01T05:00:00-05:00"),
+        ] {
+            assert_eq!(
+                eval(sh, json!({ "d": value })).unwrap(),
+                "2024-01-01 18:00",
+                "{value}"
+            );
+        }
+        // ZenTao's wall-clock times carry no zone: shown as written.
+        assert_eq!(
+            eval(sh, json!({ "d": "2024-01-01 10:00:00" })).unwrap(),
+            "2024-01-01 10:00"
+        );
+
+        // [notify] timezone is the default; a template's own tz wins; unset keeps UTC and
+        // the RFC 3339 offset as written.
+        let d = json!({ "d": 1_704_103_200, "r": "2024-01-01T10:00:05+08:00" });
+        let src = "{{ d|date }} {{ r|date }} {{ d|date(tz='UTC') }}";
+        assert_eq!(
+            eval_in(Some("Asia/Shanghai"), src, d.clone()).unwrap(),
+            "2024-01-01 18:00 2024-01-01 10:00 2024-01-01 10:00"
+        );
+        assert_eq!(
+            eval_in(Some("America/New_York"), src, d.clone()).unwrap(),
+            "2024-01-01 05:00 2023-12-31 21:00 2024-01-01 10:00"
+        );
+        assert_eq!(
+            eval_in(None, src, d).unwrap(),
+            "2024-01-01 10:00 2024-01-01 10:00 2024-01-01 10:00"
+        );
+    }
+
+    #[test]
+    fn unknown_zones_fail_at_compile_when_literal_and_at_render_otherwise() {
+        let errs = one(text("{{ d | date('%H', tz = \"Mars/Olympus\") }}")).unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].0, "templates.t.text");
+        assert!(errs[0].1.contains("Mars/Olympus"), "{errs:?}");
+        let err = eval("{{ d|date(tz=z) }}", json!({"d": 1, "z": "Nowhere/City"})).unwrap_err();
+        assert!(err.contains("Nowhere/City"), "{err}");
+        // Text that merely mentions tz= outside a tag is text.
+        assert_eq!(eval("tz='x' {{ 1 }}", json!({})).unwrap(), "tz='x' 1");
+        assert_eq!(
+            literal_zones("{% set a = b|date(tz='Asia/Tokyo') %}{{ c|date(tz=\"UTC\") }}"),
+            ["UTC", "Asia/Tokyo"]
+        );
     }
 
     #[test]

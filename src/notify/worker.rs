@@ -330,10 +330,9 @@ impl Delivering<'_> {
         }
         let pause = pause.unwrap_or(self.target.pause_on_rate_limit);
         tracing::warn!(target = %self.target.name, pause = ?pause, "platform says too fast; pausing the target");
-        self.shared
-            .limiter
-            .pause(limit_key, SystemTime::now() + pause)
-            .await;
+        let until = SystemTime::now() + pause;
+        self.shared.metrics.notify_paused(&self.target.name, until);
+        self.shared.limiter.pause(limit_key, until).await;
         Ok(())
     }
 

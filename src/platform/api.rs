@@ -21,6 +21,8 @@ pub struct ApiApp {
     pub api_base: String,
     /// At most this many calls per window across every replica (`api_rate_limit`).
     pub limits: Vec<Limit>,
+    /// How its calls (and its token fetches) leave: the app's `proxy`, else `[http] proxy`.
+    pub egress: crate::egress::Egress,
 }
 
 /// Where the access token goes on a request.
@@ -288,6 +290,7 @@ mod tests {
 
     fn app(platform: Platform) -> ApiApp {
         ApiApp {
+            egress: Default::default(),
             platform,
             credentials: AppCredentials {
                 base_url: "https://oapi.example".into(),

@@ -143,7 +143,10 @@ def check_schemas(c: Checker, label: str, docs: list[dict]) -> None:
         doc = strip_source(doc)
         name = f"{label}: {doc['kind']} {doc['metadata'].get('name')}"
         if doc["apiVersion"] == "monitoring.coreos.com/v1":
-            check_service_monitor(c, name, doc, docs)
+            if doc["kind"] == "PrometheusRule":
+                check_prometheus_rule(c, name, doc)
+            else:
+                check_service_monitor(c, name, doc, docs)
             continue
         for version in KUBE_VERSIONS:
             try:
@@ -176,6 +179,50 @@ def check_service_monitor(c: Checker, name: str, sm: dict, docs: list[dict]) -> 
         if services:
             port_names = [p["name"] for p in services[0]["spec"]["ports"]]
             c.check(ep.get("port") in port_names, f"{name}: port {ep.get('port')} not on the Service")
+
+
+def check_prometheus_rule(c: Checker, name: str, rule: dict) -> None:
+    """The PrometheusRule CRD by hand: its shape, and what every alert must say (a `for`, a
+    severity, a summary). tests/it/observability.rs checks the expressions' metric names."""
+    c.check(set(rule) <= {"apiVersion", "kind", "metadata", "spec"}, f"{name}: unknown top-level fields")
+    groups = rule.get("spec", {}).get("groups", [])
+    c.check(bool(groups) and set(rule["spec"]) == {"groups"}, f"{name}: spec must be groups")
+    for group in groups:
+        c.check(set(group) <= {"name", "interval", "rules"} and group.get("name"), f"{name}: group fields")
+        for r in group.get("rules", []):
+            alert = r.get("alert", "?")
+            c.check(set(r) <= {"alert", "expr", "for", "labels", "annotations"}, f"{name}: {alert}: unknown fields")
+            c.check(isinstance(r.get("expr"), str) and r["expr"].strip(), f"{name}: {alert}: no expr")
+            c.check(re.fullmatch(r"([0-9]+(ms|s|m|h))+", str(r.get("for", ""))), f"{name}: {alert}: `for` is not a duration")
+            c.check(r.get("labels", {}).get("severity") in ("warning", "critical"), f"{name}: {alert}: severity")
+            c.check(bool(r.get("annotations", {}).get("summary")), f"{name}: {alert}: no summary")
+
+
+def check_observability(c: Checker, docs: list[dict]) -> None:
+    """The chart's dashboard and rules are deploy/'s, unchanged."""
+    import json
+
+    dashboard_file = DEPLOY / "grafana" / "imbridge.json"
+    rules_file = DEPLOY / "prometheus" / "imbridge-rules.yaml"
+    c.check(
+        (CHART / "files" / "imbridge-dashboard.json").read_text() == dashboard_file.read_text(),
+        "helm/imbridge/files/imbridge-dashboard.json differs from deploy/grafana/imbridge.json",
+    )
+    c.check(
+        (CHART / "files" / "imbridge-rules.yaml").read_text() == rules_file.read_text(),
+        "helm/imbridge/files/imbridge-rules.yaml differs from deploy/prometheus/imbridge-rules.yaml",
+    )
+    maps = [m for m in of_kind(docs, "ConfigMap") if m["metadata"]["name"].endswith("-dashboard")]
+    c.check(len(maps) == 1, f"dashboard: {len(maps)} ConfigMaps")
+    for m in maps:
+        c.check(m["metadata"]["labels"].get("grafana_dashboard") == "1", "dashboard: sidecar label")
+        c.check(json.loads(m["data"]["imbridge.json"]) == json.loads(dashboard_file.read_text()), "dashboard: JSON differs")
+    rules = of_kind(docs, "PrometheusRule")
+    c.check(len(rules) == 1, f"rules: {len(rules)} PrometheusRules")
+    for r in rules:
+        c.check(r["spec"] == yaml.safe_load(rules_file.read_text())["spec"], "rules: spec differs from deploy/'s")
+        c.check(r["metadata"]["labels"].get("release") == "prometheus", "rules: extra labels")
+    check_prometheus_rule(c, "deploy/prometheus/imbridge-rules.yaml", yaml.safe_load(rules_file.read_text()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +275,9 @@ def secret_env(secret: dict | None) -> dict[str, str]:
 
 def check_release(c: Checker, label: str, docs: list[dict], *, env: dict[str, str], helm_release: bool = True) -> dict:
     """The properties that matter, on one rendered set of manifests. Returns the parsed TOML."""
-    cm = one(c, label, docs, "ConfigMap")
+    # The configuration's ConfigMap; the Grafana dashboard's (metrics.grafanaDashboard) is another.
+    configs = [d for d in docs if not (d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard"))]
+    cm = one(c, label, configs, "ConfigMap")
     dep = one(c, label, docs, "Deployment")
     if cm is None or dep is None:
         return {}
@@ -553,6 +602,7 @@ def check_chart(c: Checker) -> dict[str, list[dict]]:
     chart = helm.Chart.load(CHART)
     c.check(chart.metadata.get("apiVersion") == "v2", "Chart.yaml: apiVersion must be v2")
     c.check(chart.metadata.get("appVersion") == "0.1.0", "Chart.yaml: appVersion must be 0.1.0")
+    c.check(chart.metadata.get("version") == "0.4.0", "Chart.yaml: version must be 0.4.0")
     check_values_comments(c)
 
     nats = values_file(CHART / "examples" / "values-nats.yaml")
@@ -561,7 +611,11 @@ def check_chart(c: Checker) -> dict[str, list[dict]]:
     everything = deep_merge(
         nats,
         {
-            "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
+            "metrics": {
+                "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+                "prometheusRule": {"enabled": True, "labels": {"release": "prometheus"}},
+                "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "imbridge"}},
+            },
             "autoscaling": {"enabled": True},
             "networkPolicy": {"enabled": True},
             "podAnnotations": {"example.com/team": "platform"},
@@ -603,8 +657,12 @@ def check_chart(c: Checker) -> dict[str, list[dict]]:
         check_release(c, label, docs, env=secret_env(secret))
         check_notes(c, label, notes, values)
     kinds = {d["kind"] for d in rendered["values-nats.yaml + every optional resource"]}
-    for kind in ("Ingress", "ServiceMonitor", "HorizontalPodAutoscaler", "NetworkPolicy", "PodDisruptionBudget"):
+    for kind in ("Ingress", "ServiceMonitor", "PrometheusRule", "HorizontalPodAutoscaler", "NetworkPolicy", "PodDisruptionBudget"):
         c.check(kind in kinds, f"every optional resource: {kind} was not rendered")
+    check_observability(c, rendered["values-nats.yaml + every optional resource"])
+    for label, docs in rendered.items():
+        if label != "values-nats.yaml + every optional resource":
+            c.check(not of_kind(docs, "PrometheusRule"), f"{label}: a PrometheusRule by default")
 
     check_secrets_stay_secret(c, chart)
     check_checksums(c, chart, nats)
@@ -642,6 +700,8 @@ def check_chart(c: Checker) -> dict[str, list[dict]]:
         "a webhook url under config.targets": {"config": {"targets": {"ops": {"kind": "dingtalk_robot", "url": "u"}}}},
         "an app_secret under config.targets": {"config": {"targets": {"w": {"kind": "wecom_app", "app_secret": "s"}}}},
         "a NATS password under config.bus": {"config": {"bus": {"nats": {"password": "p"}}}},
+        "a proxy (it may hold credentials) under config.http": {"config": {"http": {"proxy": "http://u:p@proxy:3128"}}},
+        "a target's proxy under config.targets": {"config": {"targets": {"ops": {"kind": "dingtalk_robot", "proxy": "none"}}}},
         "a Kafka sasl.password under config.bus": {"config": {"bus": {"kafka": {"properties": {"sasl.password": "p"}}}}},
         "server.listen (the chart's own)": {"config": {"server": {"listen": "0.0.0.0:1"}}},
         "a secret overriding [server]": {"secrets": {"IMBRIDGE_SERVER__LISTEN": "0.0.0.0:1"}},

@@ -44,6 +44,9 @@ pub struct WeComAppConfig {
     /// Accept an `http://` api_base (tests, private gateways). Default false: the token
     /// request carries the app secret.
     pub allow_insecure_http: bool,
+    /// This app's proxy, over `[http] proxy`, for its API calls (tokens, the API gateway):
+    /// a URL, or "none" for a direct connection. Unset: `[http] proxy`. A secret.
+    pub proxy: Option<Secret>,
     /// The API gateway's rate for this app across every replica, e.g. "20/s" or
     /// ["5/s", "100/min"]. Default: the platform's documented limit (README, "Calling the
     /// platforms' APIs through imbridge").
@@ -83,6 +86,9 @@ pub struct LarkAppConfig {
     /// Accept an `http://` domain and the `ws://` URL it hands out (tests,
     /// private gateways). Default false: the endpoint call carries the app secret.
     pub allow_insecure_http: bool,
+    /// This app's proxy, over `[http] proxy`, for its API calls (tokens, the API gateway, the websocket endpoint call):
+    /// a URL, or "none" for a direct connection. Unset: `[http] proxy`. A secret.
+    pub proxy: Option<Secret>,
     /// The API gateway's rate for this app across every replica, e.g. "20/s" or
     /// ["5/s", "100/min"]. Default: the platform's documented limit (README, "Calling the
     /// platforms' APIs through imbridge").
@@ -132,6 +138,9 @@ pub struct DingTalkAppConfig {
     /// Default false: the registration carries the client secret, so only `https://` (and
     /// `wss://`) are accepted (tests and private gateways set this).
     pub allow_insecure_http: bool,
+    /// This app's proxy, over `[http] proxy`, for its API calls (tokens, the API gateway, callback registration, failed-push recovery, the stream registration):
+    /// a URL, or "none" for a direct connection. Unset: `[http] proxy`. A secret.
+    pub proxy: Option<Secret>,
     /// The app's AppKey, for its server API (`gettoken`): registering the callback, recovering
     /// failed pushes, the API gateway. In stream mode, `client_id` when unset.
     #[serde(deserialize_with = "lenient_string")]

@@ -29,6 +29,8 @@ pub use targets::{AppKeys, KindKeys, OneOrMany, TargetConfig, WebhookKeys};
 pub struct Config {
     /// HTTP listeners and request limits.
     pub server: ServerConfig,
+    /// How outbound platform calls leave: the proxy, if any.
+    pub http: HttpConfig,
     /// Logging.
     pub log: LogConfig,
     /// The message bus events are published to.
@@ -92,6 +94,22 @@ impl Default for ApiConfig {
             nats_client: None,
         }
     }
+}
+
+/// `[http]`: the proxy every outbound platform call goes through (group bots, app messages
+/// and their tokens, webhooks, stream registrations, the API gateway, DingTalk's server API),
+/// unless a target or app says otherwise. The environment's `HTTP_PROXY`, `HTTPS_PROXY`,
+/// `ALL_PROXY` and `NO_PROXY` are never read.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct HttpConfig {
+    /// `http://host:port` or `https://host:port`, credentials allowed
+    /// (`http://user:pass@proxy:3128`; a secret, never printed). Unset or "": direct.
+    pub proxy: Option<Secret>,
+    /// Hosts reached directly even with a proxy: names (`internal.example.com` also covers
+    /// its subdomains, `.corp` only subdomains), IP addresses, CIDR blocks (`10.0.0.0/8`) or
+    /// `*`. Applies to the per-target and per-app proxies too.
+    pub no_proxy: Vec<String>,
 }
 
 /// `[clients.<name>]`: one internal system allowed to `POST /notify` on the internal listener.
@@ -309,6 +327,15 @@ pub struct NotifyConfig {
     /// user bindings are resolved. A message naming more is refused (422, or a dead letter
     /// with reason "too_many_recipients").
     pub max_recipients: usize,
+    /// The zone templates' `date` filter shows times in when the template names none: an IANA
+    /// name such as "Asia/Shanghai" (the tz database is built in). Unset: unix times in UTC
+    /// and RFC 3339 times in the offset they were written with, as before it existed.
+    #[serde(
+        default,
+        deserialize_with = "crate::secret::lenient_opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timezone: Option<String>,
 }
 
 impl Default for NotifyConfig {
@@ -332,6 +359,7 @@ impl Default for NotifyConfig {
             limiter: "auto".into(),
             limiter_bucket: "imbridge_rate_limits".into(),
             max_recipients: crate::notify::guard::DEFAULT_MAX_RECIPIENTS,
+            timezone: None,
         }
     }
 }

@@ -87,6 +87,9 @@ pub struct CommonKeys {
     /// credentials (a webhook's, its signature and headers), so only `https://` is accepted
     /// (tests and private gateways set this).
     pub allow_insecure_http: bool,
+    /// This target's proxy, over `[http] proxy` (its token fetches included): a URL, or
+    /// "none" for a direct connection. Unset: `[http] proxy`. A secret.
+    pub proxy: Option<Secret>,
 }
 
 /// Group bots (`dingtalk_robot`, `wecom_robot`, `lark_robot`): they post to one chat.

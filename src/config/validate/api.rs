@@ -105,6 +105,8 @@ fn dingtalk(
             credentials: o.credentials.clone(),
             api_base: o.api_base.clone(),
             limits,
+            // Set by `http::apply`, with every target's and app's `proxy` known.
+            egress: Default::default(),
         };
         out.insert(format!("dingtalk/{name}"), app);
     }
@@ -207,6 +209,8 @@ fn api_app(
         credentials,
         api_base,
         limits,
+        // Set by `http::apply`, with every target's and app's `proxy` known.
+        egress: Default::default(),
     }
 }
 

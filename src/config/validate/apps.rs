@@ -179,6 +179,8 @@ fn dingtalk_oapi(key: &str, app: &DingTalkAppConfig, c: &mut Checker) -> Option<
         callback_tags: app.callback_tags.clone(),
         recover_failed,
         allow_insecure: app.allow_insecure_http,
+        // Set by `http::apply`, with every app's `proxy` known.
+        egress: Default::default(),
     })
 }
 
@@ -222,6 +224,8 @@ fn dingtalk_stream(
         client_secret: app.client_secret.clone(),
         api_base,
         allow_insecure: app.allow_insecure_http,
+        // Set by `http::apply`, with every app's `proxy` known.
+        egress: Default::default(),
     })
 }
 
@@ -413,6 +417,8 @@ fn lark_stream(key: &str, app: &LarkAppConfig, c: &mut Checker) -> Option<LarkSt
         app_secret: app.app_secret.clone(),
         domain,
         allow_insecure: app.allow_insecure_http,
+        // Set by `http::apply`, with every app's `proxy` known.
+        egress: Default::default(),
     })
 }
 

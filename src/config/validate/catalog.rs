@@ -9,7 +9,12 @@ use crate::message::UserBinding;
 use crate::notify::target::Composition;
 use crate::notify::template::{self, Templates};
 
-pub(super) fn templates(raw: &BTreeMap<String, TemplateConfig>, c: &mut Checker) -> Templates {
+/// The templates, their `date` filter showing times in `zone` (`[notify] timezone`) by default.
+pub(super) fn templates(
+    raw: &BTreeMap<String, TemplateConfig>,
+    zone: Option<jiff::tz::TimeZone>,
+    c: &mut Checker,
+) -> Templates {
     let defs = raw
         .iter()
         .map(|(name, t)| {
@@ -25,7 +30,7 @@ pub(super) fn templates(raw: &BTreeMap<String, TemplateConfig>, c: &mut Checker)
             (name.clone(), def)
         })
         .collect();
-    match Templates::compile(&defs) {
+    match Templates::compile_in(&defs, zone) {
         Ok(t) => t,
         Err(errors) => {
             for (key, message) in errors {

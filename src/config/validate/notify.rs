@@ -74,6 +74,14 @@ pub(super) fn notify(
     }
 }
 
+/// `[notify] timezone`: the templates' default zone, if set and known.
+pub(super) fn timezone(raw: &NotifyConfig, c: &mut Checker) -> Option<jiff::tz::TimeZone> {
+    let name = raw.timezone.as_deref()?.trim();
+    crate::notify::template::time_zone(name)
+        .map_err(|message| c.problem("notify.timezone", message))
+        .ok()
+}
+
 /// The limiter `[notify] limiter` names; "auto" follows the bus.
 fn limiter(raw: &str, engine: &EngineSettings, c: &mut Checker) -> LimiterStore {
     match (raw, engine) {

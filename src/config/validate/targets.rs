@@ -110,6 +110,8 @@ fn target(
         composition: shaping(t).composition(),
         policy,
         concurrency: concurrency as usize,
+        // Set by `http::apply`, with every target's and app's `proxy` known.
+        egress: Default::default(),
     })
 }
 

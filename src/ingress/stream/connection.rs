@@ -51,6 +51,9 @@ pub(super) trait Protocol: Sized + Send + Sync + 'static {
     /// The mode's name in logs.
     const NAME: &'static str;
 
+    /// How the registration call leaves (the app's proxy, or none).
+    fn egress(&self) -> &crate::egress::Egress;
+
     /// Registers (a fresh registration every time) and dials.
     fn connect(
         client: &Client<Self>,
@@ -182,11 +185,12 @@ pub(super) fn spawn_all<P: Protocol>(
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut tasks = Vec::new();
     for (app, protocol) in apps {
+        let http = crate::notify::http::client(shared.settings.connect_timeout, protocol.egress())?;
         let client = Client {
             app,
             protocol,
             settings: shared.settings.clone(),
-            http: crate::notify::http::client(shared.settings.connect_timeout)?,
+            http,
             state: shared.state.clone(),
             streams: shared.streams.clone(),
         };
@@ -345,7 +349,11 @@ pub(super) async fn register(
     Ok((status, answer))
 }
 
-/// Dials `url` within the connect timeout, refusing `ws://` unless allowed. Frames over
+/// Dials `url` within the connect timeout, refusing `ws://` unless allowed. Always directly:
+/// tokio-tungstenite's `connect_async` opens its own TCP connection and takes no proxy (a
+/// CONNECT tunnel would have to be written here, TLS to an `https://` proxy included), so a
+/// proxied app's registration goes through its proxy and its WebSocket does not;
+/// check-config warns about it. Frames over
 /// `max_frame_bytes` are read and skipped by the protocol (the connection stays); only
 /// messages far beyond it close the connection, so one flood cannot take unbounded memory.
 pub(super) async fn dial(

@@ -47,6 +47,10 @@ impl Protocol for DingTalkStreamApp {
     const PLATFORM: &'static str = PLATFORM;
     const NAME: &'static str = "DingTalk Stream";
 
+    fn egress(&self) -> &crate::egress::Egress {
+        &self.egress
+    }
+
     /// Registers (a fresh ticket every time: tickets are single-use, A.1) and dials.
     async fn connect(client: &Client<Self>) -> Result<(Socket, ()), ConnectError> {
         let endpoint = open(client).await?;

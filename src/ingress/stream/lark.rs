@@ -97,6 +97,10 @@ impl Protocol for Lark {
     const PLATFORM: &'static str = PLATFORM;
     const NAME: &'static str = "Lark long connection";
 
+    fn egress(&self) -> &crate::egress::Egress {
+        &self.app.egress
+    }
+
     async fn connect(client: &Client<Self>) -> Result<(Socket, Conn), ConnectError> {
         let (url, config) = endpoint(client).await?;
         client.protocol.set_config(config);

@@ -58,6 +58,9 @@ pub struct DingTalkStreamApp {
     pub api_base: String,
     /// `http://` api_base and `ws://` endpoints allowed.
     pub allow_insecure: bool,
+    /// How the registration call leaves: the app's `proxy`, else `[http] proxy`. The
+    /// WebSocket itself is dialed directly (see `connection::dial`).
+    pub egress: crate::egress::Egress,
 }
 
 /// A Lark app in websocket mode, validated.
@@ -69,6 +72,9 @@ pub struct LarkStreamApp {
     pub domain: String,
     /// `http://` domain and `ws://` URLs allowed.
     pub allow_insecure: bool,
+    /// How the endpoint call leaves: the app's `proxy`, else `[http] proxy`. The WebSocket
+    /// itself is dialed directly (see `connection::dial`).
+    pub egress: crate::egress::Egress,
 }
 
 /// The health of every configured long connection, for `/readyz`. Keyed by configured apps

@@ -32,6 +32,8 @@ pub struct DingTalkOapi {
     pub recover_failed: Option<Duration>,
     /// `http://` bases allowed (tests, private gateways).
     pub allow_insecure: bool,
+    /// How its calls leave: the app's `proxy`, else `[http] proxy`.
+    pub egress: crate::egress::Egress,
 }
 
 // The classic API's calls: `gettoken` and `call_back/*` (PROTOCOLS.md §1.1). Requests are
