@@ -276,25 +276,18 @@ fn spawn_outbound_ingress(
     supervisor: &Supervisor,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let mut tasks = ingress::stream::dingtalk::spawn(
-        &settings.dingtalk_streams,
-        &settings.streams,
-        state.clone(),
+    let shared = ingress::stream::Shared {
+        settings: &settings.streams,
+        state,
         streams,
         supervisor,
         shutdown,
-    )
-    .context("starting the DingTalk Stream connections")?;
+    };
+    let mut tasks = ingress::stream::dingtalk::spawn(&settings.dingtalk_streams, shared)
+        .context("starting the DingTalk Stream connections")?;
     tasks.extend(
-        ingress::stream::lark::spawn(
-            &settings.lark_streams,
-            &settings.streams,
-            state.clone(),
-            streams,
-            supervisor,
-            shutdown,
-        )
-        .context("starting the Lark long connections")?,
+        ingress::stream::lark::spawn(&settings.lark_streams, shared)
+            .context("starting the Lark long connections")?,
     );
     tasks.extend(ingress::recover::spawn(
         &settings.dingtalk_oapi,

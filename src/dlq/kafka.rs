@@ -20,11 +20,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::message::{Headers, Message as _};
+use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{DlqError, OneOff};
-use crate::bus::kafka::internal_header_name;
+use crate::bus::kafka::record_headers;
 use crate::bus::{self, Message};
 use crate::notify::dlq::{Filter, Letter};
 
@@ -169,19 +169,7 @@ fn read_all(config: &ClientConfig, topic: &str) -> rdkafka::error::KafkaResult<V
 }
 
 fn record(m: &rdkafka::message::BorrowedMessage<'_>) -> Record {
-    let headers = m
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| {
-                    (
-                        internal_header_name(h.key),
-                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let headers = record_headers(m);
     Record {
         partition: m.partition(),
         offset: m.offset(),

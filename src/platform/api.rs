@@ -158,7 +158,7 @@ pub enum PathError {
 pub fn normalise(raw: &str) -> Result<Vec<String>, PathError> {
     let mut segments: Vec<String> = Vec::new();
     for raw_segment in raw.split('/') {
-        let segment = percent_decode(raw_segment).ok_or(PathError::Malformed)?;
+        let segment = super::percent_decode(raw_segment).ok_or(PathError::Malformed)?;
         if segment.contains(['/', '\\']) || segment.chars().any(char::is_control) {
             return Err(PathError::Malformed);
         }
@@ -186,25 +186,6 @@ pub fn encode_path(segments: &[String]) -> String {
         .join("/")
 }
 
-/// `%XX` decoded, as UTF-8; `None` on a bad escape or invalid UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 /// Everything but RFC 3986's unreserved characters and a few sub-delims platforms use in
 /// paths (`:` `@` `!` `$` `'` `(` `)` `*` `+` `,` `;` `=`) is escaped.
 fn percent_encode(s: &str) -> String {
@@ -228,7 +209,7 @@ pub fn forward_query(raw: &str, token: Option<&str>) -> String {
         .filter(|pair| !pair.is_empty())
         .filter(|pair| {
             let key = pair.split('=').next().unwrap_or_default();
-            percent_decode(&key.replace('+', " ")).as_deref() != Some(TOKEN_QUERY)
+            super::percent_decode(&key.replace('+', " ")).as_deref() != Some(TOKEN_QUERY)
         })
         .map(str::to_owned)
         .collect();

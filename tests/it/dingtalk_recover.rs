@@ -149,9 +149,11 @@ async fn two_replicas_recover_450_failed_pushes_exactly_once() {
         let name = engine.name();
         let oapi = Oapi::default();
         let url = oapi.clone().start().await;
+        // One after the other: two daemons starting at once on a loaded machine (the whole
+        // suite runs beside this test) were once not ready within the harness's bound.
         let a = TestApp::start(&config(&engine, &url)).await;
-        let b = TestApp::start(&config(&engine, &url)).await;
         a.wait_ready().await;
+        let b = TestApp::start(&config(&engine, &url)).await;
         b.wait_ready().await;
         oapi.add((0..450).map(entry));
         let total = || recovered(&a) + recovered(&b);

@@ -15,11 +15,11 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::StreamConsumer;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{Headers, Message as _};
+use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
-use super::{internal_header_name, CHECK_EVERY, TICK};
+use super::{record_headers, CHECK_EVERY, TICK};
 use crate::bus::{ConsumerSpec, Delivery};
 use crate::shutdown::Shutdown;
 
@@ -495,19 +495,7 @@ fn dispatch(
         return;
     };
     tracker.received(m.offset());
-    let headers = m
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| {
-                    (
-                        internal_header_name(h.key),
-                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let headers = record_headers(m);
     let published = m
         .timestamp()
         .to_millis()

@@ -585,6 +585,23 @@ fn kafka_header_name(name: &str) -> String {
     }
 }
 
+/// A record's headers as the pipeline reads them: names in the `ce-` spelling, values as text.
+pub fn record_headers<M: rdkafka::message::Message>(m: &M) -> Vec<(String, String)> {
+    use rdkafka::message::Headers as _;
+    m.headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    (
+                        internal_header_name(h.key),
+                        String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The pipeline reads the `ce-` spelling whatever the engine.
 pub fn internal_header_name(name: &str) -> String {
     match name.strip_prefix("ce_") {

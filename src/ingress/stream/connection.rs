@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::{StreamSettings, Streams};
+use super::{Shared, StreamSettings, Streams};
 use crate::ingress::State;
 use crate::shutdown::Shutdown;
 use crate::supervise::Supervisor;
@@ -166,15 +166,6 @@ pub(super) enum Step {
     Disconnect(Answer),
     /// Nothing to answer.
     Skip,
-}
-
-/// What every app's client shares.
-pub(super) struct Shared<'a> {
-    pub(super) settings: &'a StreamSettings,
-    pub(super) state: &'a Arc<State>,
-    pub(super) streams: &'a Streams,
-    pub(super) supervisor: &'a Supervisor,
-    pub(super) shutdown: &'a Shutdown,
 }
 
 /// Starts one supervised task per app; each returns on `shutdown` once its connections have

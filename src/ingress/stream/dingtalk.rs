@@ -12,12 +12,10 @@ use futures::FutureExt;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::connection::{self, Answer, Client, ConnectError, Protocol, Socket, Step};
-use super::{DingTalkStreamApp, StreamSettings, Streams};
-use crate::ingress::{self, State};
+use super::DingTalkStreamApp;
+use crate::ingress;
 use crate::platform::dingtalk::stream::{self, Frame, OpenError, Push, PushKind};
 use crate::platform::Platform;
-use crate::shutdown::Shutdown;
-use crate::supervise::Supervisor;
 
 const PLATFORM: &str = Platform::DingTalk.as_str();
 
@@ -25,20 +23,9 @@ const PLATFORM: &str = Platform::DingTalk.as_str();
 /// connections have ACKed what they held.
 pub fn spawn(
     apps: &std::collections::BTreeMap<String, DingTalkStreamApp>,
-    settings: &StreamSettings,
-    state: Arc<State>,
-    streams: &Streams,
-    supervisor: &Supervisor,
-    shutdown: &Shutdown,
+    shared: super::Shared<'_>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let apps = apps.iter().map(|(name, app)| (name.clone(), app.clone()));
-    let shared = connection::Shared {
-        settings,
-        state: &state,
-        streams,
-        supervisor,
-        shutdown,
-    };
     connection::spawn_all(apps, shared)
 }
 

@@ -13,15 +13,13 @@ use futures::FutureExt;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use super::connection::{self, Answer, Client, ConnectError, DialError, Protocol, Socket, Step};
-use super::{LarkStreamApp, StreamSettings, Streams};
-use crate::ingress::{self, State};
+use super::LarkStreamApp;
+use crate::ingress;
 use crate::platform::lark::callback;
 use crate::platform::lark::ws::{
     self, ClientConfig, Endpoint, FragmentError, Fragments, Frame, FrameKind,
 };
 use crate::platform::Platform;
-use crate::shutdown::Shutdown;
-use crate::supervise::Supervisor;
 
 const PLATFORM: &str = Platform::Lark.as_str();
 
@@ -43,11 +41,7 @@ const SILENT_PINGS: u32 = 3;
 /// connections have answered what they held.
 pub fn spawn(
     apps: &std::collections::BTreeMap<String, LarkStreamApp>,
-    settings: &StreamSettings,
-    state: Arc<State>,
-    streams: &Streams,
-    supervisor: &Supervisor,
-    shutdown: &Shutdown,
+    shared: super::Shared<'_>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let apps = apps.iter().map(|(name, app)| {
         let lark = Lark {
@@ -56,13 +50,6 @@ pub fn spawn(
         };
         (name.clone(), lark)
     });
-    let shared = connection::Shared {
-        settings,
-        state: &state,
-        streams,
-        supervisor,
-        shutdown,
-    };
     connection::spawn_all(apps, shared)
 }
 

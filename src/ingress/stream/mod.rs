@@ -49,6 +49,16 @@ impl Default for StreamSettings {
     }
 }
 
+/// What every app's connections share, from the daemon.
+#[derive(Clone, Copy)]
+pub struct Shared<'a> {
+    pub settings: &'a StreamSettings,
+    pub state: &'a Arc<crate::ingress::State>,
+    pub streams: &'a Streams,
+    pub supervisor: &'a crate::supervise::Supervisor,
+    pub shutdown: &'a crate::shutdown::Shutdown,
+}
+
 /// A DingTalk app in stream mode, validated.
 #[derive(Debug, Clone)]
 pub struct DingTalkStreamApp {

@@ -214,29 +214,10 @@ pub fn repair_base64(value: &str) -> Cow<'_, str> {
     if !value.contains('%') {
         return value;
     }
-    match percent_decode(&value) {
+    match crate::platform::percent_decode(&value) {
         Some(decoded) => Cow::Owned(decoded),
         None => value,
     }
-}
-
-/// `%XX` → byte; `None` on a malformed escape or a non-UTF-8 result.
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// Checks the signature over `encrypt` and, when a window is configured, that the request's

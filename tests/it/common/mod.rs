@@ -351,10 +351,15 @@ impl TestApp {
     pub async fn wait_ready(&self) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            if self.get_admin("/readyz").await.status() == 200 {
+            let res = self.get_admin("/readyz").await;
+            if res.status() == 200 {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "never became ready");
+            if tokio::time::Instant::now() >= deadline {
+                // What /readyz said last: which part was not ready.
+                let body = res.text().await.unwrap_or_default();
+                panic!("never became ready: {body}");
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
