@@ -77,7 +77,7 @@ impl App {
             shutdown.clone(),
         )
         .context("starting the notify pipeline")?;
-        let state = ingress_state(&settings, &bus, &metrics, &notifier, &refusals)?;
+        let state = ingress_state(&settings, &bus, &metrics, &notifier, &refusals, &shutdown)?;
         let limits = server::Limits {
             header_timeout: settings.server.header_timeout,
             max_connections: settings.server.max_connections,
@@ -201,6 +201,7 @@ fn ingress_state(
     metrics: &Metrics,
     notifier: &Arc<Notifier>,
     refusals: &Refusals,
+    shutdown: &Shutdown,
 ) -> anyhow::Result<Arc<State>> {
     // The gateway shares the pipeline's token cache and rate limiter.
     let gateway = notifier
@@ -223,6 +224,8 @@ fn ingress_state(
         idempotency: Default::default(),
         refusals: refusals.clone(),
         gateway: Arc::new(gateway),
+        events: ingress::events::Streams::new(settings.server.max_event_streams),
+        shutdown: shutdown.clone(),
     });
     Ok(state)
 }

@@ -37,6 +37,9 @@
 //!   HTML-to-text.
 //! - [`dlq`]: `imbridge dlq list|show|replay|purge`, per engine (NATS stream, Kafka topic
 //!   and its compacted `dlq.handled` markers, the in-process ring over the internal listener).
+//! - [`send`]: `imbridge send`, a test notification through the daemon's `POST /notify` or,
+//!   with `--direct`, through a notify pipeline of its own.
+//! - [`remote`]: the daemon's internal listener as one-off commands (`dlq`, `send`) reach it.
 //! - [`egress`]: whether outbound platform calls go through a proxy (`[http] proxy`, per
 //!   target and per app); the one client builder, `notify::http::client`, applies it.
 //! - [`secret`], [`backoff`], [`metrics`], [`shutdown`], [`telemetry`]: masked secrets, retry
@@ -45,7 +48,7 @@
 //! Adding a target kind: a file under `platform/<platform>/` and one arm in each method of
 //! [`platform::Kind`]. Adding a platform: a folder under `platform/`, a [`platform::Platform`]
 //! variant, and its callback handler in `ingress/`. Adding a bus engine: one file under `bus/`
-//! and one arm per method of [`bus::Bus`].
+//! and one arm per method of [`bus::Bus`] (and in [`bus::tail`], the live tail of `GET /events`).
 
 pub mod app;
 pub mod backoff;
@@ -58,7 +61,9 @@ pub mod message;
 pub mod metrics;
 pub mod notify;
 pub mod platform;
+pub mod remote;
 pub mod secret;
+pub mod send;
 pub mod server;
 pub mod shutdown;
 pub mod supervise;

@@ -52,6 +52,12 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Send a test notification to a target through the running daemon's internal listener
+    /// (`POST /notify/<target>`), or with --direct from this process, and print the result.
+    /// Exits 0 when delivered (or, without --wait, accepted), 64 on a configuration or usage
+    /// problem (or a token or target the daemon refused), 65 when the platform (or the
+    /// target's template) refused the message, 69 when the daemon could not be reached.
+    Send(SendArgs),
     /// DingTalk's server API for one app.
     Dingtalk {
         #[command(subcommand)]
@@ -107,6 +113,67 @@ struct SetArgs {
     /// The events, comma-separated (default: the app's `callback_tags`).
     #[arg(long, value_delimiter = ',')]
     tags: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct SendArgs {
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// The target, as in `[targets.<name>]` (a route too, without --wait).
+    #[arg(long, short)]
+    target: String,
+    /// The message (default: "imbridge test message from <hostname> at <time>").
+    #[arg(long)]
+    text: Option<String>,
+    /// Wait for the platform's answer (`?wait=true`) and print it with its code.
+    #[arg(long)]
+    wait: bool,
+    /// Send from this process, without a daemon, through the same delivery code (always waits).
+    #[arg(long, conflicts_with_all = ["url", "token"])]
+    direct: bool,
+    /// The daemon's internal listener (default: server.internal_listen).
+    #[arg(long)]
+    url: Option<String>,
+    /// A client token allowed to use the target.
+    #[arg(long, env = "IMBRIDGE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+/// `imbridge send`.
+fn send(args: SendArgs) -> ExitCode {
+    let settings = match load(args.config.as_ref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let req = imbridge::send::Request {
+        target: args.target,
+        text: args.text,
+        wait: args.wait,
+        direct: args.direct,
+        url: args.url,
+        token: args.token,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("starting the tokio runtime");
+    let outcome = runtime.block_on(imbridge::send::run(&settings, &req));
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    match outcome {
+        Ok(lines) => {
+            for line in &lines {
+                println!("{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -427,6 +494,7 @@ fn main() -> ExitCode {
             command: DingTalkCommand::Callback { action },
         } => dingtalk_callback(action),
         Command::Dlq { action } => dlq(action),
+        Command::Send(args) => send(args),
         Command::Serve { config } => {
             let settings = match load(config.as_ref()) {
                 Ok(s) => s,

@@ -38,6 +38,10 @@ pub struct Inner {
     pub bus_connected: IntGaugeVec,
     /// Requests being handled right now.
     pub requests_in_flight: IntGauge,
+    /// `GET /events` streams open right now.
+    pub event_streams: IntGauge,
+    /// `GET /events` streams closed because their client fell too far behind.
+    pub event_stream_overflows_total: IntCounter,
     /// Open client connections, by listener (`public`, `internal`, `admin`).
     pub connections_open: IntGaugeVec,
     /// Connections closed at once because the listener had `server.max_connections` open.
@@ -164,6 +168,16 @@ impl Metrics {
             requests_in_flight: IntGauge::new(
                 "imbridge_requests_in_flight",
                 "Ingress requests being handled",
+            )
+            .unwrap(),
+            event_streams: IntGauge::new(
+                "imbridge_event_streams",
+                "GET /events streams open on the internal listener",
+            )
+            .unwrap(),
+            event_stream_overflows_total: IntCounter::new(
+                "imbridge_event_stream_overflows_total",
+                "GET /events streams closed because their client fell too far behind",
             )
             .unwrap(),
             notify_requests_total: IntCounterVec::new(
@@ -428,6 +442,8 @@ impl Metrics {
         register(Box::new(inner.bus_publish_duration_seconds.clone()));
         register(Box::new(inner.bus_connected.clone()));
         register(Box::new(inner.requests_in_flight.clone()));
+        register(Box::new(inner.event_streams.clone()));
+        register(Box::new(inner.event_stream_overflows_total.clone()));
         register(Box::new(build_info));
         for c in [
             &inner.notify_requests_total,

@@ -8,6 +8,7 @@ pub mod kafka;
 pub mod lease;
 pub mod memory;
 pub mod nats;
+pub mod tail;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -448,6 +449,12 @@ impl Bus {
                 }
             }
         }
+    }
+
+    /// A live tail of what is published on subjects matching `pattern` (prefix included), at
+    /// most `capacity` messages behind (see [`tail`]).
+    pub async fn tail(&self, pattern: &str, capacity: usize) -> Result<tail::Tail, BusError> {
+        tail::start(&self.engine, pattern, capacity).await
     }
 
     /// Connected and ready to store (streams in place).

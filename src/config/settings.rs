@@ -79,6 +79,8 @@ pub struct ServerSettings {
     pub replay_window: Option<Duration>,
     /// How many published callbacks are remembered to recognise their replays.
     pub replay_capacity: usize,
+    /// `GET /events` streams per client.
+    pub max_event_streams: usize,
     pub shutdown_grace: Duration,
 }
 

@@ -4,50 +4,39 @@
 
 use std::time::Duration;
 
-use reqwest::StatusCode;
-
 use super::{DlqError, Request};
 use crate::config::Settings;
 use crate::notify::dlq::{Filter, Letter};
+use crate::remote::{checked, unreachable, Daemon, RemoteError};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Store {
-    http: reqwest::Client,
-    url: String,
-    token: Option<String>,
+    daemon: Daemon,
+}
+
+impl From<RemoteError> for DlqError {
+    fn from(e: RemoteError) -> DlqError {
+        match e {
+            RemoteError::Usage(m) => DlqError::Usage(m),
+            RemoteError::Unavailable(m) => DlqError::Unavailable(m),
+        }
+    }
 }
 
 impl Store {
     pub fn new(settings: &Settings, req: &Request) -> Result<Store, DlqError> {
-        let url = match (&req.url, settings.server.internal_listen) {
-            (Some(url), _) => url.trim_end_matches('/').to_owned(),
-            (None, Some(addr)) => format!("http://{addr}"),
-            (None, None) => {
-                return Err(DlqError::Usage(
-                    "the in-process bus's dead letters are in the daemon: give --url of its \
-                     internal listener (or set server.internal_listen)"
-                        .into(),
-                ))
-            }
-        };
-        let http = reqwest::Client::builder()
-            .timeout(TIMEOUT)
-            .build()
-            .map_err(|e| DlqError::Usage(e.to_string()))?;
-        Ok(Store {
-            http,
-            url,
-            token: req.token.clone(),
-        })
+        let daemon = Daemon::new(
+            req.url.as_deref(),
+            settings.server.internal_listen,
+            req.token.clone(),
+            TIMEOUT,
+        )?;
+        Ok(Store { daemon })
     }
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let req = self.http.request(method, format!("{}{path}", self.url));
-        match &self.token {
-            Some(t) => req.bearer_auth(t),
-            None => req,
-        }
+        self.daemon.request(method, path)
     }
 
     pub async fn list(&self, target: &str, filter: &Filter) -> Result<Vec<Letter>, DlqError> {
@@ -99,26 +88,7 @@ impl Store {
             .send()
             .await
             .map_err(unreachable)?;
-        checked(response).await.map(drop)
-    }
-}
-
-fn unreachable(e: reqwest::Error) -> DlqError {
-    DlqError::Unavailable(format!("the daemon's internal listener: {e}"))
-}
-
-/// A success, or the refusal as an error: a usage problem when the request was wrong (bad
-/// token, target not allowed, no such letter), unavailable otherwise.
-async fn checked(response: reqwest::Response) -> Result<reqwest::Response, DlqError> {
-    let status = response.status();
-    if status.is_success() {
-        return Ok(response);
-    }
-    let body = response.text().await.unwrap_or_default();
-    let message = format!("the daemon refused ({status}): {}", body.trim());
-    if status.is_client_error() && status != StatusCode::REQUEST_TIMEOUT {
-        Err(DlqError::Usage(message))
-    } else {
-        Err(DlqError::Unavailable(message))
+        checked(response).await?;
+        Ok(())
     }
 }

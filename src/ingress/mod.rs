@@ -9,6 +9,7 @@ pub mod api_nats;
 pub mod clients;
 pub mod dingtalk;
 pub mod dlq;
+pub mod events;
 pub mod idempotency;
 pub mod lark;
 pub mod notify;
@@ -63,6 +64,10 @@ pub struct State {
     pub refusals: Refusals,
     /// The platform API gateway (`/api/<platform>/<app>/…`, NATS `api.<platform>.<app>`).
     pub gateway: Arc<Gateway>,
+    /// The open `GET /events` streams, per client.
+    pub events: events::Streams,
+    /// Ends the `GET /events` streams, which would otherwise hold the drain up.
+    pub shutdown: crate::shutdown::Shutdown,
 }
 
 /// How much of a request body is read, and for how long.
@@ -108,8 +113,8 @@ pub fn routes(
         .recover(reply::recover)
 }
 
-/// The internal listener: `POST /notify/<target>` and `/api/<platform>/<app>/…` for the
-/// configured clients. API bodies have their own cap (`api.max_request_bytes`), under the
+/// The internal listener: `POST /notify/<target>`, `/api/<platform>/<app>/…` and
+/// `GET /events` for the configured clients. API bodies have their own cap (`api.max_request_bytes`), under the
 /// same timeout.
 pub fn internal_routes(
     state: Arc<State>,
@@ -135,7 +140,17 @@ pub fn internal_routes(
         .and(pending_body(api_limit))
         .and(with(state.clone()))
         .then(api::call);
-    notify.or(api).or(dlq_routes(state)).recover(reply::recover)
+    let events = warp::path!("events")
+        .and(warp::get())
+        .and(query())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(with(state.clone()))
+        .then(events::get);
+    notify
+        .or(api)
+        .or(events)
+        .or(dlq_routes(state))
+        .recover(reply::recover)
 }
 
 /// `/dlq/<target>…`: the in-process bus's dead letters (see [`dlq`]).

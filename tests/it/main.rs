@@ -32,6 +32,7 @@ mod proxy;
 mod recipients_guard;
 mod replay;
 mod secrets;
+mod send_events;
 // Needs the fault-injection points: `./test` builds with `--features failpoints`.
 #[cfg(feature = "failpoints")]
 mod supervision;

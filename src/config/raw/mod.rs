@@ -174,6 +174,9 @@ pub struct ServerConfig {
     /// most 500,000 of about 250 bytes); past it the oldest are forgotten early and counted
     /// in imbridge_replay_evictions_total.
     pub max_callback_rate: u32,
+    /// `GET /events` streams each client may have open at once on the internal listener; one
+    /// more is answered 429.
+    pub max_event_streams: usize,
     /// How long a shutdown waits for in-flight requests (and their publishes) to finish.
     #[serde(deserialize_with = "lenient_string")]
     pub shutdown_grace: String,
@@ -192,6 +195,7 @@ impl Default for ServerConfig {
             max_connections: 4096,
             replay_window: "2m".into(),
             max_callback_rate: 100,
+            max_event_streams: 4,
             shutdown_grace: "20s".into(),
         }
     }

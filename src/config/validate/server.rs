@@ -35,6 +35,7 @@ pub(super) fn server(raw: &ServerConfig, c: &mut Checker) -> ServerSettings {
         max_connections: raw.max_connections,
         replay_window,
         replay_capacity: replay_capacity(raw.max_callback_rate, replay_window, c),
+        max_event_streams: raw.max_event_streams,
         shutdown_grace: c.duration("server.shutdown_grace", &raw.shutdown_grace),
     };
     if server.max_body_bytes == 0 {
@@ -48,6 +49,9 @@ pub(super) fn server(raw: &ServerConfig, c: &mut Checker) -> ServerSettings {
         if humantime::parse_duration(value).is_ok_and(|d| d.is_zero()) {
             c.problem(key, "must be greater than 0");
         }
+    }
+    if server.max_event_streams == 0 {
+        c.problem("server.max_event_streams", "must be greater than 0");
     }
     if server.max_connections == 0 {
         c.problem("server.max_connections", "must be greater than 0");
