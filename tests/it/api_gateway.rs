@@ -585,9 +585,11 @@ async fn two_replicas_keep_five_a_second_and_nats_answers_as_http() {
         "api_rate_limit = \"1000/s\"\n\n        [apps.wecom.main]",
         "api_rate_limit = \"5/s\"\n\n        [apps.wecom.main]",
     );
+    // One after the other: two daemons creating the same streams at once were once both
+    // answered "jetstream request timed out" and not ready within the harness's bound.
     let a = TestApp::start(&toml).await;
-    let b = TestApp::start(&toml).await;
     a.wait_ready().await;
+    let b = TestApp::start(&toml).await;
     b.wait_ready().await;
     let calls: Vec<_> = (0..24)
         .map(|i| {
