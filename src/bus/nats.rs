@@ -430,6 +430,10 @@ async fn keep_streams(
                     ready.store(true, Ordering::SeqCst);
                     break;
                 }
+            } else if attempt % 10 == 1 {
+                // Not ready and waiting on the connection: said, so that a replica stuck here
+                // is not silent (every tenth wait, the waits being capped by max_delay).
+                tracing::warn!(attempt, state = ?client.connection_state(), "streams not in place: waiting for the NATS connection");
             }
             attempt += 1;
             tokio::select! {
