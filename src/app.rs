@@ -18,6 +18,7 @@ use crate::config::Settings;
 use crate::ingress::{self, State};
 use crate::metrics::Metrics;
 use crate::notify::notifier::{self, Notifier};
+use crate::reload::Reloader;
 use crate::server::{self, Listener, Refusals};
 use crate::shutdown::Shutdown;
 use crate::supervise::Supervisor;
@@ -41,6 +42,10 @@ pub struct App {
     /// once it has ACKed the frames it held. The API responder on NATS too (it stops taking
     /// requests on shutdown).
     streams: Vec<tokio::task::JoinHandle<()>>,
+    /// What a reload replaces, and the configuration it replaces.
+    state: Arc<State>,
+    settings: Settings,
+    supervisor: Supervisor,
 }
 
 /// A shutdown finishes within `server.shutdown_grace` plus this. The callbacks in progress and
@@ -86,7 +91,7 @@ impl App {
         let stream_tasks =
             spawn_outbound_ingress(&settings, &state, &bus, &streams, &supervisor, &shutdown)?;
         let (ingress_addr, internal_addr, ingress) =
-            serve_ingress(&settings, state, limits, &shutdown)?;
+            serve_ingress(&settings, state.clone(), limits, &shutdown)?;
 
         // The admin listener outlives the ingress drain, so probes and metrics answer (readyz
         // with 503) while in-flight callbacks finish.
@@ -97,7 +102,7 @@ impl App {
         let admin_routes = ingress::admin::routes(
             bus.clone(),
             metrics.clone(),
-            supervisor,
+            supervisor.clone(),
             streams,
             shutdown.clone(),
         )
@@ -125,7 +130,38 @@ impl App {
             admin: admin.boxed(),
             refusals,
             streams: stream_tasks,
+            state,
+            settings,
+            supervisor,
         })
+    }
+
+    /// Reloads the configuration from `path` (the one the daemon started from) on demand.
+    pub fn reloader(&self, path: Option<std::path::PathBuf>) -> Arc<Reloader> {
+        Arc::new(Reloader::new(
+            path,
+            self.settings.clone(),
+            self.state.clone(),
+            self.notifier.clone(),
+            self.metrics.clone(),
+        ))
+    }
+
+    /// Reloads on SIGHUP and, with `watch`, when the file changes, supervised, until
+    /// shutdown. The SIGHUP handler is in place when this returns.
+    pub fn serve_reloads(
+        &self,
+        path: Option<std::path::PathBuf>,
+        watch: bool,
+    ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+        crate::reload::install()?;
+        let (reloader, stop) = (self.reloader(path), self.shutdown.clone());
+        let task = self
+            .supervisor
+            .spawn("config_reload".into(), stop.clone(), move || {
+                reloader.clone().serve(watch, stop.clone())
+            });
+        Ok(task)
     }
 
     pub fn bus(&self) -> &Arc<Bus> {
@@ -207,10 +243,16 @@ fn ingress_state(
     let gateway = notifier
         .gateway(settings.api_apps.clone(), settings.api.clone())
         .context("starting the API gateway")?;
-    let state = Arc::new(State {
+    let current = ingress::Current {
         dingtalk: settings.dingtalk_apps.clone(),
         wecom: settings.wecom_apps.clone(),
         lark: settings.lark_apps.clone(),
+        subjects: settings.subjects.clone(),
+        clients: settings.clients.clone(),
+        gateway: Arc::new(gateway),
+    };
+    let state = Arc::new(State {
+        current: tokio::sync::watch::Sender::new(Arc::new(current)),
         bus: bus.clone(),
         metrics: metrics.clone(),
         replay_window: settings.server.replay_window,
@@ -218,12 +260,9 @@ fn ingress_state(
             ingress::replay::Seen::new(window, settings.server.replay_capacity, metrics.clone())
         }),
         subject_prefix: settings.bus.subject_prefix.clone(),
-        subjects: settings.subjects.clone(),
         notifier: notifier.clone(),
-        clients: settings.clients.clone(),
         idempotency: Default::default(),
         refusals: refusals.clone(),
-        gateway: Arc::new(gateway),
         events: ingress::events::Streams::new(settings.server.max_event_streams),
         shutdown: shutdown.clone(),
     });
@@ -256,7 +295,7 @@ fn serve_ingress(
     let Some(internal_listen) = server.internal_listen else {
         return Ok((ingress_addr, None, public.boxed()));
     };
-    if state.clients.anonymous {
+    if state.current().clients.anonymous {
         tracing::warn!("server.allow_anonymous: POST /notify on the internal listener accepts requests without a client token");
     }
     let internal = Listener::bind("internal", "server.internal_listen", internal_listen)?;

@@ -61,6 +61,7 @@ pub mod message;
 pub mod metrics;
 pub mod notify;
 pub mod platform;
+pub mod reload;
 pub mod remote;
 pub mod secret;
 pub mod send;

@@ -23,9 +23,14 @@ struct Cli {
 enum Command {
     /// Run the daemon.
     Serve {
-        /// TOML configuration file; without it, defaults and IMBRIDGE_ variables only.
+        /// TOML configuration file; without it, defaults and IMBRIDGE_ variables only. SIGHUP
+        /// reloads it (targets, routes, templates, users, clients, app credentials).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Also reload when the file's content changes (checked every 2 seconds; follows a
+        /// Kubernetes ConfigMap's symlink swap).
+        #[arg(long, requires = "config")]
+        watch: bool,
     },
     /// Validate a configuration, print every problem, exit 64 if there is one.
     CheckConfig {
@@ -495,7 +500,7 @@ fn main() -> ExitCode {
         } => dingtalk_callback(action),
         Command::Dlq { action } => dlq(action),
         Command::Send(args) => send(args),
-        Command::Serve { config } => {
+        Command::Serve { config, watch } => {
             let settings = match load(config.as_ref()) {
                 Ok(s) => s,
                 Err(e) => {
@@ -508,7 +513,7 @@ fn main() -> ExitCode {
                 tracing::warn!(key = %w.key, "{}", w.message);
             }
             let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
-            let served = runtime.block_on(serve(settings));
+            let served = runtime.block_on(serve(settings, config, watch));
             // The drain already ran under its own deadline; what is still running (a blocking
             // producer flush that overran it) must not hold the exit up.
             runtime.shutdown_timeout(std::time::Duration::from_millis(500));
@@ -523,11 +528,16 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(settings: config::Settings) -> anyhow::Result<()> {
+async fn serve(
+    settings: config::Settings,
+    path: Option<PathBuf>,
+    watch: bool,
+) -> anyhow::Result<()> {
     let shutdown = imbridge::shutdown::Shutdown::new();
     shutdown.on_signals()?;
-    imbridge::app::App::build(settings, shutdown)
-        .await?
-        .run()
-        .await
+    let app = imbridge::app::App::build(settings, shutdown.clone()).await?;
+    let reloads = app.serve_reloads(path, watch)?;
+    let served = app.run().await;
+    let _ = reloads.await;
+    served
 }

@@ -42,6 +42,11 @@ pub struct Inner {
     pub event_streams: IntGauge,
     /// `GET /events` streams closed because their client fell too far behind.
     pub event_stream_overflows_total: IntCounter,
+    /// Configuration reloads applied (SIGHUP or a watched file's change).
+    pub config_reloads_total: IntCounter,
+    /// Configuration reloads refused (invalid, or not applicable without a restart): the
+    /// daemon goes on with the configuration it had.
+    pub config_reload_failures_total: IntCounter,
     /// Open client connections, by listener (`public`, `internal`, `admin`).
     pub connections_open: IntGaugeVec,
     /// Connections closed at once because the listener had `server.max_connections` open.
@@ -178,6 +183,16 @@ impl Metrics {
             event_stream_overflows_total: IntCounter::new(
                 "imbridge_event_stream_overflows_total",
                 "GET /events streams closed because their client fell too far behind",
+            )
+            .unwrap(),
+            config_reloads_total: IntCounter::new(
+                "imbridge_config_reloads_total",
+                "Configuration reloads applied",
+            )
+            .unwrap(),
+            config_reload_failures_total: IntCounter::new(
+                "imbridge_config_reload_failures_total",
+                "Configuration reloads refused; the previous configuration stays in force",
             )
             .unwrap(),
             notify_requests_total: IntCounterVec::new(
@@ -444,6 +459,8 @@ impl Metrics {
         register(Box::new(inner.requests_in_flight.clone()));
         register(Box::new(inner.event_streams.clone()));
         register(Box::new(inner.event_stream_overflows_total.clone()));
+        register(Box::new(inner.config_reloads_total.clone()));
+        register(Box::new(inner.config_reload_failures_total.clone()));
         register(Box::new(build_info));
         for c in [
             &inner.notify_requests_total,

@@ -21,6 +21,12 @@ impl Shutdown {
         self.0.is_cancelled()
     }
 
+    /// A signal of its own that this one trips too: one part stopped (a target a reload
+    /// removed) without stopping the rest.
+    pub fn child(&self) -> Shutdown {
+        Shutdown(self.0.child_token())
+    }
+
     /// Completes once the shutdown has started.
     pub async fn cancelled(&self) {
         self.0.cancelled().await

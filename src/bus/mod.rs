@@ -288,9 +288,18 @@ pub struct StreamSpec {
 /// The deliveries of one subscription, whatever the engine.
 pub struct Consumer {
     rx: mpsc::Receiver<Delivery>,
+    placed: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Consumer {
+    /// Completes once the bus holds this subscription, so that what is published from then
+    /// on reaches it (a NATS durable is created in the background; the other engines register
+    /// at once). A reload waits for this before it hands the new target its messages.
+    pub fn placed(&self) -> impl std::future::Future<Output = bool> + Send + 'static {
+        let mut placed = self.placed.clone();
+        async move { placed.wait_for(|p| *p).await.is_ok() }
+    }
+
     pub async fn next(&mut self) -> Option<Delivery> {
         self.rx.recv().await
     }
@@ -373,12 +382,19 @@ impl Bus {
     /// them and stays on the bus until acknowledged.
     pub fn consume(&self, spec: &ConsumerSpec, shutdown: Shutdown) -> Consumer {
         let (tx, rx) = mpsc::channel(spec.max_pending.max(1));
+        let (placed_tx, placed) = tokio::sync::watch::channel(false);
         match &self.engine {
-            Engine::Memory(b) => b.queue(&spec.filter, tx),
-            Engine::Nats(b) => b.consume(spec, tx, shutdown),
-            Engine::Kafka(b) => b.consume(spec, tx),
+            Engine::Memory(b) => {
+                b.queue(&spec.filter, tx);
+                placed_tx.send_replace(true);
+            }
+            Engine::Nats(b) => b.consume(spec, tx, placed_tx, shutdown),
+            Engine::Kafka(b) => {
+                b.consume(spec, tx);
+                placed_tx.send_replace(true);
+            }
         }
-        Consumer { rx }
+        Consumer { rx, placed }
     }
 
     /// The NATS engine, for what only it offers (the key-value limiter).

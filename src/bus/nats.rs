@@ -125,6 +125,7 @@ impl NatsBus {
         &self,
         spec: &ConsumerSpec,
         tx: tokio::sync::mpsc::Sender<Delivery>,
+        placed: tokio::sync::watch::Sender<bool>,
         shutdown: Shutdown,
     ) {
         let js = self.js.clone();
@@ -137,7 +138,9 @@ impl NatsBus {
             let mut attempt = 1;
             loop {
                 if client.connection_state() == State::Connected && ready.load(Ordering::SeqCst) {
-                    match run_consumer(&js, &stream_name, config.clone(), &tx, &shutdown).await {
+                    match run_consumer(&js, &stream_name, config.clone(), &tx, &placed, &shutdown)
+                        .await
+                    {
                         Ok(()) => return,
                         Err(e) => {
                             tracing::warn!(stream = %stream_name, error = %e, "consumer interrupted; restarting it");
@@ -348,6 +351,7 @@ async fn run_consumer(
     stream_name: &str,
     config: jetstream::consumer::pull::Config,
     tx: &tokio::sync::mpsc::Sender<Delivery>,
+    placed: &tokio::sync::watch::Sender<bool>,
     shutdown: &Shutdown,
 ) -> Result<(), async_nats::Error> {
     use futures::StreamExt;
@@ -355,6 +359,7 @@ async fn run_consumer(
     let name = config.durable_name.clone().unwrap_or_default();
     let consumer: jetstream::consumer::PullConsumer =
         stream.get_or_create_consumer(&name, config).await?;
+    placed.send_replace(true);
     let mut messages = consumer.messages().await?;
     tracing::info!(stream = stream_name, consumer = %name, "consumer running");
     loop {

@@ -93,7 +93,7 @@ pub async fn call(
 
 /// Metric labels: names nobody configured share one, so arbitrary paths create no series.
 pub fn labels<'a>(state: &State, platform: &'a str, app: &'a str) -> (&'a str, &'a str) {
-    let known = state.gateway.app(platform, app).is_some();
+    let known = state.current().gateway.app(platform, app).is_some();
     let platform = match Platform::ALL.iter().any(|p| p.as_str() == platform) {
         true => platform,
         false => UNKNOWN_APP,
@@ -110,7 +110,8 @@ pub async fn serve(
     body: impl std::future::Future<Output = Result<Bytes, ApiError>>,
 ) -> Result<Reply, Refused> {
     let (platform, name) = (incoming.platform, incoming.app);
-    if state.gateway.app(platform, name).is_none() {
+    let gateway = state.current().gateway.clone();
+    if gateway.app(platform, name).is_none() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_app",
@@ -126,8 +127,7 @@ pub async fn serve(
         headers: incoming.headers,
         body: body.await?,
     };
-    state
-        .gateway
+    gateway
         .call(platform, name, &call)
         .await
         .map_err(|e| refused(&e))

@@ -19,7 +19,6 @@ use tokio::sync::Semaphore;
 use warp::http::{Method, StatusCode};
 
 use super::api::{self, Incoming, Refused};
-use super::clients::Client;
 use super::reply::ApiError;
 use super::State;
 use crate::bus;
@@ -66,17 +65,13 @@ pub fn spawn(
     supervisor: &Supervisor,
     shutdown: &Shutdown,
 ) -> Option<tokio::task::JoinHandle<()>> {
-    let name = state.gateway.settings().nats_client.clone()?;
+    let name = state.current().gateway.settings().nats_client.clone()?;
     let Some(nats) = state.bus.nats() else {
         tracing::warn!("api.nats_client is set but the bus is not NATS: no API request/reply");
         return None;
     };
-    let client = state
-        .clients
-        .clients
-        .iter()
-        .find(|c| c.name == name)?
-        .clone();
+    // Looked up again for every request, so that a reload changing what it may call applies.
+    let client = state.current().clients.find(&name)?.name.clone();
     let nats = nats.client().clone();
     let subject = bus::with_prefix(&state.subject_prefix, "api.*.*");
     let limit = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
@@ -98,7 +93,7 @@ pub fn spawn(
 
 async fn run(
     state: Arc<State>,
-    client: Client,
+    client: String,
     nats: async_nats::Client,
     subject: String,
     limit: Arc<Semaphore>,
@@ -119,7 +114,7 @@ async fn run(
             }
         }
     };
-    tracing::info!(subject = %subject, client = %client.name, "serving API requests on the bus");
+    tracing::info!(subject = %subject, client = %client, "serving API requests on the bus");
     loop {
         let msg = tokio::select! {
             msg = sub.next() => match msg { Some(msg) => msg, None => return },
@@ -150,7 +145,7 @@ async fn run(
 }
 
 /// One request's answer, as bytes to publish.
-async fn answer(state: &State, client: &Client, subject: &str, payload: &[u8]) -> Bytes {
+async fn answer(state: &State, client: &str, subject: &str, payload: &[u8]) -> Bytes {
     let started = std::time::Instant::now();
     // `[prefix.]api.<platform>.<app>`
     let mut tokens = subject.rsplitn(3, '.');
@@ -167,7 +162,15 @@ async fn answer(state: &State, client: &Client, subject: &str, payload: &[u8]) -
                 query: envelope.query.clone(),
                 headers: headers(&envelope),
             };
-            api::serve(state, client, incoming, async { Ok(body) }).await
+            match state.current().clients.find(client) {
+                Some(client) => api::serve(state, client, incoming, async { Ok(body) }).await,
+                None => Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "client_removed",
+                    "api.nats_client names a client the configuration no longer has",
+                )
+                .into()),
+            }
         }
         Err(e) => Err(e.into()),
     };
@@ -190,7 +193,7 @@ async fn answer(state: &State, client: &Client, subject: &str, payload: &[u8]) -
 
 /// The envelope, its method and its body's bytes; 413 past `api.max_request_bytes`.
 fn parse(state: &State, payload: &[u8]) -> Result<(Envelope, Method, Bytes), ApiError> {
-    let max = state.gateway.settings().max_request_bytes;
+    let max = state.current().gateway.settings().max_request_bytes;
     if payload.len() as u64 > max {
         return Err(ApiError::too_large(max));
     }

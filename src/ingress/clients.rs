@@ -54,6 +54,11 @@ pub enum Denied {
 impl Clients {
     /// The client holding `token`. Every client's token is compared, each in constant time,
     /// so the time taken tells nothing about which (or how much of one) matched.
+    /// The client named `name`.
+    pub fn find(&self, name: &str) -> Option<&Client> {
+        self.clients.iter().find(|c| c.name == name)
+    }
+
     pub fn authenticate(&self, token: Option<&str>) -> Result<Client, Denied> {
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return match self.anonymous {

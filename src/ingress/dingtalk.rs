@@ -24,7 +24,7 @@ pub async fn callback(
     body: Result<Bytes, ApiError>,
     state: Arc<State>,
 ) -> Response {
-    let known = state.dingtalk.contains_key(&app);
+    let known = state.current().dingtalk.contains_key(&app);
     super::serve_callback(
         &state,
         PLATFORM,
@@ -41,7 +41,8 @@ async fn handle(
     body: Result<Bytes, ApiError>,
     state: &State,
 ) -> Result<(Outcome, Response), ApiError> {
-    let Some(cfg) = state.dingtalk.get(app) else {
+    let current = state.current();
+    let Some(cfg) = current.dingtalk.get(app) else {
         return Err(super::unknown_app("DingTalk"));
     };
     let body = body?;

@@ -26,9 +26,10 @@ pub async fn callback(
     body: Result<Bytes, ApiError>,
     state: Arc<State>,
 ) -> Response {
-    let known = state.lark.contains_key(&app);
+    let current = state.current();
+    let known = current.lark.contains_key(&app);
     let handler = async {
-        let cfg = state
+        let cfg = current
             .lark
             .get(&app)
             .ok_or_else(|| super::unknown_app("Lark"))?;

@@ -44,30 +44,43 @@ use reply::ApiError;
 
 /// What the handlers share.
 pub struct State {
-    pub dingtalk: BTreeMap<String, DingTalkApp>,
-    pub wecom: BTreeMap<String, WeComApp>,
-    pub lark: BTreeMap<String, LarkApp>,
+    /// Apps, clients, business subjects and the API gateway, as the latest (re)load configured
+    /// them; a request takes them once and keeps them to its end.
+    pub current: tokio::sync::watch::Sender<Arc<Current>>,
     pub bus: Arc<Bus>,
     pub metrics: Metrics,
     pub replay_window: Option<Duration>,
     /// The requests published within the replay window; `None` when the window is off.
     pub replay: Option<replay::Seen>,
     pub subject_prefix: String,
-    /// Business tokens appended to inbound subjects, per app.
-    pub subjects: subject::Subjects,
     pub notifier: Arc<Notifier>,
-    /// Who may use the internal listener.
-    pub clients: Clients,
     /// `Idempotency-Key`s of `POST /notify`, with their bodies' digests.
     pub idempotency: idempotency::IdempotencyKeys,
     /// Refused requests, summed up in the log.
     pub refusals: Refusals,
-    /// The platform API gateway (`/api/<platform>/<app>/…`, NATS `api.<platform>.<app>`).
-    pub gateway: Arc<Gateway>,
     /// The open `GET /events` streams, per client.
     pub events: events::Streams,
     /// Ends the `GET /events` streams, which would otherwise hold the drain up.
     pub shutdown: crate::shutdown::Shutdown,
+}
+
+/// What a reload replaces on the ingress side.
+pub struct Current {
+    pub dingtalk: BTreeMap<String, DingTalkApp>,
+    pub wecom: BTreeMap<String, WeComApp>,
+    pub lark: BTreeMap<String, LarkApp>,
+    /// Business tokens appended to inbound subjects, per app.
+    pub subjects: subject::Subjects,
+    /// Who may use the internal listener.
+    pub clients: Clients,
+    /// The platform API gateway (`/api/<platform>/<app>/…`, NATS `api.<platform>.<app>`).
+    pub gateway: Arc<Gateway>,
+}
+
+impl State {
+    pub fn current(&self) -> Arc<Current> {
+        self.current.borrow().clone()
+    }
 }
 
 /// How much of a request body is read, and for how long.
@@ -121,7 +134,7 @@ pub fn internal_routes(
     limit: BodyLimit,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let api_limit = BodyLimit {
-        max_bytes: state.gateway.settings().max_request_bytes,
+        max_bytes: state.current().gateway.settings().max_request_bytes,
         ..limit
     };
     let notify = warp::path!("notify" / String)
@@ -366,10 +379,11 @@ pub struct Event {
 /// the CloudEvents headers and waits for the bus; a bus that cannot take it means 503, so the
 /// platform retries. `ce-type` stays `<platform>.<event_type>` whatever the tokens.
 pub async fn publish(state: &State, event: Event) -> Result<Outcome, ApiError> {
+    let current = state.current();
     let inbound = Inbound {
         bus: &state.bus,
         subject_prefix: &state.subject_prefix,
-        subjects: &state.subjects,
+        subjects: &current.subjects,
     };
     inbound.publish(event).await
 }

@@ -100,16 +100,20 @@ pub(super) fn bearer(authorization: Option<&str>) -> Option<&str> {
 
 /// The client holding `token`, or the 401 refusal saying why there is none.
 pub(super) fn authenticate(state: &State, token: Option<&str>) -> Result<Client, ApiError> {
-    state.clients.authenticate(token).map_err(|denied| {
-        let (code, message) = match denied {
-            Denied::Missing => (
-                "token_missing",
-                "a client token is required (Authorization: Bearer <token>)",
-            ),
-            Denied::Wrong => ("token_invalid", "the client token is not valid"),
-        };
-        ApiError::new(StatusCode::UNAUTHORIZED, code, message)
-    })
+    state
+        .current()
+        .clients
+        .authenticate(token)
+        .map_err(|denied| {
+            let (code, message) = match denied {
+                Denied::Missing => (
+                    "token_missing",
+                    "a client token is required (Authorization: Bearer <token>)",
+                ),
+                Denied::Wrong => ("token_invalid", "the client token is not valid"),
+            };
+            ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+        })
 }
 
 /// Refuses body fields the client may not use: recipients it names itself, and platform-native

@@ -336,14 +336,16 @@ pub async fn run(
             return;
         }
     };
+    // As configured when this poller started: a reload changing the app restarts it.
+    let current = state.current();
     let recovery = Recovery {
         app: &app,
         client: &client,
-        tokens: Tokens::Shared(&state.gateway),
+        tokens: Tokens::Shared(&current.gateway),
         inbound: Inbound {
             bus: &state.bus,
             subject_prefix: &state.subject_prefix,
-            subjects: &state.subjects,
+            subjects: &current.subjects,
         },
         metrics: &state.metrics,
         shutdown: &shutdown,

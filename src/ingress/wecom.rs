@@ -23,9 +23,10 @@ const PLATFORM: &str = Platform::WeCom.as_str();
 pub const RAW_XML_FIELD: &str = "#xml";
 
 pub async fn verify(app: String, query: String, state: Arc<State>) -> Response {
-    let known = state.wecom.contains_key(&app);
+    let current = state.current();
+    let known = current.wecom.contains_key(&app);
     let handler = async {
-        let cfg = state
+        let cfg = current
             .wecom
             .get(&app)
             .ok_or_else(|| super::unknown_app("WeCom"))?;
@@ -48,9 +49,10 @@ pub async fn callback(
     body: Result<Bytes, ApiError>,
     state: Arc<State>,
 ) -> Response {
-    let known = state.wecom.contains_key(&app);
+    let current = state.current();
+    let known = current.wecom.contains_key(&app);
     let handler = async {
-        let cfg = state
+        let cfg = current
             .wecom
             .get(&app)
             .ok_or_else(|| super::unknown_app("WeCom"))?;

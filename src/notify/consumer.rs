@@ -5,49 +5,42 @@
 //!
 //! [`InFlight`]: super::in_flight::InFlight
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::mpsc;
-
-use super::compose::{ComposeError, Composer, Directory, Prepared};
+use super::compose::{ComposeError, Prepared};
+use super::generation::{Generation, Live};
 use super::router::{self, Route, Rule};
 use super::settings::NotifySettings;
 use super::target::Target;
-use super::template::Templates;
 use super::verdict::Reason;
 use super::worker::{Job, Shared};
 use crate::bus::{self, Bus, Delivery};
 use crate::message;
+use crate::shutdown::Shutdown;
 
 /// What reading the bus needs besides what the workers share.
 pub struct Intake {
     pub bus: Arc<Bus>,
     pub prefix: String,
-    pub routes: BTreeMap<String, Route>,
-    pub templates: Templates,
-    pub users: Directory,
+    /// Targets, routes, templates and bindings, as the latest (re)load said them.
+    pub live: Live,
 }
 
 impl Intake {
-    pub fn composer(&self) -> Composer<'_> {
-        Composer {
-            templates: &self.templates,
-            users: &self.users,
-        }
-    }
-
-    /// Prepares a message for `target`, reporting accounts not bound on its platform.
+    /// Prepares a message for `target` under `generation`, reporting accounts not bound on
+    /// its platform.
     pub fn prepare(
         &self,
         shared: &Shared,
+        generation: &Generation,
         target: &Target,
         body: &[u8],
         rule: Option<(&str, &Rule)>,
         seed: String,
     ) -> Result<Prepared, ComposeError> {
-        let result = self.composer().prepare(body, target, rule, seed);
+        let result = generation.composer().prepare(body, target, rule, seed);
         let unbound = match &result {
             Ok(p) => &p.unbound,
             Err(ComposeError::NoRecipients { unbound }) => unbound,
@@ -145,37 +138,47 @@ pub fn message_id(delivery: &Delivery) -> String {
 /// leaves it behind (the lock is released as the panic unwinds) for the next one.
 pub type Source = Arc<tokio::sync::Mutex<bus::Consumer>>;
 
-/// Reads one target's consumer and hands each message to the target's worker.
+/// Reads one target's consumer and hands each message to the target's worker, prepared under
+/// the generation current when it arrives. Ends on `stop` (shutdown, or a reload removing the
+/// target), handing back what it holds.
 pub async fn feed(
-    target: Arc<Target>,
+    name: String,
     source: Source,
-    queue: mpsc::Sender<Job>,
     shared: Arc<Shared>,
     intake: Arc<Intake>,
+    stop: Shutdown,
 ) {
-    let name = target.name.as_str();
-    let depth = shared.metrics.notify_queue_depth(name);
+    let depth = shared.metrics.notify_queue_depth(&name);
     let mut consumer = source.lock().await;
     loop {
         let delivery = tokio::select! {
             d = consumer.next() => match d { Some(d) => d, None => break },
-            _ = shared.shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
         };
         // Held from here: should this task die before the message is settled, it goes back.
         let held = shared.in_flight.hold(Arc::new(delivery));
+        // A target a reload just added has its consumer before its generation is current;
+        // one a reload removed stops here.
+        let Some(generation) = intake.live.when(|g| g.target(&name).is_some(), &stop).await else {
+            let _ = held.delivery().nak(Duration::ZERO).await;
+            held.settled();
+            break;
+        };
+        let (target, queue) = generation.target(&name).expect("checked by when()");
         let delivery = held.delivery();
         let seed = message_id(delivery);
-        let rule = router::rule_of(&intake.routes, delivery, name);
-        let prepared = match intake.prepare(&shared, &target, &delivery.payload, rule, seed) {
+        let rule = router::rule_of(&generation.routes, delivery, &name);
+        let prepared = intake.prepare(&shared, &generation, target, &delivery.payload, rule, seed);
+        let prepared = match prepared {
             Ok(p) => Prepared {
-                origin: router::origin(&intake.routes, delivery),
+                origin: router::origin(&generation.routes, delivery),
                 ..p
             },
             Err(e) => {
                 let letters = &shared.dead_letters;
                 let detail = e.to_string();
                 letters
-                    .store(delivery, name, Reason::from(&e), 0, &detail)
+                    .store(delivery, &name, Reason::from(&e), 0, &detail)
                     .await;
                 held.settled();
                 continue;
@@ -183,6 +186,7 @@ pub async fn feed(
         };
         depth.inc();
         let job = Job::Bus {
+            target: target.clone(),
             held,
             prepared: Box::new(prepared),
             deadline: SystemTime::now() + shared.settings.max_wait,
@@ -201,15 +205,31 @@ pub async fn feed(
 /// Reads one route's consumer (`notify.<route>`, or one of its `from` patterns; an inbound
 /// event is matched and later rendered as it is): each message is forwarded to `notify.<target>` for every target
 /// of every rule it matches (each target once), then acknowledged. Forwarding through the bus
-/// keeps each target's own queue, limits, retries and dead letters.
-pub async fn forward(route: Route, source: Source, shared: Arc<Shared>, intake: Arc<Intake>) {
-    let name = route.name.as_str();
+/// keeps each target's own queue, limits, retries and dead letters. The route's rules are the
+/// current generation's; ends on `stop` (shutdown, or a reload removing the route).
+pub async fn forward(
+    name: String,
+    source: Source,
+    shared: Arc<Shared>,
+    intake: Arc<Intake>,
+    stop: Shutdown,
+) {
+    let name = name.as_str();
     let mut consumer = source.lock().await;
     loop {
         let delivery = tokio::select! {
             d = consumer.next() => match d { Some(d) => d, None => break },
-            _ = shared.shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
         };
+        let Some(generation) = intake
+            .live
+            .when(|g| g.routes.contains_key(name), &stop)
+            .await
+        else {
+            let _ = delivery.nak(Duration::ZERO).await;
+            break;
+        };
+        let route = &generation.routes[name];
         let payload = match message::payload(&delivery.payload) {
             Ok(p) => serde_json::Value::Object(p),
             Err(e) => {
@@ -219,11 +239,11 @@ pub async fn forward(route: Route, source: Source, shared: Arc<Shared>, intake: 
                 continue;
             }
         };
-        if !forward_one(&route, &delivery, &payload, &shared, &intake).await {
+        if !forward_one(route, &delivery, &payload, &shared, &intake).await {
             // Shutting down or moved: it comes again, and what was forwarded already is
             // recognised as a duplicate (within the bus's duplicate window).
             let _ = delivery.nak(Duration::ZERO).await;
-            if shared.shutdown.is_triggered() {
+            if stop.is_triggered() {
                 break;
             }
             continue;
@@ -276,25 +296,20 @@ async fn forward_one(
 /// Reads every notification: those for configured targets and routes are their own
 /// consumers' business (acknowledged here at once), the others are dead-lettered as
 /// `unknown_target`.
-pub async fn catch_all(
-    source: Source,
-    known: Arc<HashSet<String>>,
-    shared: Arc<Shared>,
-    prefix: String,
-) {
-    let subject_prefix = bus::with_prefix(&prefix, "notify.");
+pub async fn catch_all(source: Source, shared: Arc<Shared>, intake: Arc<Intake>, stop: Shutdown) {
+    let subject_prefix = bus::with_prefix(&intake.prefix, "notify.");
     let mut consumer = source.lock().await;
     loop {
         let delivery = tokio::select! {
             d = consumer.next() => match d { Some(d) => d, None => break },
-            _ = shared.shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
         };
         let target = delivery
             .subject
             .strip_prefix(&subject_prefix)
             .unwrap_or(&delivery.subject)
             .to_owned();
-        if known.contains(&target) {
+        if intake.live.current().reads(&target) {
             if let Err(e) = delivery.ack().await {
                 tracing::debug!(error = %e, "catch-all ack failed; it comes again");
             }

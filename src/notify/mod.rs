@@ -3,6 +3,7 @@
 //!
 //! - [`notifier`]: the pipeline as the daemon sees it: start, synchronous sends, join.
 //! - [`consumer`]: the bus consumers: per target, per route, and the catch-all.
+//! - [`generation`]: what a message is prepared and sent with, swapped whole by a reload.
 //! - [`router`]: routes and their rules; the copies a route forwards.
 //! - [`compose`]: from a body to what one target sends (template, recipients, bindings),
 //!   through [`guard`]: recipients only through `to` and `mentions`, broadcasts only where
@@ -24,6 +25,7 @@ pub mod consumer;
 pub mod dead_letter;
 pub mod dlq;
 pub mod gateway;
+pub mod generation;
 pub mod guard;
 pub mod http;
 pub mod in_flight;

@@ -6,6 +6,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use futures::future::BoxFuture;
+use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -13,6 +15,7 @@ use super::compose::{ComposeError, Directory};
 use super::consumer::{self, Intake};
 use super::dead_letter::DeadLetters;
 use super::gateway::{ApiSettings, Gateway};
+use super::generation::{Generation, Live};
 use super::in_flight::InFlight;
 use super::limiter::{Limiter, StoreError};
 use super::router::Route;
@@ -110,12 +113,45 @@ pub fn bus_layout(
 
 pub struct Notifier {
     settings: NotifySettings,
-    targets: BTreeMap<String, Arc<Target>>,
-    queues: HashMap<String, mpsc::Sender<Job>>,
     shared: Arc<Shared>,
     intake: Arc<Intake>,
-    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The longest per-member window the limiter was started for.
+    member_window: Duration,
+    supervisor: Supervisor,
+    shutdown: Shutdown,
+    /// The running workers (`worker:<target>`) and bus consumers (by durable), each with its
+    /// own stop, so that a reload ends exactly the ones it removes.
+    units: Mutex<BTreeMap<String, Unit>>,
+    /// Stopped units' tasks, joined at shutdown (they may still be handing back messages).
+    retired: Mutex<Vec<JoinHandle<()>>>,
 }
+
+/// A supervised task a reload may stop.
+struct Unit {
+    stop: Shutdown,
+    task: JoinHandle<()>,
+}
+
+/// What a reload changed in the pipeline, for the log.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+/// Why the pipeline refused a new configuration; the old one stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("a target's per-member window grew past {0:?}, the longest the limiter was started with; restart to apply it")]
+    MemberWindow(Duration),
+    #[error("a route's `from` patterns changed ({0}); on the Kafka bus each is a consumer group made at start: restart to apply it")]
+    KafkaReaders(String),
+    #[error("the bus did not place the new consumers ({0}) within {1:?}")]
+    NotPlaced(String, Duration),
+}
+
+/// How long a reload waits for the bus to hold a new target's consumer.
+const PLACE_WITHIN: Duration = Duration::from_secs(30);
 
 impl Notifier {
     /// Starts one worker per target and, when `settings.enabled`, the bus consumers.
@@ -128,14 +164,8 @@ impl Notifier {
         supervisor: &Supervisor,
         shutdown: Shutdown,
     ) -> Result<Arc<Notifier>, StartError> {
-        let member_windows = catalog
-            .targets
-            .values()
-            .flat_map(|t| &t.member_limits)
-            .map(|l| l.window)
-            .max()
-            .unwrap_or_default();
-        let limiter = Limiter::start(settings, member_windows, &bus, prefix, shutdown.clone())?;
+        let member_window = longest_member_window(&catalog);
+        let limiter = Limiter::start(settings, member_window, &bus, prefix, shutdown.clone())?;
         let shared = Arc::new(Shared {
             settings: settings.clone(),
             limiter,
@@ -150,42 +180,244 @@ impl Notifier {
             metrics,
             shutdown: shutdown.clone(),
         });
-        let intake = Arc::new(Intake {
-            bus,
-            prefix: prefix.to_owned(),
+        let notifier = Notifier {
+            settings: settings.clone(),
+            intake: Arc::new(Intake {
+                bus,
+                prefix: prefix.to_owned(),
+                live: Live::new(empty_generation()),
+            }),
+            shared,
+            member_window,
+            supervisor: supervisor.clone(),
+            shutdown,
+            units: Mutex::new(BTreeMap::new()),
+            retired: Mutex::new(Vec::new()),
+        };
+        let generation = notifier.build(catalog, &notifier.intake.live.current());
+        notifier.intake.live.replace(generation);
+        if settings.enabled {
+            notifier.start_keeper();
+            // Placed in the background: the bus reports ready only once they are.
+            drop(notifier.start_consumers());
+        }
+        Ok(Arc::new(notifier))
+    }
+
+    /// Applies a new catalog: new targets get a worker and a consumer, placed on the bus
+    /// before the new generation is handed over (so the catch-all never takes their messages
+    /// for nobody's); then the generation is swapped whole; then what was removed stops. A
+    /// message already prepared finishes under the generation it was prepared with.
+    pub async fn reload(&self, catalog: Catalog) -> Result<Changes, ReloadError> {
+        let window = longest_member_window(&catalog);
+        if window > self.member_window {
+            return Err(ReloadError::MemberWindow(self.member_window));
+        }
+        let old = self.intake.live.current();
+        let (before, _) = self.specs(old.targets.keys(), &old.routes);
+        let (after, _) = self.specs(catalog.targets.keys(), &catalog.routes);
+        if self.intake.bus.kafka().is_some() {
+            let readers = |specs: &[(String, bus::ConsumerSpec)]| -> HashSet<String> {
+                let inbound = specs.iter().filter(|(_, s)| s.new_only);
+                inbound.map(|(_, s)| s.durable.clone()).collect()
+            };
+            let (was, is) = (readers(&before), readers(&after));
+            if was != is {
+                let diff: Vec<_> = was.symmetric_difference(&is).cloned().collect();
+                return Err(ReloadError::KafkaReaders(diff.join(", ")));
+            }
+        }
+        let next = self.build(catalog, &old);
+        let mut changes = Changes::default();
+        if self.settings.enabled {
+            let started = self.start_consumers_of(&next);
+            let placed = futures::future::join_all(started.iter().map(|(_, p)| p.clone()));
+            let done = tokio::time::timeout(PLACE_WITHIN, placed).await;
+            let names: Vec<String> = started.into_iter().map(|(n, _)| n).collect();
+            if !done.is_ok_and(|all| all.into_iter().all(|p| p)) {
+                self.stop_units(&names);
+                return Err(ReloadError::NotPlaced(names.join(", "), PLACE_WITHIN));
+            }
+            changes.added = names;
+        }
+        let keep: HashSet<String> = self.unit_names(&next);
+        self.intake.live.replace(next);
+        // A removed target's worker is not stopped: it ends by itself once its queue's
+        // senders are gone (the feed stopped here, the generations holding it dropped), after
+        // delivering what was queued.
+        let gone: Vec<String> = self
+            .lock_units()
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .cloned()
+            .collect();
+        self.stop_units(&gone);
+        changes.removed = gone;
+        Ok(changes)
+    }
+
+    /// The generation `catalog` describes; a target `old` has keeps its queue and worker,
+    /// a new one gets both (the worker ends once its queue's senders are all gone).
+    fn build(&self, catalog: Catalog, old: &Generation) -> Generation {
+        let mut queues = HashMap::new();
+        let mut targets = BTreeMap::new();
+        for (name, target) in catalog.targets {
+            let queue = match old.queues.get(&name) {
+                Some(q) => q.clone(),
+                None => self.start_worker(&name),
+            };
+            queues.insert(name.clone(), queue);
+            targets.insert(name, Arc::new(target));
+        }
+        Generation {
+            targets,
+            queues,
             routes: catalog.routes,
             templates: catalog.templates,
             users: catalog.users,
+        }
+    }
+
+    fn start_worker(&self, name: &str) -> mpsc::Sender<Job> {
+        let (tx, rx) = mpsc::channel(self.settings.queue_capacity);
+        let queue: worker::Queue = Arc::new(tokio::sync::Mutex::new(rx));
+        let (shared, worker) = (self.shared.clone(), name.to_owned());
+        let task = format!("notify_worker:{name}");
+        let stop = self.shutdown.child();
+        let task = self.supervisor.spawn(task, stop.clone(), move || {
+            worker::run(worker.clone(), queue.clone(), shared.clone())
         });
-        let mut notifier = Notifier {
-            settings: settings.clone(),
-            targets: BTreeMap::new(),
-            queues: HashMap::new(),
-            shared,
-            intake,
-            tasks: Mutex::new(Vec::new()),
+        self.units
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(format!("worker:{name}"), Unit { stop, task });
+        tx
+    }
+
+    /// The keeper of in-flight messages.
+    fn start_keeper(&self) {
+        let ack_wait = self.settings.ack_wait;
+        let (keeper, stop) = (self.shared.clone(), self.shutdown.clone());
+        let task = self
+            .supervisor
+            .spawn("notify_keeper".into(), stop.clone(), move || {
+                let (keeper, stop) = (keeper.clone(), stop.clone());
+                async move { keeper.in_flight.keep_alive(ack_wait, stop).await }
+            });
+        let unit = Unit {
+            stop: self.shutdown.clone(),
+            task,
         };
-        let mut tasks = Vec::new();
-        for (name, target) in catalog.targets {
-            let target = Arc::new(target);
-            let (tx, rx) = mpsc::channel(settings.queue_capacity);
-            let queue: worker::Queue = Arc::new(tokio::sync::Mutex::new(rx));
-            let (t, shared) = (target.clone(), notifier.shared.clone());
-            let task = format!("notify_worker:{name}");
-            tasks.push(supervisor.spawn(task, shutdown.clone(), move || {
-                worker::run(t.clone(), queue.clone(), shared.clone())
-            }));
-            notifier.queues.insert(name.clone(), tx);
-            notifier.targets.insert(name, target);
+        self.lock_units().insert("keeper".into(), unit);
+    }
+
+    /// Starts the consumers of the current generation not yet running.
+    fn start_consumers(&self) -> Vec<(String, futures::future::Shared<BoxFuture<'static, bool>>)> {
+        let current = self.intake.live.current();
+        self.start_consumers_of(&current)
+    }
+
+    /// Starts, supervised, each consumer `generation` needs and no unit runs yet: one per
+    /// target and route, and the catch-all; returns each one's name and when it is placed.
+    fn start_consumers_of(
+        &self,
+        generation: &Generation,
+    ) -> Vec<(String, futures::future::Shared<BoxFuture<'static, bool>>)> {
+        let (per_name, all) = self.specs(generation.targets.keys(), &generation.routes);
+        let running: HashSet<String> = self.lock_units().keys().cloned().collect();
+        let mut started = Vec::new();
+        let all = (String::new(), all);
+        for (name, spec) in per_name.iter().chain(std::iter::once(&all)) {
+            if running.contains(&spec.durable) {
+                continue;
+            }
+            let stop = self.shutdown.child();
+            let consumer = self.intake.bus.consume(spec, stop.clone());
+            let placed = consumer.placed().boxed().shared();
+            let source: consumer::Source = Arc::new(tokio::sync::Mutex::new(consumer));
+            let (shared, intake, name) = (self.shared.clone(), self.intake.clone(), name.clone());
+            let (task, s) = (self.task_name(&name, spec, generation), stop.clone());
+            let task = self.supervisor.spawn(task, stop.clone(), move || {
+                let (src, sh, i, st) = (source.clone(), shared.clone(), intake.clone(), s.clone());
+                match (name.as_str(), i.live.current().routes.contains_key(&name)) {
+                    ("", _) => consumer::catch_all(src, sh, i, st).boxed(),
+                    (_, true) => consumer::forward(name.clone(), src, sh, i, st).boxed(),
+                    (_, false) => consumer::feed(name.clone(), src, sh, i, st).boxed(),
+                }
+            });
+            self.lock_units()
+                .insert(spec.durable.clone(), Unit { stop, task });
+            started.push((spec.durable.clone(), placed));
         }
-        if settings.enabled {
-            tasks.extend(notifier.consume(supervisor, shutdown));
+        started
+    }
+
+    fn task_name(&self, name: &str, spec: &bus::ConsumerSpec, generation: &Generation) -> String {
+        match generation.routes.get(name) {
+            _ if name.is_empty() => "notify_catch_all".into(),
+            Some(route) if route.on_events() => format!("notify_route:{name}:{}", spec.filter),
+            Some(_) => format!("notify_route:{name}"),
+            None => format!("notify_feed:{name}"),
         }
-        *notifier
-            .tasks
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner) = tasks;
-        Ok(Arc::new(notifier))
+    }
+
+    fn specs<'a>(
+        &self,
+        targets: impl Iterator<Item = &'a String>,
+        routes: &BTreeMap<String, Route>,
+    ) -> (Vec<(String, bus::ConsumerSpec)>, bus::ConsumerSpec) {
+        consumer::specs(&self.settings, targets, routes, &self.intake.prefix)
+    }
+
+    /// The units `generation` keeps: its consumers' durables (the catch-all's among them).
+    fn unit_names(&self, generation: &Generation) -> HashSet<String> {
+        let (per_name, all) = self.specs(generation.targets.keys(), &generation.routes);
+        let mut names: HashSet<String> = per_name.into_iter().map(|(_, s)| s.durable).collect();
+        names.insert(all.durable);
+        names.insert("keeper".into());
+        names.extend(generation.targets.keys().map(|t| format!("worker:{t}")));
+        names
+    }
+
+    /// Stops these units (a worker is left to end by itself); each hands back what it holds.
+    /// Their tasks are still joined at shutdown.
+    fn stop_units(&self, names: &[String]) {
+        let mut units = self.lock_units();
+        let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+        retired.retain(|t| !t.is_finished());
+        for name in names {
+            if let Some(unit) = units.remove(name) {
+                if !name.starts_with("worker:") {
+                    unit.stop.trigger();
+                }
+                retired.push(unit.task);
+            }
+        }
+    }
+
+    fn lock_units(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Unit>> {
+        self.units.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether this replica consumes `notify.>`.
+    pub fn is_consuming(&self) -> bool {
+        self.settings.enabled
+    }
+
+    pub fn has_target(&self, name: &str) -> bool {
+        self.intake.live.current().targets.contains_key(name)
+    }
+
+    /// Whether `name` is a route reading `notify.<name>` (a route on events reads no
+    /// notifications).
+    pub fn has_route(&self, name: &str) -> bool {
+        let current = self.intake.live.current();
+        current.routes.get(name).is_some_and(|r| !r.on_events())
+    }
+
+    /// The current targets, routes and bindings.
+    pub fn generation(&self) -> Arc<Generation> {
+        self.intake.live.current()
     }
 
     /// The platform API gateway for `apps` (by `<platform>/<name>`): it shares this pipeline's
@@ -198,98 +430,12 @@ impl Notifier {
         Gateway::new(apps, settings, self.shared.clone())
     }
 
-    /// Starts the bus consumers, supervised: one per target and route, the catch-all, and the
-    /// keeper of in-flight messages.
-    fn consume(&self, supervisor: &Supervisor, shutdown: Shutdown) -> Vec<JoinHandle<()>> {
-        let (shared, intake) = (&self.shared, &self.intake);
-        let mut tasks = Vec::new();
-        let ack_wait = self.settings.ack_wait;
-        let keeper = shared.clone();
-        let stop = shutdown.clone();
-        tasks.push(
-            supervisor.spawn("notify_keeper".into(), shutdown.clone(), move || {
-                let (keeper, stop) = (keeper.clone(), stop.clone());
-                async move { keeper.in_flight.keep_alive(ack_wait, stop).await }
-            }),
-        );
-        let (per_name, all) = consumer::specs(
-            &self.settings,
-            self.targets.keys(),
-            &intake.routes,
-            &intake.prefix,
-        );
-        for (name, spec) in &per_name {
-            let source = self.source(spec, &shutdown);
-            let (shared, intake) = (shared.clone(), intake.clone());
-            let task = match intake.routes.get(name) {
-                Some(route) => {
-                    let task = match route.on_events() {
-                        true => format!("notify_route:{name}:{}", spec.filter),
-                        false => format!("notify_route:{name}"),
-                    };
-                    let route = route.clone();
-                    supervisor.spawn(task, shutdown.clone(), move || {
-                        let (r, s) = (route.clone(), source.clone());
-                        consumer::forward(r, s, shared.clone(), intake.clone())
-                    })
-                }
-                None => {
-                    let (target, queue) = (self.targets[name].clone(), self.queues[name].clone());
-                    supervisor.spawn(format!("notify_feed:{name}"), shutdown.clone(), move || {
-                        let (t, s, q) = (target.clone(), source.clone(), queue.clone());
-                        consumer::feed(t, s, q, shared.clone(), intake.clone())
-                    })
-                }
-            };
-            tasks.push(task);
-        }
-        // A route on events reads no `notify.<route>`: what is published there is for nobody.
-        let notify_routes = intake.routes.values().filter(|r| !r.on_events());
-        let known: Arc<HashSet<String>> = Arc::new(
-            self.targets
-                .keys()
-                .chain(notify_routes.map(|r| &r.name))
-                .cloned()
-                .collect(),
-        );
-        let source = self.source(&all, &shutdown);
-        let (shared, prefix) = (shared.clone(), intake.prefix.clone());
-        tasks.push(
-            supervisor.spawn("notify_catch_all".into(), shutdown, move || {
-                let (s, k) = (source.clone(), known.clone());
-                consumer::catch_all(s, k, shared.clone(), prefix.clone())
-            }),
-        );
-        tasks
-    }
-
-    /// The bus consumer of `spec`, kept across the restarts of the task reading it.
-    fn source(&self, spec: &bus::ConsumerSpec, shutdown: &Shutdown) -> consumer::Source {
-        let consumer = self.intake.bus.consume(spec, shutdown.clone());
-        Arc::new(tokio::sync::Mutex::new(consumer))
-    }
-
-    /// Whether this replica consumes `notify.>`.
-    pub fn is_consuming(&self) -> bool {
-        self.settings.enabled
-    }
-
-    pub fn has_target(&self, name: &str) -> bool {
-        self.targets.contains_key(name)
-    }
-
-    /// Whether `name` is a route reading `notify.<name>` (a route on events reads no
-    /// notifications).
-    pub fn has_route(&self, name: &str) -> bool {
-        self.intake.routes.get(name).is_some_and(|r| !r.on_events())
-    }
-
     /// Whether `name` (a target or a route) can make something of `body`: for a target, what
     /// it would send (template, recipients); for a route, that it is an object to match on.
     pub fn check(&self, name: &str, body: &[u8]) -> Result<(), ComposeError> {
-        match self.targets.get(name) {
-            Some(t) => self
-                .intake
+        let current = self.intake.live.current();
+        match current.targets.get(name) {
+            Some(t) => current
                 .composer()
                 .prepare(body, t, None, String::new())
                 .map(drop),
@@ -305,13 +451,17 @@ impl Notifier {
         body: &[u8],
         seed: String,
     ) -> Result<Verdict, NotifyError> {
-        let (Some(queue), Some(t)) = (self.queues.get(target), self.targets.get(target)) else {
+        let current = self.intake.live.current();
+        let Some((t, queue)) = current.target(target) else {
             return Err(NotifyError::UnknownTarget);
         };
-        let prepared = self.intake.prepare(&self.shared, t, body, None, seed)?;
+        let prepared = self
+            .intake
+            .prepare(&self.shared, &current, t, body, None, seed)?;
         let (reply, answer) = oneshot::channel();
         queue
             .try_send(Job::Sync {
+                target: t.clone(),
                 prepared: Box::new(prepared),
                 reply,
                 deadline: SystemTime::now() + self.settings.wait_timeout,
@@ -327,10 +477,30 @@ impl Notifier {
 
     /// Waits (up to `grace`) for workers to finish what they hold after shutdown was triggered.
     pub async fn join(&self, grace: Duration) {
-        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
+        let units = std::mem::take(&mut *self.lock_units());
+        let retired =
+            std::mem::take(&mut *self.retired.lock().unwrap_or_else(PoisonError::into_inner));
+        let tasks = units.into_values().map(|u| u.task).chain(retired);
         let all = futures::future::join_all(tasks);
         if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!("grace period over; notifications still in progress go back to the bus");
         }
+    }
+}
+
+/// The longest per-member window of any target: how long the limiter keeps members' sends.
+fn longest_member_window(catalog: &Catalog) -> Duration {
+    let limits = catalog.targets.values().flat_map(|t| &t.member_limits);
+    limits.map(|l| l.window).max().unwrap_or_default()
+}
+
+/// What the pipeline holds before its first generation is built.
+fn empty_generation() -> Generation {
+    Generation {
+        targets: BTreeMap::new(),
+        queues: HashMap::new(),
+        routes: BTreeMap::new(),
+        templates: Templates::default(),
+        users: Directory::new(BTreeMap::new()),
     }
 }

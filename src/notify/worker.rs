@@ -35,10 +35,12 @@ pub struct Shared {
     pub shutdown: Shutdown,
 }
 
-/// A message for a target's worker.
+/// A message for a target's worker, with the target as configured when the message was
+/// prepared: a reload changes what later messages get, never one already on its way.
 pub enum Job {
     /// From the bus: ack or dead-letter when done.
     Bus {
+        target: Arc<Target>,
         held: Held,
         prepared: Box<Prepared>,
         /// Dead-letter as expired if not delivered by then (`notify.max_wait` from receipt).
@@ -46,6 +48,7 @@ pub enum Job {
     },
     /// `POST /notify/<target>?wait=true`: answer the caller, nothing on the bus.
     Sync {
+        target: Arc<Target>,
         prepared: Box<Prepared>,
         reply: oneshot::Sender<Verdict>,
         /// The caller stops waiting then; nothing is sent after it.
@@ -57,18 +60,24 @@ pub enum Job {
 /// behind (the lock is released as the panic unwinds) for the next one.
 pub type Queue = Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>;
 
-/// One target's worker: delivers its queue until shutdown, `target.concurrency` messages at a
-/// time (one, the default, keeps the queue's order), then lets what is under way finish (it
-/// stops at its next wait, seeing the shutdown) and hands what is still queued back to the bus
-/// at once, for another replica.
-pub async fn run(target: Arc<Target>, queue: Queue, shared: Arc<Shared>) {
-    let depth = shared.metrics.notify_queue_depth(&target.name);
+/// One target's worker: delivers its queue until shutdown, `concurrency` messages at a time
+/// (one, the default, keeps the queue's order; the latest job's target says how many, so a
+/// reload changes it for what comes next), then lets what is under way finish (it stops at its
+/// next wait, seeing the shutdown) and hands what is still queued back to the bus at once, for
+/// another replica. It also ends once every sender of its queue is gone (the target was
+/// removed by a reload), after delivering what was queued.
+pub async fn run(name: String, queue: Queue, shared: Arc<Shared>) {
+    let depth = shared.metrics.notify_queue_depth(&name);
     let mut rx = queue.lock().await;
     let mut running = FuturesUnordered::new();
+    let mut concurrency = 1;
     loop {
         tokio::select! {
-            j = rx.recv(), if running.len() < target.concurrency => match j {
-                Some(job) => running.push(handle(&shared, &target, &depth, job)),
+            j = rx.recv(), if running.len() < concurrency => match j {
+                Some(job) => {
+                    concurrency = job.target().concurrency.max(1);
+                    running.push(handle(&shared, &depth, job));
+                }
                 None => break,
             },
             Some(()) = running.next(), if !running.is_empty() => {}
@@ -86,12 +95,21 @@ pub async fn run(target: Arc<Target>, queue: Queue, shared: Arc<Shared>) {
     }
 }
 
+impl Job {
+    fn target(&self) -> &Arc<Target> {
+        match self {
+            Job::Bus { target, .. } | Job::Sync { target, .. } => target,
+        }
+    }
+}
+
 /// Delivers one job: settles a bus message, or answers a waiting caller.
-async fn handle(shared: &Shared, target: &Target, depth: &prometheus::IntGauge, job: Job) {
+async fn handle(shared: &Shared, depth: &prometheus::IntGauge, job: Job) {
     // Counted out when done, or when a panic unwinds past it.
     let _queued = Queued(depth);
     match job {
         Job::Bus {
+            target,
             held,
             prepared,
             deadline,
@@ -99,7 +117,7 @@ async fn handle(shared: &Shared, target: &Target, depth: &prometheus::IntGauge, 
             crate::supervise::failpoint("notify-worker", &target.name);
             let delivery = held.delivery().clone();
             let current = || delivery.is_current();
-            let verdict = deliver(shared, target, &prepared, deadline, &current).await;
+            let verdict = deliver(shared, &target, &prepared, deadline, &current).await;
             shared
                 .dead_letters
                 .settle(&target.name, &delivery, verdict)
@@ -107,13 +125,14 @@ async fn handle(shared: &Shared, target: &Target, depth: &prometheus::IntGauge, 
             held.settled();
         }
         Job::Sync {
+            target,
             prepared,
             reply,
             deadline,
         } => {
             // A caller that gave up must not get a delivery it was told timed out.
             if !reply.is_closed() {
-                let verdict = deliver(shared, target, &prepared, deadline, &|| true).await;
+                let verdict = deliver(shared, &target, &prepared, deadline, &|| true).await;
                 let _ = reply.send(verdict);
             }
         }

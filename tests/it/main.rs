@@ -30,6 +30,7 @@ mod observability;
 mod outbound_safety;
 mod proxy;
 mod recipients_guard;
+mod reload;
 mod replay;
 mod secrets;
 mod send_events;

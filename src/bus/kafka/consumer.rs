@@ -124,7 +124,10 @@ impl Routes {
 
     fn sender(&self, topic: &str) -> Option<mpsc::Sender<Delivery>> {
         let map = self.map.lock().expect("not poisoned");
-        map.targets.get(topic).or(map.catch_all.as_ref()).cloned()
+        // A closed sender is a consumer a reload stopped (its target removed): its topic's
+        // records are the catch-all's again.
+        let own = map.targets.get(topic).filter(|tx| !tx.is_closed());
+        own.or(map.catch_all.as_ref()).cloned()
     }
 }
 

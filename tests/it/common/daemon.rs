@@ -26,10 +26,16 @@ impl Daemon {
     /// process set `IMBRIDGE_` variables in their jails) plus `env`. The configuration must
     /// log JSON (`[log] format = "json"`).
     pub fn start(config: &Path, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with(config, &[], env)
+    }
+
+    /// [`Daemon::start`] with more arguments to `serve` (`--watch`).
+    pub fn start_with(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut command = dies_with_test(Command::new(env!("CARGO_BIN_EXE_imbridge")));
         command
             .args(["serve", "--config"])
             .arg(config)
+            .args(args)
             .env_clear()
             .envs(env.iter().copied())
             .stdout(Stdio::null())
