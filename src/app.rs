@@ -99,15 +99,10 @@ impl App {
         let admin_listener =
             Listener::bind("admin", "server.admin_listen", settings.server.admin_listen)?;
         let admin_addr = admin_listener.addr();
-        let admin_routes = ingress::admin::routes(
-            bus.clone(),
-            metrics.clone(),
-            supervisor.clone(),
-            streams,
-            shutdown.clone(),
-        )
-        .map(Reply::into_response)
-        .boxed();
+        let admin_routes =
+            ingress::admin::routes(state.clone(), supervisor.clone(), streams, shutdown.clone())
+                .map(Reply::into_response)
+                .boxed();
         let admin = admin_listener.serve(
             admin_routes,
             limits,

@@ -44,6 +44,8 @@ pub struct Inner {
     pub event_stream_overflows_total: IntCounter,
     /// Configuration reloads applied (SIGHUP or a watched file's change).
     pub config_reloads_total: IntCounter,
+    /// Unix time of the latest event published for each app (callback or long connection).
+    pub last_event_seconds: IntGaugeVec,
     /// Configuration reloads refused (invalid, or not applicable without a restart): the
     /// daemon goes on with the configuration it had.
     pub config_reload_failures_total: IntCounter,
@@ -183,6 +185,14 @@ impl Metrics {
             event_stream_overflows_total: IntCounter::new(
                 "imbridge_event_stream_overflows_total",
                 "GET /events streams closed because their client fell too far behind",
+            )
+            .unwrap(),
+            last_event_seconds: IntGaugeVec::new(
+                Opts::new(
+                    "imbridge_last_event_timestamp_seconds",
+                    "Unix time of the latest event an app delivered (published or a duplicate)",
+                ),
+                &["platform", "app"],
             )
             .unwrap(),
             config_reloads_total: IntCounter::new(
@@ -460,6 +470,7 @@ impl Metrics {
         register(Box::new(inner.event_streams.clone()));
         register(Box::new(inner.event_stream_overflows_total.clone()));
         register(Box::new(inner.config_reloads_total.clone()));
+        register(Box::new(inner.last_event_seconds.clone()));
         register(Box::new(inner.config_reload_failures_total.clone()));
         register(Box::new(build_info));
         for c in [
@@ -541,6 +552,48 @@ impl Metrics {
         self.callbacks_total
             .with_label_values(&[platform, app, outcome])
             .inc();
+        if matches!(outcome, "published" | "duplicate") {
+            self.last_event_seconds
+                .with_label_values(&[platform, app])
+                .set(unix_now());
+        }
+    }
+
+    /// When `app` last delivered an event, as Unix seconds.
+    pub fn last_event(&self, platform: &str, app: &str) -> Option<i64> {
+        let gauge = self
+            .last_event_seconds
+            .get_metric_with_label_values(&[platform, app]);
+        gauge.ok().map(|g| g.get()).filter(|t| *t > 0)
+    }
+
+    /// Until when `target` is paused, as Unix seconds, if it ever was.
+    pub fn paused_until(&self, target: &str) -> Option<i64> {
+        let gauge = self
+            .notify_paused_until_seconds
+            .get_metric_with_label_values(&[target]);
+        gauge.ok().map(|g| g.get()).filter(|t| *t > 0)
+    }
+
+    /// The notifications `target` dead-lettered since start, whatever the reason.
+    pub fn dead_letters_of(&self, target: &str) -> u64 {
+        use prometheus::core::Collector;
+        let families = self.notify_dead_letters_total.collect();
+        let metrics = families.iter().flat_map(|f| f.get_metric());
+        let of_target = metrics.filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == "target" && l.value() == target)
+        });
+        of_target.map(|m| m.get_counter().get_value() as u64).sum()
+    }
+
+    /// Whether a long-connection app is connected now.
+    pub fn stream_is_connected(&self, platform: &str, app: &str) -> bool {
+        let gauge = self
+            .stream_connected
+            .get_metric_with_label_values(&[platform, app]);
+        gauge.is_ok_and(|g| g.get() == 1)
     }
 
     /// A published callback forgotten before its replay window ended, to make room.
@@ -733,4 +786,9 @@ impl Metrics {
             .with_label_values(&[route, target])
             .inc();
     }
+}
+
+fn unix_now() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }

@@ -13,7 +13,7 @@
 //!   through one client that follows no redirects and caps answers ([`http`]).
 //! - [`dead_letter`]: ack, nak or dead letter; [`verdict`]: how a delivery ended.
 //! - [`limiter`]: the sliding-window rate limits, kept locally, in NATS or in Kafka.
-//! - [`preview`]: `imbridge render`.
+//! - [`preview`]: `imbridge render`; [`recent`]: each target's last result, for the status page.
 //! - [`gateway`]: the platform API gateway's calls, through the same token cache, limiter
 //!   and HTTP client rules as the sends.
 //!
@@ -32,6 +32,7 @@ pub mod in_flight;
 pub mod limiter;
 pub mod notifier;
 pub mod preview;
+pub mod recent;
 pub mod router;
 pub mod sender;
 pub mod settings;

@@ -177,6 +177,7 @@ impl Notifier {
                 shutdown: shutdown.clone(),
             },
             in_flight: Arc::new(InFlight::default()),
+            recent: Default::default(),
             metrics,
             shutdown: shutdown.clone(),
         });
@@ -241,7 +242,9 @@ impl Notifier {
             changes.added = names;
         }
         let keep: HashSet<String> = self.unit_names(&next);
+        let targets: HashSet<String> = next.targets.keys().cloned().collect();
         self.intake.live.replace(next);
+        self.shared.recent.retain(|t| targets.contains(t));
         // A removed target's worker is not stopped: it ends by itself once its queue's
         // senders are gone (the feed stopped here, the generations holding it dropped), after
         // delivering what was queued.
@@ -413,6 +416,11 @@ impl Notifier {
     pub fn has_route(&self, name: &str) -> bool {
         let current = self.intake.live.current();
         current.routes.get(name).is_some_and(|r| !r.on_events())
+    }
+
+    /// How `target`'s latest delivery ended, if it had one.
+    pub fn last_send(&self, target: &str) -> Option<super::recent::LastSend> {
+        self.shared.recent.last(target)
     }
 
     /// The current targets, routes and bindings.

@@ -31,6 +31,8 @@ pub struct Shared {
     pub sender: Sender,
     pub dead_letters: DeadLetters,
     pub in_flight: Arc<InFlight>,
+    /// Each target's last delivery result (the status page).
+    pub recent: super::recent::Recent,
     pub metrics: Metrics,
     pub shutdown: Shutdown,
 }
@@ -118,6 +120,7 @@ async fn handle(shared: &Shared, depth: &prometheus::IntGauge, job: Job) {
             let delivery = held.delivery().clone();
             let current = || delivery.is_current();
             let verdict = deliver(shared, &target, &prepared, deadline, &current).await;
+            shared.recent.record(&target.name, &verdict);
             shared
                 .dead_letters
                 .settle(&target.name, &delivery, verdict)
@@ -133,6 +136,7 @@ async fn handle(shared: &Shared, depth: &prometheus::IntGauge, job: Job) {
             // A caller that gave up must not get a delivery it was told timed out.
             if !reply.is_closed() {
                 let verdict = deliver(shared, &target, &prepared, deadline, &|| true).await;
+                shared.recent.record(&target.name, &verdict);
                 let _ = reply.send(verdict);
             }
         }

@@ -34,6 +34,7 @@ mod reload;
 mod replay;
 mod secrets;
 mod send_events;
+mod status_page;
 // Needs the fault-injection points: `./test` builds with `--features failpoints`.
 #[cfg(feature = "failpoints")]
 mod supervision;

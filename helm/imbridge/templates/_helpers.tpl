@@ -128,6 +128,8 @@ TOML.
 */}}
 {{- define "imbridge.config" -}}
 {{- $config := deepCopy (.Values.config | default dict) }}
+{{- /* The chart's own switch, not a section of the file. */}}
+{{- $_ := unset $config "reload" }}
 {{- $server := get $config "server" | default dict }}
 {{- $_ := set $server "listen" (printf "%s:%d" .Values.listenAddress (int .Values.ports.http)) }}
 {{- $_ = set $server "admin_listen" (printf "%s:%d" .Values.listenAddress (int .Values.ports.admin)) }}
@@ -285,4 +287,17 @@ The apps on a long connection (DingTalk Stream mode, Lark websocket mode), as
 {{- end }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/*
+With config.reload, what a reload does not apply (imbridge logs it as needing a restart):
+the listeners, the grace period, and the server, log, bus, notify, streams and api sections.
+*/}}
+{{- define "imbridge.restartOnly" -}}
+{{- $config := .Values.config | default dict }}
+{{- $sections := dict "ports" .Values.ports "listenAddress" .Values.listenAddress "internal" .Values.internal.enabled "shutdownGraceSeconds" .Values.shutdownGraceSeconds }}
+{{- range $section := list "server" "log" "bus" "notify" "streams" "api" }}
+{{- $_ := set $sections $section (get $config $section) }}
+{{- end }}
+{{- toJson $sections }}
 {{- end }}

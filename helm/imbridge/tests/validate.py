@@ -309,7 +309,8 @@ def check_release(c: Checker, label: str, docs: list[dict], *, env: dict[str, st
         )
 
     # The config is what the daemon reads: mounted where the args point.
-    c.check(ctr.get("args") == ["serve", "--config", "/etc/imbridge/imbridge.toml"], f"{label}: args")
+    serve = ["serve", "--config", "/etc/imbridge/imbridge.toml"]
+    c.check(ctr.get("args") in (serve, serve + ["--watch"]), f"{label}: args")
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     mounts = {m["mountPath"]: m for m in ctr.get("volumeMounts", [])}
     config_mount = mounts.get("/etc/imbridge")
@@ -358,7 +359,8 @@ def check_release(c: Checker, label: str, docs: list[dict], *, env: dict[str, st
 
     # Checksums so pods roll on change (the chart's; plain manifests roll by hand).
     if helm_release:
-        for key in ("checksum/config", "checksum/secret"):
+        reload = "--watch" in containers[0].get("args", [])
+        for key in ("checksum/restart" if reload else "checksum/config", "checksum/secret"):
             c.check(
                 re.fullmatch(r"[0-9a-f]{64}", str(pod_meta.get("annotations", {}).get(key, ""))),
                 f"{label}: pod annotation {key} missing",
@@ -602,7 +604,7 @@ def check_chart(c: Checker) -> dict[str, list[dict]]:
     chart = helm.Chart.load(CHART)
     c.check(chart.metadata.get("apiVersion") == "v2", "Chart.yaml: apiVersion must be v2")
     c.check(chart.metadata.get("appVersion") == "0.1.0", "Chart.yaml: appVersion must be 0.1.0")
-    c.check(chart.metadata.get("version") == "0.4.0", "Chart.yaml: version must be 0.4.0")
+    c.check(chart.metadata.get("version") == "0.5.0", "Chart.yaml: version must be 0.5.0")
     check_values_comments(c)
 
     nats = values_file(CHART / "examples" / "values-nats.yaml")
@@ -666,6 +668,7 @@ def check_chart(c: Checker) -> dict[str, list[dict]]:
 
     check_secrets_stay_secret(c, chart)
     check_checksums(c, chart, nats)
+    check_reload(c, chart, nats, env=secret_env(next(iter(of_kind(rendered["examples/values-nats.yaml"], "Secret")))))
     check_network_policy_example(c, rendered["values-nats.yaml + values-networkpolicy.yaml"], policy["networkPolicy"])
     check_ingress_never_internal(c, chart, nats)
 
@@ -886,6 +889,35 @@ def check_checksums(c: Checker, chart: helm.Chart, base: dict) -> None:
     c.check(checksum(docs, "checksum/secret") == checksum(config_changed, "checksum/secret"), f"{label}: config change moved checksum/secret")
     c.check(checksum(docs, "checksum/secret") != checksum(secret_changed, "checksum/secret"), f"{label}: secret change, same checksum/secret")
     c.check(checksum(docs, "checksum/config") == checksum(secret_changed, "checksum/config"), f"{label}: secret change moved checksum/config")
+
+
+def check_reload(c: Checker, chart: helm.Chart, base: dict, env: dict[str, str]) -> None:
+    """config.reload: the daemon watches the mounted file (a directory mount, which the kubelet
+    updates; a subPath mount never is), a change the daemon reloads leaves the pods alone,
+    and what it applies only at start still rolls them."""
+    label = "config.reload"
+    on = deep_merge(base, {"config": {"reload": True}})
+    docs, _ = render(chart, on)
+    # The switch is the chart's, not a key of the file: check-config passes on the result.
+    parsed = check_release(c, label, docs, env=env)
+    c.check("reload" not in parsed, f"{label}: rendered into the TOML")
+    dep = one(c, label, docs, "Deployment")
+    if dep is None:
+        return
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    c.check(container["args"][-1] == "--watch", f"{label}: serve without --watch")
+    mounts = [m for m in container.get("volumeMounts", []) if m["name"] == "config"]
+    c.check(all("subPath" not in m for m in mounts), f"{label}: a subPath mount is never updated")
+    off, _ = render(chart, base)
+    off_dep = one(c, label, off, "Deployment")
+    c.check("--watch" not in off_dep["spec"]["template"]["spec"]["containers"][0]["args"], f"{label}: --watch without it")
+    template_changed, _ = render(chart, deep_merge(on, {"config": {"templates": {"reloaded": {"text": "x"}}}}))
+    port_changed, _ = render(chart, deep_merge(on, {"ports": {"http": 8082}}))
+    bus_changed, _ = render(chart, deep_merge(on, {"config": {"log": {"level": "debug"}}}))
+    pod = lambda d: one(c, label, d, "Deployment")["spec"]["template"]
+    c.check(pod(docs) == pod(template_changed), f"{label}: a reloadable change rolls the pods")
+    c.check(checksum(docs, "checksum/restart") != checksum(port_changed, "checksum/restart"), f"{label}: port change, same checksum/restart")
+    c.check(checksum(docs, "checksum/restart") != checksum(bus_changed, "checksum/restart"), f"{label}: log change, same checksum/restart")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -175,6 +175,21 @@ impl Streams {
         report
     }
 
+    /// Every long-connection app (`<platform>/<app>`) and its state: `connected`, `refused`
+    /// (the platform refuses its credentials) or `down` (with how long).
+    pub fn connections(&self) -> Vec<(String, String)> {
+        let now = Instant::now();
+        let list = self.lock();
+        let state = |h: &Health| match (h.refused, h.down_since) {
+            (true, _) => "refused".to_owned(),
+            (false, None) => "connected".to_owned(),
+            (false, Some(since)) => format!("down for {}s", now.duration_since(since).as_secs()),
+        };
+        list.iter()
+            .map(|(name, h)| (name.clone(), state(h)))
+            .collect()
+    }
+
     /// A map of configured names stays consistent whatever panicked while holding it.
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Health>> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
