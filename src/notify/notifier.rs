@@ -150,6 +150,25 @@ pub enum ReloadError {
     NotPlaced(String, Duration),
 }
 
+/// The units' names, as their tasks are named in logs, metrics and `/readyz`.
+const KEEPER: &str = "notify_keeper";
+const WORKER: &str = "notify_worker:";
+
+fn worker_name(target: &str) -> String {
+    format!("{WORKER}{target}")
+}
+
+/// A consumer's unit (and task) name: what it does, for which name, and for a route on
+/// events which pattern.
+fn task_name(name: &str, spec: &bus::ConsumerSpec, generation: &Generation) -> String {
+    match generation.routes.get(name) {
+        _ if name.is_empty() => "notify_catch_all".into(),
+        Some(route) if route.on_events() => format!("notify_route:{name}:{}", spec.filter),
+        Some(_) => format!("notify_route:{name}"),
+        None => format!("notify_feed:{name}"),
+    }
+}
+
 /// How long a reload waits for the bus to hold a new target's consumer.
 const PLACE_WITHIN: Duration = Duration::from_secs(30);
 
@@ -285,15 +304,12 @@ impl Notifier {
         let (tx, rx) = mpsc::channel(self.settings.queue_capacity);
         let queue: worker::Queue = Arc::new(tokio::sync::Mutex::new(rx));
         let (shared, worker) = (self.shared.clone(), name.to_owned());
-        let task = format!("notify_worker:{name}");
+        let key = worker_name(name);
         let stop = self.shutdown.child();
-        let task = self.supervisor.spawn(task, stop.clone(), move || {
+        let task = self.supervisor.spawn(key.clone(), stop.clone(), move || {
             worker::run(worker.clone(), queue.clone(), shared.clone())
         });
-        self.units
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(format!("worker:{name}"), Unit { stop, task });
+        self.lock_units().insert(key, Unit { stop, task });
         tx
     }
 
@@ -301,17 +317,15 @@ impl Notifier {
     fn start_keeper(&self) {
         let ack_wait = self.settings.ack_wait;
         let (keeper, stop) = (self.shared.clone(), self.shutdown.clone());
-        let task = self
-            .supervisor
-            .spawn("notify_keeper".into(), stop.clone(), move || {
-                let (keeper, stop) = (keeper.clone(), stop.clone());
-                async move { keeper.in_flight.keep_alive(ack_wait, stop).await }
-            });
+        let task = self.supervisor.spawn(KEEPER.into(), stop.clone(), move || {
+            let (keeper, stop) = (keeper.clone(), stop.clone());
+            async move { keeper.in_flight.keep_alive(ack_wait, stop).await }
+        });
         let unit = Unit {
             stop: self.shutdown.clone(),
             task,
         };
-        self.lock_units().insert("keeper".into(), unit);
+        self.lock_units().insert(KEEPER.into(), unit);
     }
 
     /// Starts the consumers of the current generation not yet running.
@@ -331,7 +345,10 @@ impl Notifier {
         let mut started = Vec::new();
         let all = (String::new(), all);
         for (name, spec) in per_name.iter().chain(std::iter::once(&all)) {
-            if running.contains(&spec.durable) {
+            // Named by what it does and reads: a name that changes from a target to a route
+            // (or a route's pattern that changes) is another unit.
+            let key = task_name(name, spec, generation);
+            if running.contains(&key) {
                 continue;
             }
             let stop = self.shutdown.child();
@@ -339,29 +356,21 @@ impl Notifier {
             let placed = consumer.placed().boxed().shared();
             let source: consumer::Source = Arc::new(tokio::sync::Mutex::new(consumer));
             let (shared, intake, name) = (self.shared.clone(), self.intake.clone(), name.clone());
-            let (task, s) = (self.task_name(&name, spec, generation), stop.clone());
-            let task = self.supervisor.spawn(task, stop.clone(), move || {
+            // From the generation it is started for, which a reload has not handed over yet.
+            let route = generation.routes.contains_key(&name);
+            let s = stop.clone();
+            let task = self.supervisor.spawn(key.clone(), stop.clone(), move || {
                 let (src, sh, i, st) = (source.clone(), shared.clone(), intake.clone(), s.clone());
-                match (name.as_str(), i.live.current().routes.contains_key(&name)) {
+                match (name.as_str(), route) {
                     ("", _) => consumer::catch_all(src, sh, i, st).boxed(),
                     (_, true) => consumer::forward(name.clone(), src, sh, i, st).boxed(),
                     (_, false) => consumer::feed(name.clone(), src, sh, i, st).boxed(),
                 }
             });
-            self.lock_units()
-                .insert(spec.durable.clone(), Unit { stop, task });
-            started.push((spec.durable.clone(), placed));
+            self.lock_units().insert(key.clone(), Unit { stop, task });
+            started.push((key, placed));
         }
         started
-    }
-
-    fn task_name(&self, name: &str, spec: &bus::ConsumerSpec, generation: &Generation) -> String {
-        match generation.routes.get(name) {
-            _ if name.is_empty() => "notify_catch_all".into(),
-            Some(route) if route.on_events() => format!("notify_route:{name}:{}", spec.filter),
-            Some(_) => format!("notify_route:{name}"),
-            None => format!("notify_feed:{name}"),
-        }
     }
 
     fn specs<'a>(
@@ -375,10 +384,11 @@ impl Notifier {
     /// The units `generation` keeps: its consumers' durables (the catch-all's among them).
     fn unit_names(&self, generation: &Generation) -> HashSet<String> {
         let (per_name, all) = self.specs(generation.targets.keys(), &generation.routes);
-        let mut names: HashSet<String> = per_name.into_iter().map(|(_, s)| s.durable).collect();
-        names.insert(all.durable);
-        names.insert("keeper".into());
-        names.extend(generation.targets.keys().map(|t| format!("worker:{t}")));
+        let per_name = per_name.iter().map(|(n, s)| task_name(n, s, generation));
+        let mut names: HashSet<String> = per_name.collect();
+        names.insert(task_name("", &all, generation));
+        names.insert(KEEPER.into());
+        names.extend(generation.targets.keys().map(|t| worker_name(t)));
         names
     }
 
@@ -390,7 +400,7 @@ impl Notifier {
         retired.retain(|t| !t.is_finished());
         for name in names {
             if let Some(unit) = units.remove(name) {
-                if !name.starts_with("worker:") {
+                if !name.starts_with(WORKER) {
                     unit.stop.trigger();
                 }
                 retired.push(unit.task);

@@ -17,7 +17,7 @@ use crate::common::{client_with_token, toml_with, CLIENT_TOKEN, WAIT};
 const SECRET: &str = "reload-hook-secret";
 
 /// The configuration before (`v1`) and after (`v2`) the reload: v2 changes the hook's
-/// template, removes user lisi and adds target `group2`.
+/// template, removes user lisi, and adds target `group2` and route `fanout` to it.
 fn config(engine: &Engine, hook: &str, group: &str, group2: Option<&str>, v: &str) -> String {
     let mut extra = format!(
         "{}\n[log]\nformat = \"json\"\n\n\
@@ -30,7 +30,8 @@ fn config(engine: &Engine, hook: &str, group: &str, group2: Option<&str>, v: &st
     );
     match group2 {
         Some(url) => {
-            extra += &format!("[targets.group2]\nkind = \"dingtalk_robot\"\nurl = \"{url}\"\n\n")
+            extra += &format!("[targets.group2]\nkind = \"dingtalk_robot\"\nurl = \"{url}\"\n\n");
+            extra += "[routes.fanout]\ntargets = [\"group2\"]\n\n";
         }
         None => extra += "[users.lisi]\ndingtalk = \"ls1\"\n\n",
     }
@@ -165,6 +166,13 @@ async fn a_reload_during_a_stream_of_messages_loses_and_repeats_none() {
             "{name}: {}",
             sent.body
         );
+        // The added route forwards to the added target.
+        let routed = serde_json::json!({"text": "routed"});
+        assert_eq!(post(&daemon, "fanout", routed).await, 202, "{name}");
+        let got = robots
+            .wait_accepted(&format!("reload2-{name}"), 2, WAIT)
+            .await;
+        assert_eq!(got[1].body["markdown"]["text"], "routed", "{name}");
         assert_eq!(robots.violations(), Vec::<String>::new(), "{name}");
 
         // An invalid file: refused, counted, and the daemon goes on as it was.
