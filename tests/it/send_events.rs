@@ -48,11 +48,16 @@ struct Scene {
     _dir: tempfile::TempDir,
 }
 
-async fn scene() -> Scene {
+/// A client that may send only to `ops-*` targets (there are none).
+const NARROW_TOKEN: &str = "narrow-client-token-0123456789";
+
+async fn scene(engine: &Engine) -> Scene {
     let farm = RobotFarm::start().await;
     let url = farm.add(Robot::dingtalk("robot"));
     let toml = toml_with(&format!(
-        "[notify]\nmax_attempts = 1\n\n[targets.robot]\nkind = \"dingtalk_robot\"\nurl = \"{url}\"\n"
+        "{}\n[notify]\nmax_attempts = 1\n\n[targets.robot]\nkind = \"dingtalk_robot\"\nurl = \"{url}\"\n\n\
+         [clients.narrow]\ntoken = \"{NARROW_TOKEN}\"\ntargets = [\"ops-*\"]\n",
+        engine.toml()
     ));
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("imbridge.toml");
@@ -76,7 +81,13 @@ fn text(r: &crate::common::fakes::Received) -> String {
 
 #[tokio::test]
 async fn send_through_the_daemon_with_and_without_wait() {
-    let scene = scene().await;
+    for engine in [Engine::Memory, Engine::nats()] {
+        send_through_the_daemon(engine).await;
+    }
+}
+
+async fn send_through_the_daemon(engine: Engine) {
+    let scene = scene(&engine).await;
     let app = TestApp::start(&scene.toml).await;
     app.wait_ready().await;
     let url = format!("http://{}", app.internal.unwrap());
@@ -125,12 +136,20 @@ async fn send_through_the_daemon_with_and_without_wait() {
     .await;
     assert_eq!(run.code, 64, "{} / {}", run.stdout, run.stderr);
     assert!(!run.stderr.contains("wrong-token"), "{}", run.stderr);
+
+    // A client not allowed this target: refused (403), nothing sent.
+    let before = scene.farm.requests("robot");
+    let run = send(&scene.config, &with_url(&[]), Some(NARROW_TOKEN)).await;
+    assert_eq!(run.code, 64, "{} / {}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("target_forbidden"), "{}", run.stderr);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(scene.farm.requests("robot"), before);
     app.stop().await;
 }
 
 #[tokio::test]
 async fn send_direct_needs_no_daemon() {
-    let scene = scene().await;
+    let scene = scene(&Engine::Memory).await;
     let args = ["--target", "robot", "--direct", "--text", "direct hello"];
     let run = send(&scene.config, &args, None).await;
     assert_eq!(run.code, 0, "{} / {}", run.stdout, run.stderr);
@@ -154,7 +173,7 @@ async fn send_direct_needs_no_daemon() {
 
 #[tokio::test]
 async fn send_to_an_unreachable_daemon_exits_69() {
-    let scene = scene().await;
+    let scene = scene(&Engine::Memory).await;
     // Nothing listens on a port just released.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

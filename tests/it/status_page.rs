@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::common::engine::Engine;
 use crate::common::fakes::{Robot, RobotFarm, Scripted};
 use crate::common::receiver::Receiver;
 use crate::common::{approval_event, toml_with, DingTalk, TestApp, MAIN_APP, WAIT};
@@ -97,6 +98,12 @@ fn png_size(png: &[u8]) -> (u32, u32) {
 #[tokio::test]
 async fn the_status_page_shows_apps_targets_and_their_state_in_a_browser() {
     let Some(browser) = chromium() else { return };
+    for engine in [Engine::Memory, Engine::nats()] {
+        page_on(&engine, &browser).await;
+    }
+}
+
+async fn page_on(engine: &Engine, browser: &Path) {
     let robots = RobotFarm::start().await;
     let group_url = robots.add(Robot::dingtalk("status-group"));
     // "Too fast" (DingTalk's 130101): the target pauses, its message waiting.
@@ -105,7 +112,7 @@ async fn the_status_page_shows_apps_targets_and_their_state_in_a_browser() {
     // Refuses for good: the hook's message is dead-lettered at once.
     let receiver = Receiver::start(vec![(400, None, "no".into())]).await;
     let app = TestApp::start(&toml_with(&format!(
-        "{MAIN_APP}\n\
+        "{}\n{MAIN_APP}\n\
          [apps.dingtalk.streamed]\nmode = \"stream\"\nclient_id = \"id\"\n\
          client_secret = \"secret\"\napi_base = \"http://127.0.0.1:1\"\n\
          allow_insecure_http = true\n\n\
@@ -115,7 +122,9 @@ async fn the_status_page_shows_apps_targets_and_their_state_in_a_browser() {
          pause_on_rate_limit = \"1h\"\n\n\
          [targets.hook]\nkind = \"webhook\"\nurl = \"{}\"\n\n\
          [targets.idle]\nkind = \"webhook\"\nurl = \"{}\"\n",
-        receiver.url, receiver.url
+        engine.toml(),
+        receiver.url,
+        receiver.url
     )))
     .await;
     app.wait_ready().await;
@@ -161,9 +170,11 @@ async fn the_status_page_shows_apps_targets_and_their_state_in_a_browser() {
 
     let url = format!("http://{}/", app.admin);
     let profile = tempfile::tempdir().unwrap();
-    let dom = browse(&browser, profile.path(), &["--dump-dom".into()], &url).await;
+    let dom = browse(browser, profile.path(), &["--dump-dom".into()], &url).await;
 
     assert!(dom.contains("<title>imbridge status</title>"), "{dom}");
+    let bus = format!("<strong id=\"bus\">{}</strong>", engine.name());
+    assert!(dom.contains(&bus), "{dom}");
     assert!(dom.contains("id=\"readiness\" class=\"ok\">ready"), "{dom}");
     // Apps: the callback app's last event; the long connection that cannot connect.
     let main = row(&dom, "data-app", "dingtalk/main");
@@ -207,7 +218,7 @@ async fn the_status_page_shows_apps_targets_and_their_state_in_a_browser() {
 
     let shot = profile.path().join("status.png");
     let arg = format!("--screenshot={}", shot.display());
-    browse(&browser, profile.path(), &[arg], &url).await;
+    browse(browser, profile.path(), &[arg], &url).await;
     let png = std::fs::read(&shot).unwrap();
     assert_eq!(png_size(&png), (1280, 900));
     // A blank page compresses to a few kilobytes; tables of text do not.
@@ -217,7 +228,8 @@ async fn the_status_page_shows_apps_targets_and_their_state_in_a_browser() {
         png.len()
     );
     if let Some(dir) = std::env::var_os("IMBRIDGE_SCREENSHOT_DIR") {
-        std::fs::copy(&shot, Path::new(&dir).join("status.png")).unwrap();
+        let name = format!("status-{}.png", engine.name());
+        std::fs::copy(&shot, Path::new(&dir).join(name)).unwrap();
     }
     app.stop().await;
 }
