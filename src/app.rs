@@ -15,6 +15,7 @@ use futures::FutureExt;
 
 use crate::bus::{self, Bus};
 use crate::config::Settings;
+use crate::ingress::stream::apps::StreamApps;
 use crate::ingress::{self, State};
 use crate::metrics::Metrics;
 use crate::notify::notifier::{self, Notifier};
@@ -38,10 +39,12 @@ pub struct App {
     ingress: BoxFuture<'static, ()>,
     admin: BoxFuture<'static, ()>,
     refusals: Refusals,
-    /// The long connections' supervised tasks (stream-mode apps): each returns on shutdown
-    /// once it has ACKed the frames it held. The API responder on NATS too (it stops taking
-    /// requests on shutdown).
+    /// The pollers of failed pushes and the API responder on NATS (it stops taking requests
+    /// on shutdown).
     streams: Vec<tokio::task::JoinHandle<()>>,
+    /// The long connections (stream-mode apps), which a reload restarts app by app: each
+    /// returns on shutdown once it has ACKed the frames it held.
+    stream_apps: Arc<StreamApps>,
     /// What a reload replaces, and the configuration it replaces.
     state: Arc<State>,
     settings: Settings,
@@ -88,8 +91,21 @@ impl App {
             max_connections: settings.server.max_connections,
         };
         let streams = ingress::stream::Streams::new(&settings.streams);
-        let stream_tasks =
-            spawn_outbound_ingress(&settings, &state, &bus, &streams, &supervisor, &shutdown)?;
+        let stream_apps = Arc::new(StreamApps::new(
+            &settings.streams,
+            &state,
+            &streams,
+            &supervisor,
+            &shutdown,
+        ));
+        let stream_tasks = spawn_outbound_ingress(
+            &settings,
+            &state,
+            &bus,
+            &stream_apps,
+            &supervisor,
+            &shutdown,
+        )?;
         let (ingress_addr, internal_addr, ingress) =
             serve_ingress(&settings, state.clone(), limits, &shutdown)?;
 
@@ -125,6 +141,7 @@ impl App {
             admin: admin.boxed(),
             refusals,
             streams: stream_tasks,
+            stream_apps,
             state,
             settings,
             supervisor,
@@ -138,6 +155,7 @@ impl App {
             self.settings.clone(),
             self.state.clone(),
             self.notifier.clone(),
+            self.stream_apps.clone(),
             self.metrics.clone(),
         ))
     }
@@ -196,6 +214,7 @@ impl App {
         }
         // Long connections stop taking frames at the signal and ACK what they hold; past the
         // grace they are dropped, and DingTalk pushes again what was not ACKed.
+        self.streams.extend(self.stream_apps.take_tasks());
         let streams = futures::future::join_all(self.streams.iter_mut());
         if tokio::time::timeout_at(deadline, streams).await.is_err() {
             tracing::warn!("grace period over; closing long connections with frames still in hand (the platform will push them again)");
@@ -309,23 +328,14 @@ fn spawn_outbound_ingress(
     settings: &Settings,
     state: &Arc<State>,
     bus: &Arc<Bus>,
-    streams: &ingress::stream::Streams,
+    stream_apps: &StreamApps,
     supervisor: &Supervisor,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let shared = ingress::stream::Shared {
-        settings: &settings.streams,
-        state,
-        streams,
-        supervisor,
-        shutdown,
-    };
-    let mut tasks = ingress::stream::dingtalk::spawn(&settings.dingtalk_streams, shared)
-        .context("starting the DingTalk Stream connections")?;
-    tasks.extend(
-        ingress::stream::lark::spawn(&settings.lark_streams, shared)
-            .context("starting the Lark long connections")?,
-    );
+    stream_apps
+        .apply(&settings.dingtalk_streams, &settings.lark_streams)
+        .context("starting the long connections")?;
+    let mut tasks = Vec::new();
     tasks.extend(ingress::recover::spawn(
         &settings.dingtalk_oapi,
         state,

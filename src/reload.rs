@@ -7,18 +7,20 @@
 //! targets, routes, templates, user bindings, clients, the HTTP-callback apps' credentials and
 //! business subjects, and the API gateway's apps are replaced together: the notify pipeline
 //! first (its new consumers placed on the bus before it hands them messages), then the
-//! listeners' view. A message already prepared, and a request already being handled, finish
-//! under the configuration they started with.
+//! listeners' view, then the long connections of the apps that changed. A message already
+//! prepared, and a request already being handled, finish under the configuration they
+//! started with.
 //!
-//! What is bound at start (listeners, the bus, the notify pipeline's own settings, long
-//! connections, failed-push recovery) needs a restart: a reload that changes it says so, key
-//! by key, and applies the rest.
+//! What is bound at start (listeners, the bus, the notify pipeline's own settings, the
+//! failed-push pollers' schedule) needs a restart: a reload that changes it says so, key by
+//! key, and applies the rest.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{self, Settings};
+use crate::ingress::stream::apps::StreamApps;
 use crate::ingress::{Current, State};
 use crate::metrics::Metrics;
 use crate::notify::notifier::Notifier;
@@ -32,6 +34,7 @@ pub struct Reloader {
     path: Option<PathBuf>,
     state: Arc<State>,
     notifier: Arc<Notifier>,
+    stream_apps: Arc<StreamApps>,
     metrics: Metrics,
     /// The configuration in force: what a reload compares with, and keeps on failure.
     running: tokio::sync::Mutex<Settings>,
@@ -54,6 +57,10 @@ pub struct Applied {
     /// Bus consumers started and stopped (by durable name).
     pub consumers_added: Vec<String>,
     pub consumers_removed: Vec<String>,
+    /// Long connections started (new or changed apps) and stopped (changed or removed), as
+    /// `<platform>/<app>`.
+    pub connections_started: Vec<String>,
+    pub connections_stopped: Vec<String>,
     /// Keys that changed but take effect only after a restart.
     pub need_restart: Vec<&'static str>,
 }
@@ -64,12 +71,14 @@ impl Reloader {
         settings: Settings,
         state: Arc<State>,
         notifier: Arc<Notifier>,
+        stream_apps: Arc<StreamApps>,
         metrics: Metrics,
     ) -> Self {
         Reloader {
             path,
             state,
             notifier,
+            stream_apps,
             metrics,
             running: tokio::sync::Mutex::new(settings),
         }
@@ -86,6 +95,8 @@ impl Reloader {
                 tracing::info!(
                     consumers_added = ?applied.consumers_added,
                     consumers_removed = ?applied.consumers_removed,
+                    connections_started = ?applied.connections_started,
+                    connections_stopped = ?applied.connections_stopped,
                     "configuration reloaded"
                 );
                 for key in &applied.need_restart {
@@ -137,6 +148,21 @@ impl Reloader {
             clients: next.clients.clone(),
             gateway: Arc::new(gateway),
         }));
+        // Last: a connection that cannot be started keeps its old one and is only logged,
+        // since the rest has been applied by then.
+        match self
+            .stream_apps
+            .apply(&next.dingtalk_streams, &next.lark_streams)
+        {
+            Ok(changed) => {
+                applied.connections_started = changed.started;
+                applied.connections_stopped = changed.stopped;
+            }
+            Err(e) => tracing::error!(
+                error = format!("{e:#}"),
+                "long connections not all restarted"
+            ),
+        }
         Ok((applied, next))
     }
 
@@ -216,20 +242,16 @@ impl NoHangups {
 fn need_restart(running: &Settings, next: &Settings) -> Vec<&'static str> {
     let differs =
         |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
-    let sections: [(&'static str, bool); 8] = [
+    let sections: [(&'static str, bool); 7] = [
         ("server", differs(&running.server, &next.server)),
         ("bus", differs(&running.bus, &next.bus)),
         ("notify", differs(&running.notify, &next.notify)),
         ("log", differs(&running.log, &next.log)),
         ("api", differs(&running.api, &next.api)),
         ("streams", differs(&running.streams, &next.streams)),
+        // The pollers' API bases and proxy (their credentials follow the reload).
         (
-            "apps (long connections: mode = \"stream\" or \"websocket\")",
-            differs(&running.dingtalk_streams, &next.dingtalk_streams)
-                || differs(&running.lark_streams, &next.lark_streams),
-        ),
-        (
-            "apps (recover_failed)",
+            "apps (recover_failed, oapi_base, api_base, proxy of an app with recovery)",
             differs(&running.dingtalk_oapi, &next.dingtalk_oapi),
         ),
     ];

@@ -336,20 +336,6 @@ pub async fn run(
             return;
         }
     };
-    // As configured when this poller started: a reload changing the app restarts it.
-    let current = state.current();
-    let recovery = Recovery {
-        app: &app,
-        client: &client,
-        tokens: Tokens::Shared(&current.gateway),
-        inbound: Inbound {
-            bus: &state.bus,
-            subject_prefix: &state.subject_prefix,
-            subjects: &current.subjects,
-        },
-        metrics: &state.metrics,
-        shutdown: &shutdown,
-    };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -361,6 +347,21 @@ pub async fn run(
             state.metrics.recover_poll(&app, "not_holder");
             continue;
         }
+        // Taken again for every pass: the app's credentials (through the gateway's tokens)
+        // and business subjects follow a reload. Its API bases and proxy are the start's.
+        let current = state.current();
+        let recovery = Recovery {
+            app: &app,
+            client: &client,
+            tokens: Tokens::Shared(&current.gateway),
+            inbound: Inbound {
+                bus: &state.bus,
+                subject_prefix: &state.subject_prefix,
+                subjects: &current.subjects,
+            },
+            metrics: &state.metrics,
+            shutdown: &shutdown,
+        };
         match recovery.pass(Some(lease)).await {
             Ok(pass) => {
                 state.metrics.recover_poll(&app, "ok");

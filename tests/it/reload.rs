@@ -237,3 +237,58 @@ fn replace_atomically(path: &Path, content: &str) {
     std::fs::write(&aside, content).unwrap();
     std::fs::rename(&aside, path).unwrap();
 }
+
+/// A long-connection app whose secret was wrong is fixed by a reload: a new registration with
+/// the new secret, a connection, readiness; removing the app by a reload closes it.
+#[tokio::test]
+async fn a_reload_restarts_the_long_connection_whose_credentials_changed() {
+    use crate::common::stream_gateway::{Gateway, CLIENT_ID, CLIENT_SECRET};
+    let gw = Gateway::start().await;
+    let app = |secret: &str| {
+        format!(
+            "[apps.dingtalk.stream]\nmode = \"stream\"\nclient_id = \"{CLIENT_ID}\"\n\
+             client_secret = \"{secret}\"\napi_base = \"{}\"\nallow_insecure_http = true\n",
+            gw.api_base()
+        )
+    };
+    let toml = |apps: &str| {
+        toml_with(&format!(
+            "[log]\nformat = \"json\"\n\n[streams]\nreconnect_initial = \"20ms\"\n\
+             reconnect_max = \"200ms\"\nauth_retry = \"500ms\"\n\n{apps}"
+        ))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("imbridge.toml");
+    std::fs::write(&path, toml(&app("a-wrong-secret-0123456789"))).unwrap();
+    let daemon = Daemon::start(&path, &[]);
+    let readyz = || async {
+        let url = format!("http://{}/readyz", daemon.admin);
+        reqwest::get(url).await.unwrap().status()
+    };
+    // Refused: not ready.
+    let deadline = Instant::now() + WAIT;
+    while readyz().await != 503 {
+        assert!(
+            Instant::now() < deadline,
+            "a refused app left the daemon ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    std::fs::write(&path, toml(&app(CLIENT_SECRET))).unwrap();
+    hangup(&daemon);
+    let conn = tokio::time::timeout(WAIT, gw.next_conn())
+        .await
+        .expect("a connection");
+    daemon.wait_ready().await;
+
+    // Removed: its connection is closed, and the daemon stays ready without it.
+    std::fs::write(&path, toml("")).unwrap();
+    hangup(&daemon);
+    tokio::time::timeout(WAIT, gw.wait_closed(conn.index))
+        .await
+        .expect("the removed app's connection closes");
+    wait_counter(&daemon, "imbridge_config_reloads_total", 2).await;
+    assert_eq!(readyz().await, 200);
+    assert_eq!(gw.violations(), Vec::<String>::new());
+}

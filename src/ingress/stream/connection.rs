@@ -245,9 +245,11 @@ async fn run<P: Protocol>(client: Arc<Client<P>>, shutdown: Shutdown) {
         };
         connections.spawn(connection.run(socket, shutdown.clone()));
 
+        // Biased: a connection ending because of the stop is no reconnect to report.
         let end = tokio::select! {
-            end = replace_rx => end.unwrap_or(End::Error),
+            biased;
             _ = shutdown.cancelled() => break,
+            end = replace_rx => end.unwrap_or(End::Error),
         };
         client.streams.down(platform, app);
         metrics.stream_connected(platform, app, false);
@@ -279,8 +281,12 @@ async fn run<P: Protocol>(client: Arc<Client<P>>, shutdown: Shutdown) {
     while let Some(done) = connections.join_next().await {
         resume_panic(done);
     }
-    client.streams.down(platform, app);
-    metrics.stream_connected(platform, app, false);
+    // Stopped by a reload rather than the shutdown: the app's health is its successor's
+    // (already connecting under the same name), or forgotten with the app.
+    if client.state.shutdown.is_triggered() {
+        client.streams.down(platform, app);
+        metrics.stream_connected(platform, app, false);
+    }
 }
 
 impl<P: Protocol> Client<P> {

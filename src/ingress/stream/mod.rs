@@ -7,6 +7,7 @@
 //! One connection per app per replica, in a supervised task; [`Streams`] is what `/readyz`
 //! learns of them.
 
+pub mod apps;
 mod connection;
 pub mod dingtalk;
 pub mod lark;
@@ -60,7 +61,7 @@ pub struct Shared<'a> {
 }
 
 /// A DingTalk app in stream mode, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DingTalkStreamApp {
     pub client_id: String,
     pub client_secret: Secret,
@@ -74,7 +75,7 @@ pub struct DingTalkStreamApp {
 }
 
 /// A Lark app in websocket mode, validated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LarkStreamApp {
     pub app_id: String,
     pub app_secret: Secret,
@@ -173,6 +174,11 @@ impl Streams {
         report.fails_readiness =
             !report.refused.is_empty() || (self.down_fails_readiness && !report.down.is_empty());
         report
+    }
+
+    /// A reload removed the app: it is no longer reported.
+    pub fn forget(&self, platform: &str, app: &str) {
+        self.lock().remove(&key(platform, app));
     }
 
     /// Every long-connection app (`<platform>/<app>`) and its state: `connected`, `refused`
