@@ -189,6 +189,10 @@ pub fn write(out: &Path) -> anyhow::Result<()> {
         )?;
     }
 
+    if let Some(c) = read::<serde_json::Value>(out, "cluster") {
+        cluster(&mut r, &c)?;
+    }
+
     if let Ok(analysis) = std::fs::read_to_string(out.join("ANALYSIS.md")) {
         writeln!(r, "{analysis}")?;
     }
@@ -306,4 +310,46 @@ fn chart(points: &[Point]) -> String {
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+/// The three-node NATS cluster losing its stream leader (`tests/it/nats_cluster.rs`).
+fn cluster(r: &mut String, c: &serde_json::Value) -> std::fmt::Result {
+    writeln!(
+        r,
+        "## A three-node NATS cluster losing its stream leader
+"
+    )?;
+    writeln!(
+        r,
+        "`tests/it/nats_cluster.rs`: three `nats-server -js` on loopback ports in one cluster, \
+         the daemon's streams with `replicas = 3`, two daemon replicas (in one process) taking \
+         DingTalk callbacks from 8 closed-loop workers alternating between them for 14 s, and \
+         20 notifications to a robot limited to 5 per 2 s (`rate_limit = \"5/2s\"`, the \
+         `nats_kv` limiter) through both. 4 s in, the node leading the inbound stream \
+         (`{}`) is SIGKILLed; 4 s later it is started again on its store.\n",
+        c["killed"].as_str().unwrap_or("?")
+    )?;
+    writeln!(
+        r,
+        "| answered 200 | stored (distinct) | acknowledged and lost | answered 503 | other \
+         answers | first 200 after the election | notifications delivered | limit violations |"
+    )?;
+    writeln!(r, "|---|---|---|---|---|---|---|---|")?;
+    let recovery = match c["recovery_seconds"].as_f64() {
+        Some(s) => format!("{s:.1} s after the kill"),
+        None => "no 503 at all".into(),
+    };
+    writeln!(
+        r,
+        "| {} | {} ({}) | **{}** | {} | {} | {} | {} | {} |\n",
+        c["answered_200"],
+        c["stored"],
+        c["stored_distinct"],
+        c["acknowledged_lost"],
+        c["answered_503"],
+        c["answered_other"],
+        recovery,
+        c["notifications"],
+        c["limit_violations"]
+    )
 }

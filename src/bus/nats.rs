@@ -63,8 +63,9 @@ impl NatsBus {
         let max_delay = settings.reconnect_max_delay;
         let options = connect_options(settings, &metrics, &recheck, &stream_ready).await?;
         metrics.bus_connected("nats", false);
+        let servers = server_addrs(&settings.url).map_err(BusError::Unavailable)?;
         let client = options
-            .connect(settings.url.as_str())
+            .connect(servers)
             .await
             .map_err(|e| BusError::Unavailable(e.to_string()))?;
         let mut js = jetstream::new(client.clone());
@@ -222,6 +223,24 @@ pub fn header_pairs(headers: Option<&async_nats::HeaderMap>) -> Vec<(String, Str
         .unwrap_or_default()
 }
 
+/// The servers of `url`: one URL, or a cluster's as a comma-separated list (the client picks
+/// one and fails over to the others, and learns the rest of the cluster from the one it
+/// reaches).
+pub fn server_addrs(url: &str) -> Result<Vec<async_nats::ServerAddr>, String> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .map_err(|e| format!("{u:?} is not a NATS server URL: {e}"))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|addrs| match addrs.is_empty() {
+            true => Err("names no server".into()),
+            false => Ok(addrs),
+        })
+}
+
 /// Credentials, reconnection, and the connection events that drive readiness: after every
 /// (re)connect the streams are checked again, since the server may have restarted without
 /// them (memory storage).
@@ -357,7 +376,7 @@ async fn run_consumer(
     use futures::StreamExt;
     let stream = js.get_stream(stream_name).await?;
     let name = config.durable_name.clone().unwrap_or_default();
-    let consumer: jetstream::consumer::PullConsumer =
+    let mut consumer: jetstream::consumer::PullConsumer =
         stream.get_or_create_consumer(&name, config).await?;
     placed.send_replace(true);
     let mut messages = consumer.messages().await?;
@@ -365,6 +384,10 @@ async fn run_consumer(
     loop {
         let next = tokio::select! {
             m = messages.next() => m,
+            _ = tokio::time::sleep(STALL_CHECK) => {
+                stalled(&mut consumer).await?;
+                continue;
+            }
             _ = shutdown.cancelled() => return Ok(()),
         };
         let msg = match next {
@@ -405,6 +428,11 @@ async fn keep_streams(
     max_delay: Duration,
     shutdown: Shutdown,
 ) {
+    // The configuration is applied once; afterwards (a reconnect, a publish finding no
+    // stream) a stream that exists is left as it is. Updating is a request to the JetStream
+    // meta leader, which a cluster that just lost a node may not have for a while, when the
+    // streams themselves (their own leaders) already take publishes again.
+    let mut applied = false;
     loop {
         tokio::select! {
             _ = recheck.notified() => {}
@@ -415,7 +443,7 @@ async fn keep_streams(
             if client.connection_state() == State::Connected {
                 let mut all = true;
                 for config in &layout.streams {
-                    match js.create_or_update_stream(config.clone()).await {
+                    match keep_stream(&js, config, applied).await {
                         Ok(info) => {
                             tracing::info!(stream = %info.config.name, subjects = ?info.config.subjects, "JetStream stream ready");
                         }
@@ -426,6 +454,7 @@ async fn keep_streams(
                         }
                     }
                 }
+                applied |= all;
                 // A stream with interest retention keeps a message only while some consumer
                 // is interested, so the consumers must exist before anything may be published.
                 if all {
@@ -447,6 +476,44 @@ async fn keep_streams(
             }
         }
     }
+}
+
+/// How long a consumer may receive nothing before the server is asked whether it should have.
+const STALL_CHECK: Duration = Duration::from_secs(5);
+
+/// An error when the server holds messages for this consumer that it could take (fewer
+/// unacknowledged than its limit) and none came for [`STALL_CHECK`]: after a leader change in
+/// a cluster, a pull can be left waiting on a leader that is gone, with no error and no
+/// missed heartbeat to show it (seen with a three-node cluster losing the stream's leader).
+/// The caller then pulls again.
+async fn stalled(
+    consumer: &mut jetstream::consumer::PullConsumer,
+) -> Result<(), async_nats::Error> {
+    let info = consumer.info().await?;
+    let limit = info.config.max_ack_pending;
+    let room = limit <= 0 || (info.num_ack_pending as i64) < limit;
+    if info.num_pending > 0 && room {
+        return Err(format!(
+            "{} messages pending and none delivered for {STALL_CHECK:?}",
+            info.num_pending
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Creates or updates the stream (`applied`: only creates it if it is missing).
+async fn keep_stream(
+    js: &jetstream::Context,
+    config: &stream::Config,
+    applied: bool,
+) -> Result<stream::Info, async_nats::Error> {
+    if applied {
+        if let Ok(stream) = js.get_stream(&config.name).await {
+            return Ok(stream.cached_info().clone());
+        }
+    }
+    Ok(js.create_or_update_stream(config.clone()).await?)
 }
 
 /// Creates the durable consumers that do not exist yet; `false` when one could not be.
@@ -485,5 +552,17 @@ mod tests {
         assert_eq!(backoff(3, max), Duration::from_millis(200));
         assert_eq!(backoff(10, max), max);
         assert_eq!(backoff(usize::MAX, max), max);
+    }
+
+    #[test]
+    fn a_cluster_is_a_comma_separated_list_of_urls() {
+        let one = server_addrs("nats://127.0.0.1:4222").unwrap();
+        assert_eq!(one.len(), 1);
+        let three = server_addrs("nats://a:4222, nats://b:4222,nats://c:4222").unwrap();
+        assert_eq!(three.len(), 3);
+        assert!(server_addrs("nats://a:4222,nats://b:notaport")
+            .unwrap_err()
+            .contains("nats://b:notaport"));
+        assert!(server_addrs(" , ").is_err());
     }
 }

@@ -24,6 +24,7 @@ mod helm_chart;
 mod kafka_harness;
 mod lark_stream;
 mod layout;
+mod nats_cluster;
 mod notify;
 mod notify_clients;
 mod observability;

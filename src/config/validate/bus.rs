@@ -48,6 +48,8 @@ pub(super) fn bus(raw: &BusConfig, c: &mut Checker) -> BusSettings {
 fn nats(raw: &NatsConfig, c: &mut Checker) -> NatsSettings {
     if raw.url.trim().is_empty() {
         c.problem("bus.nats.url", "must not be empty");
+    } else if let Err(e) = crate::bus::nats::server_addrs(&raw.url) {
+        c.problem("bus.nats.url", e);
     }
     if !crate::bus::is_valid_token(&raw.stream) {
         c.problem(

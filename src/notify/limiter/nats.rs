@@ -25,7 +25,29 @@ pub struct KvLimiter {
     js: async_nats::jetstream::Context,
     targets: Store,
     members: Store,
+    /// Replicated streams (`replicas` > 1): each write is conditional on the whole stream's
+    /// last sequence rather than on its subject's. A clustered stream checks
+    /// `Nats-Expected-Last-Subject-Sequence` against what its leader has applied, not against
+    /// writes still being replicated, so two replicas taking the same slot at once can both
+    /// succeed (nats-server#4320, seen here as a robot getting 6 sends in a window of 5 with a
+    /// three-node cluster). The stream-level condition is checked against every write the
+    /// leader has accepted. It serialises all keys of a store: about one write per round
+    /// trip across all targets, plenty for chat platforms' limits.
+    clustered: bool,
 }
+
+/// A store's entry for one key, and what a write replacing it must find.
+struct Entry {
+    log: Log,
+    /// The entry's own sequence (0: none).
+    sequence: u64,
+    /// The stream's last sequence when the entry was read (clustered stores).
+    stream_last: u64,
+}
+
+/// The seed of a clustered store: a stream never written to has last sequence 0, which the
+/// server takes as "no condition".
+const SEED: &str = "_imbridge_seed";
 
 /// One stream of entries, its subjects `<name>.<key>`.
 struct Store {
@@ -82,6 +104,7 @@ impl KvLimiter {
         };
         KvLimiter {
             js,
+            clustered: replicas > 1,
             targets: Store::new(
                 bucket.to_owned(),
                 "imbridge per-target rate-limit logs",
@@ -146,42 +169,79 @@ impl KvLimiter {
         Ok(stream)
     }
 
-    /// Reads the key's log; `(log, sequence)`, sequence 0 when there is none yet (or it
-    /// expired).
-    async fn read(&self, store: &Store, key: &str) -> Result<(Log, u64), StoreError> {
+    /// Reads the key's entry (sequence 0 when there is none yet, or it expired). For a
+    /// clustered store the stream's last sequence is read first: a write landing in between
+    /// then makes the condition fail rather than pass on a stale entry.
+    async fn read(&self, store: &Store, key: &str) -> Result<Entry, StoreError> {
         let stream = self.stream(store).await?;
+        let fail = |e: async_nats::Error| {
+            store.forget();
+            StoreError::Nats(e)
+        };
+        let stream_last = match self.clustered {
+            true => self.stream_last(store, &stream).await.map_err(fail)?,
+            false => 0,
+        };
         match stream
             .get_last_raw_message_by_subject(&store.subject(key))
             .await
         {
-            Ok(m) => Ok((
-                serde_json::from_slice(&m.payload).unwrap_or_default(),
-                m.sequence,
-            )),
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
-                Ok((Log::default(), 0))
-            }
-            Err(e) => {
-                store.forget();
-                Err(StoreError::Nats(e.into()))
-            }
+            Ok(m) => Ok(Entry {
+                log: serde_json::from_slice(&m.payload).unwrap_or_default(),
+                sequence: m.sequence,
+                stream_last,
+            }),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(Entry {
+                log: Log::default(),
+                sequence: 0,
+                stream_last,
+            }),
+            Err(e) => Err(fail(e.into())),
         }
     }
 
-    /// Writes `log` if the entry is still at `sequence`; false when another replica won.
+    /// The stream's last sequence, seeding a stream that has none.
+    async fn stream_last(
+        &self,
+        store: &Store,
+        stream: &stream::Stream<()>,
+    ) -> Result<u64, async_nats::Error> {
+        let last = stream.get_info().await?.state.last_sequence;
+        if last > 0 {
+            return Ok(last);
+        }
+        // Every replica may seed at once: the message id makes it one message.
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", SEED);
+        let subject = store.subject(SEED);
+        self.js
+            .publish_with_headers(subject, headers, Bytes::new())
+            .await?
+            .await?;
+        Ok(stream.get_info().await?.state.last_sequence)
+    }
+
+    /// Writes `log` if the entry (clustered: the whole stream) is still as read; false when
+    /// another replica wrote first.
     async fn write(
         &self,
         store: &Store,
         key: &str,
         log: &Log,
-        sequence: u64,
+        read: &Entry,
     ) -> Result<bool, StoreError> {
         let value = Bytes::from(serde_json::to_vec(log).expect("log serialises"));
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert(
-            "Nats-Expected-Last-Subject-Sequence",
-            sequence.to_string().as_str(),
-        );
+        match self.clustered {
+            true => headers.insert(
+                "Nats-Expected-Last-Sequence",
+                read.stream_last.to_string().as_str(),
+            ),
+            false => headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                read.sequence.to_string().as_str(),
+            ),
+        }
         let ack = async {
             self.js
                 .publish_with_headers(store.subject(key), headers, value)
@@ -205,16 +265,16 @@ impl KvLimiter {
     ) -> Result<Option<u64>, StoreError> {
         let store = self.store(key.scope);
         loop {
-            let (mut log, sequence) = self.read(store, key.name).await?;
+            let mut entry = self.read(store, key.name).await?;
             // The time is read after the store round-trip, so a slot is never recorded earlier
             // than it is taken, however long the compare-and-set races last.
             let now = now_ms();
-            let slot = log.next_slot(key.limits, margin_ms, now);
+            let slot = entry.log.next_slot(key.limits, margin_ms, now);
             if slot > now {
                 return Ok(Some(slot));
             }
-            log.record(key.limits, margin_ms, now);
-            if self.write(store, key.name, &log, sequence).await? {
+            entry.log.record(key.limits, margin_ms, now);
+            if self.write(store, key.name, &entry.log, &entry).await? {
                 return Ok(None);
             }
             // Another replica took a slot in between: decide again on its log.
@@ -222,8 +282,8 @@ impl KvLimiter {
     }
 
     async fn update(&self, target: &str, change: impl Fn(&mut Log)) -> Result<bool, StoreError> {
-        let (mut log, sequence) = self.read(&self.targets, target).await?;
-        change(&mut log);
-        self.write(&self.targets, target, &log, sequence).await
+        let mut entry = self.read(&self.targets, target).await?;
+        change(&mut entry.log);
+        self.write(&self.targets, target, &entry.log, &entry).await
     }
 }
