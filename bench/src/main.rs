@@ -3,6 +3,7 @@
 //! on the same machine, and writes `bench/REPORT.md` and `bench/chart.svg`. See
 //! bench/README.md.
 
+mod api;
 mod callbacks;
 mod ingress;
 mod load;
@@ -39,6 +40,13 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// The API gateway against direct calls only (results/api.json).
+    Api {
+        #[arg(long, default_value = "bench")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// The notify pipeline only (results/notify.json).
     Notify {
         #[arg(long, default_value = "bench")]
@@ -64,11 +72,16 @@ fn main() -> anyhow::Result<()> {
         Cmd::All { out, seconds } => runtime.block_on(async {
             let d = Duration::from_secs(seconds);
             ingress::run(&out, d).await?;
+            api::run(&out, d).await?;
             notify::run(&out).await?;
             report::write(&out)
         }),
         Cmd::Ingress { out, seconds } => {
             runtime.block_on(ingress::run(&out, Duration::from_secs(seconds)))?;
+            report::write(&out)
+        }
+        Cmd::Api { out, seconds } => {
+            runtime.block_on(api::run(&out, Duration::from_secs(seconds)))?;
             report::write(&out)
         }
         Cmd::Notify { out } => {

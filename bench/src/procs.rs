@@ -110,24 +110,37 @@ pub fn daemon_bin() -> PathBuf {
     me.with_file_name("imbridge")
 }
 
-/// A running daemon: its ingress and admin ports.
+/// A running daemon: its ingress, internal (when asked for) and admin ports.
 pub struct Daemon {
     pub proc: Proc,
     pub ingress: u16,
+    pub internal: Option<u16>,
     pub admin: u16,
 }
 
 impl Daemon {
     /// Starts `imbridge serve` with `toml` plus its listeners, and waits for `/readyz`.
     pub async fn start(toml: &str) -> anyhow::Result<Daemon> {
+        Daemon::start_with(toml, None).await
+    }
+
+    /// [`Daemon::start`] with the internal listener too.
+    pub async fn start_internal(toml: &str) -> anyhow::Result<Daemon> {
+        Daemon::start_with(toml, Some(free_port())).await
+    }
+
+    async fn start_with(toml: &str, internal: Option<u16>) -> anyhow::Result<Daemon> {
         let dir = tempfile::tempdir()?;
         let (ingress, admin) = (free_port(), free_port());
         let config = dir.path().join("imbridge.toml");
         let mut f = std::fs::File::create(&config)?;
+        let internal_listen = internal
+            .map(|p| format!("internal_listen = \"127.0.0.1:{p}\"\n"))
+            .unwrap_or_default();
         writeln!(
             f,
             "[server]\nlisten = \"127.0.0.1:{ingress}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
-             max_body_bytes = 1048576\n[log]\nlevel = \"warn\"\n{toml}"
+             {internal_listen}max_body_bytes = 1048576\n[log]\nlevel = \"warn\"\n{toml}"
         )?;
         let child = dies_with_parent(Command::new(daemon_bin()))
             .args(["serve", "--config"])
@@ -148,6 +161,7 @@ impl Daemon {
         Ok(Daemon {
             proc,
             ingress,
+            internal,
             admin,
         })
     }

@@ -189,6 +189,10 @@ pub fn write(out: &Path) -> anyhow::Result<()> {
         )?;
     }
 
+    if let Some(points) = read::<Vec<crate::api::ApiPoint>>(out, "api") {
+        api(&mut r, &points)?;
+    }
+
     if let Some(c) = read::<serde_json::Value>(out, "cluster") {
         cluster(&mut r, &c)?;
     }
@@ -352,4 +356,43 @@ fn cluster(r: &mut String, c: &serde_json::Value) -> std::fmt::Result {
         c["notifications"],
         c["limit_violations"]
     )
+}
+
+/// The API gateway against calling the fake platform directly (`bench/src/api.rs`).
+fn api(r: &mut String, points: &[crate::api::ApiPoint]) -> std::fmt::Result {
+    writeln!(r, "## API gateway overhead\n")?;
+    writeln!(
+        r,
+        "`bench/src/api.rs`: the same DingTalk server-API call (`POST /topapi/v2/user/get`, a \
+         small JSON body and answer) to a fake DingTalk in the load generator's process, made \
+         directly with the access token (baseline) and through the daemon's internal listener \
+         (`/api/dingtalk/<app>/…` with a client token: client check, path normalisation, the \
+         app's managed token and rate limit (set high), the answer searched for the token). \
+         Same generator, same concurrency, one after the other.\n"
+    )?;
+    writeln!(
+        r,
+        "| concurrency | direct /s | gateway /s | gateway ÷ direct | p50 direct / gateway ms | \
+         p99 direct / gateway ms | added p50 / p99 ms | daemon CPU per call |"
+    )?;
+    writeln!(r, "|---|---|---|---|---|---|---|---|")?;
+    for p in points {
+        let (d, g) = (&p.direct, &p.gateway);
+        writeln!(
+            r,
+            "| {} | {:.0} | {:.0} | **{:.2}** | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} / {:.2} | {:.0} µs |",
+            p.concurrency,
+            d.rate,
+            g.rate,
+            g.rate / d.rate.max(1.0),
+            d.p50_ms,
+            g.p50_ms,
+            d.p99_ms,
+            g.p99_ms,
+            g.p50_ms - d.p50_ms,
+            g.p99_ms - d.p99_ms,
+            p.daemon_cpu_us
+        )?;
+    }
+    writeln!(r)
 }

@@ -6,14 +6,13 @@
 //! `IMBRIDGE_CLUSTER_RESULTS=<file>`, written as JSON for `bench/run`'s report).
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::fakes::{Robot, RobotFarm};
-use crate::common::{approval_event, dies_with_test, toml_with, DingTalk, TestApp, MAIN_APP, WAIT};
+use crate::common::{approval_event, start_nats, toml_with, DingTalk, TestApp, MAIN_APP, WAIT};
 
 const STREAM: &str = "CLUSTER_EVENTS";
 const NODES: usize = 3;
@@ -28,24 +27,10 @@ struct Node {
 
 impl Node {
     fn start(&mut self) {
-        let mut child = dies_with_test(Command::new("nats-server"))
-            .arg("-c")
-            .arg(&self.config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nats-server must be installed (see ./test)");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("Server is ready") {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("{} never ready", self.name));
+        let mut command = Command::new("nats-server");
+        command.arg("-c").arg(&self.config);
+        let (child, port) = start_nats(command);
+        assert_eq!(port, Some(self.port), "{} never ready", self.name);
         self.child = Some(child);
     }
 

@@ -12,7 +12,7 @@ use crate::common::daemon::Daemon;
 use crate::common::engine::Engine;
 use crate::common::fakes::{Robot, RobotFarm};
 use crate::common::receiver::Receiver;
-use crate::common::{client_with_token, toml_with, CLIENT_TOKEN, WAIT};
+use crate::common::{client_with_token, post_json, toml_with, CLIENT_TOKEN, WAIT};
 
 const SECRET: &str = "reload-hook-secret";
 
@@ -64,20 +64,14 @@ fn hangup(daemon: &Daemon) {
     crate::common::signal(&daemon.child, "-HUP");
 }
 
-async fn post(daemon: &Daemon, target: &str, body: serde_json::Value) -> reqwest::StatusCode {
+async fn post(daemon: &Daemon, target: &str, body: serde_json::Value) -> u16 {
     let url = format!(
         "http://{}/notify/{target}",
         daemon.internal.as_ref().unwrap()
     );
-    let http = client_with_token(CLIENT_TOKEN);
-    let res = http
-        .post(url)
-        .json(&body)
-        .timeout(WAIT)
-        .send()
+    post_json(&client_with_token(CLIENT_TOKEN), url, body)
         .await
-        .unwrap();
-    res.status()
+        .0
 }
 
 /// Each `seq` the hook got, with the text it was rendered with.

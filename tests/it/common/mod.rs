@@ -112,37 +112,46 @@ impl Drop for NatsServer {
     }
 }
 
+/// Starts `command` (a `nats-server`) and waits until it says it is ready: the process, and
+/// the client port it listens on (`None` when it was not ready within [`WAIT`]).
+pub fn start_nats(command: Command) -> (Child, Option<u16>) {
+    let mut child = dies_with_test(command)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nats-server must be installed (see ./test)");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut port = None;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
+                port = rest
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.trim().parse::<u16>().ok());
+            }
+            if line.contains("Server is ready") {
+                let _ = tx.send(port);
+            }
+        }
+        // The pipe is drained until the server exits so it never blocks on logging.
+    });
+    (child, rx.recv_timeout(WAIT).ok().flatten())
+}
+
 fn spawn_nats(port: Option<u16>, store: &std::path::Path) -> (Child, u16) {
     let port_arg = port.map(|p| p.to_string()).unwrap_or_else(|| "-1".into());
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let mut child = dies_with_test(Command::new("nats-server"))
+        let mut command = Command::new("nats-server");
+        command
             .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
-            .arg(store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("nats-server must be installed (see ./test)");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut port = None;
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("Listening for client connections on ").nth(1) {
-                    port = rest
-                        .rsplit(':')
-                        .next()
-                        .and_then(|p| p.trim().parse::<u16>().ok());
-                }
-                if line.contains("Server is ready") {
-                    let _ = tx.send(port);
-                }
-            }
-            // The pipe is drained until the server exits so it never blocks on logging.
-        });
-        match rx.recv_timeout(WAIT) {
-            Ok(Some(p)) => return (child, p),
-            _ => {
+            .arg(store);
+        let (mut child, port) = start_nats(command);
+        match port {
+            Some(p) => return (child, p),
+            None => {
                 let _ = child.kill();
                 let _ = child.wait();
                 // The old process may still hold the port for a moment after a restart.
