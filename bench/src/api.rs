@@ -104,7 +104,7 @@ pub async fn run(out: &Path, d: Duration) -> anyhow::Result<()> {
     let toml = format!(
         "{}app_key = \"bench-key\"\napp_secret = \"bench-secret\"\n\
          oapi_base = \"http://{fake}\"\nallow_insecure_http = true\n\
-         api_rate_limit = \"1000000/s\"\n\
+         api_rate_limit = \"1000/50ms\"\n\
          [clients.bench]\ntoken = \"{CLIENT_TOKEN}\"\napi = [\"dingtalk/bench/*\"]\n\
          [notify]\nenabled = false\n",
         callbacks::app_toml()

@@ -10,6 +10,7 @@ mod load;
 mod notify;
 mod procs;
 mod report;
+mod webhook;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -47,6 +48,13 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// Webhook forwarding against a raw client only (results/webhook.json).
+    Webhook {
+        #[arg(long, default_value = "bench")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// The notify pipeline only (results/notify.json).
     Notify {
         #[arg(long, default_value = "bench")]
@@ -73,6 +81,7 @@ fn main() -> anyhow::Result<()> {
             let d = Duration::from_secs(seconds);
             ingress::run(&out, d).await?;
             api::run(&out, d).await?;
+            webhook::run(&out, d).await?;
             notify::run(&out).await?;
             report::write(&out)
         }),
@@ -82,6 +91,10 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Api { out, seconds } => {
             runtime.block_on(api::run(&out, Duration::from_secs(seconds)))?;
+            report::write(&out)
+        }
+        Cmd::Webhook { out, seconds } => {
+            runtime.block_on(webhook::run(&out, Duration::from_secs(seconds)))?;
             report::write(&out)
         }
         Cmd::Notify { out } => {

@@ -193,6 +193,10 @@ pub fn write(out: &Path) -> anyhow::Result<()> {
         api(&mut r, &points)?;
     }
 
+    if let Some(points) = read::<Vec<crate::webhook::WebhookPoint>>(out, "webhook") {
+        webhook(&mut r, &points)?;
+    }
+
     if let Some(c) = read::<serde_json::Value>(out, "cluster") {
         cluster(&mut r, &c)?;
     }
@@ -391,6 +395,37 @@ fn api(r: &mut String, points: &[crate::api::ApiPoint]) -> std::fmt::Result {
             g.p99_ms,
             g.p50_ms - d.p50_ms,
             g.p99_ms - d.p99_ms,
+            p.daemon_cpu_us
+        )?;
+    }
+    writeln!(r)
+}
+
+/// Webhook forwarding against a raw client (`bench/src/webhook.rs`).
+fn webhook(r: &mut String, points: &[crate::webhook::WebhookPoint]) -> std::fmt::Result {
+    writeln!(r, "## Webhook forwarding\n")?;
+    writeln!(
+        r,
+        "`bench/src/webhook.rs`: a receiver in the load generator's process answering 200. \
+         Baseline: a raw HTTP client posting a small notification to it in a closed loop. \
+         The daemon: the same notifications accepted on `POST /notify/hook` (in-process bus) \
+         and delivered to a webhook target with `concurrency` set to the baseline's, signed \
+         and as CloudEvents; its rate is 20,000 deliveries over the time from the first \
+         publish to the last delivery, so it includes taking them in.\n"
+    )?;
+    writeln!(
+        r,
+        "| concurrency | raw client /s | daemon /s | daemon ÷ raw | daemon CPU per delivery |"
+    )?;
+    writeln!(r, "|---|---|---|---|---|")?;
+    for p in points {
+        writeln!(
+            r,
+            "| {} | {:.0} | {:.0} | **{:.2}** | {:.0} µs |",
+            p.concurrency,
+            p.raw.rate,
+            p.daemon_rate,
+            p.daemon_rate / p.raw.rate.max(1.0),
             p.daemon_cpu_us
         )?;
     }
