@@ -371,7 +371,7 @@ fn api(r: &mut String, points: &[crate::api::ApiPoint]) -> std::fmt::Result {
          small JSON body and answer) to a fake DingTalk in the load generator's process, made \
          directly with the access token (baseline) and through the daemon's internal listener \
          (`/api/dingtalk/<app>/…` with a client token: client check, path normalisation, the \
-         app's managed token and rate limit (set high), the answer searched for the token). \
+         app's managed token and rate limit (100,000/s with no margin, never binding), the answer searched for the token). \
          Same generator, same concurrency, one after the other.\n"
     )?;
     writeln!(
@@ -409,8 +409,8 @@ fn webhook(r: &mut String, points: &[crate::webhook::WebhookPoint]) -> std::fmt:
         "`bench/src/webhook.rs`: a receiver in the load generator's process answering 200. \
          Baseline: a raw HTTP client posting a small notification to it in a closed loop. \
          The daemon: the same notifications accepted on `POST /notify/hook` (in-process bus) \
-         and delivered to a webhook target with `concurrency` set to the baseline's, signed \
-         and as CloudEvents; its rate is 20,000 deliveries over the time from the first \
+         and delivered to a webhook target with `concurrency` set to the baseline's (its rate \
+         limit at 100,000/s with no margin, never binding), signed and as CloudEvents; its rate is 20,000 deliveries over the time from the first \
          publish to the last delivery, so it includes taking them in.\n"
     )?;
     writeln!(
