@@ -225,7 +225,7 @@ pub async fn run(out: &Path, d: Duration) -> anyhow::Result<()> {
 }
 
 /// Baseline (b) on NATS: a 1 KiB publish to a file-storage stream, waiting for the PubAck.
-async fn jetstream_raw(url: &str, concurrency: usize, d: Duration) -> anyhow::Result<Stats> {
+pub async fn jetstream_raw(url: &str, concurrency: usize, d: Duration) -> anyhow::Result<Stats> {
     let client = async_nats::connect(url).await?;
     let js = async_nats::jetstream::new(client);
     let stream = format!("RAW{concurrency}");

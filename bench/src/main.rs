@@ -10,6 +10,7 @@ mod load;
 mod notify;
 mod procs;
 mod report;
+mod stream;
 mod webhook;
 
 use std::path::PathBuf;
@@ -55,6 +56,13 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// DingTalk Stream events against the raw publish only (results/stream.json).
+    Stream {
+        #[arg(long, default_value = "bench")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// The notify pipeline only (results/notify.json).
     Notify {
         #[arg(long, default_value = "bench")]
@@ -82,6 +90,7 @@ fn main() -> anyhow::Result<()> {
             ingress::run(&out, d).await?;
             api::run(&out, d).await?;
             webhook::run(&out, d).await?;
+            stream::run(&out, d).await?;
             notify::run(&out).await?;
             report::write(&out)
         }),
@@ -95,6 +104,10 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Webhook { out, seconds } => {
             runtime.block_on(webhook::run(&out, Duration::from_secs(seconds)))?;
+            report::write(&out)
+        }
+        Cmd::Stream { out, seconds } => {
+            runtime.block_on(stream::run(&out, Duration::from_secs(seconds)))?;
             report::write(&out)
         }
         Cmd::Notify { out } => {

@@ -197,6 +197,10 @@ pub fn write(out: &Path) -> anyhow::Result<()> {
         webhook(&mut r, &points)?;
     }
 
+    if let Some(s) = read::<crate::stream::StreamResult>(out, "stream") {
+        stream(&mut r, &s)?;
+    }
+
     if let Some(c) = read::<serde_json::Value>(out, "cluster") {
         cluster(&mut r, &c)?;
     }
@@ -430,4 +434,34 @@ fn webhook(r: &mut String, points: &[crate::webhook::WebhookPoint]) -> std::fmt:
         )?;
     }
     writeln!(r)
+}
+
+/// DingTalk Stream events against the raw publish (`bench/src/stream.rs`).
+fn stream(r: &mut String, s: &crate::stream::StreamResult) -> std::fmt::Result {
+    writeln!(r, "## Long-connection ingress (DingTalk Stream)\n")?;
+    writeln!(
+        r,
+        "`bench/src/stream.rs`: the test suite's fake DingTalk Stream gateway pushes {} EVENT \
+         frames of about 1 KiB over one WebSocket as fast as it can write them; the daemon \
+         publishes each to JetStream (file storage) and ACKs it once stored, with at most 64 \
+         frames in flight (`streams.max_in_flight`). Its rate is from the first push to the \
+         last ACK. Baseline: the raw JetStream publish of the same size at 64 in flight, in \
+         the same run.\n",
+        s.events
+    )?;
+    writeln!(
+        r,
+        "| raw publish /s | daemon /s | daemon ÷ raw | daemon CPU per event | ACKs not SUCCESS | gateway complaints |"
+    )?;
+    writeln!(r, "|---|---|---|---|---|---|")?;
+    writeln!(
+        r,
+        "| {:.0} | {:.0} | **{:.2}** | {:.0} µs | {} | {} |\n",
+        s.raw.rate,
+        s.daemon_rate,
+        s.daemon_rate / s.raw.rate.max(1.0),
+        s.daemon_cpu_us,
+        s.failed_acks,
+        s.violations
+    )
 }

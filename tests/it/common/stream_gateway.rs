@@ -194,6 +194,16 @@ impl Gateway {
         }
     }
 
+    /// How many ACKs came so far.
+    pub fn ack_count(&self) -> usize {
+        self.state.lock().unwrap().acks.len()
+    }
+
+    /// Every ACK so far.
+    pub fn acks(&self) -> Vec<Ack> {
+        self.state.lock().unwrap().acks.clone()
+    }
+
     /// Every ACK of `message_id` so far.
     pub fn acks_of(&self, message_id: &str) -> Vec<Ack> {
         self.state
