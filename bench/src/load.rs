@@ -52,6 +52,12 @@ where
                             errors += 1;
                         }
                     }
+                    // An operation that fails at once (nothing listening, a pool used up)
+                    // never waits: without this the workers would hold every runtime thread
+                    // and the timer ending the run would never fire.
+                    if !ok {
+                        tokio::task::yield_now().await;
+                    }
                 }
                 (lat, errors)
             })
