@@ -57,10 +57,17 @@ pub struct NotifyResult {
     pub backlog_ready_before_window: bool,
 }
 
+/// The token of the one client, `bench` (POST /notify is on the internal listener).
+const CLIENT_TOKEN: &str = "bench-notify-client-token-0123456789";
+
 /// Daemon settings besides the targets. `local` limiter: one replica, as on the memory bus.
 const CONFIG: &str = r#"
 [bus]
 kind = "memory"
+
+[clients.bench]
+token = "bench-notify-client-token-0123456789"
+targets = ["*"]
 
 [notify]
 queue_capacity = 100
@@ -83,11 +90,12 @@ pub async fn run(out: &Path) -> anyhow::Result<()> {
         let url = farm.add(fakes::Robot::dingtalk(token));
         writeln!(
             toml,
-            "\n[targets.r{i}]\nkind = \"dingtalk_robot\"\nurl = \"{url}\""
+            // The farm is a local http:// server, which a target reaches only when allowed.
+            "\n[targets.r{i}]\nkind = \"dingtalk_robot\"\nurl = \"{url}\"\nallow_insecure_http = true"
         )?;
     }
     eprintln!("notify: starting the daemon with {TARGETS} DingTalk robot targets");
-    let daemon = Arc::new(procs::Daemon::start(&toml).await?);
+    let daemon = Arc::new(procs::Daemon::start_internal(&toml).await?);
     eprintln!(
         "notify: daemon ready after {:.1} s, RSS {} KiB",
         began.elapsed().as_secs_f64(),
@@ -97,7 +105,8 @@ pub async fn run(out: &Path) -> anyhow::Result<()> {
     let published = Arc::new(AtomicUsize::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let publish_start = Instant::now();
-    let publisher = tokio::spawn(publish(daemon.ingress, published.clone(), refused.clone()));
+    let internal = daemon.internal.expect("an internal listener");
+    let publisher = tokio::spawn(publish(internal, published.clone(), refused.clone()));
     let (stop_sampler, stopped) = tokio::sync::oneshot::channel();
     let sampler = tokio::spawn(sample(
         daemon.clone(),
@@ -301,6 +310,7 @@ async fn publish(
                     loop {
                         let r = http
                             .post(&url)
+                            .bearer_auth(CLIENT_TOKEN)
                             .header("content-type", "application/json")
                             .body(body.clone())
                             .send()
