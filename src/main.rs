@@ -169,12 +169,7 @@ fn send(args: SendArgs) -> ExitCode {
         url: args.url,
         token: args.token,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("starting the tokio runtime");
-    let outcome = runtime.block_on(imbridge::send::run(&settings, &req));
-    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    let outcome = run_async(imbridge::send::run(&settings, &req));
     match outcome {
         Ok(lines) => {
             for line in &lines {
@@ -276,12 +271,7 @@ fn dlq(action: DlqAction) -> ExitCode {
         url: args.url,
         token: args.token,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("starting the tokio runtime");
-    let outcome = runtime.block_on(dlq::run(&settings, &req));
-    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    let outcome = run_async(dlq::run(&settings, &req));
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
@@ -426,18 +416,13 @@ fn dingtalk_failed(args: AppArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("starting the tokio runtime");
     let app = args.app.as_str();
-    let pass = runtime.block_on(recover::once(
+    let pass = run_async(recover::once(
         app,
         settings.dingtalk_oapi.get(app),
         &settings.bus,
         &settings.subjects,
     ));
-    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     match pass {
         Ok(pass) => {
             for p in &pass.published {
@@ -520,11 +505,7 @@ fn main() -> ExitCode {
             for w in &settings.warnings {
                 tracing::warn!(key = %w.key, "{}", w.message);
             }
-            let runtime = tokio::runtime::Runtime::new().expect("starting the tokio runtime");
-            let served = runtime.block_on(serve(settings, config, watch));
-            // The drain already ran under its own deadline; what is still running (a blocking
-            // producer flush that overran it) must not hold the exit up.
-            runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+            let served = run_async(serve(settings, config, watch));
             match served {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -548,4 +529,17 @@ async fn serve(
     let served = app.run().await;
     let _ = reloads.await;
     served
+}
+
+/// Runs `work` on a runtime of its own and returns its result. The daemon's drain and each
+/// command's calls run under their own deadlines; what is still running after (a blocking
+/// producer flush that overran them) must not hold the exit up.
+fn run_async<F: std::future::Future>(work: F) -> F::Output {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("starting the tokio runtime");
+    let output = runtime.block_on(work);
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+    output
 }

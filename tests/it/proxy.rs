@@ -89,15 +89,15 @@ async fn read_request(conn: &mut tokio::net::TcpStream) -> Option<Seen> {
 }
 
 async fn notify(app: &TestApp, target: &str) {
-    let res = app
-        .http
-        .post(app.url(&format!("/notify/{target}")))
-        .json(&serde_json::json!({"title": "t", "text": "x"}))
-        .timeout(WAIT)
-        .send()
-        .await
-        .unwrap();
-    assert!(res.status().is_success(), "{}", res.status());
+    let url = app.url(&format!("/notify/{target}"));
+    notify_at(&app.http, url).await;
+}
+
+/// POSTs a small notification to `url`, which must accept it.
+async fn notify_at(client: &reqwest::Client, url: String) {
+    let body = serde_json::json!({"title": "t", "text": "x"});
+    let (status, answer) = post_json(client, url, body).await;
+    assert!((200..300).contains(&status), "{status} {answer}");
 }
 
 async fn wait_sent(app: &TestApp, target: &str) {
@@ -261,14 +261,7 @@ url = "{}"
     let internal = daemon.internal.clone().expect("an internal listener");
     let client = client_with_token(CLIENT_TOKEN);
     for target in ["unresolvable", "local"] {
-        let res = client
-            .post(format!("http://{internal}/notify/{target}"))
-            .json(&serde_json::json!({"title": "t", "text": "x"}))
-            .timeout(WAIT)
-            .send()
-            .await
-            .unwrap();
-        assert!(res.status().is_success(), "{}", res.status());
+        notify_at(&client, format!("http://{internal}/notify/{target}")).await;
     }
     // The local one arrives directly; by then the other has been tried (and failed to resolve)
     // at least once. Had the variables been read, the proxy would have answered both.
