@@ -106,19 +106,29 @@ pub(super) async fn start(
     Ok(Tail { rx, overflowed })
 }
 
-fn memory(mut sub: super::memory::Subscription, feed: Feed) {
+fn memory(sub: super::memory::Subscription, feed: Feed) {
+    let messages = futures::stream::unfold(sub, |mut sub| async move {
+        let m = sub.next().await?;
+        let m = Tailed {
+            subject: m.subject.clone(),
+            headers: m.headers.clone(),
+            payload: m.payload.clone(),
+        };
+        Some((m, sub))
+    });
+    pump(Box::pin(messages), feed);
+}
+
+/// Hands what `messages` yields to the feed until it ends, the reader is gone or falls too
+/// far behind; then drops `messages` (for NATS, which unsubscribes).
+fn pump(mut messages: impl futures::Stream<Item = Tailed> + Send + Unpin + 'static, feed: Feed) {
     tokio::spawn(async move {
         loop {
             let m = tokio::select! {
-                m = sub.next() => m,
+                m = messages.next() => m,
                 _ = feed.tx.closed() => None,
             };
             let Some(m) = m else { return };
-            let m = Tailed {
-                subject: m.subject.clone(),
-                headers: m.headers.clone(),
-                payload: m.payload.clone(),
-            };
             if !feed.offer(m) {
                 return;
             }
@@ -128,7 +138,7 @@ fn memory(mut sub: super::memory::Subscription, feed: Feed) {
 
 async fn nats(client: &async_nats::Client, pattern: &str, feed: Feed) -> Result<(), BusError> {
     let unavailable = |e: &dyn std::fmt::Display| BusError::Unavailable(e.to_string());
-    let mut sub = client
+    let sub = client
         .subscribe(pattern.to_owned())
         .await
         .map_err(|e| unavailable(&e))?;
@@ -138,24 +148,12 @@ async fn nats(client: &async_nats::Client, pattern: &str, feed: Feed) -> Result<
         .await
         .map_err(|e| unavailable(&e))?
         .map_err(|e| unavailable(&e))?;
-    tokio::spawn(async move {
-        loop {
-            let m = tokio::select! {
-                m = sub.next() => m,
-                _ = feed.tx.closed() => None,
-            };
-            let Some(m) = m else { return };
-            let m = Tailed {
-                subject: m.subject.to_string(),
-                headers: super::nats::header_pairs(m.headers.as_ref()),
-                payload: m.payload,
-            };
-            if !feed.offer(m) {
-                return;
-            }
-        }
-        // Dropping the subscriber unsubscribes.
+    let messages = sub.map(|m| Tailed {
+        subject: m.subject.to_string(),
+        headers: super::nats::header_pairs(m.headers.as_ref()),
+        payload: m.payload,
     });
+    pump(messages, feed);
     Ok(())
 }
 
