@@ -71,6 +71,12 @@ impl Live {
         has: impl Fn(&Generation) -> bool,
         stop: &Shutdown,
     ) -> Option<Arc<Generation>> {
+        // Nearly always already so: every message comes here, and a subscription is only
+        // needed to wait for a reload's hand-over.
+        let current = self.current();
+        if has(&current) {
+            return Some(current);
+        }
         let mut rx = self.0.subscribe();
         tokio::select! {
             g = rx.wait_for(|g| has(g)) => g.ok().map(|g| g.clone()),
