@@ -21,6 +21,17 @@ pub struct Stats {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub p999_ms: f64,
+    /// Successful operations during the warm-up: with `ok`, what CPU measured over the whole
+    /// loop is divided by.
+    #[serde(default)]
+    pub warmup_ok: u64,
+}
+
+impl Stats {
+    /// Every successful operation, warm-up included.
+    pub fn all_ok(&self) -> u64 {
+        self.ok + self.warmup_ok
+    }
 }
 
 /// Runs `op(worker)` in a loop on `concurrency` tasks; `op` returns whether it succeeded.
@@ -41,11 +52,13 @@ where
         .map(|w| {
             let (op, stop) = (op.clone(), stop.clone());
             tokio::spawn(async move {
-                let (mut lat, mut errors) = (Vec::with_capacity(4096), 0u64);
+                let (mut lat, mut errors, mut warm) = (Vec::with_capacity(4096), 0u64, 0u64);
                 while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
                     let ok = op(w).await;
-                    if t >= start && !stop.load(Ordering::Relaxed) {
+                    if t < start {
+                        warm += u64::from(ok);
+                    } else if !stop.load(Ordering::Relaxed) {
                         if ok {
                             lat.push(t.elapsed().as_micros() as u32);
                         } else {
@@ -59,18 +72,19 @@ where
                         tokio::task::yield_now().await;
                     }
                 }
-                (lat, errors)
+                (lat, errors, warm)
             })
         })
         .collect();
     tokio::time::sleep_until((start + duration).into()).await;
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
-    let mut errors = 0;
+    let (mut errors, mut warmup_ok) = (0, 0);
     for w in workers {
-        let (lat, e) = w.await.expect("worker");
+        let (lat, e, warm) = w.await.expect("worker");
         all.extend(lat);
         errors += e;
+        warmup_ok += warm;
     }
     all.sort_unstable();
     let pct = |p: f64| -> f64 {
@@ -89,5 +103,6 @@ where
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
         p999_ms: pct(0.999),
+        warmup_ok,
     }
 }

@@ -12,6 +12,7 @@ mod procs;
 mod report;
 mod stream;
 mod webhook;
+mod wire;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -42,21 +42,25 @@ impl Proc {
 
     /// User + system CPU time used so far.
     pub fn cpu_time(&self) -> Duration {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the command name (which may hold spaces) start after the last ')'.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks: u64 = [11, 12]
-            .iter()
-            .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
-            .sum();
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        Duration::from_millis(ticks * 1000 / hz)
+        cpu_time_of(self.pid())
     }
+}
+
+/// User + system CPU time process `pid` has used so far (`/proc/<pid>/stat`).
+pub fn cpu_time_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / hz)
 }
 
 impl Drop for Proc {
@@ -137,10 +141,13 @@ impl Daemon {
         let internal_listen = internal
             .map(|p| format!("internal_listen = \"127.0.0.1:{p}\"\n"))
             .unwrap_or_default();
+        // Room for the memory scenario's 10,000 connections held at once: the default cap
+        // (4,096) is what a listener facing the internet should have, not what is measured.
         writeln!(
             f,
             "[server]\nlisten = \"127.0.0.1:{ingress}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
-             {internal_listen}max_body_bytes = 1048576\n[log]\nlevel = \"warn\"\n{toml}"
+             {internal_listen}max_body_bytes = 1048576\nmax_connections = 16384\n\
+             [log]\nlevel = \"warn\"\n{toml}"
         )?;
         let child = dies_with_parent(Command::new(daemon_bin()))
             .args(["serve", "--config"])

@@ -60,8 +60,14 @@ pub fn write(out: &Path) -> anyhow::Result<()> {
          - The daemon: release build, `[bus.nats] storage = \"file\"` or `[bus.kafka]`, notify \
          off; everything on the same machine, so the daemon, the broker and the load \
          generator share its cores.\n\
-         - Goals (issue 8): rate ≥ 0.6 × rate(b); p50 ≤ p50(a) + p50(b) + 0.2 ms; p99 ≤ \
-         2 × (p99(a) + p99(b)).\n"
+         - Goals: issue 8's, rate ≥ 0.6 × rate(b), p50 ≤ p50(a) + p50(b) + 0.2 ms, p99 ≤ \
+         2 × (p99(a) + p99(b)); issue 19's, on NATS ≥ 0.85 of the shared-CPU bound and at \
+         most 25 µs of daemon CPU per callback, on Kafka ≥ 0.5 × rate(b).\n\
+         - CPU per callback or request: the process's user + system time over the whole \
+         loop, warm-up included, divided by every request answered in it. The load \
+         generator (`bench/src/wire.rs`) writes prepared requests on kept-alive connections \
+         and reads the answers with `httparse`, so it costs less per request than the daemon \
+         it measures (its column).\n"
     )?;
 
     if let Some(points) = &ingress {
@@ -72,11 +78,20 @@ pub fn write(out: &Path) -> anyhow::Result<()> {
                 "Kafka (tansu)"
             };
             writeln!(r, "## Ingress: {title}\n")?;
+            // Issue 8 asked 0.6 × the raw publish of both buses; issue 19 asked 0.5 of Kafka
+            // at every concurrency, and 0.85 of the shared-CPU bound and 25 µs of daemon CPU
+            // per callback on NATS.
+            let (rate_goal, bound_goal) = if bus == "nats" {
+                (0.6, Some(0.85))
+            } else {
+                (0.5, None)
+            };
             writeln!(
                 r,
-                "| concurrency | (a) ok server /s | (b) raw publish /s | imbridge /s | imbridge ÷ (b) | rate goal | imbridge ÷ shared-CPU bound | p50 a / b / imbridge ms | p50 goal | p99 a / b / imbridge ms | p99 goal | p99.9 imbridge ms | daemon CPU |"
+                "| concurrency | (a) ok server /s | (b) raw publish /s | imbridge /s | imbridge ÷ (b) | goal ≥ {rate_goal} | imbridge ÷ shared-CPU bound | goal{} | daemon CPU per callback | goal ≤ 25 µs | load generator CPU per request: a / b / imbridge | p50 a / b / imbridge ms | p50 goal | p99 a / b / imbridge ms | p99 goal | p99.9 imbridge ms | daemon CPU |",
+                bound_goal.map_or(String::new(), |g| format!(" ≥ {g}"))
             )?;
-            writeln!(r, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+            writeln!(r, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
             for c in CONCURRENCY {
                 let (Some(a), Some(b), Some(i)) = (
                     find(points, bus, "ok_server", c),
@@ -85,21 +100,31 @@ pub fn write(out: &Path) -> anyhow::Result<()> {
                 ) else {
                     continue;
                 };
+                let us = |p: &Point| {
+                    p.generator_cpu_us
+                        .map_or("–".to_string(), |v| format!("{v:.0}"))
+                };
+                let generator = format!("{} / {} / {} µs", us(a), us(b), us(i));
                 let (a, b, i2) = (&a.stats, &b.stats, &i.stats);
                 let ratio = i2.rate / b.rate.max(f64::MIN_POSITIVE);
                 // When the machine's cores are the limit, the costs of (a) and (b) add up:
                 // even a daemon costing nothing would do no better than this.
                 let bound = 1.0 / (1.0 / a.rate.max(1.0) + 1.0 / b.rate.max(1.0));
+                let of_bound = i2.rate / bound;
+                let bound_mark = bound_goal.map_or("–", |g| mark(of_bound >= g));
+                let (cpu_us, cpu_mark) = match i.daemon_cpu_us {
+                    Some(v) => (format!("{v:.0} µs"), mark(v <= 25.0)),
+                    None => ("–".to_string(), "–"),
+                };
                 let p50_goal = a.p50_ms + b.p50_ms + 0.2;
                 let p99_goal = 2.0 * (a.p99_ms + b.p99_ms);
                 writeln!(
                     r,
-                    "| {c} | {:.0} | {:.0} | {:.0} | **{ratio:.2}** | {} | {:.2} | {:.2} / {:.2} / {:.2} | {} (≤ {p50_goal:.2}) | {:.2} / {:.2} / {:.2} | {} (≤ {p99_goal:.2}) | {:.2} | {:.0} % |",
+                    "| {c} | {:.0} | {:.0} | {:.0} | **{ratio:.2}** | {} | {of_bound:.2} | {bound_mark} | {cpu_us} | {cpu_mark} | {generator} | {:.2} / {:.2} / {:.2} | {} (≤ {p50_goal:.2}) | {:.2} / {:.2} / {:.2} | {} (≤ {p99_goal:.2}) | {:.2} | {:.0} % |",
                     a.rate,
                     b.rate,
                     i2.rate,
-                    mark(ratio >= 0.6),
-                    i2.rate / bound,
+                    mark(ratio >= rate_goal),
                     a.p50_ms,
                     b.p50_ms,
                     i2.p50_ms,
@@ -114,7 +139,7 @@ pub fn write(out: &Path) -> anyhow::Result<()> {
                 if i2.errors + b.errors + a.errors > 0 {
                     writeln!(
                         r,
-                        "| | errors: a {} b {} imbridge {} | | | | | | | | | | | |",
+                        "| | errors: a {} b {} imbridge {} | | | | | | | | | | | | | | | |",
                         a.errors, b.errors, i2.errors
                     )?;
                 }
