@@ -262,13 +262,7 @@ pub async fn run(out: &Path, d: Duration) -> anyhow::Result<()> {
     }
     drop(daemon);
 
-    eprintln!("memory: idle and with 10,000 callbacks in flight");
-    let memory = memory(&nats, &url).await?;
-    eprintln!(
-        "  idle {} KiB, {} in flight at {} KiB: {:.1} KiB each",
-        memory.idle_rss_kib, memory.in_flight, memory.peak_rss_kib, memory.kib_per_in_flight
-    );
-    crate::save(out, "memory", &memory)?;
+    measure_memory(out, &nats, &url).await?;
     drop(nats);
 
     eprintln!("ingress: Kafka (tansu)");
@@ -369,6 +363,27 @@ async fn kafka_raw(brokers: &str, concurrency: usize, d: Duration) -> anyhow::Re
         }
     })
     .await)
+}
+
+/// The memory scenario on a JetStream server of its own.
+pub async fn run_memory(out: &Path) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let (nats, port) = procs::nats_server()?;
+    measure_memory(out, &nats, &format!("nats://127.0.0.1:{port}")).await
+}
+
+async fn measure_memory(out: &Path, nats: &Proc, url: &str) -> anyhow::Result<()> {
+    eprintln!("memory: idle and with 10,000 callbacks in flight");
+    let memory = memory(nats, url).await?;
+    eprintln!(
+        "  idle {} KiB, {} in flight at {} KiB: {:.1} KiB each, {} answered 200",
+        memory.idle_rss_kib,
+        memory.in_flight,
+        memory.peak_rss_kib,
+        memory.kib_per_in_flight,
+        memory.answered_ok
+    );
+    crate::save(out, "memory", &memory)
 }
 
 /// RSS idle, then with 10,000 callbacks held: the bus is stalled (SIGSTOP), so every callback

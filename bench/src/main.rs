@@ -43,6 +43,11 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// The memory scenario only (results/memory.json): quick to repeat while profiling.
+    Memory {
+        #[arg(long, default_value = "bench")]
+        out: PathBuf,
+    },
     /// The API gateway against direct calls only (results/api.json).
     Api {
         #[arg(long, default_value = "bench")]
@@ -97,6 +102,10 @@ fn main() -> anyhow::Result<()> {
         }),
         Cmd::Ingress { out, seconds } => {
             runtime.block_on(ingress::run(&out, Duration::from_secs(seconds)))?;
+            report::write(&out)
+        }
+        Cmd::Memory { out } => {
+            runtime.block_on(ingress::run_memory(&out))?;
             report::write(&out)
         }
         Cmd::Api { out, seconds } => {

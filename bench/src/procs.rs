@@ -108,8 +108,13 @@ pub async fn wait_ok(url: &str, timeout: Duration) -> anyhow::Result<()> {
     }
 }
 
-/// The release binary of the daemon, next to this one.
+/// The release binary of the daemon, next to this one; or `BENCH_DAEMON`, such as a script that
+/// runs it under a heap profiler (it must `exec`, so signals reach the daemon). Not named
+/// `IMBRIDGE_…`: the daemon takes those as settings and refuses unknown ones.
 pub fn daemon_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("BENCH_DAEMON") {
+        return bin.into();
+    }
     let me = std::env::current_exe().expect("own path");
     me.with_file_name("imbridge")
 }

@@ -91,7 +91,10 @@ pub fn write(out: &Path) -> anyhow::Result<()> {
                 "| concurrency | (a) ok server /s | (b) raw publish /s | imbridge /s | imbridge ÷ (b) | goal ≥ {rate_goal} | imbridge ÷ shared-CPU bound | goal{} | daemon CPU per callback | goal ≤ 25 µs | load generator CPU per request: a / b / imbridge | p50 a / b / imbridge ms | p50 goal | p99 a / b / imbridge ms | p99 goal | p99.9 imbridge ms | daemon CPU |",
                 bound_goal.map_or(String::new(), |g| format!(" ≥ {g}"))
             )?;
-            writeln!(r, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")?;
+            writeln!(
+                r,
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            )?;
             for c in CONCURRENCY {
                 let (Some(a), Some(b), Some(i)) = (
                     find(points, bus, "ok_server", c),

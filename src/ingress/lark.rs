@@ -61,6 +61,8 @@ pub async fn callback(
                     // what can still be recognised.
                     None => (Cow::Owned(replay::body_digest(&body)), None),
                 };
+                // Not held while the publish is awaited.
+                drop(body);
                 let request = Signed {
                     platform: PLATFORM,
                     app: &app,

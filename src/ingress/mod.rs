@@ -267,18 +267,34 @@ impl PendingBody {
         if self.length.is_some_and(|l| l > max) {
             return Err(ApiError::too_large(max));
         }
-        let mut buf = BytesMut::new();
+        // A body that arrives in one chunk (a callback usually does: it is read with its
+        // headers) is kept as that chunk, with no copy. Only a second chunk starts a buffer,
+        // sized by the announced length (already checked against the limit).
+        let mut first = Bytes::new();
+        let mut more: Option<BytesMut> = None;
+        let mut read = 0u64;
         while let Some(chunk) =
             self.stream.try_next().await.map_err(|_| {
                 ApiError::bad_request("body_read", "could not read the request body")
             })?
         {
-            if (buf.len() + chunk.len()) as u64 > max {
+            read += chunk.len() as u64;
+            if read > max {
                 return Err(ApiError::too_large(max));
             }
-            buf.extend_from_slice(&chunk);
+            match &mut more {
+                None if first.is_empty() => first = chunk,
+                None => {
+                    let capacity = self.length.unwrap_or(read).max(read) as usize;
+                    let mut buf = BytesMut::with_capacity(capacity);
+                    buf.extend_from_slice(&first);
+                    buf.extend_from_slice(&chunk);
+                    more = Some(buf);
+                }
+                Some(buf) => buf.extend_from_slice(&chunk),
+            }
         }
-        Ok(buf.freeze())
+        Ok(more.map_or(first, BytesMut::freeze))
     }
 }
 

@@ -56,24 +56,38 @@ pub async fn callback(
             .wecom
             .get(&app)
             .ok_or_else(|| super::unknown_app("WeCom"))?;
-        let body = body?;
         let query = super::parse_query(&query)?;
         let params = callback::Params::from_query(&query).map_err(refusal)?;
-        let event = callback::open(
-            &cfg.crypt,
-            &params,
-            &body,
-            now_ms(),
-            state.replay_window,
-            &Limits::default(),
-        )
-        .map_err(refusal)?;
-        let payload = if cfg.keep_raw_xml {
-            let mut fields = event.fields().clone();
-            fields.insert(RAW_XML_FIELD.into(), event.xml.clone().into());
-            serde_json::to_vec(&fields).expect("a JSON object serialises")
-        } else {
-            event.body.clone()
+        // The request body and the opened event go out of scope with this block: only what
+        // is published is held while the publish is awaited.
+        let inbound = {
+            let event = callback::open(
+                &cfg.crypt,
+                &params,
+                &body?,
+                now_ms(),
+                state.replay_window,
+                &Limits::default(),
+            )
+            .map_err(refusal)?;
+            let (event_type, id) = (event.event_type(), event.ce_id());
+            let tenant = event.tenant().map(str::to_owned);
+            let payload = if cfg.keep_raw_xml {
+                let mut fields = event.fields().clone();
+                fields.insert(RAW_XML_FIELD.into(), event.xml.into());
+                serde_json::to_vec(&fields).expect("a JSON object serialises")
+            } else {
+                event.body
+            };
+            super::Event {
+                platform: PLATFORM,
+                app: app.clone(),
+                event_type,
+                id,
+                tenant,
+                payload: Bytes::from(payload),
+                recovered: false,
+            }
         };
         let signed = Signed {
             platform: PLATFORM,
@@ -86,20 +100,7 @@ pub async fn callback(
                 .ok()
                 .map(|s| s.saturating_mul(1000)),
         };
-        let outcome = replay::publish_once(
-            &state,
-            signed,
-            super::Event {
-                platform: PLATFORM,
-                app: app.clone(),
-                event_type: event.event_type(),
-                id: event.ce_id(),
-                tenant: event.tenant().map(str::to_owned),
-                payload: Bytes::from(payload),
-                recovered: false,
-            },
-        )
-        .await?;
+        let outcome = replay::publish_once(&state, signed, inbound).await?;
         // WeCom takes an empty 200 as "received, no passive reply".
         Ok((outcome, warp::reply().into_response()))
     };
