@@ -173,9 +173,9 @@ impl NatsBus {
         // Checked again here, for every header whatever made it: the client panics on a
         // control character.
         for (k, v) in &msg.headers {
-            headers.insert(k.as_str(), super::header_value(v).as_str());
+            headers.insert(k.as_str(), &*super::clean_header_value(v));
         }
-        headers.insert("Nats-Msg-Id", super::header_value(&msg.id).as_str());
+        headers.insert("Nats-Msg-Id", &*super::clean_header_value(&msg.id));
         let publish = async {
             self.js
                 .publish_with_headers(msg.subject.clone(), headers, msg.payload.clone())
