@@ -341,7 +341,8 @@ async fn kafka_raw(brokers: &str, concurrency: usize, d: Duration) -> anyhow::Re
         .clone()
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "0")
+        // The daemon's own default (src/bus/kafka/mod.rs), so both batch alike.
+        .set("linger.ms", "1")
         .create()?;
     let payload = Arc::new(vec![b'x'; callbacks::EVENT_BYTES]);
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));

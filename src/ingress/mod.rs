@@ -267,34 +267,22 @@ impl PendingBody {
         if self.length.is_some_and(|l| l > max) {
             return Err(ApiError::too_large(max));
         }
-        // A body that arrives in one chunk (a callback usually does: it is read with its
-        // headers) is kept as that chunk, with no copy. Only a second chunk starts a buffer,
-        // sized by the announced length (already checked against the limit).
-        let mut first = Bytes::new();
-        let mut more: Option<BytesMut> = None;
-        let mut read = 0u64;
+        // Copied out of hyper's chunks, never kept as one: a chunk is a slice of the
+        // connection's 8 KiB read buffer, and a body kept for long (a notification queued on
+        // the in-process bus) would hold all of it. Sized by the announced length (already
+        // checked against the limit) so the copy is made once.
+        let mut buf = BytesMut::with_capacity(self.length.unwrap_or(0) as usize);
         while let Some(chunk) =
             self.stream.try_next().await.map_err(|_| {
                 ApiError::bad_request("body_read", "could not read the request body")
             })?
         {
-            read += chunk.len() as u64;
-            if read > max {
+            if (buf.len() + chunk.len()) as u64 > max {
                 return Err(ApiError::too_large(max));
             }
-            match &mut more {
-                None if first.is_empty() => first = chunk,
-                None => {
-                    let capacity = self.length.unwrap_or(read).max(read) as usize;
-                    let mut buf = BytesMut::with_capacity(capacity);
-                    buf.extend_from_slice(&first);
-                    buf.extend_from_slice(&chunk);
-                    more = Some(buf);
-                }
-                Some(buf) => buf.extend_from_slice(&chunk),
-            }
+            buf.extend_from_slice(&chunk);
         }
-        Ok(more.map_or(first, BytesMut::freeze))
+        Ok(buf.freeze())
     }
 }
 
