@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::common::engine::Engine;
 use crate::common::*;
 
 const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -252,5 +253,41 @@ async fn http2_is_not_spoken() {
         .post(&app, "main")
         .await;
     assert_eq!(res.status(), 200);
+    app.stop().await;
+}
+
+/// A client that shuts its side of the connection once its callback is sent (HTTP/1.1 allows
+/// it) still gets its answer, and the event is stored: the daemon does not watch the socket
+/// for a hang-up while the publish is on its way. The broker is paused meanwhile, so the
+/// half-close arrives while the publish waits.
+#[tokio::test]
+async fn a_callback_whose_client_half_closes_is_answered_and_stored() {
+    let engine = Engine::nats();
+    let app = TestApp::start(&toml_with(&format!("{}\n{MAIN_APP}", engine.toml()))).await;
+    app.wait_ready().await;
+    let dt = DingTalk::main();
+    let cb = dt.callback(&approval_event("half-close"));
+    let query = serde_urlencoded::to_string(&cb.query).unwrap();
+    let mut s = TcpStream::connect(app.ingress).await.unwrap();
+    let request = format!(
+        "POST /callbacks/dingtalk/main?{query} HTTP/1.1\r\nHost: imbridge\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{}",
+        cb.body.len(),
+        cb.body
+    );
+    engine.pause();
+    s.write_all(request.as_bytes()).await.unwrap();
+    s.shutdown().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    engine.signal("-CONT");
+    let answer = tokio::time::timeout(WAIT, read_to_close(&mut s))
+        .await
+        .expect("no answer to a half-closed callback");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    dt.check_reply(&serde_json::from_str(body).unwrap());
+    assert_eq!(app.callbacks("main", "published"), 1);
+    assert_eq!(engine.stored("dingtalk.bpms_instance_change").await, 1);
     app.stop().await;
 }

@@ -506,6 +506,12 @@ fn client_config(settings: &KafkaSettings) -> ClientConfig {
 }
 
 fn producer(config: &ClientConfig, settings: &KafkaSettings) -> Result<FutureProducer, BusError> {
+    producer_config(config, settings.publish_timeout)
+        .create()
+        .map_err(|e| BusError::Unavailable(format!("creating the Kafka producer: {e}")))
+}
+
+fn producer_config(config: &ClientConfig, publish_timeout: Duration) -> ClientConfig {
     let mut config = config.clone();
     // Every callback waits for its delivery report before the platform is answered, so
     // librdkafka's default 5 ms of lingering for a batch is 5 ms added to each answer (bench/,
@@ -523,11 +529,9 @@ fn producer(config: &ClientConfig, settings: &KafkaSettings) -> Result<FuturePro
         .set("acks", "all")
         .set(
             "message.timeout.ms",
-            settings.publish_timeout.as_millis().to_string(),
+            publish_timeout.as_millis().to_string(),
         );
     config
-        .create()
-        .map_err(|e| BusError::Unavailable(format!("creating the Kafka producer: {e}")))
 }
 
 /// Why a topic could not be created.
@@ -616,6 +620,26 @@ pub fn internal_header_name(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_producer_lingers_1_ms_unless_configured() {
+        let timeout = Duration::from_secs(5);
+        let plain = producer_config(&ClientConfig::new(), timeout);
+        assert_eq!(plain.get("linger.ms"), Some("1"));
+        assert_eq!(plain.get("acks"), Some("all"));
+        assert_eq!(plain.get("enable.idempotence"), Some("true"));
+        assert_eq!(plain.get("message.timeout.ms"), Some("5000"));
+
+        let mut own = ClientConfig::new();
+        own.set("linger.ms", "20");
+        assert_eq!(producer_config(&own, timeout).get("linger.ms"), Some("20"));
+        // The older name of the same setting counts as configuring it.
+        let mut old = ClientConfig::new();
+        old.set("queue.buffering.max.ms", "0");
+        let old = producer_config(&old, timeout);
+        assert_eq!(old.get("linger.ms"), None);
+        assert_eq!(old.get("queue.buffering.max.ms"), Some("0"));
+    }
 
     #[test]
     fn record_keys() {
