@@ -58,6 +58,20 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
+/// Whether a listener's requests run to their end when the client hangs up meanwhile (hyper
+/// then does not watch the socket while a request is handled). Only the public listener's:
+/// - there a request is a platform's callback, bounded by the publish timeout, and a callback
+///   whose client went away is better stored than cancelled (the retry is deduplicated);
+/// - watching costs a `recv` per callback, and an 8 KiB read buffer for each callback waiting
+///   on its publish: hyper reads to notice the hang-up, and its first buffer is still shared
+///   with the request's headers (bench/ANALYSIS.md, "Memory").
+///
+/// On the internal listener a hang-up must end what the client asked for: a `GET /events`
+/// stream holding a bus tail, a `?wait=true` notification, a gateway call.
+fn requests_outlive_hang_ups(listener: &str) -> bool {
+    listener == "public"
+}
+
 /// A bound listener and the name its metrics and logs use (`public`, `internal`, `admin`).
 pub struct Listener {
     name: &'static str,
@@ -107,13 +121,7 @@ impl Listener {
             .header_read_timeout(limits.header_timeout)
             .max_headers(HEADER_COUNT)
             .max_buf_size(HEADER_BYTES)
-            // While a request is being handled, hyper would otherwise read the socket to
-            // notice a client hanging up, and for that read it allocates a fresh read buffer
-            // (the first one is still shared with the request's headers): a wasted syscall
-            // and up to 8 KiB more for every callback waiting on its publish. Nothing is lost
-            // by not noticing: the publish goes on either way (a retried callback is
-            // deduplicated), and a client gone is found when its answer is written.
-            .half_close(true);
+            .half_close(requests_outlive_hang_ups(name));
         let slots = Arc::new(Semaphore::new(limits.max_connections));
         let graceful = GracefulShutdown::new();
         let mut connections = JoinSet::new();

@@ -45,11 +45,13 @@ async fn handle(
     let Some(cfg) = current.dingtalk.get(app) else {
         return Err(super::unknown_app("DingTalk"));
     };
+    let body = body?;
     let query = super::parse_query(query)?;
     let params = callback::Params::from_query(&query).map_err(refusal)?;
-    // The body goes out of scope here, not held while the publish is awaited.
-    let event = callback::open(&cfg.crypt, &params, &body?, now_ms(), state.replay_window)
+    let event = callback::open(&cfg.crypt, &params, &body, now_ms(), state.replay_window)
         .map_err(refusal)?;
+    // Not held while the publish is awaited.
+    drop(body);
 
     let reply = || warp::reply::json(&callback::reply(&cfg.crypt, now_ms())).into_response();
     if event.is_check_url() {

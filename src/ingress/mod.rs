@@ -246,6 +246,9 @@ fn into_bytes(mut chunk: impl Buf) -> Bytes {
     chunk.copy_to_bytes(chunk.remaining())
 }
 
+/// Most bytes reserved for a body before it arrives: callbacks are a few KiB.
+const INITIAL_BODY_BUFFER: usize = 16 * 1024;
+
 /// A request body still on the wire, with the limits it is read under.
 pub struct PendingBody {
     length: Option<u64>,
@@ -269,9 +272,11 @@ impl PendingBody {
         }
         // Copied out of hyper's chunks, never kept as one: a chunk is a slice of the
         // connection's 8 KiB read buffer, and a body kept for long (a notification queued on
-        // the in-process bus) would hold all of it. Sized by the announced length (already
-        // checked against the limit) so the copy is made once.
-        let mut buf = BytesMut::with_capacity(self.length.unwrap_or(0) as usize);
+        // the in-process bus) would hold all of it. Sized by the announced length so the copy
+        // is made once, but only up to what a callback needs: a stranger announcing the limit
+        // and sending nothing must not get that much reserved for the body timeout.
+        let reserve = self.length.unwrap_or(0).min(INITIAL_BODY_BUFFER as u64) as usize;
+        let mut buf = BytesMut::with_capacity(reserve);
         while let Some(chunk) =
             self.stream.try_next().await.map_err(|_| {
                 ApiError::bad_request("body_read", "could not read the request body")

@@ -56,15 +56,17 @@ pub async fn callback(
             .wecom
             .get(&app)
             .ok_or_else(|| super::unknown_app("WeCom"))?;
+        let body = body?;
         let query = super::parse_query(&query)?;
         let params = callback::Params::from_query(&query).map_err(refusal)?;
         // The request body and the opened event go out of scope with this block: only what
         // is published is held while the publish is awaited.
         let inbound = {
+            let body = body;
             let event = callback::open(
                 &cfg.crypt,
                 &params,
-                &body?,
+                &body,
                 now_ms(),
                 state.replay_window,
                 &Limits::default(),
