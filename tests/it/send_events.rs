@@ -356,3 +356,28 @@ async fn events_are_for_clients_with_valid_patterns_and_limited_per_client() {
     assert_eq!(body["code"], "too_many_streams");
     app.stop().await;
 }
+
+/// The internal listener notices a client hanging up in the middle of its stream: the stream
+/// ends and its slot is free again long before the next keep-alive comment would have failed
+/// to write (15 s).
+#[tokio::test]
+async fn a_client_leaving_its_event_stream_frees_its_slot_at_once() {
+    let app = TestApp::start(&toml_with("max_event_streams = 1")).await;
+    app.wait_ready().await;
+    let one = Sse::open(&app, "subject=dingtalk.>").await;
+    drop(one);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let res = get_events(&app, "subject=dingtalk.>", &app.http).await;
+        if res.status() == 200 {
+            break;
+        }
+        assert_eq!(res.status(), 429);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot of a stream whose client left was not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.stop().await;
+}
