@@ -129,7 +129,16 @@ const REUSED_POOL: usize = 20_000;
 struct Load {
     stats: Stats,
     generator_cpu_us: f64,
-    daemon: Option<(f64, f64)>,
+    daemon: Option<DaemonCpu>,
+}
+
+/// The daemon's CPU during a load point.
+#[derive(Clone, Copy)]
+struct DaemonCpu {
+    /// Of one core, over the point's wall time.
+    percent: f64,
+    /// Per answered callback.
+    per_op_us: f64,
 }
 
 /// CPU per operation in µs.
@@ -180,10 +189,10 @@ async fn callbacks_load(
     }
     let daemon = daemon.zip(daemon_before).map(|(d, before)| {
         let cpu = d.proc.cpu_time().saturating_sub(before);
-        (
-            100.0 * cpu.as_secs_f64() / started.elapsed().as_secs_f64(),
-            per_op(cpu, &stats),
-        )
+        DaemonCpu {
+            percent: 100.0 * cpu.as_secs_f64() / started.elapsed().as_secs_f64(),
+            per_op_us: per_op(cpu, &stats),
+        }
     });
     Load {
         generator_cpu_us: per_op(generator, &stats),
@@ -220,15 +229,15 @@ fn point(bus: &str, scenario: &str, c: usize, load: Load) -> Point {
         stats.p99_ms,
         stats.p999_ms,
         stats.errors,
-        daemon.map_or(0.0, |d| d.1)
+        daemon.map_or(0.0, |d| d.per_op_us)
     );
     Point {
         bus: bus.into(),
         scenario: scenario.into(),
         concurrency: c,
         stats,
-        daemon_cpu_percent: daemon.map(|d| d.0),
-        daemon_cpu_us: daemon.map(|d| d.1),
+        daemon_cpu_percent: daemon.map(|d| d.percent),
+        daemon_cpu_us: daemon.map(|d| d.per_op_us),
         generator_cpu_us: Some(generator_cpu_us),
     }
 }

@@ -55,8 +55,8 @@ pub fn write(out: &Path) -> anyhow::Result<()> {
          - Baseline (b): the raw publish the daemon must wait for, from a Rust client at the \
          same concurrency: async-nats JetStream publish of 1 KiB with `Nats-Msg-Id`, awaiting \
          the PubAck, to a file-storage stream (nats-server defaults: no fsync per message); \
-         rdkafka 0.39 idempotent `acks=all` produce with the daemon's `linger.ms = 1`, awaiting the delivery report, to tansu \
-         0.6.0 (memory storage).\n\
+         rdkafka 0.39 idempotent `acks=all` produce with the daemon's `linger.ms = 1`, \
+         awaiting the delivery report, to tansu 0.6.0 (memory storage).\n\
          - The daemon: release build, `[bus.nats] storage = \"file\"` or `[bus.kafka]`, notify \
          off; everything on the same machine, so the daemon, the broker and the load \
          generator share its cores.\n\
