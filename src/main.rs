@@ -11,6 +11,7 @@ use imbridge::config::{self, ConfigError};
 /// waited on in futexes), measured with `perf` on the ingress benchmark. jemalloc also holds
 /// less per idle connection: 20.6 KiB per callback in flight, against glibc's 30.0 and
 /// mimalloc's 42.1, in runs of the same benchmark (bench/ANALYSIS.md).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

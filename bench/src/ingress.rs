@@ -36,7 +36,8 @@ pub struct Point {
     pub stats: Stats,
     /// CPU the daemon used during the measured time, in % of one core (imbridge only).
     pub daemon_cpu_percent: Option<f64>,
-    /// The daemon's CPU per answered callback, in µs (imbridge only).
+    /// The serving process's CPU per answered request, in µs: the daemon's for imbridge, the
+    /// trivial server's for baseline (a).
     #[serde(default)]
     pub daemon_cpu_us: Option<f64>,
     /// The load generator's CPU per request, in µs: for the baselines (b) the client's whole
@@ -129,12 +130,12 @@ const REUSED_POOL: usize = 20_000;
 struct Load {
     stats: Stats,
     generator_cpu_us: f64,
-    daemon: Option<DaemonCpu>,
+    server: Option<ServerCpu>,
 }
 
-/// The daemon's CPU during a load point.
+/// The serving process's CPU during a load point (the daemon's, or the trivial server's).
 #[derive(Clone, Copy)]
-struct DaemonCpu {
+struct ServerCpu {
     /// Of one core, over the point's wall time.
     percent: f64,
     /// Per answered callback.
@@ -146,15 +147,21 @@ fn per_op(cpu: Duration, stats: &Stats) -> f64 {
     cpu.as_secs_f64() * 1e6 / stats.all_ok().max(1) as f64
 }
 
-/// Posts callbacks to `port` from a closed loop, each worker on its own kept-alive connection;
-/// with `daemon`, its CPU as well.
-async fn callbacks_load(
-    port: u16,
-    concurrency: usize,
-    d: Duration,
-    daemon: Option<&Daemon>,
-) -> Load {
-    let reuse = daemon.is_none();
+/// Who answers a load point's callbacks.
+#[derive(Clone, Copy)]
+enum Server<'a> {
+    /// Baseline (a) on its port, which does not deduplicate: its callbacks may be sent again.
+    Trivial(&'a Proc, u16),
+    Daemon(&'a Daemon),
+}
+
+/// Posts callbacks to `server` from a closed loop, each worker on its own kept-alive
+/// connection, and measures the server's CPU as well.
+async fn callbacks_load(server: Server<'_>, concurrency: usize, d: Duration) -> Load {
+    let (proc, port, reuse) = match server {
+        Server::Trivial(proc, port) => (proc, port, true),
+        Server::Daemon(daemon) => (&daemon.proc, daemon.ingress, false),
+    };
     let size = if reuse {
         REUSED_POOL
     } else {
@@ -169,7 +176,7 @@ async fn callbacks_load(
     );
     let started = Instant::now();
     let generator = procs::cpu_time_of(std::process::id());
-    let daemon_before = daemon.map(|d| d.proc.cpu_time());
+    let server_before = proc.cpu_time();
     let stats = closed_loop(concurrency, WARMUP, d, move |w| {
         let (pool, conns) = (pool.clone(), conns.clone());
         async move {
@@ -187,17 +194,15 @@ async fn callbacks_load(
     if used.used_up() {
         eprintln!("  the {size} prepared callbacks were used up: this point's rate is understated");
     }
-    let daemon = daemon.zip(daemon_before).map(|(d, before)| {
-        let cpu = d.proc.cpu_time().saturating_sub(before);
-        DaemonCpu {
-            percent: 100.0 * cpu.as_secs_f64() / started.elapsed().as_secs_f64(),
-            per_op_us: per_op(cpu, &stats),
-        }
-    });
+    let cpu = proc.cpu_time().saturating_sub(server_before);
+    let server = ServerCpu {
+        percent: 100.0 * cpu.as_secs_f64() / started.elapsed().as_secs_f64(),
+        per_op_us: per_op(cpu, &stats),
+    };
     Load {
         generator_cpu_us: per_op(generator, &stats),
         stats,
-        daemon,
+        server: Some(server),
     }
 }
 
@@ -211,7 +216,7 @@ async fn client_load(
     Ok(Load {
         generator_cpu_us: per_op(cpu, &stats),
         stats,
-        daemon: None,
+        server: None,
     })
 }
 
@@ -219,42 +224,89 @@ fn point(bus: &str, scenario: &str, c: usize, load: Load) -> Point {
     let Load {
         stats,
         generator_cpu_us,
-        daemon,
+        server,
     } = load;
     eprintln!(
         "  {bus:5} {scenario:11} c={c:3}: {:8.0}/s p50 {:6.2} ms p99 {:6.2} ms p99.9 {:6.2} ms errors {} \
-         generator {generator_cpu_us:.0} µs/op daemon {:.0} µs/op",
+         generator {generator_cpu_us:.0} µs/op server {:.0} µs/op",
         stats.rate,
         stats.p50_ms,
         stats.p99_ms,
         stats.p999_ms,
         stats.errors,
-        daemon.map_or(0.0, |d| d.per_op_us)
+        server.map_or(0.0, |s| s.per_op_us)
     );
     Point {
         bus: bus.into(),
         scenario: scenario.into(),
         concurrency: c,
         stats,
-        daemon_cpu_percent: daemon.map(|d| d.percent),
-        daemon_cpu_us: daemon.map(|d| d.per_op_us),
+        daemon_cpu_percent: server.map(|s| s.percent),
+        daemon_cpu_us: server.map(|s| s.per_op_us),
         generator_cpu_us: Some(generator_cpu_us),
     }
+}
+
+/// The daemon's own work on one callback without any I/O, in µs of CPU: the query, the
+/// signature and replay window, the decryption, the event's JSON and id, and the encrypted
+/// reply. With the CPU of baseline (a)'s server and (b)'s client it makes the sum of the
+/// parts a callback costs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OwnWork {
+    pub us_per_callback: f64,
+}
+
+fn own_work() -> anyhow::Result<OwnWork> {
+    use imbridge::platform::dingtalk::callback;
+    const N: usize = 20_000;
+    let maker = Maker::new();
+    let crypt = imbridge::platform::msgcrypt::MsgCrypt::new(
+        callbacks::TOKEN,
+        callbacks::AES_KEY,
+        callbacks::CORP_ID,
+    )?;
+    let made: Vec<_> = (0..N).map(|_| maker.make()).collect();
+    let window = Some(Duration::from_secs(3600));
+    // This thread's CPU, so that the other work on a shared machine does not count.
+    let before = procs::thread_cpu_time();
+    for cb in &made {
+        let query = imbridge::ingress::parse_query(&cb.query)
+            .map_err(|_| anyhow::anyhow!("the bench's query did not parse"))?;
+        let params = callback::Params::from_query(&query)?;
+        let now = imbridge::platform::now_ms();
+        let event = callback::open(&crypt, &params, cb.body.as_bytes(), now, window)?;
+        let id = imbridge::ingress::dingtalk::event_id("bench", &event.plaintext);
+        let reply = serde_json::to_vec(&callback::reply(&crypt, now))?;
+        std::hint::black_box((event, id, reply));
+    }
+    let cpu = procs::thread_cpu_time().saturating_sub(before);
+    let work = OwnWork {
+        us_per_callback: cpu.as_secs_f64() * 1e6 / N as f64,
+    };
+    eprintln!(
+        "  the daemon's own work without I/O: {:.1} µs per callback",
+        work.us_per_callback
+    );
+    Ok(work)
 }
 
 pub async fn run(out: &Path, d: Duration) -> anyhow::Result<()> {
     raise_fd_limit();
     let mut points = Vec::new();
 
+    eprintln!("ingress: the daemon's own work on a callback");
+    crate::save(out, "own_work", &own_work()?)?;
+
     eprintln!("ingress: baseline (a), trivial hyper server");
     let ok_port = procs::free_port();
-    let _ok = procs::own_mode(&["ok-server", "--port", &ok_port.to_string()]).await?;
+    let ok = procs::own_mode(&["ok-server", "--port", &ok_port.to_string()]).await?;
     wait_listening(ok_port).await?;
     let mut ok_points = Vec::new();
     for c in CONCURRENCY {
-        let load = callbacks_load(ok_port, c, d, None).await;
+        let load = callbacks_load(Server::Trivial(&ok, ok_port), c, d).await;
         ok_points.push(point("any", "ok_server", c, load));
     }
+    drop(ok);
     for p in &ok_points {
         points.push(Point {
             bus: "nats".into(),
@@ -280,7 +332,7 @@ pub async fn run(out: &Path, d: Duration) -> anyhow::Result<()> {
     ))
     .await?;
     for c in CONCURRENCY {
-        let load = callbacks_load(daemon.ingress, c, d, Some(&daemon)).await;
+        let load = callbacks_load(Server::Daemon(&daemon), c, d).await;
         points.push(point("nats", "imbridge", c, load));
     }
     drop(daemon);
@@ -302,7 +354,7 @@ pub async fn run(out: &Path, d: Duration) -> anyhow::Result<()> {
     ))
     .await?;
     for c in CONCURRENCY {
-        let load = callbacks_load(daemon.ingress, c, d, Some(&daemon)).await;
+        let load = callbacks_load(Server::Daemon(&daemon), c, d).await;
         points.push(point("kafka", "imbridge", c, load));
     }
     crate::save(out, "ingress", &points)

@@ -30,7 +30,7 @@ pub async fn callback(
         PLATFORM,
         &app,
         known,
-        handle(&app, &query, body, &state),
+        Box::pin(handle(&app, &query, body, &state)),
     )
     .await
 }
@@ -50,8 +50,11 @@ async fn handle(
     let params = callback::Params::from_query(&query).map_err(refusal)?;
     let event = callback::open(&cfg.crypt, &params, &body, now_ms(), state.replay_window)
         .map_err(refusal)?;
-    // Not held while the publish is awaited.
-    drop(body);
+    // What is kept of the request while the publish is awaited: the signature and its time.
+    let signature = params.signature.to_owned();
+    // Milliseconds; already checked against the window when there is one.
+    let signed_at_ms = params.timestamp.parse().ok();
+    drop((body, query));
 
     let reply = || warp::reply::json(&callback::reply(&cfg.crypt, now_ms())).into_response();
     if event.is_check_url() {
@@ -61,20 +64,24 @@ async fn handle(
     let signed = Signed {
         platform: PLATFORM,
         app,
-        signature: params.signature,
-        // Milliseconds; already checked against the window when there is one.
-        signed_at_ms: params.timestamp.parse().ok(),
+        signature: &signature,
+        signed_at_ms,
     };
     let id = event_id(app, &event.plaintext);
+    let callback::Event {
+        plaintext,
+        event_type,
+        corp_id,
+    } = event;
     let outcome = replay::publish_once(
         state,
         signed,
         self::event(
             app,
-            event.event_type.clone().unwrap_or_default(),
+            event_type.unwrap_or_default(),
             id,
-            event.corp_id.clone(),
-            Bytes::from(event.plaintext),
+            corp_id,
+            Bytes::from(plaintext),
         ),
     )
     .await?;

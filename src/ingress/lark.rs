@@ -88,7 +88,7 @@ pub async fn callback(
             }
         }
     };
-    super::serve_callback(&state, PLATFORM, &app, known, handler).await
+    super::serve_callback(&state, PLATFORM, &app, known, Box::pin(handler)).await
 }
 
 fn refusal(err: CallbackError) -> ApiError {

@@ -40,7 +40,7 @@ pub async fn verify(app: String, query: String, state: Arc<State>) -> Response {
             .into_response();
         Ok((Outcome::Handshake("verify_url"), response))
     };
-    super::serve_callback(&state, PLATFORM, &app, known, handler).await
+    super::serve_callback(&state, PLATFORM, &app, known, Box::pin(handler)).await
 }
 
 pub async fn callback(
@@ -106,7 +106,7 @@ pub async fn callback(
         // WeCom takes an empty 200 as "received, no passive reply".
         Ok((outcome, warp::reply().into_response()))
     };
-    super::serve_callback(&state, PLATFORM, &app, known, handler).await
+    super::serve_callback(&state, PLATFORM, &app, known, Box::pin(handler)).await
 }
 
 fn refusal(err: CallbackError) -> ApiError {

@@ -138,23 +138,136 @@ pub fn open(
     }
     let decrypted = crypt.decrypt(&envelope.encrypt)?;
     let text = std::str::from_utf8(&decrypted.message).map_err(|_| CallbackError::Utf8)?;
-    let value: serde_json::Value = serde_json::from_str(text).map_err(|_| CallbackError::Json)?;
-    let object = value.as_object().ok_or(CallbackError::Json)?;
-    let field = |names: &[&str]| {
-        names
-            .iter()
-            .find_map(|n| object.get(*n).and_then(|v| v.as_str()))
-            .map(str::to_owned)
-    };
+    let fields: EventFields = serde_json::from_str(text).map_err(|_| CallbackError::Json)?;
     // [U] Payload key casing is not confirmed for every event family (PROTOCOLS.md §1.5), so
-    // both spellings are read.
-    let event_type = field(&["EventType", "eventType"]);
-    let corp_id = field(&["CorpId", "corpId"]);
+    // both spellings are read, the PascalCase one first.
+    let [event_type, corp_id] = fields.0.map(|[pascal, camel]| pascal.or(camel));
     Ok(Event {
         plaintext: decrypted.message,
         event_type,
         corp_id,
     })
+}
+
+/// The two fields the bridge reads from a decrypted event, `EventType` and `CorpId`, each as
+/// `[PascalCase, camelCase]`. Read field by field rather than as a `serde_json::Value`: the
+/// rest of the event is checked to be JSON and skipped without being built, which would cost
+/// an allocation per key and value of every callback. As with a `Value`, the whole text must
+/// be one JSON object, a repeated key counts by its last value, and a value that is not a
+/// string counts as absent.
+#[derive(Default)]
+struct EventFields([[Option<String>; 2]; 2]);
+
+impl<'de> Deserialize<'de> for EventFields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = EventFields;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<EventFields, A::Error> {
+                let mut fields = EventFields::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    let slot = match key {
+                        Key::Known(field, spelling) => &mut fields.0[field][spelling],
+                        Key::Other => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = map.next_value::<StringOrNone>()?.0;
+                }
+                Ok(fields)
+            }
+        }
+        d.deserialize_map(Fields)
+    }
+}
+
+/// A key of the event: one of the two fields read (which, in which spelling) or another.
+enum Key {
+    Known(usize, usize),
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl serde::de::Visitor<'_> for Name {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Key, E> {
+                Ok(match key {
+                    "EventType" => Key::Known(0, 0),
+                    "eventType" => Key::Known(0, 1),
+                    "CorpId" => Key::Known(1, 0),
+                    "corpId" => Key::Known(1, 1),
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(Name)
+    }
+}
+
+/// A string value, or `None` for any other JSON value (skipped whole).
+struct StringOrNone(Option<String>);
+
+impl<'de> Deserialize<'de> for StringOrNone {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Value;
+        impl<'de> serde::de::Visitor<'de> for Value {
+            type Value = StringOrNone;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<StringOrNone, E> {
+                Ok(StringOrNone(Some(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<StringOrNone, E> {
+                Ok(StringOrNone(Some(v)))
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<StringOrNone, E> {
+                Ok(StringOrNone(None))
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<StringOrNone, E> {
+                Ok(StringOrNone(None))
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<StringOrNone, E> {
+                Ok(StringOrNone(None))
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<StringOrNone, E> {
+                Ok(StringOrNone(None))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<StringOrNone, E> {
+                Ok(StringOrNone(None))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<StringOrNone, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(StringOrNone(None))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<StringOrNone, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(StringOrNone(None))
+            }
+        }
+        d.deserialize_any(Value)
+    }
 }
 
 /// The reply DingTalk requires: an encrypted `success` signed over the reply's own timestamp and
@@ -473,5 +586,64 @@ mod tests {
             check_reply(&crypt, &serde_json::to_vec(&not_success).unwrap()),
             Err(ReplyError::NotSuccess("fail".into()))
         );
+    }
+
+    /// The fields read without building the event agree with reading it as a
+    /// `serde_json::Value`, on every shape an event could take.
+    #[test]
+    fn event_fields_read_as_a_value_would() {
+        let as_value = |text: &str| -> Option<[Option<String>; 2]> {
+            let value: serde_json::Value = serde_json::from_str(text).ok()?;
+            let object = value.as_object()?;
+            let field = |names: [&str; 2]| {
+                names
+                    .iter()
+                    .find_map(|n| object.get(*n).and_then(|v| v.as_str()))
+                    .map(str::to_owned)
+            };
+            Some([
+                field(["EventType", "eventType"]),
+                field(["CorpId", "corpId"]),
+            ])
+        };
+        let read = |text: &str| -> Option<[Option<String>; 2]> {
+            let fields: EventFields = serde_json::from_str(text).ok()?;
+            Some(fields.0.map(|[pascal, camel]| pascal.or(camel)))
+        };
+        for text in [
+            r#"{"EventType":"bpms_instance_change","CorpId":"ding1"}"#,
+            r#"{"eventType":"user_add_org","corpId":"ding2","UserId":["u1","u2"]}"#,
+            // Both spellings: PascalCase wins.
+            r#"{"eventType":"b","EventType":"a","corpId":"y","CorpId":"x"}"#,
+            // Not a string: absent, and the other spelling is used.
+            r#"{"EventType":7,"eventType":"b","CorpId":null,"corpId":{"a":[1,{"b":2}]}}"#,
+            r#"{"EventType":["a"],"CorpId":true}"#,
+            // A repeated key counts by its last value, a string or not.
+            r#"{"EventType":"a","EventType":"b"}"#,
+            r#"{"EventType":"a","EventType":1.5}"#,
+            // Escaped keys and values.
+            r#"{"Event\u0054ype":"\u5ba1\u6279","CorpId":"a\"b"}"#,
+            r#"{"title":"张三","nested":{"EventType":"inner"},"list":[{"corpId":"x"}]}"#,
+            r#"{}"#,
+            r#"  {"EventType":"a"}  "#,
+            // Not one JSON object: refused by both.
+            r#"[{"EventType":"a"}]"#,
+            r#""EventType""#,
+            r#"null"#,
+            r#"{"EventType":"a"} {"EventType":"b"}"#,
+            r#"{"EventType":"a""#,
+            r#"{"EventType":"a",}"#,
+            r#"{"EventType":"a","x":[1,2}"#,
+            "",
+        ] {
+            assert_eq!(read(text), as_value(text), "{text}");
+        }
+        let deep = format!("{{\"x\":{}1{}}}", "[".repeat(200), "]".repeat(200));
+        assert_eq!(
+            read(&deep),
+            None,
+            "nesting beyond serde_json's limit is refused"
+        );
+        assert_eq!(as_value(&deep), None);
     }
 }
