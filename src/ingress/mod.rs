@@ -323,7 +323,7 @@ impl Outcome {
 /// The handler comes boxed. An async fn keeps its arguments for the whole call, beside the
 /// future it awaits, so an inline handler would be held twice by every callback waiting for
 /// its publish, and the listener's boxed filter future, as large as its largest state over
-/// every route, with it: 6.6 KiB per callback before, 2.6 KiB now (heaptrack,
+/// every route, with it: 6.6 KiB per callback before, 3.5 KiB now (heaptrack,
 /// bench/ANALYSIS.md, "Memory").
 pub async fn serve_callback(
     state: &State,
