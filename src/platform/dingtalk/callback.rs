@@ -154,8 +154,9 @@ pub fn open(
 /// rest of the event is checked to be JSON and skipped without being built, which would cost
 /// an allocation per key and value of every callback. As with a `Value`, the whole text must
 /// be one JSON object, a repeated key counts by its last value, and a value that is not a
-/// string counts as absent. Unlike a `Value`, nesting deeper than 128 levels is read: what is
-/// skipped is skipped by serde_json without recursion, so depth costs no stack.
+/// string counts as absent. Unlike a `Value`, nesting deeper than 128 levels under the other
+/// keys is read: what is skipped is skipped by serde_json without recursion, so depth costs
+/// no stack.
 #[derive(Default)]
 struct EventFields([[Option<String>; 2]; 2]);
 
@@ -180,7 +181,11 @@ impl<'de> Deserialize<'de> for EventFields {
                             continue;
                         }
                     };
-                    *slot = map.next_value::<StringOrNone>()?.0;
+                    // Rarely anything but a string; any other value counts as absent.
+                    *slot = match map.next_value()? {
+                        serde_json::Value::String(value) => Some(value),
+                        _ => None,
+                    };
                 }
                 Ok(fields)
             }
@@ -214,60 +219,6 @@ impl<'de> Deserialize<'de> for Key {
             }
         }
         d.deserialize_identifier(Name)
-    }
-}
-
-/// A string value, or `None` for any other JSON value (skipped whole).
-struct StringOrNone(Option<String>);
-
-impl<'de> Deserialize<'de> for StringOrNone {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Value;
-        impl<'de> serde::de::Visitor<'de> for Value {
-            type Value = StringOrNone;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<StringOrNone, E> {
-                Ok(StringOrNone(Some(v.to_owned())))
-            }
-            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<StringOrNone, E> {
-                Ok(StringOrNone(Some(v)))
-            }
-            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<StringOrNone, E> {
-                Ok(StringOrNone(None))
-            }
-            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<StringOrNone, E> {
-                Ok(StringOrNone(None))
-            }
-            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<StringOrNone, E> {
-                Ok(StringOrNone(None))
-            }
-            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<StringOrNone, E> {
-                Ok(StringOrNone(None))
-            }
-            fn visit_unit<E: serde::de::Error>(self) -> Result<StringOrNone, E> {
-                Ok(StringOrNone(None))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                mut seq: A,
-            ) -> Result<StringOrNone, A::Error> {
-                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
-                Ok(StringOrNone(None))
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<StringOrNone, A::Error> {
-                while map
-                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-                    .is_some()
-                {}
-                Ok(StringOrNone(None))
-            }
-        }
-        d.deserialize_any(Value)
     }
 }
 
