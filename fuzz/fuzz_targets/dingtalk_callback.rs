@@ -61,11 +61,13 @@ fuzz_target!(|data: &[u8]| {
             let encrypt = crypt().encrypt(&[b'r'; 16], input);
             let result = open_signed(&envelope(&encrypt), &encrypt);
             // An authentic message opens exactly when it is a JSON object, and unchanged.
-            let object = std::str::from_utf8(input)
-                .ok()
-                .and_then(|s| serde_json::from_str::<Value>(s).ok())
-                .filter(Value::is_object);
+            let parsed = std::str::from_utf8(input).map(serde_json::from_str::<Value>);
+            // `open` skips the keys it does not read without recursion, so it also opens an
+            // object nested deeper than a `Value` may be: no oracle for that one.
+            let too_deep = matches!(&parsed, Ok(Err(e)) if e.to_string().starts_with("recursion limit exceeded"));
+            let object = parsed.ok().and_then(Result::ok).filter(Value::is_object);
             match (&result, object) {
+                _ if too_deep => {}
                 (Ok(event), Some(object)) => {
                     assert_eq!(event.plaintext, input);
                     let field = |names: &[&str]| {
